@@ -1,0 +1,397 @@
+"""Typed run configuration: dataclasses defined once; YAML files and command-line flags derive from them.
+
+Precedence: dataclass defaults < ``--config file.yaml`` < flags given on the command line. A YAML file
+may group fields by section (``model:``, ``data:``, ``training:``, ``sadm:``) or list them flat;
+field names are unique across sections, and every flag is ``--<field name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with help text (and optional CLI aliases); mutable defaults are copied."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            raise ConfigError(name, f"must be > 0, got {value}", f"set --{name} to a positive number")
+
+
+def _non_negative(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < 0:
+            raise ConfigError(name, f"must be >= 0, got {value}", f"set --{name} to 0 or more")
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Hub id or local folder of the diffusers pipeline to fine-tune.", aliases=["--pretrained"]
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    variant: str | None = _f(None, "Weight variant to load, e.g. fp16.")
+    allow_pickle_weights: bool = _f(
+        False, "Allow loading .bin/.ckpt pickle weights when no safetensors exist (runs pickle code: trust the source)."
+    )
+    class_dropout_prob: float = _f(
+        0.1, "Probability of replacing a class label by the null class (classifier-free guidance training)."
+    )
+    learned_sigma_loss: Literal["vlb", "ignore"] = _f(
+        "vlb", "DiT learned-sigma channels: train them with DiT's variational-bound term, or leave them out."
+    )
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the denoiser.")
+    enable_xformers_memory_efficient_attention: bool = _f(
+        False, "Use xformers attention (CUDA only; PyTorch SDPA is the default)."
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(
+                "class_dropout_prob", f"must be in [0, 1), got {self.class_dropout_prob}", "use e.g. 0.1"
+            )
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str | None = _f(None, "Image folder; subfolders are classes (sorted names -> ids 0..K-1).")
+    dataset_name: str | None = _f(
+        None, "A `datasets` name or path (or builtin:digits, scikit-learn's digits, for the offline demo)."
+    )
+    dataset_config_name: str | None = _f(None, "The `datasets` configuration name.")
+    image_column: str = _f("image", "Column holding the images.")
+    label_column: str | None = _f("label", "Column holding the integer class ids (None: unconditional).")
+    resolution: int | None = _f(None, "Training resolution in pixels (default: the pipeline's own).")
+    center_crop: bool = _f(False, "Center-crop to the resolution (default: random crop).")
+    random_flip: bool = _f(False, "Flip images horizontally at random.")
+    max_train_samples: int | None = _f(None, "Use only the first N samples (debugging, quick runs).")
+    on_bad_image: Literal["error", "skip"] = _f("error", "An unreadable image stops the run, or is skipped and counted.")
+    dataloader_num_workers: int = _f(0, "Data-loader worker processes (0: load in the main process).")
+
+    def __post_init__(self) -> None:
+        if self.train_data_dir and self.dataset_name:
+            raise ConfigError(
+                "train_data_dir", "given together with dataset_name", "pass only one of --train_data_dir / --dataset_name"
+            )
+        _positive(self, "resolution", "max_train_samples")
+        _non_negative(self, "dataloader_num_workers")
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = _f("sadm-output", "Where the fine-tuned pipeline, samples, logs and checkpoints go.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into an existing non-empty output_dir.")
+    seed: int | None = _f(0, "Random seed (data order, noise, timesteps, initialisation of the discriminator).")
+    train_batch_size: int = _f(8, "Samples per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
+    max_train_steps: int = _f(1000, "Number of denoiser updates.")
+    learning_rate: float = _f(1e-4, "Denoiser learning rate (AdamW).")
+    lr_scheduler: Literal[LR_SCHEDULERS] = _f("constant", "Learning-rate schedule (diffusers get_scheduler).")
+    lr_warmup_steps: int = _f(0, "Linear learning-rate warm-up steps.")
+    adam_beta1: float = _f(0.9, "AdamW beta1 of the denoiser optimizer.")
+    adam_beta2: float = _f(0.999, "AdamW beta2 of the denoiser optimizer.")
+    adam_weight_decay: float = _f(0.0, "AdamW weight decay of the denoiser optimizer.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon of both optimizers.")
+    max_grad_norm: float | None = _f(1.0, "Clip gradient norms to this value (None: no clipping).")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
+        None, "Override accelerate's mixed precision (default: accelerate config / launch flag)."
+    )
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    use_ema: bool = _f(False, "Keep an EMA of the trainable weights; the exported pipeline uses it.")
+    ema_decay: float = _f(0.9999, "EMA decay per update.")
+    checkpointing_steps: int | None = _f(None, "Save a resumable checkpoint every N steps (and on SIGTERM/SIGINT).")
+    checkpoints_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = _f(None, "Resume from `latest` or a checkpoint folder.")
+    max_nonfinite_steps: int = _f(10, "Stop after this many non-finite updates in a row (each is skipped).")
+    snr_gamma: float | None = _f(None, "Min-SNR-gamma weighting of the diffusion loss (5.0 is the usual value).")
+    noise_offset: float = _f(0.0, "Offset noise scale.")
+    report_to: str = _f("tensorboard", "Tracker for logs: tensorboard, wandb, all or none.")
+    logging_dir: str = _f("logs", "Tracker folder, relative to output_dir.")
+    validation_steps: int | None = _f(None, "Sample a validation grid every N steps (None: only at the end).")
+    num_validation_images: int = _f(4, "Images per class / prompt in validation grids.")
+    validation_class_labels: list[int] | None = _f(None, "Class ids in validation grids (default: up to 10).")
+    validation_inference_steps: int = _f(25, "Sampler steps for validation grids.")
+    validation_guidance_scale: float = _f(1.5, "Classifier-free guidance scale for validation grids.")
+    push_to_hub: bool = _f(False, "Upload the output folder to the Hub at the end.")
+    hub_model_id: str | None = _f(None, "Hub repo id (org/name) to push to.")
+    hub_private: bool = _f(False, "Create the Hub repo as private.")
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "learning_rate",
+            "max_grad_norm",
+            "validation_steps",
+            "num_validation_images",
+            "validation_inference_steps",
+            "snr_gamma",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "max_nonfinite_steps",
+        )
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("ema_decay", f"must be in (0, 1), got {self.ema_decay}", "use e.g. 0.9999")
+        _non_negative(self, "lr_warmup_steps", "adam_weight_decay", "noise_offset")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.9 / 0.999")
+        trackers = {"tensorboard", "wandb", "comet_ml", "mlflow", "all", "none"}
+        if self.report_to not in trackers:
+            raise ConfigError("report_to", f"unknown tracker {self.report_to!r}", f"use one of {sorted(trackers)}")
+        if self.hub_model_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError:
+                raise ConfigError(
+                    "hub_model_id", f"{self.hub_model_id!r} is not a Hub repo id", "use the form org/name"
+                ) from None
+
+
+@dataclass
+class SADMConfig:
+    structure_weight: float = _f(0.01, "lambda: weight of the structure loss for the denoiser (0: plain fine-tune).")
+    structure_warmup_steps: int = _f(100, "lambda ramps linearly from 0 over this many steps (after disc_warmup_steps).")
+    relation: Literal["cosine", "euclidean", "rbf"] = _f("cosine", "Pairwise relation between embeddings.")
+    distance: Literal["mse", "l1", "kl"] = _f("mse", "Distance between the real and fake relation matrices.")
+    kl_temperature: float = _f(0.1, "Softmax temperature of the row-wise KL distance.")
+    timestep_weighting: Literal["min_snr", "none", "cutoff"] = _f(
+        "min_snr", "Noise-level weight of each sample in the structure loss."
+    )
+    structure_snr_gamma: float = _f(5.0, "gamma of the min-SNR structure weighting: w = min(SNR, gamma) / gamma.")
+    structure_t_cutoff: int = _f(300, "With timestep_weighting=cutoff: only timesteps below this count.")
+    structure_gather: bool = _f(True, "Relations over the global batch (gather embeddings across processes).")
+    disc_learning_rate: float = _f(1e-4, "Structure discriminator learning rate (AdamW).")
+    disc_adam_beta1: float = _f(0.5, "AdamW beta1 of the discriminator optimizer.")
+    disc_adam_beta2: float = _f(0.999, "AdamW beta2 of the discriminator optimizer.")
+    disc_weight_decay: float = _f(1e-4, "AdamW weight decay of the discriminator (its regulariser).")
+    disc_gradient_penalty: float = _f(0.0, "Weight of an R1-style gradient penalty on real latents (0: off).")
+    disc_steps: int = _f(1, "Discriminator updates per discriminator turn.")
+    disc_every: int = _f(1, "A discriminator turn every N denoiser updates.")
+    disc_warmup_steps: int = _f(0, "Steps in which the discriminator trains while lambda stays 0.")
+    disc_width: int = _f(32, "Channels of the discriminator's first conv block (doubling per block).")
+    disc_depth: int = _f(3, "Number of stride-2 conv blocks in the discriminator.")
+    disc_embed_dim: int = _f(128, "Dimension of the discriminator's embedding.")
+    disc_spectral_norm: bool = _f(True, "Spectral normalisation on the discriminator's convs and linears.")
+    disc_class_conditional: bool = _f(False, "Condition the discriminator on class labels too.")
+    disc_resume_from: str | None = _f(None, "Start the discriminator from a saved structure_discriminator folder.")
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "structure_weight", "structure_warmup_steps", "disc_gradient_penalty", "disc_warmup_steps")
+        _non_negative(self, "disc_weight_decay")
+        _positive(
+            self,
+            "kl_temperature",
+            "structure_snr_gamma",
+            "structure_t_cutoff",
+            "disc_learning_rate",
+            "disc_steps",
+            "disc_every",
+            "disc_width",
+            "disc_depth",
+            "disc_embed_dim",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.structure_weight > 0
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "sadm": SADMConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sadm: SADMConfig = field(default_factory=SADMConfig)
+
+    def validate(self) -> None:
+        """Checks across sections; per-field checks run when each section is built."""
+        if not self.model.pretrained_model_name_or_path:
+            raise ConfigError(
+                "pretrained_model_name_or_path", "is required", "pass --pretrained <hub id or folder>"
+            )
+        if not (self.data.train_data_dir or self.data.dataset_name):
+            raise ConfigError("train_data_dir", "no training data given", "pass --train_data_dir or --dataset_name")
+        if self.sadm.enabled and self.training.train_batch_size < 2:
+            raise ConfigError(
+                "train_batch_size",
+                "is 1, so a batch has no pairs for the structure loss",
+                "use --train_batch_size 2 or more, or --structure_weight 0",
+            )
+        if self.sadm.disc_steps > 1 and self.training.gradient_accumulation_steps > 1:
+            raise ConfigError(
+                "disc_steps", "> 1 cannot be combined with gradient_accumulation_steps > 1",
+                "use --disc_steps 1, or no gradient accumulation",
+            )
+        if self.training.push_to_hub and not self.training.hub_model_id:
+            raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Field name -> (section name, field); names are unique across sections."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+def field_type(section: str, name: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section])[name]
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return True, args[0]
+    return False, tp
+
+
+def _describe(tp: Any) -> str:
+    optional, inner = _is_optional(tp)
+    if typing.get_origin(inner) is Literal:
+        text = "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
+    elif typing.get_origin(inner) is list:
+        text = f"a list of {typing.get_args(inner)[0].__name__}"
+    else:
+        text = f"a {inner.__name__}"
+    return text + (" or null" if optional else "")
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Check (and minimally convert) a YAML value against the field's type; wrong types fail."""
+    optional, inner = _is_optional(tp)
+    fix = f"set {name} to {_describe(tp)}"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(name, "may not be null", fix)
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        if value not in typing.get_args(inner):
+            raise ConfigError(name, f"got {value!r}", fix)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(name, f"expected a list, got {type(value).__name__} {value!r}", fix)
+        (item_type,) = typing.get_args(inner)
+        return [coerce(name, item_type, v) for v in value]
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"expected true/false, got {value!r}", fix)
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"expected an integer, got {value!r}", fix)
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"expected a number, got {value!r}", fix)
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {value!r}", fix)
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe into a flat {field: value} mapping (sections or flat keys), checking every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", f"file {str(path)!r} not found", "pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("config", f"{path} is not valid YAML{where}", "fix the YAML syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of fields", "write `field: value` lines")
+    index = field_index()
+    flat: dict[str, Any] = {}
+
+    def put(key: str, value: Any, expected_section: str | None) -> None:
+        if key not in index:
+            raise ConfigError(key, f"unknown key in {path}", "remove it or fix its spelling (see sadm-train --help)")
+        section, _ = index[key]
+        if expected_section is not None and section != expected_section:
+            raise ConfigError(key, f"belongs to section {section!r}, not {expected_section!r}", f"move it under {section}:")
+        flat[key] = coerce(key, field_type(section, key), value)
+
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(key, f"section in {path} must be a mapping", f"write `{key}:` then indented fields")
+            for sub_key, sub_value in value.items():
+                put(sub_key, sub_value, key)
+        else:
+            put(key, value, None)
+    return flat
+
+
+def build_config(overrides: dict[str, Any]) -> RunConfig:
+    """Defaults updated with a flat {field: value} mapping; every section validates as it is built."""
+    index = field_index()
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in overrides.items():
+        if key not in index:
+            raise ConfigError(key, "unknown field", "remove it or fix its spelling (see sadm-train --help)")
+        per_section[index[key][0]][key] = value
+    config = RunConfig(**{name: SECTIONS[name](**values) for name, values in per_section.items()})
+    config.validate()
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(config.to_yaml())

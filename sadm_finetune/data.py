@@ -1,0 +1,208 @@
+"""Training data: an image folder, a `datasets` set or the builtin digits -> pixel tensors + class ids.
+
+Images are read with PIL (no torchvision). An image folder whose images sit in subfolders gets one
+class per subfolder, sorted by name (ids 0..K-1, the ImageNet convention); a flat folder is
+unconditional; a folder with `metadata.jsonl` carries captions (the `datasets` imagefolder format).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+from .demo_data import DIGITS_NAME, load_digits_images
+from .errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class TrainData:
+    dataset: Any  # datasets.Dataset with undecoded images
+    image_column: str
+    label_column: str | None
+    caption_column: str | None
+    id2label: dict[int, str] | None
+    description: str  # for the model card and the run summary
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def max_class_id(self) -> int | None:
+        if self.label_column is None:
+            return None
+        return int(max(self.dataset[self.label_column])) if len(self.dataset) else None
+
+
+def _scan_folder(root: Path) -> tuple[list[Path], bool]:
+    """Image files under root, and whether they all sit one level down (class subfolders)."""
+    if not root.is_dir():
+        raise InputError(f"train_data_dir: folder {root} not found; pass an existing image folder")
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if not files:
+        raise InputError(
+            f"train_data_dir: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root}; add images, one "
+            "subfolder per class"
+        )
+    depths = {len(p.relative_to(root).parts) for p in files}
+    return files, depths == {2}
+
+
+def _from_folder(cfg: DataConfig) -> TrainData:
+    import datasets
+
+    root = Path(cfg.train_data_dir).expanduser()
+    files, class_subfolders = _scan_folder(root)
+    has_metadata = (root / "metadata.jsonl").is_file()
+    ds = datasets.load_dataset(
+        "imagefolder", data_dir=str(root), split="train", drop_labels=not class_subfolders or has_metadata
+    )
+    label_column = "label" if "label" in ds.column_names else None
+    id2label = None
+    if label_column:
+        id2label = dict(enumerate(ds.features["label"].names))
+    caption_column = "text" if "text" in ds.column_names else None
+    kind = f"{len(id2label)} classes" if id2label else "unconditional"
+    return TrainData(ds, "image", label_column, caption_column, id2label, f"image folder {root} ({kind})")
+
+
+def _from_digits(cfg: DataConfig) -> TrainData:
+    import datasets
+
+    images, labels = load_digits_images(32)
+    names = [str(i) for i in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(img) for img in images], "label": labels.tolist()}, features=features
+    )
+    return TrainData(ds, "image", "label", None, dict(enumerate(names)), "scikit-learn digits, upscaled to 32x32")
+
+
+def _from_hub(cfg: DataConfig) -> TrainData:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split="train")
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"dataset_name: cannot load {cfg.dataset_name!r} ({reason}); check the name, config and "
+                         "network") from None
+    if cfg.image_column not in ds.column_names:
+        raise ConfigError("image_column", f"{cfg.image_column!r} is not a column of {cfg.dataset_name} "
+                          f"({ds.column_names})", "pass --image_column <name>")
+    label_column = cfg.label_column if cfg.label_column in ds.column_names else None
+    id2label = None
+    if label_column and isinstance(ds.features[label_column], datasets.ClassLabel):
+        id2label = dict(enumerate(ds.features[label_column].names))
+    return TrainData(ds, cfg.image_column, label_column, None, id2label, f"dataset {cfg.dataset_name}")
+
+
+def open_train_data(cfg: DataConfig) -> TrainData:
+    """Open the data source (cheap: no decoding); fails with one line on a missing or empty source."""
+    import datasets
+
+    if cfg.train_data_dir:
+        data = _from_folder(cfg)
+    elif cfg.dataset_name == DIGITS_NAME:
+        data = _from_digits(cfg)
+    else:
+        data = _from_hub(cfg)
+    ds = data.dataset
+    if cfg.max_train_samples is not None:
+        ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
+    if len(ds) == 0:
+        raise InputError(f"train_data_dir: the data set {data.description} is empty; add images")
+    # Decode ourselves, so that an unreadable file can be reported by name or skipped.
+    data.dataset = ds.cast_column(data.image_column, datasets.Image(decode=False))
+    return data
+
+
+class ImageTransform:
+    """Resize the short side to `resolution`, crop (center or random), flip at random; -> (3, H, W) in [-1, 1]."""
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool) -> None:
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.resolution / min(w, h)
+        if scale != 1:
+            size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
+            image = image.resize(size, Image.BICUBIC)
+        w, h = image.size
+        if self.center_crop:
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        else:
+            left = int(torch.randint(0, w - self.resolution + 1, ()).item())
+            top = int(torch.randint(0, h - self.resolution + 1, ()).item())
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+        if self.random_flip and torch.rand(()) < 0.5:
+            array = array[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def _open_image(value: dict[str, Any]) -> Image.Image:
+    if value.get("bytes") is not None:
+        image = Image.open(io.BytesIO(value["bytes"]))
+    else:
+        image = Image.open(value["path"])
+    image.load()
+    return image
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Map-style dataset of {"pixel_values", "class_labels"?, "captions"?} samples."""
+
+    def __init__(self, data: TrainData, transform: ImageTransform, on_bad_image: str = "error") -> None:
+        self.data = data
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for attempt in range(len(self)):
+            row = self.data.dataset[(index + attempt) % len(self)]
+            value = row[self.data.image_column]
+            try:
+                pixels = self.transform(_open_image(value))
+            except (OSError, ValueError, SyntaxError) as e:
+                name = value.get("path") or f"row {(index + attempt) % len(self)}"
+                if self.on_bad_image == "error":
+                    raise InputError(f"train_data_dir: cannot read image {name} ({type(e).__name__}); remove it or "
+                                     "pass --on_bad_image skip") from None
+                self.num_skipped += 1
+                logger.warning("skipping unreadable image %s (%d skipped so far)", name, self.num_skipped)
+                continue
+            sample: dict[str, Any] = {"pixel_values": pixels}
+            if self.data.label_column:
+                sample["class_labels"] = int(row[self.data.label_column])
+            if self.data.caption_column:
+                sample["captions"] = row[self.data.caption_column]
+            return sample
+        raise InputError("train_data_dir: no image in the data set could be read; check the files")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"pixel_values": torch.stack([s["pixel_values"] for s in samples])}
+    if "class_labels" in samples[0]:
+        batch["class_labels"] = torch.tensor([s["class_labels"] for s in samples], dtype=torch.long)
+    if "captions" in samples[0]:
+        batch["captions"] = [s["captions"] for s in samples]
+    return batch

@@ -1,0 +1,25 @@
+"""VAE encode/decode with the component's own scaling (`scaling_factor`, and `shift_factor` if any)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+
+
+def _shift(vae: AutoencoderKL) -> float:
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
+@torch.no_grad()
+def encode(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, C, h, w) fp32 latents, scaled as the pipeline expects."""
+    posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generator)
+    return ((latents - _shift(vae)) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode`: scaled latents -> (B, 3, H, W) pixels in [-1, 1]."""
+    latents = latents / vae.config.scaling_factor + _shift(vae)
+    return vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample.float()

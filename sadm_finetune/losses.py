@@ -1,0 +1,224 @@
+"""Losses as small classes: hyper-parameters in, per-sample (or batch) tensors and detached logs out.
+
+No backward, no optimizer and no logging in here; the training step reduces and backpropagates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+
+
+def _per_t(values: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Index a (T,) schedule tensor with (B,) timesteps and broadcast to `ndim` dims."""
+    out = values.to(timesteps.device)[timesteps].float()
+    return out.reshape(-1, *([1] * (ndim - 1)))
+
+
+def diffusion_target(
+    latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+    prediction_type: PredictionType,
+) -> torch.Tensor:
+    """What the model is trained to output, for the scheduler's prediction type."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return latents
+    if prediction_type == "v_prediction":
+        ab = _per_t(alphas_cumprod, timesteps, latents.ndim)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * latents
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def predicted_original_sample(
+    model_pred: torch.Tensor, noisy_latents: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+    prediction_type: PredictionType,
+) -> torch.Tensor:
+    """x0_hat from the model output (DESIGN.md §1 step 4); differentiable in `model_pred`."""
+    if prediction_type == "sample":
+        return model_pred
+    ab = _per_t(alphas_cumprod, timesteps, noisy_latents.ndim)
+    if prediction_type == "epsilon":
+        return (noisy_latents - (1 - ab).sqrt() * model_pred) / ab.sqrt()
+    if prediction_type == "v_prediction":
+        return ab.sqrt() * noisy_latents - (1 - ab).sqrt() * model_pred
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    ab = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return ab / (1 - ab)
+
+
+class DiffusionLoss:
+    """The pretrained model's own objective: MSE to its target, optionally min-SNR-gamma weighted
+    (Hang et al. 2023, eq. 7-9, in the form diffusers' examples use)."""
+
+    def __init__(self, prediction_type: PredictionType, snr_gamma: float | None = None) -> None:
+        self.prediction_type = prediction_type
+        self.snr_gamma = snr_gamma
+
+    def __call__(
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
+    ) -> torch.Tensor:
+        per_sample = (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))  # (B,)
+        if self.snr_gamma is None:
+            return per_sample
+        s = snr(timesteps, alphas_cumprod)
+        clipped = torch.clamp(s, max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            weight = clipped / s
+        elif self.prediction_type == "v_prediction":
+            weight = clipped / (s + 1)
+        else:
+            weight = clipped
+        return per_sample * weight
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+class LearnedSigmaVLB:
+    """DiT's variational-bound term for the learned-variance channels (Nichol & Dhariwal 2021, eq. 15-16;
+    DiT's `gaussian_diffusion.training_losses`). The mean is frozen: only the variance learns from it."""
+
+    def __init__(self, betas: torch.Tensor) -> None:
+        betas = betas.double().cpu()
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.log_betas = torch.log(betas).float()
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        ).float()
+        self.posterior_mean_coef1 = (betas * prev.sqrt() / (1.0 - alphas_cumprod)).float()
+        self.posterior_mean_coef2 = ((1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)).float()
+
+    def __call__(
+        self, eps_pred: torch.Tensor, var_pred: torch.Tensor, latents: torch.Tensor, noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample bound in bits per dimension, (B,). `eps_pred` is detached here (frozen mean)."""
+        nd = latents.ndim
+        x_t, x_0 = noisy_latents.float(), latents.float()
+        ab = _per_t(self.alphas_cumprod, timesteps, nd)
+        c1 = _per_t(self.posterior_mean_coef1, timesteps, nd)
+        c2 = _per_t(self.posterior_mean_coef2, timesteps, nd)
+        min_log = _per_t(self.posterior_log_variance_clipped, timesteps, nd)
+        max_log = _per_t(self.log_betas, timesteps, nd)
+
+        pred_x0 = (x_t - (1 - ab).sqrt() * eps_pred.detach().float()) / ab.sqrt()
+        frac = (var_pred.float() + 1) / 2
+        model_log_variance = frac * max_log + (1 - frac) * min_log
+        model_mean = c1 * pred_x0 + c2 * x_t
+        true_mean = c1 * x_0 + c2 * x_t
+
+        dims = tuple(range(1, nd))
+        kl = _normal_kl(true_mean, min_log, model_mean, model_log_variance).mean(dim=dims) / math.log(2.0)
+        nll = -_discretized_gaussian_log_likelihood(x_0, model_mean, 0.5 * model_log_variance)
+        nll = nll.mean(dim=dims) / math.log(2.0)
+        return torch.where(timesteps == 0, nll, kl)
+
+
+# ---------------------------------------------------------------------------------------------
+# SADM structure loss (DESIGN.md §1 steps 6-8)
+
+
+def structure_sample_weights(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, mode: Literal["min_snr", "none", "cutoff"],
+    gamma: float = 5.0, t_cutoff: int = 300,
+) -> torch.Tensor:
+    """w_i per sample, (B,). min_snr: min(SNR(t_i), gamma) / gamma, which tames d x0_hat / d eps_hat = -1/sqrt(SNR)."""
+    if mode == "none":
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    if mode == "min_snr":
+        return torch.clamp(snr(timesteps, alphas_cumprod), max=gamma) / gamma
+    if mode == "cutoff":
+        return (timesteps < t_cutoff).float()
+    raise ValueError(f"unknown timestep weighting {mode!r}")
+
+
+def relation_matrix(embeddings: torch.Tensor, kind: Literal["cosine", "euclidean", "rbf"]) -> torch.Tensor:
+    """(B, d) unit-norm embeddings -> (B, B) pairwise relations; only off-diagonal entries are used."""
+    e = embeddings.float()
+    cos = e @ e.T
+    if kind == "cosine":
+        return cos
+    off = ~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    sq_dist = (2.0 - 2.0 * cos).clamp(min=1e-12)  # |a - b|^2 for unit vectors
+    if kind == "euclidean":
+        dist = sq_dist.sqrt()
+        return dist / dist[off].mean().clamp(min=1e-12)
+    if kind == "rbf":
+        bandwidth = sq_dist[off].mean().clamp(min=1e-12)  # mean pairwise squared distance
+        return torch.exp(-sq_dist / bandwidth)
+    raise ValueError(f"unknown relation {kind!r}")
+
+
+class StructureLoss:
+    """L_S: distance between the real and fake relation matrices over off-diagonal pairs, each pair
+    weighted by sqrt(w_i w_j). The denoiser minimises it, the discriminator maximises it."""
+
+    def __init__(
+        self, relation: Literal["cosine", "euclidean", "rbf"] = "cosine",
+        distance: Literal["mse", "l1", "kl"] = "mse", kl_temperature: float = 0.1,
+    ) -> None:
+        self.relation = relation
+        self.distance = distance
+        self.kl_temperature = kl_temperature
+
+    def __call__(
+        self, real_embeddings: torch.Tensor, fake_embeddings: torch.Tensor, sample_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, d), (B, d), (B,) -> scalar L_S and detached diagnostics."""
+        b = real_embeddings.shape[0]
+        if b < 2:
+            raise ValueError("the structure loss needs a batch of at least 2 samples")
+        r_real = relation_matrix(real_embeddings, self.relation)
+        r_fake = relation_matrix(fake_embeddings, self.relation)
+        off = ~torch.eye(b, dtype=torch.bool, device=r_real.device)
+        w = sample_weights.float()
+        if self.distance == "kl":
+            # Row-wise KL(P_real,i || P_fake,i) of softmax rows over j != i, weighted by w_i.
+            logits_real = (r_real / self.kl_temperature).masked_fill(~off, float("-inf"))
+            logits_fake = (r_fake / self.kl_temperature).masked_fill(~off, float("-inf"))
+            log_p = F.log_softmax(logits_real, dim=1)
+            log_q = F.log_softmax(logits_fake, dim=1)
+            row_kl = (log_p.exp() * (log_p - log_q)).masked_fill(~off, 0.0).sum(dim=1)  # (B,)
+            loss = (w * row_kl).mean()
+        else:
+            diff = r_real - r_fake
+            per_pair = diff.pow(2) if self.distance == "mse" else diff.abs()
+            pair_w = torch.sqrt(w[:, None] * w[None, :])
+            loss = (pair_w * per_pair)[off].mean()
+        logs = {
+            "relation_real_mean": r_real[off].mean().detach(),
+            "relation_fake_mean": r_fake[off].mean().detach(),
+        }
+        return loss, logs

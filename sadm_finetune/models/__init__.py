@@ -1,0 +1,1 @@
+"""Models: pipeline loading and family adapters, LoRA, and the structure discriminator."""

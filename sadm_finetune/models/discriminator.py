@@ -1,0 +1,79 @@
+"""The SADM structure discriminator: a small timestep-conditioned conv encoder on VAE latents."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+def _maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(module) if enabled else module
+
+
+class _Block(nn.Module):
+    """Stride-2 conv, plus a per-channel shift from the timestep embedding, then SiLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_dim: int, spectral_norm: bool) -> None:
+        super().__init__()
+        self.conv = _maybe_sn(nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), spectral_norm)
+        self.temb = _maybe_sn(nn.Linear(temb_dim, out_channels), spectral_norm)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.conv(x) + self.temb(temb)[:, :, None, None])
+
+
+class StructureDiscriminator(ModelMixin, ConfigMixin):
+    """D_phi(z, t[, class]) -> unit-norm embedding (B, embed_dim).
+
+    The output is L2-normalised so that the discriminator cannot grow the structure distance by
+    scaling; spectral normalisation bounds its Lipschitz constant.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        base_channels: int = 32,
+        num_blocks: int = 3,
+        embed_dim: int = 128,
+        num_classes: int = 0,
+        spectral_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        temb_dim = base_channels * 4
+        self.time_proj = Timesteps(base_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = nn.Sequential(
+            _maybe_sn(nn.Linear(base_channels, temb_dim), spectral_norm),
+            nn.SiLU(),
+            _maybe_sn(nn.Linear(temb_dim, temb_dim), spectral_norm),
+        )
+        # One extra row: the null class, for unconditional samples.
+        self.class_embed = nn.Embedding(num_classes + 1, temb_dim) if num_classes > 0 else None
+        self.stem = _maybe_sn(nn.Conv2d(in_channels, base_channels, 3, padding=1), spectral_norm)
+        channels = [base_channels * 2**i for i in range(num_blocks + 1)]
+        self.blocks = nn.ModuleList(
+            _Block(channels[i], channels[i + 1], temb_dim, spectral_norm) for i in range(num_blocks)
+        )
+        self.head = _maybe_sn(nn.Linear(channels[-1], embed_dim), spectral_norm)
+
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # latents: (B, C, H, W); timesteps: (B,) -> (B, embed_dim), unit norm, fp32
+        dtype = self.dtype
+        temb = self.time_embed(self.time_proj(timesteps).to(dtype))
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(timesteps, self.config.num_classes, dtype=torch.long)
+            labels = class_labels.clamp(max=self.config.num_classes)  # ids past the table: the null row
+            temb = temb + self.class_embed(labels)
+        temb = F.silu(temb)
+        h = F.silu(self.stem(latents.to(dtype)))
+        for block in self.blocks:
+            h = block(h, temb)
+        embedding = self.head(h.mean(dim=(2, 3)))
+        return F.normalize(embedding.float(), dim=-1)

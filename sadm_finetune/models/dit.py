@@ -1,0 +1,119 @@
+"""DiT family: `DiTPipeline` = `DiTTransformer2DModel` + `AutoencoderKL` + scheduler, class-conditional."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, DiTPipeline
+from diffusers.models.embeddings import LabelEmbedding
+from torch import nn
+
+from ..errors import ConfigError
+from .family import FamilyAdapter, ModelOutput
+
+# DiTPipeline hard-codes this id for the unconditional branch of classifier-free guidance.
+DIT_NULL_CLASS_ID = 1000
+
+
+class DiTAdapter(FamilyAdapter):
+    family = "dit"
+    pipeline_classes = ("DiTPipeline",)
+    denoiser_name = "transformer"
+
+    @property
+    def num_classes(self) -> int:
+        return self.denoiser.config.num_embeds_ada_norm
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.denoiser.config.out_channels == 2 * self.latent_channels
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        id2label = getattr(self.pipeline.config, "id2label", None)
+        return {int(k): v for k, v in id2label.items()} if id2label else None
+
+    def default_resolution(self) -> int:
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    def check_resolution(self, resolution: int) -> None:
+        multiple = self.vae_scale_factor * self.denoiser.config.patch_size
+        if resolution % multiple:
+            raise ConfigError(
+                "resolution",
+                f"{resolution} is not divisible by {multiple} (VAE factor {self.vae_scale_factor} x patch size "
+                f"{self.denoiser.config.patch_size})",
+                f"use a multiple of {multiple}, e.g. {self.default_resolution()}",
+            )
+
+    def check_class_ids(self, max_class_id: int | None) -> None:
+        if max_class_id is None:
+            return
+        if max_class_id >= self.num_classes:
+            raise ConfigError(
+                "label_column",
+                f"class id {max_class_id} is out of range for this DiT ({self.num_classes} classes)",
+                f"use class ids 0..{self.num_classes - 1}",
+            )
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vae]
+
+    def _label_embeddings(self) -> list[LabelEmbedding]:
+        return [m for m in self.denoiser.modules() if isinstance(m, LabelEmbedding)]
+
+    def prepare_training(self) -> None:
+        # diffusers' DiT has one label embedding per block, each dropping labels on its own in train
+        # mode; we drop once per sample instead (the null id DiTPipeline uses), so all blocks agree.
+        embeddings = self._label_embeddings()
+        null_ids = {m.num_classes for m in embeddings}
+        if null_ids != {DIT_NULL_CLASS_ID} or any(m.embedding_table.num_embeddings <= m.num_classes for m in embeddings):
+            raise ConfigError(
+                "pretrained_model_name_or_path",
+                f"this DiT has no null-class embedding at id {DIT_NULL_CLASS_ID} (found {sorted(null_ids)})",
+                "use a DiT with num_embeds_ada_norm=1000 and class dropout, as DiTPipeline expects",
+            )
+        for m in embeddings:
+            m.dropout_prob = 0.0
+
+    def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
+                     drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        labels = batch.get("class_labels")
+        if labels is None:  # unconditional data: every sample is the null class
+            n = batch["latents"].shape[0] if "latents" in batch else batch["pixel_values"].shape[0]
+            labels = torch.full((n,), DIT_NULL_CLASS_ID, dtype=torch.long)
+        labels = labels.to(device)
+        if drop and self.config.class_dropout_prob > 0:
+            dropped = torch.rand(labels.shape, device=device, generator=generator) < self.config.class_dropout_prob
+            labels = torch.where(dropped, torch.full_like(labels, DIT_NULL_CLASS_ID), labels)
+        return {"class_labels": labels}
+
+    def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> ModelOutput:
+        out = denoiser(noisy_latents, timestep=timesteps, class_labels=conditioning["class_labels"]).sample
+        if self.learned_sigma:
+            model_pred, variance = out.split(self.latent_channels, dim=1)
+            return ModelOutput(model_pred, variance)
+        return ModelOutput(out)
+
+    def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
+        pipeline = DiTPipeline(transformer=denoiser, vae=self.vae, scheduler=self.pipeline.scheduler,
+                               id2label=self.id2label)
+        if self.id2label:
+            pipeline.register_to_config(id2label=self.id2label)  # not saved unless registered
+        return pipeline
+
+    def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
+                    guidance_scale: float, seed: int, class_labels: list[int] | None) -> np.ndarray:
+        if class_labels is None:
+            known = sorted(self.id2label) if self.id2label else list(range(self.num_classes))
+            class_labels = known[:10]
+        rows = []
+        for i, label in enumerate(class_labels):
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            images = pipeline(class_labels=[label] * num_per_row, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, generator=generator, output_type="np").images
+            rows.append(images)
+        return np.stack(rows)  # (rows, cols, H, W, 3)

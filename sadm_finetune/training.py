@@ -1,0 +1,324 @@
+"""The training entry point: set-up, the loop (G step, D step, EMA, checkpoints, validation, logs), export."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from . import export
+from .checkpointing import TrainState, list_checkpoints, resolve_resume, save_checkpoint
+from .config import RunConfig, save_config
+from .data import ImageTransform, TrainDataset, collate, open_train_data
+from .errors import ConfigError, InputError, SADMError
+from .models.discriminator import StructureDiscriminator
+from .models.loading import load_family
+from .step import StepRunner
+
+logger = get_logger(__name__)
+
+
+def check_output_dir(config: RunConfig) -> Path:
+    """Never write into a user's non-empty folder unless told to (or resuming in it)."""
+    out = Path(config.training.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output_dir: {out} is a file; pass a folder path")
+    busy = out.is_dir() and any(out.iterdir())
+    if busy and not (config.training.overwrite_output_dir or config.training.resume_from_checkpoint):
+        raise InputError(
+            f"output_dir: {out} exists and is not empty; pass --overwrite_output_dir to write into it, "
+            "--resume_from_checkpoint latest to continue it, or another --output_dir"
+        )
+    return out
+
+
+def make_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
+    t = config.training
+    return Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / t.logging_dir)),
+        # A sampler seeded by (seed, epoch): the data order of any epoch can be replayed on resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def _weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float):
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunSummary:
+    output_dir: Path
+    global_step: int
+    stopped_early: bool
+
+
+def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
+    t, s = config.training, config.sadm
+    output_dir = check_output_dir(config)
+    data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
+    accelerator = make_accelerator(config, output_dir)
+    if t.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if t.seed is not None:
+        set_seed(t.seed)
+
+    adapter = load_family(config.model)
+    resolution = config.data.resolution or adapter.default_resolution()
+    adapter.check_resolution(resolution)
+    adapter.check_class_ids(data.max_class_id())
+    global_batch = t.train_batch_size * accelerator.num_processes
+    if len(data) < global_batch:
+        raise ConfigError("train_batch_size", f"the data set has {len(data)} samples, fewer than one global batch "
+                          f"({global_batch})", "lower --train_batch_size or add data")
+    resume_path = resolve_resume(output_dir, t.resume_from_checkpoint)
+
+    weight_dtype = _weight_dtype(accelerator)
+    adapter.prepare_training()
+    for module in adapter.frozen_modules():
+        module.requires_grad_(False)
+        module.to(accelerator.device, dtype=weight_dtype)
+        module.eval()
+    denoiser = adapter.denoiser
+    denoiser.train()
+    if config.model.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if config.model.enable_xformers_memory_efficient_attention:
+        _enable_xformers(denoiser)
+
+    dataset = TrainDataset(data, ImageTransform(resolution, config.data.center_crop, config.data.random_flip),
+                           config.data.on_bad_image)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=t.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        num_workers=config.data.dataloader_num_workers,
+    )
+    from diffusers.optimization import get_scheduler
+
+    params_g = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer_g = _optimizer(params_g, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon)
+    scheduler_g = get_scheduler(t.lr_scheduler, optimizer_g, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
+                                num_training_steps=t.max_train_steps * accelerator.num_processes)
+    to_prepare: list[Any] = [denoiser, optimizer_g, scheduler_g]
+    disc = None
+    if s.enabled:
+        disc = _build_discriminator(config, adapter)
+        optimizer_d = _optimizer(disc.parameters(), s.disc_learning_rate, (s.disc_adam_beta1, s.disc_adam_beta2),
+                                 s.disc_weight_decay, t.adam_epsilon)
+        scheduler_d = get_scheduler("constant", optimizer_d)
+        to_prepare += [disc, optimizer_d, scheduler_d]
+    prepared = accelerator.prepare(*to_prepare, dataloader)
+    denoiser, optimizer_g, scheduler_g = prepared[:3]
+    disc, optimizer_d, scheduler_d = prepared[3:6] if s.enabled else (None, None, None)
+    dataloader = prepared[-1]
+
+    ema = None
+    if t.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(denoiser).parameters(), decay=t.ema_decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    runner = StepRunner(config, adapter, accelerator, denoiser, optimizer_g, scheduler_g,
+                        disc, optimizer_d, scheduler_d, ema)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        accelerator.print(f"Resumed from {resume_path} at step {state.global_step}")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "training_config.yaml")
+        accelerator.init_trackers("sadm-finetune", config=_tracker_config(config))
+    _log_summary(accelerator, config, data, denoiser, disc, resolution, global_batch)
+
+    stopped_early = _loop(config, accelerator, runner, dataloader, state, output_dir)
+    accelerator.wait_for_everyone()
+    if stopped_early:
+        accelerator.end_training()
+        return RunSummary(output_dir, state.global_step, True)
+
+    if accelerator.is_main_process:
+        _finish(config, accelerator, adapter, runner, data, output_dir, state, argv)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return RunSummary(output_dir, state.global_step, False)
+
+
+def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dataloader, state: TrainState,
+          output_dir: Path) -> bool:
+    """Run until max_train_steps; returns True if stopped early by a signal."""
+    t = config.training
+    progress = tqdm(total=t.max_train_steps, initial=state.global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    with _StopRequest() as stop:
+        while state.global_step < t.max_train_steps:
+            dataloader.set_epoch(state.epoch)
+            batches = dataloader
+            if state.batches_in_epoch:
+                batches = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+            for batch in batches:
+                state.batches_in_epoch += 1
+                logs = runner.micro_step(batch, state)
+                if logs is None:  # mid-accumulation
+                    continue
+                state.global_step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss_diffusion']:.4f}")
+                accelerator.log(logs, step=state.global_step)
+                _after_update(config, accelerator, runner, state, output_dir)
+                if stop.requested or state.global_step >= t.max_train_steps:
+                    break
+            else:  # the epoch ran out
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                continue
+            if stop.requested:
+                path = save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit)
+                accelerator.print(
+                    f"Stopped by signal at step {state.global_step}; checkpoint saved to {path}. Resume with the same "
+                    "command plus --resume_from_checkpoint latest"
+                )
+                progress.close()
+                return True
+    progress.close()
+    return False
+
+
+def _after_update(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", state: TrainState,
+                  output_dir: Path) -> None:
+    t = config.training
+    if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+        last = list_checkpoints(output_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise SADMError(
+            f"max_nonfinite_steps: {state.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
+            f"(step {state.global_step}); {where}. Lower --learning_rate / --structure_weight or use bf16 instead of fp16"
+        )
+    if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
+        save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit)
+    if t.validation_steps and state.global_step % t.validation_steps == 0:
+        if accelerator.is_main_process:
+            runner.validate(output_dir / "samples" / f"step-{state.global_step}.png", state.global_step)
+        accelerator.wait_for_everyone()
+
+
+def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepRunner", data, output_dir: Path,
+            state: TrainState, argv: list[str] | None) -> None:
+    """Main process only: export the stock pipeline, sample from the reloaded export, card, push."""
+    t = config.training
+    if runner.weight_dtype != torch.float32:
+        adapter.reload_frozen_fp32()
+    extra = {"structure_discriminator": runner.unwrapped_disc} if runner.unwrapped_disc is not None else {}
+    with runner.inference_pipeline() as pipeline:
+        export.save_pipeline_atomically(pipeline, output_dir, extra)
+    from diffusers import DiffusionPipeline
+
+    reloaded = DiffusionPipeline.from_pretrained(output_dir, use_safetensors=True).to(accelerator.device)
+    reloaded.set_progress_bar_config(disable=True)
+    grid = adapter.sample_grid(reloaded, t.num_validation_images, t.validation_inference_steps,
+                               t.validation_guidance_scale, t.seed or 0, t.validation_class_labels)
+    export.save_grid(grid, output_dir / "samples" / "final.png")
+    del reloaded
+    summary = {
+        "Training steps": state.global_step,
+        "Global batch size": t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps,
+        "Learning rate": t.learning_rate,
+        "Mixed precision": accelerator.mixed_precision,
+        "Skipped non-finite updates": state.nonfinite_total,
+    }
+    export.write_model_card(output_dir, config, adapter.card_tags(), data.description, summary, argv)
+    if t.push_to_hub:
+        url = export.push_to_hub(output_dir, t.hub_model_id, t.hub_private)
+        accelerator.print(f"Pushed to {url}")
+    accelerator.print(f"Saved the fine-tuned pipeline to {output_dir}")
+
+
+def _build_discriminator(config: RunConfig, adapter) -> StructureDiscriminator:
+    s = config.sadm
+    if s.disc_resume_from:
+        path = Path(s.disc_resume_from)
+        if not (path / "config.json").is_file():
+            raise InputError(f"disc_resume_from: {path} has no config.json; pass a structure_discriminator folder")
+        return StructureDiscriminator.from_pretrained(path, use_safetensors=True)
+    num_classes = getattr(adapter, "num_classes", 0) if s.disc_class_conditional else 0
+    return StructureDiscriminator(
+        in_channels=adapter.latent_channels, base_channels=s.disc_width, num_blocks=s.disc_depth,
+        embed_dim=s.disc_embed_dim, num_classes=num_classes, spectral_norm=s.disc_spectral_norm,
+    )
+
+
+def _enable_xformers(denoiser) -> None:
+    from diffusers.utils.import_utils import is_xformers_available
+
+    if not torch.cuda.is_available():
+        raise ConfigError("enable_xformers_memory_efficient_attention", "xformers needs a CUDA GPU and none is visible",
+                          "drop the flag (PyTorch SDPA attention is the default)")
+    if not is_xformers_available():
+        raise ConfigError("enable_xformers_memory_efficient_attention", "xformers is not installed",
+                          "pip install 'sadm-finetune[gpu]' or drop the flag")
+    denoiser.enable_xformers_memory_efficient_attention()
+
+
+def _tracker_config(config: RunConfig) -> dict[str, Any]:
+    # Trackers take scalars only: lists become strings, None becomes "none".
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.flat().items()}
+
+
+def _log_summary(accelerator, config, data, denoiser, disc, resolution, global_batch) -> None:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+    lines = [
+        f"data: {data.description}, {len(data)} samples, resolution {resolution}",
+        f"steps: {config.training.max_train_steps}, effective batch "
+        f"{global_batch * config.training.gradient_accumulation_steps} ({accelerator.num_processes} processes)",
+        f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable",
+        f"precision: {accelerator.mixed_precision}, device: {accelerator.device}",
+    ]
+    if disc is not None:
+        ratio = count(disc) / max(1, count(denoiser))
+        lines.append(f"SADM: lambda {config.sadm.structure_weight}, discriminator {count(disc) / 1e6:.3f} M parameters "
+                     f"({100 * ratio:.1f}% of the denoiser)")
+        if ratio > 0.1:
+            logger.warning("the structure discriminator has %.0f%% of the denoiser's parameters; consider a smaller "
+                           "--disc_width / --disc_depth", 100 * ratio, main_process_only=True)
+    else:
+        lines.append("SADM: off (structure_weight 0): plain fine-tune")
+    for line in lines:
+        logger.info(line, main_process_only=True)
+        accelerator.print(line)
