@@ -135,7 +135,7 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = image.convert("RGB")
         w, h = image.size
         scale = self.resolution / min(w, h)
@@ -146,11 +146,11 @@ class ImageTransform:
         if self.center_crop:
             left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
         else:
-            left = int(torch.randint(0, w - self.resolution + 1, ()).item())
-            top = int(torch.randint(0, h - self.resolution + 1, ()).item())
+            left = int(torch.randint(0, w - self.resolution + 1, (), generator=generator))
+            top = int(torch.randint(0, h - self.resolution + 1, (), generator=generator))
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-        if self.random_flip and torch.rand(()) < 0.5:
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
             array = array[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
@@ -167,11 +167,17 @@ def _open_image(value: dict[str, Any]) -> Image.Image:
 class TrainDataset(torch.utils.data.Dataset):
     """Map-style dataset of {"pixel_values", "class_labels"?, "captions"?} samples."""
 
-    def __init__(self, data: TrainData, transform: ImageTransform, on_bad_image: str = "error") -> None:
+    def __init__(self, data: TrainData, transform: ImageTransform, on_bad_image: str = "error", seed: int = 0) -> None:
         self.data = data
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.num_skipped = 0
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Random crops and flips depend on (seed, epoch, index) only: replayable on resume, in any worker."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.data)
@@ -180,8 +186,9 @@ class TrainDataset(torch.utils.data.Dataset):
         for attempt in range(len(self)):
             row = self.data.dataset[(index + attempt) % len(self)]
             value = row[self.data.image_column]
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index, attempt)) & (2**63 - 1))
             try:
-                pixels = self.transform(_open_image(value))
+                pixels = self.transform(_open_image(value), generator)
             except (OSError, ValueError, SyntaxError) as e:
                 name = value.get("path") or f"row {(index + attempt) % len(self)}"
                 if self.on_bad_image == "error":

@@ -121,7 +121,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         _enable_xformers(denoiser)
 
     dataset = TrainDataset(data, ImageTransform(resolution, config.data.center_crop, config.data.random_flip),
-                           config.data.on_bad_image)
+                           config.data.on_bad_image, seed=t.seed or 0)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=t.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate,
         num_workers=config.data.dataloader_num_workers,
@@ -167,7 +167,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         accelerator.init_trackers("sadm-finetune", config=_tracker_config(config))
     _log_summary(accelerator, config, data, denoiser, disc, resolution, global_batch)
 
-    stopped_early = _loop(config, accelerator, runner, dataloader, state, output_dir)
+    stopped_early = _loop(config, accelerator, runner, dataloader, dataset, state, output_dir)
     accelerator.wait_for_everyone()
     if stopped_early:
         accelerator.end_training()
@@ -180,8 +180,8 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     return RunSummary(output_dir, state.global_step, False)
 
 
-def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dataloader, state: TrainState,
-          output_dir: Path) -> bool:
+def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dataloader, dataset: TrainDataset,
+          state: TrainState, output_dir: Path) -> bool:
     """Run until max_train_steps; returns True if stopped early by a signal."""
     t = config.training
     progress = tqdm(total=t.max_train_steps, initial=state.global_step, desc="steps",
@@ -189,6 +189,7 @@ def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dat
     with _StopRequest() as stop:
         while state.global_step < t.max_train_steps:
             dataloader.set_epoch(state.epoch)
+            dataset.set_epoch(state.epoch)
             batches = dataloader
             if state.batches_in_epoch:
                 batches = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)

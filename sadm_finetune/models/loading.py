@@ -27,8 +27,8 @@ def _adapter_class(class_name: str, source: str) -> type[FamilyAdapter]:
     )
 
 
-def read_pipeline_class(config: ModelConfig) -> str:
-    """The pipeline's `_class_name` from model_index.json, read without loading any weights."""
+def read_pipeline_index(config: ModelConfig) -> dict:
+    """The pipeline's model_index.json, read without loading any weights."""
     source = config.pretrained_model_name_or_path
     path = Path(source).expanduser()
     if path.is_dir():
@@ -39,7 +39,9 @@ def read_pipeline_class(config: ModelConfig) -> str:
                 "pipeline folder; point --pretrained at a folder saved with save_pretrained"
             )
         try:
-            return json.loads(index.read_text())["_class_name"]
+            content = json.loads(index.read_text())
+            content["_class_name"]
+            return content
         except (json.JSONDecodeError, KeyError):
             raise InputError(f"pretrained_model_name_or_path: {index} is not a valid model_index.json; "
                              "re-save the pipeline") from None
@@ -59,7 +61,7 @@ def read_pipeline_class(config: ModelConfig) -> str:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"pretrained_model_name_or_path: cannot read {source} from the Hub ({reason}); check the "
                          "id, your network and `huggingface-cli login`") from None
-    return index["_class_name"]
+    return dict(index)
 
 
 def load_family(config: ModelConfig) -> FamilyAdapter:
@@ -67,7 +69,8 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
     from diffusers import DiffusionPipeline
 
     source = config.pretrained_model_name_or_path
-    adapter_class = _adapter_class(read_pipeline_class(config), source)
+    index = read_pipeline_index(config)
+    adapter_class = _adapter_class(index["_class_name"], source)
     try:
         pipeline = DiffusionPipeline.from_pretrained(
             source,
@@ -88,4 +91,6 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
             f"pretrained_model_name_or_path: weights in {source} could not be read ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); re-download or re-save the pipeline"
         ) from None
+    pipeline.register_to_config(**{k: v for k, v in index.items() if not k.startswith("_") and k not in
+                                   pipeline.components})  # e.g. DiT's id2label, which loading drops
     return adapter_class(pipeline, config)

@@ -1,0 +1,75 @@
+"""Shared pytest fixtures. The whole suite is offline: no test reaches the network."""
+
+import os
+import tempfile
+
+# Set before any test module imports huggingface_hub / diffusers / datasets (they read these once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="sadm-tests-hf-home-"))
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# ---------------------------------------------------------------------------------------------
+# fake_hub: a fake Hugging Face Hub on 127.0.0.1 (tests/hub_server.py) for --push_to_hub tests.
+# ---------------------------------------------------------------------------------------------
+import os as _fh_os
+import sys as _fh_sys
+from pathlib import Path as _FhPath
+
+import pytest as _fh_pytest
+
+if str(_FhPath(__file__).resolve().parent) not in _fh_sys.path:
+    _fh_sys.path.insert(0, str(_FhPath(__file__).resolve().parent))
+
+FAKE_HF_TOKEN = "hf_fake_token_for_tests_1234567890"
+
+
+@_fh_pytest.fixture
+def fake_hub(monkeypatch, tmp_path_factory):
+    """Start a ``hub_server.FakeHub`` (requires ``Authorization: Bearer FAKE_HF_TOKEN``) and yield it.
+
+    For the duration of the test:
+
+    * env: ``HF_ENDPOINT=<fake_hub.endpoint>``, ``HF_TOKEN=FAKE_HF_TOKEN``, ``HF_HUB_OFFLINE=0``
+      (``0`` rather than unset, so an inherited ``TRANSFORMERS_OFFLINE=1`` cannot re-enable offline
+      mode), ``NO_PROXY`` += 127.0.0.1; ``HF_HOME`` -> a temp dir only if it was unset (hf_xet
+      writes logs there during ``upload_folder``; huggingface_hub caches its agent registry).
+      A subprocess started with the default or a copied ``os.environ`` therefore talks to the
+      fake hub (``fake_hub.env()`` gives just the variables to merge into a hand-built env).
+    * in-process: huggingface_hub reads ``HF_ENDPOINT``/``HF_HUB_OFFLINE`` once at import, so the
+      fixture also patches ``huggingface_hub.constants.ENDPOINT``, ``HUGGINGFACE_CO_URL_TEMPLATE``,
+      ``HF_HUB_OFFLINE=False`` (what ``is_offline_mode()`` returns; every HTTP call is refused
+      while it is True) and the module-level ``huggingface_hub.hf_api.api.endpoint`` (used by
+      ``huggingface_hub.upload_folder``/``create_repo``, as diffusers' ``push_to_hub`` calls them).
+      So ``HfApi()``, ``HfApi(endpoint=fake_hub.endpoint)`` and the module functions all work,
+      even with ``HF_HUB_OFFLINE=1`` set for the rest of the suite. The token comes from
+      ``HF_TOKEN``, which huggingface_hub re-reads on every call. Everything is restored after.
+    """
+    from hub_server import FakeHub
+
+    with FakeHub(token=FAKE_HF_TOKEN) as hub:
+        for key, value in hub.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.delenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", raising=False)
+        own_hf_home = None
+        if not _fh_os.environ.get("HF_HOME"):
+            own_hf_home = tmp_path_factory.mktemp("fake_hub_hf_home")
+            monkeypatch.setenv("HF_HOME", str(own_hf_home))
+        try:
+            import huggingface_hub.constants as hf_constants
+            import huggingface_hub.hf_api as hf_api
+        except ImportError:  # huggingface_hub missing: env-only (subprocess) use still works
+            yield hub
+            return
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(
+            hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)
+        if own_hf_home is not None and hasattr(hf_constants, "AGENT_HARNESSES_PATH"):
+            # online => huggingface_hub caches GET /api/agent-harnesses under its import-time HF_HOME
+            monkeypatch.setattr(hf_constants, "AGENT_HARNESSES_PATH", str(own_hf_home / ".agent_harnesses.json"))
+        yield hub

@@ -1,0 +1,111 @@
+"""End to end through `accelerate launch`: tiny DiT pipelines on a tiny image folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from launch import accelerate_launch, offline_env, tiny_run_args
+from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+pytestmark = pytest.mark.slow
+
+RELOAD = """
+import sys, json, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+out = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+assert "sadm_finetune" not in sys.modules
+print(json.dumps({"cls": type(pipe).__name__, "shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
+                  "labels": pipe.labels}))
+"""
+
+
+def _tensors(folder):
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("learned_sigma, structure_weight", [(True, "0.05"), (False, "0")])
+def test_fine_tune_exports_a_stock_pipeline(tmp_path, learned_sigma, structure_weight):
+    base = build_tiny_dit_pipeline(tmp_path / "base", learned_sigma=learned_sigma, num_classes=2)
+    data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
+    out = tmp_path / "out"
+    proc = accelerate_launch(tiny_run_args(base, data, out) + ["--structure_weight", structure_weight],
+                             offline_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    for name in ("model_index.json", "README.md", "training_config.yaml", "samples/final.png",
+                 "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DiTPipeline"
+    resolved = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert resolved["sadm"]["structure_weight"] == float(structure_weight)
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    # Stock diffusers, in a process that never imports sadm_finetune, loads and samples it.
+    reload = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=120,
+                            env=offline_env(tmp_path))
+    assert reload.returncode == 0, reload.stderr[-2000:]
+    info = json.loads(reload.stdout.strip().splitlines()[-1])
+    assert info == {"cls": "DiTPipeline", "shape": [2, 32, 32, 3], "finite": True,
+                    "labels": {"class_0": 0, "class_1": 1}}
+
+    # The VAE is frozen: bit-identical to the base; the transformer did train.
+    base_vae, new_vae = _tensors(base / "vae"), _tensors(out / "vae")
+    assert base_vae.keys() == new_vae.keys() and all(torch.equal(base_vae[k], new_vae[k]) for k in base_vae)
+    base_tr, new_tr = _tensors(base / "transformer"), _tensors(out / "transformer")
+    assert base_tr.keys() == new_tr.keys()
+    assert any(not torch.equal(base_tr[k], new_tr[k]) for k in base_tr)
+
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "diffusers" and "sadm" in meta["tags"] and "dit" in meta["tags"]
+    assert "accelerate launch train_sadm.py" in card and "structure_weight" in card
+
+    if structure_weight == "0":
+        assert not (out / "structure_discriminator").exists()
+        assert "plain fine-tune" in card
+    else:
+        assert (out / "structure_discriminator" / "config.json").is_file()
+        from sadm_finetune.models.discriminator import StructureDiscriminator
+
+        disc = StructureDiscriminator.from_pretrained(out / "structure_discriminator", use_safetensors=True)
+        assert disc.config.base_channels == 8
+
+
+def test_refuses_to_clobber_a_non_empty_output_dir(tmp_path):
+    base = build_tiny_dit_pipeline(tmp_path / "base")
+    data = build_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    proc = accelerate_launch(tiny_run_args(base, data, out), offline_env(tmp_path), quiet=True)
+    assert proc.returncode != 0
+    assert "output_dir" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "precious.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_push_to_hub_reaches_the_loopback_server_and_never_writes_the_token(tmp_path, fake_hub):
+    from hub_server import scan_for_secret
+
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
+    data = build_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    env = offline_env(tmp_path, **fake_hub.env())
+    env["HF_HUB_OFFLINE"] = "0"
+    env["TRANSFORMERS_OFFLINE"] = "0"
+    proc = accelerate_launch(tiny_run_args(base, data, out, steps=2) + ["--push_to_hub", "--hub_model_id",
+                                                                        "org/sadm-tiny"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = fake_hub.repo_files("org/sadm-tiny")
+    assert "model_index.json" in stored and "transformer/diffusion_pytorch_model.safetensors" in stored
+    assert "README.md" in stored and not any(p.startswith("checkpoints/") for p in stored)
+    assert stored["model_index.json"] == (out / "model_index.json").read_bytes()
+    assert all(r.authorization == f"Bearer {fake_hub.token}" for r in fake_hub.requests
+               if "/api/models/" in r.path or "/api/repos/" in r.path)
+    assert scan_for_secret(out, fake_hub.token, [proc.stdout, proc.stderr]) == []
