@@ -1,0 +1,134 @@
+"""Every user error: exit status 2, one line naming the field or file and the fix, no traceback."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sadm_finetune.cli import main
+from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_input")
+    base = build_tiny_dit_pipeline(root / "base", num_classes=2)
+    data = build_image_folder(root / "data", per_class=3)
+    not_a_pipeline = root / "not_a_pipeline"
+    not_a_pipeline.mkdir()
+    (not_a_pipeline / "config.json").write_text("{}")
+    flux = root / "flux"
+    shutil.copytree(base, flux)
+    index = json.loads((flux / "model_index.json").read_text())
+    (flux / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    corrupt = root / "corrupt"
+    shutil.copytree(base, corrupt)
+    weights = next((corrupt / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:200])
+    pickle_only = root / "pickle_only"
+    shutil.copytree(base, pickle_only)
+    from diffusers import DiTTransformer2DModel
+
+    tr = DiTTransformer2DModel.from_pretrained(base / "transformer")
+    shutil.rmtree(pickle_only / "transformer")
+    tr.save_pretrained(pickle_only / "transformer", safe_serialization=False)
+    empty = root / "empty"
+    (empty / "cls").mkdir(parents=True)
+    busy = root / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep me")
+    big_labels = root / "big_labels"
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(np.zeros((32, 32, 3), np.uint8))] * 4,
+                                     "label": [0, 1, 2, 5000]})
+    big_labels.mkdir()
+    ds.to_parquet(str(big_labels / "train.parquet"))
+    (root / "bad.yaml").write_text("training: {train_batch_size: [\n")
+    (root / "unknown.yaml").write_text("sadm:\n  lambda: 0.1\n")
+    return {"root": root, "base": base, "data": data, "not_a_pipeline": not_a_pipeline, "flux": flux,
+            "corrupt": corrupt, "pickle_only": pickle_only, "empty": empty, "busy": busy, "big_labels": big_labels}
+
+
+def ok_args(w, out):
+    return ["--pretrained", str(w["base"]), "--train_data_dir", str(w["data"]), "--output_dir", str(out),
+            "--max_train_steps", "1", "--train_batch_size", "2", "--report_to", "none"]
+
+
+def replace(args, flag, value):
+    args = list(args)
+    if flag in args:
+        i = args.index(flag)
+        if value is None:
+            del args[i:i + 2]
+        else:
+            args[i + 1] = value
+    elif value is not None:
+        args += [flag, value]
+    return args
+
+
+CASES = [
+    ("missing pretrained folder", lambda w, a: replace(a, "--pretrained", str(w["root"] / "nope")),
+     "pretrained_model_name_or_path: folder"),
+    ("folder that is no pipeline", lambda w, a: replace(a, "--pretrained", str(w["not_a_pipeline"])),
+     "has no model_index.json"),
+    ("pipeline of another family", lambda w, a: replace(a, "--pretrained", str(w["flux"])), "FluxPipeline"),
+    ("corrupt weight file", lambda w, a: replace(a, "--pretrained", str(w["corrupt"])),
+     "pretrained_model_name_or_path:"),
+    ("pickle-only weights", lambda w, a: replace(a, "--pretrained", str(w["pickle_only"])), "--allow_pickle_weights"),
+    ("no pretrained at all", lambda w, a: replace(a, "--pretrained", None), "pretrained_model_name_or_path: is required"),
+    ("missing data folder", lambda w, a: replace(a, "--train_data_dir", str(w["root"] / "nodata")),
+     "train_data_dir: folder"),
+    ("empty data folder", lambda w, a: replace(a, "--train_data_dir", str(w["empty"])), "train_data_dir: no images"),
+    ("no data at all", lambda w, a: replace(a, "--train_data_dir", None), "--train_data_dir or --dataset_name"),
+    ("bad YAML", lambda w, a: a + ["--config", str(w["root"] / "bad.yaml")], "config:"),
+    ("unknown YAML key", lambda w, a: a + ["--config", str(w["root"] / "unknown.yaml")], "lambda: unknown key"),
+    ("missing YAML file", lambda w, a: a + ["--config", str(w["root"] / "none.yaml")], "config: file"),
+    ("unknown flag", lambda w, a: a + ["--structure_wieght", "1"], "unrecognized arguments"),
+    ("wrong type", lambda w, a: replace(a, "--train_batch_size", "two"), "--train_batch_size"),
+    ("zero batch", lambda w, a: replace(a, "--train_batch_size", "0"), "train_batch_size: must be > 0"),
+    ("zero steps", lambda w, a: replace(a, "--max_train_steps", "0"), "max_train_steps: must be > 0"),
+    ("negative lr", lambda w, a: a + ["--learning_rate=-1e-4"], "learning_rate: must be > 0"),
+    ("zero checkpoint limit", lambda w, a: a + ["--checkpoints_total_limit", "0"], "checkpoints_total_limit"),
+    ("batch 1 with SADM", lambda w, a: replace(a, "--train_batch_size", "1"), "no pairs"),
+    ("resolution the model cannot take", lambda w, a: a + ["--resolution", "36"], "resolution: 36 is not divisible"),
+    ("class id out of range", lambda w, a: replace(replace(a, "--train_data_dir", None), "--dataset_name",
+                                                   str(w["big_labels"])), "class id 5000 is out of range"),
+    ("unknown tracker", lambda w, a: replace(a, "--report_to", "myspace"), "report_to: unknown tracker"),
+    ("missing resume checkpoint", lambda w, a: a + ["--resume_from_checkpoint", str(w["root"] / "ckpt")],
+     "resume_from_checkpoint:"),
+    ("non-empty output_dir", lambda w, a: replace(a, "--output_dir", str(w["busy"])), "--overwrite_output_dir"),
+    ("push without repo id", lambda w, a: a + ["--push_to_hub"], "hub_model_id: is required"),
+    ("unusable repo id", lambda w, a: a + ["--push_to_hub", "--hub_model_id", "a/b/c d"], "hub_model_id:"),
+    ("data smaller than a batch", lambda w, a: replace(a, "--train_batch_size", "64"), "fewer than one global batch"),
+    ("unreachable Hub model offline", lambda w, a: replace(a, "--pretrained", "someone/missing-model"),
+     "cannot read someone/missing-model"),
+    ("missing image column", lambda w, a: replace(replace(a, "--train_data_dir", None), "--dataset_name",
+                                                  str(w["big_labels"])) + ["--image_column", "img"], "image_column:"),
+]
+
+
+@pytest.mark.parametrize("name, mutate, expected", CASES, ids=[c[0] for c in CASES])
+def test_user_error_is_one_clear_line(world, tmp_path, capsys, name, mutate, expected):
+    args = mutate(world, ok_args(world, tmp_path / "out"))
+    assert main(args) == 2
+    captured = capsys.readouterr().err
+    assert "Traceback" not in captured
+    lines = [line for line in captured.splitlines() if "sadm-train: error:" in line]
+    assert len(lines) == 1, captured
+    err = lines[0][lines[0].index("sadm-train: error:"):]  # a library's progress bar may share the line
+    assert expected in err, err
+
+
+def test_nothing_the_user_had_is_touched(world, tmp_path, capsys):
+    main(replace(ok_args(world, tmp_path), "--output_dir", str(world["busy"])))
+    assert sorted(p.name for p in world["busy"].iterdir()) == ["mine.txt"]
+    assert (world["busy"] / "mine.txt").read_text() == "keep me"
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 20
