@@ -24,3 +24,21 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, tensor.detach().contiguous())
     parts[dist.get_rank()] = tensor
     return torch.cat(parts, dim=0)
+
+
+def max_rank_difference(modules: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """Largest difference, over ranks, of a per-module fingerprint of the parameters (sum and sum of
+    squares in float64). DDP keeps replicas bit-identical, so anything but 0 is a desync."""
+    n = world_size()
+    result = {}
+    for name, module in modules.items():
+        params = [p.detach().double() for p in module.parameters()]
+        fingerprint = torch.stack([sum(p.sum() for p in params), sum(p.pow(2).sum() for p in params)])
+        if n == 1:
+            result[name] = 0.0
+            continue
+        parts = [torch.empty_like(fingerprint) for _ in range(n)]
+        dist.all_gather(parts, fingerprint.contiguous())
+        stacked = torch.stack(parts)
+        result[name] = float((stacked - stacked[0]).abs().max())
+    return result

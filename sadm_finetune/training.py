@@ -19,7 +19,8 @@ from .config import RunConfig, save_config
 from .data import ImageTransform, TrainDataset, collate, open_train_data
 from .errors import ConfigError, InputError, SADMError
 from .models.discriminator import StructureDiscriminator
-from .models.loading import load_family
+from .models import lora
+from .models.loading import family_class, load_family
 from .step import StepRunner
 
 logger = get_logger(__name__)
@@ -89,6 +90,7 @@ class RunSummary:
 def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     t, s = config.training, config.sadm
     output_dir = check_output_dir(config)
+    family_class(config.model).check_config(config)  # reads model_index.json only
     data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
     accelerator = make_accelerator(config, output_dir)
     if t.allow_tf32 and torch.cuda.is_available():
@@ -100,7 +102,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     adapter = load_family(config.model)
     resolution = config.data.resolution or adapter.default_resolution()
     adapter.check_resolution(resolution)
-    adapter.check_class_ids(data.max_class_id())
+    adapter.check_data(data)
     global_batch = t.train_batch_size * accelerator.num_processes
     if len(data) < global_batch:
         raise ConfigError("train_batch_size", f"the data set has {len(data)} samples, fewer than one global batch "
@@ -113,15 +115,8 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         module.requires_grad_(False)
         module.to(accelerator.device, dtype=weight_dtype)
         module.eval()
-    denoiser = adapter.denoiser
-    denoiser.train()
-    if config.model.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    if config.model.enable_xformers_memory_efficient_attention:
-        _enable_xformers(denoiser)
-
-    dataset = TrainDataset(data, ImageTransform(resolution, config.data.center_crop, config.data.random_flip),
-                           config.data.on_bad_image, seed=t.seed or 0)
+    denoiser = _prepare_denoiser(config, adapter, accelerator.device, weight_dtype)
+    dataset = _build_dataset(config, accelerator, adapter, data, resolution)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=t.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate,
         num_workers=config.data.dataloader_num_workers,
@@ -144,12 +139,15 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     denoiser, optimizer_g, scheduler_g = prepared[:3]
     disc, optimizer_d, scheduler_d = prepared[3:6] if s.enabled else (None, None, None)
     dataloader = prepared[-1]
+    if config.model.use_lora:
+        lora.register_lora_checkpointing(accelerator, denoiser)  # checkpoints hold the LoRA, not the base
 
     ema = None
     if t.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(denoiser).parameters(), decay=t.ema_decay)
+        trainable = [p for p in accelerator.unwrap_model(denoiser).parameters() if p.requires_grad]
+        ema = EMAModel(trainable, decay=t.ema_decay)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     state = TrainState()
@@ -169,6 +167,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
 
     stopped_early = _loop(config, accelerator, runner, dataloader, dataset, state, output_dir)
     accelerator.wait_for_everyone()
+    _check_replicas(accelerator, runner)
     if stopped_early:
         accelerator.end_training()
         return RunSummary(output_dir, state.global_step, True)
@@ -246,8 +245,16 @@ def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepR
     if runner.weight_dtype != torch.float32:
         adapter.reload_frozen_fp32()
     extra = {"structure_discriminator": runner.unwrapped_disc} if runner.unwrapped_disc is not None else {}
+    lora_state = None
     with runner.inference_pipeline() as pipeline:
+        if config.model.use_lora:  # merge into a fresh fp32 base: stock loaders, base weights bit for bit
+            model = runner.unwrapped_denoiser
+            lora_state = lora.lora_state_dict(model)
+            base = adapter.load_component(adapter.denoiser_name)
+            pipeline = adapter.export_pipeline(lora.merge_lora(base, model.peft_config[lora.ADAPTER_NAME], lora_state))
         export.save_pipeline_atomically(pipeline, output_dir, extra)
+    if lora_state is not None:
+        adapter.save_lora_weights(output_dir, lora_state, model.peft_config[lora.ADAPTER_NAME].to_dict())
     from diffusers import DiffusionPipeline
 
     reloaded = DiffusionPipeline.from_pretrained(output_dir, use_safetensors=True).to(accelerator.device)
@@ -263,11 +270,54 @@ def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepR
         "Mixed precision": accelerator.mixed_precision,
         "Skipped non-finite updates": state.nonfinite_total,
     }
-    export.write_model_card(output_dir, config, adapter.card_tags(), data.description, summary, argv)
+    lora_usage = None
+    if config.model.use_lora:
+        lora_usage = adapter.lora_usage(config.model.pretrained_model_name_or_path, t.hub_model_id or str(output_dir))
+    export.write_model_card(output_dir, config, adapter.card_tags(), data.description, summary, argv, lora_usage)
     if t.push_to_hub:
         url = export.push_to_hub(output_dir, t.hub_model_id, t.hub_private)
         accelerator.print(f"Pushed to {url}")
     accelerator.print(f"Saved the fine-tuned pipeline to {output_dir}")
+
+
+def _check_replicas(accelerator: Accelerator, runner: StepRunner) -> None:
+    """Several processes: prove the replicas did not drift apart before anything is exported."""
+    if accelerator.num_processes == 1:
+        return
+    from .distributed import max_rank_difference
+
+    modules = {"denoiser": runner.unwrapped_denoiser}
+    if runner.unwrapped_disc is not None:
+        modules["discriminator"] = runner.unwrapped_disc
+    diffs = max_rank_difference(modules)
+    if any(d > 0 for d in diffs.values()):
+        raise RuntimeError(f"replicas differ across processes after training: {diffs}")
+    accelerator.print(f"replica check: {', '.join(modules)} identical on all {accelerator.num_processes} processes")
+
+
+def _prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dtype: torch.dtype):
+    """Training mode, memory options and (with --use_lora) the LoRA layers of the denoiser."""
+    denoiser = adapter.denoiser
+    denoiser.train()
+    if config.model.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if config.model.enable_xformers_memory_efficient_attention:
+        _enable_xformers(denoiser)
+    if config.model.use_lora:
+        # The frozen base is held in weight_dtype (half the memory under bf16/fp16); LoRA weights stay fp32.
+        denoiser.to(device, dtype=weight_dtype)
+        lora.attach_lora(denoiser, lora.make_lora_config(config.model, adapter.lora_target_modules))
+    return denoiser
+
+
+def _build_dataset(config: RunConfig, accelerator: Accelerator, adapter, data, resolution: int):
+    d, seed = config.data, config.training.seed or 0
+    if not d.cache_latents:
+        return TrainDataset(data, ImageTransform(resolution, d.center_crop, d.random_flip), d.on_bad_image, seed=seed)
+    from .latent_cache import CachedLatentDataset, build_latent_cache
+
+    folder = build_latent_cache(accelerator, adapter.vae, data, d, resolution, config.training.train_batch_size)
+    return CachedLatentDataset(data, folder, d.random_flip, seed=seed)
 
 
 def _build_discriminator(config: RunConfig, adapter) -> StructureDiscriminator:
@@ -308,7 +358,8 @@ def _log_summary(accelerator, config, data, denoiser, disc, resolution, global_b
         f"data: {data.description}, {len(data)} samples, resolution {resolution}",
         f"steps: {config.training.max_train_steps}, effective batch "
         f"{global_batch * config.training.gradient_accumulation_steps} ({accelerator.num_processes} processes)",
-        f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable",
+        f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable"
+        + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else ""),
         f"precision: {accelerator.mixed_precision}, device: {accelerator.device}",
     ]
     if disc is not None:
