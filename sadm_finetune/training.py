@@ -185,7 +185,7 @@ def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dat
     t = config.training
     progress = tqdm(total=t.max_train_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, progress:
         while state.global_step < t.max_train_steps:
             dataloader.set_epoch(state.epoch)
             dataset.set_epoch(state.epoch)
@@ -214,9 +214,7 @@ def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dat
                     f"Stopped by signal at step {state.global_step}; checkpoint saved to {path}. Resume with the same "
                     "command plus --resume_from_checkpoint latest"
                 )
-                progress.close()
                 return True
-    progress.close()
     return False
 
 
