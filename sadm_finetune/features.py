@@ -179,7 +179,7 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Inception weights not found at {path}: download {INCEPTION_URL} (needs network, ~90 MB) "
+            f"Inception weights not found at {path}; download {INCEPTION_URL} (needs network, ~90 MB) "
             f"to that path, or set {INCEPTION_PATH_ENV} to the file"
         )
     return path

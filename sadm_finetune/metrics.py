@@ -63,7 +63,8 @@ def fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     # k(x, y) = (x.y / d + 1)^3, the KID kernel of Binkowski et al. 2018.
-    return (x @ y.T / x.shape[1] + 1.0) ** 3
+    base = x @ y.T / x.shape[1] + 1.0
+    return base * base * base  # much faster than ** 3 on large arrays
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
@@ -124,15 +125,16 @@ def _fraction_inside(queries: torch.Tensor, support: torch.Tensor, radii: torch.
 
 
 def precision_recall(
-    real: np.ndarray, fake: np.ndarray, k: int = 3, chunk_size: int = 1024
+    real: np.ndarray, fake: np.ndarray, k: int = 3, chunk_size: int = 1024, device: str | torch.device = "cpu"
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019), with k-NN-ball manifolds.
 
     Precision: share of ``fake`` inside the real manifold; recall: share of ``real`` inside the fake
-    one. Distances are computed ``chunk_size`` rows at a time, so 10k x 10k sets fit in memory.
+    one. Distances are computed ``chunk_size`` rows at a time (on ``device``, in float64), so 10k x 10k
+    sets fit in memory.
     """
-    real_t = torch.from_numpy(_as_features(real, "real"))
-    fake_t = torch.from_numpy(_as_features(fake, "fake"))
+    real_t = torch.from_numpy(_as_features(real, "real")).to(device)
+    fake_t = torch.from_numpy(_as_features(fake, "fake")).to(device)
     if min(len(real_t), len(fake_t)) <= k:
         raise ValueError(
             f"precision_recall: k={k} needs more than {k} samples per set, got {len(real_t)} real and "

@@ -36,7 +36,7 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
         self,
         in_channels: int = 3,
         num_classes: int = 10,
-        block_out_channels: tuple[int, ...] = (32, 64, 128),
+        block_out_channels: tuple[int, ...] = (16, 32, 64),
         dropout: float = 0.2,
         sample_size: int = 32,
     ) -> None:

@@ -1,0 +1,497 @@
+"""sadm-eval: sample a pipeline class by class and compare the samples with a reference image set.
+
+    sadm-eval --pipeline out/ --reference_dataset builtin:digits --features digits --output_json eval.json
+
+Reports FID, KID, improved precision/recall (in the chosen feature space) and, with a classifier, the
+share of samples classified as the class they were drawn for. Batch ``i`` is sampled with seed
+``seed + i``, so ``--compare_with`` (or a later run on another pipeline) sees the same noise and labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+
+from .errors import ConfigError, InputError, SADMError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalConfig:
+    pipeline: str = field(metadata={"help": "Pipeline to evaluate: Hub id or folder (safetensors weights only)."})
+    reference_dir: str | None = _f(None, "Reference image folder; one subfolder per class, ids by sorted name.")
+    reference_dataset: str | None = _f(None, "Reference `datasets` name or local folder, or builtin:digits.")
+    reference_split: str = _f("train", "Split of --reference_dataset.")
+    image_column: str = _f("image", "Image column of --reference_dataset.")
+    label_column: str | None = _f("label", "Label column of --reference_dataset ('none': unlabelled).")
+    max_reference_images: int | None = _f(None, "Use a fixed random subset of this many reference images.")
+    samples_per_class: int = _f(50, "Images generated per class id.")
+    num_inference_steps: int = _f(50, "Sampler steps per image.")
+    guidance_scale: float = _f(1.0, "Classifier-free guidance scale (1: none; the DiT paper's FID uses 1.5).")
+    prompt_template: str = _f("{label}", "Prompt for text-to-image pipelines, formatted with the class name.")
+    seed: int = _f(0, "Base seed; batch i is sampled with seed + i.")
+    batch_size: int = _f(32, "Images per pipeline call and per feature batch.")
+    features: str = _f("inception", "Feature space: inception, digits, a classifier folder or an Inception .pt file.")
+    classifier: str | None = _f(None, "Classifier folder or 'digits' for label accuracy (builtin:digits: digits).")
+    reference_stats_cache: str | None = _f(None, ".npz cache of reference features; written when missing.")
+    output_json: str | None = _f(None, "Write the results here as JSON.")
+    grid: str | None = _f(None, "Write a PNG grid of samples (rows: classes); side by side with --compare_with.")
+    compare_with: str | None = _f(None, "Second pipeline (e.g. the base), sampled with the same seeds and labels.")
+    update_model_card: str | None = _f(None, "Folder whose README.md model card gets the metrics in its model-index.")
+    device: str | None = _f(None, "torch device (default: cuda when available, else cpu).")
+    dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "Pipeline weight dtype.")
+
+    def __post_init__(self) -> None:
+        if not self.pipeline:
+            raise ConfigError("--pipeline", "is empty", "pass a Hub id or a pipeline folder")
+        if (self.reference_dir is None) == (self.reference_dataset is None):
+            raise ConfigError("--reference_dir", "give exactly one of --reference_dir and --reference_dataset",
+                              "e.g. --reference_dataset builtin:digits")
+        try:
+            self.prompt_template.format(label="x")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError("--prompt_template", f"{self.prompt_template!r} is not a format string with only "
+                              "{label}", "e.g. 'a photo of a {label}'") from None
+        for name in ("samples_per_class", "num_inference_steps", "batch_size", "max_reference_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name}", f"must be >= 1, got {getattr(self, name)}", "pass a positive number")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference set: listed up front (cheap, so bad inputs fail before sampling), pixels loaded later.
+
+
+@dataclass
+class Reference:
+    description: str  # identifies the set inside a reference-statistics cache
+    name: str  # for people and model cards: no local paths
+    num_images: int
+    labels: np.ndarray | None  # (N,) class ids, or None for an unlabelled set
+    label_names: list[str] | None
+    load: Callable[[np.ndarray, int], np.ndarray]  # (indices, resolution) -> uint8 (n, R, R, 3)
+    dataset_type: str = "imagefolder"
+
+
+def _square(image: Any, resolution: int) -> np.ndarray:
+    from PIL import Image
+
+    image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(image)
+
+
+def _image_folder(root: str) -> Reference:
+    from PIL import Image
+
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise InputError(f"--reference_dir: folder {root} not found; pass a folder of images (one subfolder per class)")
+    class_dirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    groups = [(d, sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)) for d in class_dirs]
+    groups = [(d, files) for d, files in groups if files]
+    if groups:
+        files = [f for _, fs in groups for f in fs]
+        labels = np.concatenate([np.full(len(fs), i) for i, (_, fs) in enumerate(groups)])
+        names = [d.name for d, _ in groups]
+    else:  # a flat folder: an unlabelled reference set
+        files, labels, names = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS), None, None
+    if not files:
+        raise InputError(f"--reference_dir: no {'/'.join(IMAGE_EXTENSIONS)} images in {root} or its subfolders; "
+                         "put the reference images there")
+
+    def load(indices: np.ndarray, resolution: int) -> np.ndarray:
+        def one(file: Path) -> np.ndarray:
+            with Image.open(file) as image:
+                return _square(image, resolution)
+
+        return np.stack([one(files[i]) for i in indices])
+
+    return Reference(f"dir:{path.resolve()} ({len(files)} images)", path.resolve().name, len(files), labels, names,
+                     load)
+
+
+def _digits() -> Reference:
+    from .demo_data import DIGITS_NAME, load_digits_images
+
+    _, labels = load_digits_images(8)
+    return Reference(DIGITS_NAME, "scikit-learn digits", len(labels), labels, [str(i) for i in range(10)],
+                     lambda indices, resolution: load_digits_images(resolution)[0][indices], "sklearn-digits")
+
+
+def _dataset(config: EvalConfig) -> Reference:
+    import datasets
+
+    name = config.reference_dataset
+    try:
+        ds = datasets.load_dataset(name, split=config.reference_split)
+    except Exception as e:  # offline, unknown name, bad split: one line, not a traceback
+        raise InputError(f"--reference_dataset: cannot load {name} split {config.reference_split} "
+                         f"({_first_line(e)}); check the name, --reference_split and your network") from None
+    if config.image_column not in ds.column_names:
+        raise ConfigError("--image_column", f"{name} has no column {config.image_column!r} (it has {ds.column_names})",
+                          "pass the image column's name")
+    labels = names = None
+    if config.label_column is not None:
+        if config.label_column not in ds.column_names:
+            raise ConfigError("--label_column", f"{name} has no column {config.label_column!r}",
+                              "pass the label column's name, or 'none' for an unlabelled set")
+        labels = np.asarray(ds[config.label_column], dtype=np.int64)
+        feature = ds.features[config.label_column]
+        names = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(labels.max() + 1)]
+
+    def load(indices: np.ndarray, resolution: int) -> np.ndarray:
+        images = ds.select(indices.tolist())[config.image_column]
+        return np.stack([_square(image, resolution) for image in images])
+
+    description = f"dataset:{name}[{config.reference_split}].{config.image_column}"
+    name_split = f"{name} ({config.reference_split})"
+    return Reference(description, name_split, len(ds), labels, names, load, dataset_type=name)
+
+
+def open_reference(config: EvalConfig) -> Reference:
+    from .demo_data import DIGITS_NAME
+
+    if DIGITS_NAME in (config.reference_dataset, config.reference_dir):
+        return _digits()
+    return _image_folder(config.reference_dir) if config.reference_dir else _dataset(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def load_pipeline(source: str, flag: str, device: str, dtype: str):
+    """Stock ``DiffusionPipeline.from_pretrained``: safetensors only, no remote code."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise InputError(f"{flag}: {source} has no model_index.json; pass a folder saved with save_pretrained")
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise InputError(f"{flag}: folder {source} not found; pass a pipeline folder or a Hub id")
+    bars_on = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # keep stderr for sampling progress and errors
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True, dtype=getattr(torch, dtype))
+    except Exception as e:  # missing repo, offline, pickle-only weights: one line, not a traceback
+        raise InputError(f"{flag}: cannot load {source} ({_first_line(e)}); check the id or folder (safetensors "
+                         "weights)") from None
+    finally:
+        if bars_on:
+            diffusers_logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_class_names(pipe) -> dict[int, str] | None:
+    """Class id -> name from the pipeline's id2label (DiTPipeline keeps it as ``labels``: name -> id)."""
+    id2label = pipe.config.get("id2label") if hasattr(pipe.config, "get") else None
+    if id2label:
+        return {int(k): str(v) for k, v in id2label.items()}
+    names: dict[int, str] = {}
+    for name, class_id in (getattr(pipe, "labels", None) or {}).items():
+        names.setdefault(int(class_id), name)
+    return names or None
+
+
+def generate(pipe, class_labels: list[int], prompts: list[str] | None, config: EvalConfig) -> Iterator[np.ndarray]:
+    """Yield uint8 ``(B, H, W, 3)`` batches; batch ``i`` uses a CPU generator seeded ``seed + i``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(class_labels), config.batch_size)
+    for batch_index, start in enumerate(tqdm(starts, desc="sampling", leave=False)):
+        stop = start + config.batch_size
+        condition = {"class_labels": class_labels[start:stop]} if prompts is None else {"prompt": prompts[start:stop]}
+        images = pipe(**condition, num_inference_steps=config.num_inference_steps,
+                      guidance_scale=config.guidance_scale, output_type="np",
+                      generator=torch.Generator("cpu").manual_seed(config.seed + batch_index)).images
+        yield (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)  # as numpy_to_pil
+
+
+@dataclass
+class Samples:
+    features: np.ndarray  # (N, D)
+    predictions: np.ndarray | None  # (N,) the classifier's class ids
+    grid: np.ndarray  # (rows, cols, H, W, 3) uint8: the first samples of the first classes
+
+
+def sample_features(pipe, class_labels: list[int], prompts: list[str] | None, config: EvalConfig, extractor,
+                    classifier=None, grid_rows: int = 10, grid_cols: int = 8) -> Samples:
+    """Sample batch by batch, keeping features and predictions but only the images a grid shows."""
+    spc = config.samples_per_class
+    rows, cols = min(grid_rows, len(class_labels) // spc), min(grid_cols, spc)
+    features, predictions, kept = [], [], []
+    start = 0
+    for images in generate(pipe, class_labels, prompts, config):
+        features.append(extractor(images))
+        if classifier is not None:
+            predictions.append(classifier.predict(images))
+        index = np.arange(start, start + len(images))  # class-major: class position index // spc
+        kept.append(images[(index // spc < rows) & (index % spc < cols)])
+        start += len(images)
+    grid = np.concatenate(kept).reshape(rows, cols, *kept[0].shape[1:])
+    return Samples(np.concatenate(features), np.concatenate(predictions) if predictions else None, grid)
+
+
+def _conditions(pipe, reference: Reference, config: EvalConfig) -> tuple[list[int], list[str] | None, dict[int, str]]:
+    """The class id of every sample (class-major), its prompt for text pipelines, and the class names."""
+    params = inspect.signature(pipe.__call__).parameters
+    names = pipeline_class_names(pipe) if "class_labels" in params else None
+    if names is None and reference.labels is not None:
+        names = {int(i): reference.label_names[int(i)] for i in np.unique(reference.labels)}
+    if names is None:
+        raise InputError("--pipeline: it has no id2label and the reference set has no labels; use a reference "
+                         "with one subfolder per class (or --label_column)")
+    class_labels = [c for c in sorted(names) for _ in range(config.samples_per_class)]
+    if "class_labels" in params:
+        return class_labels, None, names
+    if "prompt" in params:
+        return class_labels, [config.prompt_template.format(label=names[c]) for c in class_labels], names
+    raise InputError(f"--pipeline: {type(pipe).__name__} takes neither class_labels nor prompt; "
+                     "sadm-eval samples class-conditional and text-to-image pipelines")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and outputs
+
+
+def compute_metrics(reference_features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray,
+                    device: str = "cpu") -> dict:
+    """FID against the reference Gaussian; KID and precision/recall against the reference features."""
+    from .metrics import feature_statistics, frechet_distance, kid, precision_recall
+
+    kid_mean, kid_std = kid(reference_features, features)
+    precision, recall = precision_recall(reference_features, features, device=device)
+    fid = frechet_distance(*feature_statistics(features), mu, sigma)
+    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall}
+
+
+def _reference_stats(reference: Reference, extractor, resolution: int, config: EvalConfig):
+    from .metrics import ReferenceStats, feature_statistics, load_reference_stats, save_reference_stats
+
+    key = (f"features={extractor.name}; reference={reference.description}; resolution={resolution}; "
+           f"max_images={config.max_reference_images}")
+    cache = Path(config.reference_stats_cache) if config.reference_stats_cache else None
+    if cache is not None and cache.exists():
+        try:
+            return load_reference_stats(cache, expected_key=key)
+        except (ValueError, OSError) as e:
+            raise InputError(f"--reference_stats_cache: {e}") from None
+    indices = np.arange(reference.num_images)
+    if config.max_reference_images is not None and config.max_reference_images < reference.num_images:
+        # Seeded apart from --seed, so the reference subset stays the same across sampling seeds.
+        rng = np.random.default_rng(0)
+        indices = np.sort(rng.choice(reference.num_images, config.max_reference_images, replace=False))
+    chunks = np.array_split(indices, -(-len(indices) // 1000))  # bounded memory for large reference sets
+    features = np.concatenate([extractor(reference.load(chunk, resolution)) for chunk in chunks])
+    labels = None if reference.labels is None else reference.labels[indices]
+    if cache is not None:
+        return save_reference_stats(cache, features, key, labels)
+    return ReferenceStats(key, *feature_statistics(features), features, labels)
+
+
+def _load_extractor(spec: str, flag: str, config: EvalConfig, device: str):
+    from .features import build_feature_extractor
+
+    try:
+        return build_feature_extractor(spec, batch_size=config.batch_size, device=device)
+    except (ValueError, OSError, TypeError) as e:
+        raise InputError(f"{flag}: {e}") from None
+
+
+def write_grid(path: str, grids: list[np.ndarray]) -> None:
+    """Grids ``(rows, cols, H, W, 3)`` uint8 side by side, a white column between them."""
+    from .export import save_grid
+
+    blocks = [grid.astype(np.float32) / 255.0 for grid in grids]
+    if len(blocks) > 1:
+        gap = np.ones_like(blocks[0][:, :1])
+        blocks = [piece for block in blocks for piece in (block, gap)][:-1]
+    save_grid(np.concatenate(blocks, axis=1), Path(path))
+
+
+def _model_card_path(folder: str) -> Path:
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        raise InputError(f"--update_model_card: {readme} not found; point it at an exported pipeline folder")
+    return readme
+
+
+def update_model_card(folder: str, result: dict) -> Path:
+    """Add the metrics to the card's ``model-index``, replacing earlier results with the same settings."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    readme = _model_card_path(folder)
+    card = ModelCard.load(readme)
+    args = {k: result[k] for k in ("num_samples", "num_inference_steps", "guidance_scale", "seed", "features")}
+    task_type, task_name = {"class_labels": ("image-generation", "Class-conditional image generation"),
+                            "prompt": ("text-to-image", "Text-to-image")}[result["conditioning"]]
+    names = {"fid": f"FID ({result['features']} features)", "kid_mean": f"KID ({result['features']} features)",
+             "precision": f"Precision ({result['features']} features)",
+             "recall": f"Recall ({result['features']} features)",
+             "label_accuracy": f"Label accuracy ({result['classifier']} classifier)"}
+    new = [
+        EvalResult(task_type=task_type, task_name=task_name,
+                   dataset_type=result["reference_type"], dataset_name=result["reference_name"],
+                   metric_type=key.removesuffix("_mean"), metric_value=round(value, 6),
+                   metric_name=names[key], metric_args=args)
+        for key, value in result["metrics"].items() if key in names
+    ]
+    old = [r for r in card.data.eval_results or [] if not any(r.is_equal_except_value(n) for n in new)]
+    card.data.eval_results = old + new
+    card.data.model_name = card.data.model_name or Path(folder).resolve().name
+    card.save(readme)
+    return readme
+
+
+def format_table(result: dict) -> str:
+    columns = [("pipeline", result["metrics"])]
+    if "compare_with" in result:
+        columns.append(("compare_with", result["compare_with"]["metrics"]))
+    rows = [("FID", lambda m: f"{m['fid']:.3f}"), ("KID", lambda m: f"{m['kid_mean']:.4g} ± {m['kid_std']:.2g}"),
+            ("precision", lambda m: f"{m['precision']:.3f}"), ("recall", lambda m: f"{m['recall']:.3f}")]
+    if "label_accuracy" in result["metrics"]:
+        rows.append(("label accuracy", lambda m: f"{m['label_accuracy']:.3f}"))
+    lines = [f"{result['num_samples']} samples ({result['samples_per_class']} per class x {result['num_classes']} "
+             f"classes), {result['num_inference_steps']} steps, guidance {result['guidance_scale']}, seed "
+             f"{result['seed']}; reference {result['reference_name']} ({result['num_reference_images']} images); "
+             f"features {result['features']}",
+             "| metric | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(fmt(m) for _, m in columns) + " |" for label, fmt in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _load_extractors(config: EvalConfig, device: str):
+    """The feature extractor and, when there is one, the classifier for label accuracy."""
+    from .demo_data import DIGITS_NAME
+
+    extractor = _load_extractor(config.features, "--features", config, device)
+    digits_reference = DIGITS_NAME in (config.reference_dataset, config.reference_dir)
+    classifier_spec = config.classifier or ("digits" if digits_reference else None)
+    if classifier_spec is None:
+        return extractor, None
+    same = classifier_spec == config.features
+    classifier = extractor if same else _load_extractor(classifier_spec, "--classifier", config, device)
+    if not hasattr(classifier, "predict"):
+        raise InputError(f"--classifier: {classifier_spec} gives features but no logits; pass a classifier folder")
+    return extractor, classifier
+
+
+def _write_outputs(config: EvalConfig, result: dict, samples: dict[str, Samples]) -> None:
+    if config.output_json:
+        Path(config.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.output_json).write_text(json.dumps(result, indent=2) + "\n")
+    if config.grid:
+        order = ["compare_with", "pipeline"] if config.compare_with else ["pipeline"]  # base left, tuned right
+        write_grid(config.grid, [samples[key].grid for key in order])
+    if config.update_model_card:
+        update_model_card(config.update_model_card, result)
+
+
+def evaluate_pipeline(config: EvalConfig) -> dict:
+    """Sample, extract features, compute the metrics, write the requested outputs; return the results."""
+    import torch
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reference = open_reference(config)  # input errors first, before any weights are loaded
+    if config.update_model_card:
+        _model_card_path(config.update_model_card)
+    extractor, classifier = _load_extractors(config, device)
+    pipelines = {"pipeline": load_pipeline(config.pipeline, "--pipeline", device, config.dtype)}
+    if config.compare_with:
+        pipelines["compare_with"] = load_pipeline(config.compare_with, "--compare_with", device, config.dtype)
+
+    class_labels, prompts, names = _conditions(pipelines["pipeline"], reference, config)
+    samples = {key: sample_features(pipe, class_labels, prompts, config, extractor, classifier)
+               for key, pipe in pipelines.items()}
+    stats = _reference_stats(reference, extractor, samples["pipeline"].grid.shape[2], config)
+    results = {}
+    for key, sampled in samples.items():
+        results[key] = compute_metrics(stats.features, stats.mu, stats.sigma, sampled.features, device)
+        if sampled.predictions is not None:
+            results[key]["label_accuracy"] = float((sampled.predictions == np.asarray(class_labels)).mean())
+
+    result = {
+        "pipeline": config.pipeline, "conditioning": "class_labels" if prompts is None else "prompt",
+        "reference": reference.description, "reference_name": reference.name, "reference_type": reference.dataset_type,
+        "features": extractor.name, "classifier": None if classifier is None else classifier.name,
+        "num_samples": len(class_labels), "samples_per_class": config.samples_per_class, "num_classes": len(names),
+        "num_reference_images": len(stats.features), "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale, "seed": config.seed, "metrics": results["pipeline"],
+    }
+    if config.compare_with:
+        result["compare_with"] = {"pipeline": config.compare_with, "metrics": results["compare_with"]}
+    _write_outputs(config, result, samples)
+    return result
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError("arguments", message, "see sadm-eval --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per ``EvalConfig`` field, typed from its annotation."""
+    parser = _Parser(prog="sadm-eval", description=__doc__.strip().splitlines()[0])
+    hints = typing.get_type_hints(EvalConfig)
+    for f in dataclasses.fields(EvalConfig):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        nullable = type(None) in typing.get_args(tp)
+        if typing.get_origin(tp) is Literal:
+            parser.add_argument(f"--{f.name}", choices=args, default=f.default, help=f.metadata["help"])
+            continue
+        inner = args[0] if nullable else tp
+
+        def parse(text: str, _inner=inner, _nullable=nullable) -> Any:
+            return None if _nullable and text.lower() == "none" else _inner(text)
+
+        parse.__name__ = inner.__name__  # argparse names the type in its error message
+        required = f.default is dataclasses.MISSING
+        parser.add_argument(f"--{f.name}", type=parse, default=None if required else f.default,
+                            required=required, help=f.metadata["help"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = EvalConfig(**vars(build_parser().parse_args(argv)))
+        result = evaluate_pipeline(config)
+    except SADMError as e:
+        print(f"sadm-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
