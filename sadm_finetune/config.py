@@ -63,6 +63,9 @@ class ModelConfig:
     class_dropout_prob: float = _f(
         0.1, "Probability of replacing a class label by the null class (classifier-free guidance training)."
     )
+    caption_dropout_prob: float = _f(
+        0.1, "Probability of replacing a caption by the empty prompt (classifier-free guidance training, text models)."
+    )
     learned_sigma_loss: Literal["vlb", "ignore"] = _f(
         "vlb", "DiT learned-sigma channels: train them with DiT's variational-bound term, or leave them out."
     )
@@ -70,12 +73,21 @@ class ModelConfig:
     enable_xformers_memory_efficient_attention: bool = _f(
         False, "Use xformers attention (CUDA only; PyTorch SDPA is the default)."
     )
+    use_lora: bool = _f(False, "Train LoRA adapters on the denoiser instead of all its weights.")
+    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha / r (default: alpha = rank).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch's input.")
+    lora_target_modules: list[str] | None = _f(
+        None, "Module names (or name suffixes) that get LoRA (default: the family's attention projections)."
+    )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ConfigError(
-                "class_dropout_prob", f"must be in [0, 1), got {self.class_dropout_prob}", "use e.g. 0.1"
-            )
+        for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.1")
+        _positive(self, "lora_rank", "lora_alpha")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules", "is an empty list", "name at least one module, or leave it unset")
 
 
 @dataclass
@@ -87,12 +99,22 @@ class DataConfig:
     dataset_config_name: str | None = _f(None, "The `datasets` configuration name.")
     image_column: str = _f("image", "Column holding the images.")
     label_column: str | None = _f("label", "Column holding the integer class ids (None: unconditional).")
+    caption_column: str | None = _f(
+        "text", "Column holding the captions of text-to-image data (an image folder's metadata.jsonl key)."
+    )
     resolution: int | None = _f(None, "Training resolution in pixels (default: the pipeline's own).")
     center_crop: bool = _f(False, "Center-crop to the resolution (default: random crop).")
     random_flip: bool = _f(False, "Flip images horizontally at random.")
     max_train_samples: int | None = _f(None, "Use only the first N samples (debugging, quick runs).")
     on_bad_image: Literal["error", "skip"] = _f("error", "An unreadable image stops the run, or is skipped and counted.")
     dataloader_num_workers: int = _f(0, "Data-loader worker processes (0: load in the main process).")
+    cache_latents: bool = _f(
+        False, "Encode the data set through the VAE once and reuse the latents (across epochs and runs)."
+    )
+    latent_cache_dir: str = _f(
+        "~/.cache/sadm-finetune/latents",
+        "Where cached latents live; runs with the same VAE, data and transforms share them.",
+    )
 
     def __post_init__(self) -> None:
         if self.train_data_dir and self.dataset_name:
@@ -101,6 +123,11 @@ class DataConfig:
             )
         _positive(self, "resolution", "max_train_samples")
         _non_negative(self, "dataloader_num_workers")
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError(
+                "cache_latents", "needs --center_crop (a cached random crop would be the same crop in every epoch)",
+                "add --center_crop, or drop --cache_latents to keep random crops",
+            )
 
 
 @dataclass
@@ -136,6 +163,9 @@ class TrainingConfig:
     validation_steps: int | None = _f(None, "Sample a validation grid every N steps (None: only at the end).")
     num_validation_images: int = _f(4, "Images per class / prompt in validation grids.")
     validation_class_labels: list[int] | None = _f(None, "Class ids in validation grids (default: up to 10).")
+    validation_prompts: list[str] | None = _f(
+        None, "Prompts in validation grids of text-to-image models (default: the first captions of the data)."
+    )
     validation_inference_steps: int = _f(25, "Sampler steps for validation grids.")
     validation_guidance_scale: float = _f(1.5, "Classifier-free guidance scale for validation grids.")
     push_to_hub: bool = _f(False, "Upload the output folder to the Hub at the end.")
@@ -263,6 +293,14 @@ class RunConfig:
             )
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
+        if self.model.enable_xformers_memory_efficient_attention:
+            import torch  # only here: a dry run of a plain recipe stays light
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "enable_xformers_memory_efficient_attention", "xformers needs a CUDA GPU and none is visible",
+                    "drop the flag (PyTorch SDPA attention is the default)",
+                )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

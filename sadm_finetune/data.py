@@ -71,8 +71,8 @@ def _from_folder(cfg: DataConfig) -> TrainData:
     id2label = None
     if label_column:
         id2label = dict(enumerate(ds.features["label"].names))
-    caption_column = "text" if "text" in ds.column_names else None
-    kind = f"{len(id2label)} classes" if id2label else "unconditional"
+    caption_column = cfg.caption_column if cfg.caption_column in ds.column_names else None
+    kind = f"{len(id2label)} classes" if id2label else ("captioned" if caption_column else "unconditional")
     return TrainData(ds, "image", label_column, caption_column, id2label, f"image folder {root} ({kind})")
 
 
@@ -104,7 +104,8 @@ def _from_hub(cfg: DataConfig) -> TrainData:
     id2label = None
     if label_column and isinstance(ds.features[label_column], datasets.ClassLabel):
         id2label = dict(enumerate(ds.features[label_column].names))
-    return TrainData(ds, cfg.image_column, label_column, None, id2label, f"dataset {cfg.dataset_name}")
+    caption_column = cfg.caption_column if cfg.caption_column in ds.column_names else None
+    return TrainData(ds, cfg.image_column, label_column, caption_column, id2label, f"dataset {cfg.dataset_name}")
 
 
 def open_train_data(cfg: DataConfig) -> TrainData:
@@ -207,7 +208,10 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {"pixel_values": torch.stack([s["pixel_values"] for s in samples])}
+    """Stack tensors (pixel_values, or cached latent_mean/latent_std); labels -> a tensor; captions -> a list."""
+    batch: dict[str, Any] = {
+        key: torch.stack([s[key] for s in samples]) for key, value in samples[0].items() if torch.is_tensor(value)
+    }
     if "class_labels" in samples[0]:
         batch["class_labels"] = torch.tensor([s["class_labels"] for s in samples], dtype=torch.long)
     if "captions" in samples[0]:

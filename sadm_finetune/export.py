@@ -60,15 +60,17 @@ def reproduce_command(argv: list[str] | None = None) -> str:
 
 def write_model_card(
     output_dir: Path, config: RunConfig, family_tags: list[str], data_description: str,
-    summary: dict[str, Any], argv: list[str] | None = None,
+    summary: dict[str, Any], argv: list[str] | None = None, lora_usage: str | None = None,
 ) -> Path:
+    """The README: `lora_usage` (code that applies the LoRA file to the base model) marks a LoRA run."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = config.model.pretrained_model_name_or_path
     card_data = ModelCardData(
         library_name="diffusers",
         base_model=base if not Path(base).exists() else None,
-        tags=["sadm", "diffusers", *family_tags, "structure-guided-adversarial-training"],
+        tags=["sadm", "diffusers", *family_tags, "structure-guided-adversarial-training",
+              *(["lora"] if lora_usage else [])],
         license=None,
     )
     sadm_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in vars(config.sadm).items())
@@ -77,6 +79,23 @@ def write_model_card(
         f"The exported weights are the exponential moving average (decay {config.training.ema_decay}) of the trained "
         "weights." if config.training.use_ema else "The exported weights are the final trained weights (no EMA)."
     )
+    repo = config.training.hub_model_id or output_dir.name
+    lora_section = "" if lora_usage is None else f"""
+## LoRA
+
+Trained as a LoRA (rank {config.model.lora_rank}, alpha {config.model.lora_alpha or config.model.lora_rank}) on the
+base model's denoiser. This folder holds the result twice, for two uses:
+
+- the full pipeline (`model_index.json` and the component folders), with the LoRA already merged into the
+  weights: load it with `DiffusionPipeline.from_pretrained` as above, and do not apply the LoRA file to it
+  again (that would add the update twice);
+- `pytorch_lora_weights.safetensors`, the LoRA alone (diffusers format, its configuration in the file's
+  metadata), to apply to the base model `{base}`:
+
+```python
+{lora_usage}
+```
+"""
     mode = "structure loss off (plain fine-tune baseline)" if not config.sadm.enabled else (
         f"structure weight lambda = {config.sadm.structure_weight}")
     content = f"""---
@@ -103,7 +122,7 @@ pipe = DiffusionPipeline.from_pretrained("{config.training.hub_model_id or outpu
 ```
 
 ![samples](samples/final.png)
-
+{lora_section}
 ## SADM settings
 
 | option | value |

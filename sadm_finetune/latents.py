@@ -1,9 +1,11 @@
-"""VAE encode/decode with the component's own scaling (`scaling_factor`, and `shift_factor` if any)."""
+"""VAE encode/decode with the component's own scaling (`scaling_factor`, and `shift_factor` if any); sampling
+from cached posteriors (`latent_cache.py`)."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
 
 
 def _shift(vae: AutoencoderKL) -> float:
@@ -23,3 +25,13 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Inverse of `encode`: scaled latents -> (B, 3, H, W) pixels in [-1, 1]."""
     latents = latents / vae.config.scaling_factor + _shift(vae)
     return vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample.float()
+
+
+def sample_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw from a cached posterior (unscaled mean, std) exactly as `encode` draws from the VAE's
+    `latent_dist`, then scale: (B, C, h, w) fp32 latents."""
+    mean = mean.to(device=vae.device, dtype=vae.dtype)
+    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    latents = mean + std.to(mean) * noise
+    return ((latents - _shift(vae)) * vae.config.scaling_factor).float()

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 
 from .checkpointing import TrainState
 from .config import RunConfig
-from .latents import encode
+from .latents import encode, sample_latents
 from .losses import DiffusionLoss, LearnedSigmaVLB, diffusion_target, predicted_original_sample
 from .sadm import SADMObjective
 
@@ -58,6 +58,10 @@ class StepRunner:
     def unwrapped_denoiser(self):
         return self.accelerator.unwrap_model(self.denoiser)
 
+    def ema_parameters(self) -> list[torch.nn.Parameter]:
+        """What the EMA averages: the trainable weights (all of them, or the LoRA ones), in a fixed order."""
+        return [p for p in self.unwrapped_denoiser.parameters() if p.requires_grad]
+
     @property
     def unwrapped_disc(self):
         return None if self.disc is None else self.accelerator.unwrap_model(self.disc)
@@ -77,7 +81,10 @@ class StepRunner:
         acc = self.accelerator
         gen = self._reseed(state)
         with acc.accumulate(*self.models):
-            latents = encode(self.adapter.vae, batch["pixel_values"], generator=gen)  # (B, C, h, w) fp32
+            if "latent_mean" in batch:  # cached posterior (latent_cache.py): the same draw, without the encoder
+                latents = sample_latents(self.adapter.vae, batch["latent_mean"], batch["latent_std"], generator=gen)
+            else:
+                latents = encode(self.adapter.vae, batch["pixel_values"], generator=gen)  # (B, C, h, w) fp32
             cond = self.adapter.conditioning(batch, self.device, self.weight_dtype, drop=True, generator=gen)
             bsz = latents.shape[0]
             noise = torch.randn(latents.shape, generator=gen, device=self.device)
@@ -125,7 +132,7 @@ class StepRunner:
                 self.optimizer_g.step()
                 self.scheduler_g.step()
                 if self.ema is not None:
-                    self.ema.step(self.unwrapped_denoiser.parameters())
+                    self.ema.step(self.ema_parameters())
             self.optimizer_g.zero_grad(set_to_none=True)
 
             if finite and self.objective is not None and self.objective.is_disc_turn(state.global_step):
@@ -170,8 +177,8 @@ class StepRunner:
         """The stock pipeline around the current weights (EMA weights when on), in eval mode."""
         model = self.unwrapped_denoiser
         if self.ema is not None:
-            self.ema.store(model.parameters())
-            self.ema.copy_to(model.parameters())
+            self.ema.store(self.ema_parameters())
+            self.ema.copy_to(self.ema_parameters())
         was_training = model.training
         model.eval()
         try:
@@ -181,16 +188,18 @@ class StepRunner:
         finally:
             model.train(was_training)
             if self.ema is not None:
-                self.ema.restore(model.parameters())
+                self.ema.restore(self.ema_parameters())
 
     def validate(self, path, step: int) -> None:
         """Main process only: a fixed grid (fixed labels and seeds), saved and logged to the trackers."""
         from .export import save_grid
 
         t = self.config.training
-        with self.inference_pipeline() as pipeline, torch.no_grad():
+        # autocast: under mixed precision the frozen components sit in weight_dtype, the denoiser in fp32.
+        with self.inference_pipeline() as pipeline, torch.no_grad(), self.accelerator.autocast():
             grid = self.adapter.sample_grid(pipeline, t.num_validation_images, t.validation_inference_steps,
-                                            t.validation_guidance_scale, t.seed or 0, t.validation_class_labels)
+                                            t.validation_guidance_scale, t.seed or 0,
+                                            self.adapter.validation_conditions(t))
         save_grid(grid, path)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":

@@ -252,13 +252,13 @@ def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepR
             pipeline = adapter.export_pipeline(lora.merge_lora(base, model.peft_config[lora.ADAPTER_NAME], lora_state))
         export.save_pipeline_atomically(pipeline, output_dir, extra)
     if lora_state is not None:
-        adapter.save_lora_weights(output_dir, lora_state, model.peft_config[lora.ADAPTER_NAME].to_dict())
+        adapter.save_lora_weights(output_dir, lora_state, lora.lora_metadata(model.peft_config[lora.ADAPTER_NAME]))
     from diffusers import DiffusionPipeline
 
     reloaded = DiffusionPipeline.from_pretrained(output_dir, use_safetensors=True).to(accelerator.device)
     reloaded.set_progress_bar_config(disable=True)
     grid = adapter.sample_grid(reloaded, t.num_validation_images, t.validation_inference_steps,
-                               t.validation_guidance_scale, t.seed or 0, t.validation_class_labels)
+                               t.validation_guidance_scale, t.seed or 0, adapter.validation_conditions(t))
     export.save_grid(grid, output_dir / "samples" / "final.png")
     del reloaded
     summary = {
@@ -303,7 +303,9 @@ def _prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_d
         _enable_xformers(denoiser)
     if config.model.use_lora:
         # The frozen base is held in weight_dtype (half the memory under bf16/fp16); LoRA weights stay fp32.
-        denoiser.to(device, dtype=weight_dtype)
+        denoiser.to(device)
+        if weight_dtype != torch.float32:
+            denoiser.to(dtype=weight_dtype)
         lora.attach_lora(denoiser, lora.make_lora_config(config.model, adapter.lora_target_modules))
     return denoiser
 

@@ -11,7 +11,8 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from ..errors import ConfigError
-from .family import FamilyAdapter, ModelOutput
+from ..config import RunConfig, TrainingConfig
+from .family import FamilyAdapter, ModelOutput, batch_size
 
 # DiTPipeline hard-codes this id for the unconditional branch of classifier-free guidance.
 DIT_NULL_CLASS_ID = 1000
@@ -21,6 +22,20 @@ class DiTAdapter(FamilyAdapter):
     family = "dit"
     pipeline_classes = ("DiTPipeline",)
     denoiser_name = "transformer"
+    # Attention and MLP projections of every block (not the adaLN modulation, which carries the class signal).
+    lora_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        if config.training.validation_prompts is not None:
+            raise ConfigError("validation_prompts", "DiT is class-conditional and takes no prompts",
+                              "use --validation_class_labels instead")
+
+    def check_data(self, data) -> None:
+        self.check_class_ids(data.max_class_id())
+
+    def validation_conditions(self, training: TrainingConfig) -> list[int] | None:
+        return training.validation_class_labels
 
     @property
     def num_classes(self) -> int:
@@ -82,8 +97,7 @@ class DiTAdapter(FamilyAdapter):
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         labels = batch.get("class_labels")
         if labels is None:  # unconditional data: every sample is the null class
-            n = batch["latents"].shape[0] if "latents" in batch else batch["pixel_values"].shape[0]
-            labels = torch.full((n,), DIT_NULL_CLASS_ID, dtype=torch.long)
+            labels = torch.full((batch_size(batch),), DIT_NULL_CLASS_ID, dtype=torch.long)
         labels = labels.to(device)
         if drop and self.config.class_dropout_prob > 0:
             dropped = torch.rand(labels.shape, device=device, generator=generator) < self.config.class_dropout_prob

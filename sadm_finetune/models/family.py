@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RunConfig, TrainingConfig
 
 
 @dataclass
@@ -25,10 +26,18 @@ class ModelOutput:
     variance: torch.Tensor | None = None  # (B, C, H, W): learned-sigma channels, never fed to the structure term
 
 
+def batch_size(batch: dict[str, Any]) -> int:
+    """Samples in a batch of pixels or of cached latents."""
+    key = "pixel_values" if "pixel_values" in batch else "latent_mean"
+    return batch[key].shape[0]
+
+
 class FamilyAdapter(ABC):
     family: str  # model-card tag, e.g. "dit"
     pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s this adapter accepts
     denoiser_name: str  # pipeline component that trains, e.g. "transformer"
+    lora_target_modules: tuple[str, ...]  # default LoRA targets (module names or name suffixes)
+    load_kwargs: dict[str, Any] = {}  # passed to DiffusionPipeline.from_pretrained, e.g. components to skip
 
     def __init__(self, pipeline: DiffusionPipeline, config: ModelConfig) -> None:
         self.pipeline = pipeline
@@ -46,6 +55,17 @@ class FamilyAdapter(ABC):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        """Raise ConfigError for options this family cannot honour; runs before any weights load."""
+
+    def check_data(self, data: Any) -> None:
+        """Raise if the data (a `data.TrainData`) cannot train this model; may remember validation defaults."""
+
+    def validation_conditions(self, training: TrainingConfig) -> list | None:
+        """The rows of a validation grid (class ids, prompts), as `sample_grid` takes them."""
+        return None
 
     @abstractmethod
     def default_resolution(self) -> int: ...
@@ -80,20 +100,54 @@ class FamilyAdapter(ABC):
 
     @abstractmethod
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
-                    guidance_scale: float, seed: int, class_labels: list[int] | None) -> np.ndarray:
-        """(rows, cols, H, W, 3) float images in [0, 1] for a validation grid."""
+                    guidance_scale: float, seed: int, conditions: list | None) -> np.ndarray:
+        """(rows, cols, H, W, 3) float images in [0, 1] for a validation grid, one row per condition."""
+
+    def load_component(self, name: str) -> nn.Module:
+        """A fresh fp32 copy of a pipeline component, read from the pretrained source."""
+        c = self.config
+        module = self.pipeline.components[name]
+        return type(module).from_pretrained(c.pretrained_model_name_or_path, subfolder=name, revision=c.revision,
+                                            variant=c.variant, use_safetensors=not c.allow_pickle_weights or None)
 
     def reload_frozen_fp32(self) -> None:
         """Reload the frozen components from the source, undoing a cast to a half-precision weight_dtype,
         so that the export carries the base weights bit for bit."""
-        c = self.config
         for module in self.frozen_modules():
             name = next(k for k, v in self.pipeline.components.items() if v is module)
-            fresh = type(module).from_pretrained(c.pretrained_model_name_or_path, subfolder=name, revision=c.revision,
-                                                 variant=c.variant, use_safetensors=not c.allow_pickle_weights or None)
+            fresh = self.load_component(name)
             setattr(self.pipeline, name, fresh)
             if name == "vae":
                 self.vae = fresh
+
+    def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
+                          adapter_metadata: dict[str, Any]) -> None:
+        """Write `pytorch_lora_weights.safetensors` in the diffusers format (keys `<denoiser_name>.<peft key>`,
+        the LoRA config in the file's metadata), as diffusers' `load_lora_adapter(prefix=...)` reads it."""
+        from diffusers.loaders.lora_base import LoraBaseMixin
+
+        prefix = self.denoiser_name
+        LoraBaseMixin.write_lora_layers(
+            state_dict={f"{prefix}.{k}": v for k, v in lora_state_dict.items()}, save_directory=str(output_dir),
+            is_main_process=True, weight_name=None, save_function=None, safe_serialization=True,
+            lora_adapter_metadata={f"{prefix}.{k}": v for k, v in adapter_metadata.items()},
+        )
+
+    def lora_usage(self, base: str, repo: str) -> str:
+        """Model-card code that applies the saved LoRA file to the base model (no LoRA loader for this pipeline
+        in diffusers: a subclass with diffusers' PeftAdapterMixin reads it)."""
+        cls, name = type(self.denoiser).__name__, self.denoiser_name
+        indent = " " * len(f"{name}.load_lora_adapter(")
+        return f"""from diffusers import DiffusionPipeline, {cls}
+from diffusers.loaders import PeftAdapterMixin
+
+class {cls}WithLoRA({cls}, PeftAdapterMixin):
+    pass
+
+{name} = {cls}WithLoRA.from_pretrained("{base}", subfolder="{name}")
+{name}.load_lora_adapter("{repo}", weight_name="pytorch_lora_weights.safetensors",
+{indent}prefix="{name}", use_safetensors=True)
+pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name})"""
 
     def card_tags(self) -> list[str]:
         return [self.family]

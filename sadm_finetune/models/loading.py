@@ -9,8 +9,9 @@ from ..config import ModelConfig
 from ..errors import InputError
 from .dit import DiTAdapter
 from .family import FamilyAdapter
+from .sd import StableDiffusionAdapter
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter,)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter)
 
 
 def _supported() -> str:
@@ -64,6 +65,11 @@ def read_pipeline_index(config: ModelConfig) -> dict:
     return dict(index)
 
 
+def family_class(config: ModelConfig) -> type[FamilyAdapter]:
+    """The adapter class for the pretrained pipeline, from its model_index.json alone (no weights)."""
+    return _adapter_class(read_pipeline_index(config)["_class_name"], config.pretrained_model_name_or_path)
+
+
 def load_family(config: ModelConfig) -> FamilyAdapter:
     """Load the pipeline in fp32 (safetensors only unless allowed) and wrap it in its family adapter."""
     from diffusers import DiffusionPipeline
@@ -77,6 +83,7 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
             revision=config.revision,
             variant=config.variant,
             use_safetensors=None if config.allow_pickle_weights else True,
+            **adapter_class.load_kwargs,
         )
     except (OSError, ValueError, EnvironmentError) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

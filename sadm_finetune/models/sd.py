@@ -1,0 +1,151 @@
+"""Stable Diffusion family (1.x / 2.x): `UNet2DConditionModel` + CLIP text encoder + tokenizer, text-conditioned.
+
+Only this adapter knows about text: it turns a batch's captions into `encoder_hidden_states`, with
+caption dropout (the empty prompt) for classifier-free guidance. Epsilon and v-prediction come from
+the scheduler config, as for every family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from torch import nn
+
+from ..config import RunConfig, TrainingConfig
+from ..errors import ConfigError, InputError
+from .family import FamilyAdapter, ModelOutput, batch_size
+
+NUM_DEFAULT_PROMPTS = 4
+
+
+class StableDiffusionAdapter(FamilyAdapter):
+    family = "stable-diffusion"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    denoiser_name = "unet"
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention projections
+    # The safety checker (1.2 GB) plays no part in training, and the export is saved without it.
+    load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    default_prompts: list[str] | None = None
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipeline.tokenizer
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        if config.sadm.disc_class_conditional:
+            raise ConfigError("disc_class_conditional", "Stable Diffusion is text-conditioned and has no class labels",
+                              "drop --disc_class_conditional")
+        if config.training.validation_class_labels is not None:
+            raise ConfigError("validation_class_labels", "Stable Diffusion takes prompts, not class ids",
+                              "use --validation_prompts instead")
+
+    def check_data(self, data) -> None:
+        if data.caption_column is None:
+            raise InputError(
+                f"caption_column: {data.description} has no caption column; Stable Diffusion needs one caption per "
+                "image: add metadata.jsonl (file_name, text) to the image folder, or pass --caption_column <name>"
+            )
+        head = data.dataset.select(range(min(64, len(data.dataset))))[data.caption_column]
+        prompts = list(dict.fromkeys(self._caption(c) for c in head if self._caption(c)))
+        self.default_prompts = prompts[:NUM_DEFAULT_PROMPTS] or [""]
+
+    def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
+        return training.validation_prompts or self.default_prompts
+
+    def default_resolution(self) -> int:
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    def check_resolution(self, resolution: int) -> None:
+        # StableDiffusionPipeline's own rule: the UNet forwards upsample sizes, so any whole latent size works.
+        if resolution % self.vae_scale_factor:
+            raise ConfigError("resolution", f"{resolution} is not divisible by the VAE factor {self.vae_scale_factor}",
+                              f"use a multiple of {self.vae_scale_factor}, e.g. {self.default_resolution()}")
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vae, self.text_encoder]
+
+    def prepare_training(self) -> None:
+        """Nothing to switch off: caption dropout happens in `conditioning`, the text encoder stays frozen."""
+
+    @staticmethod
+    def _caption(value: Any) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise InputError(f"caption_column: captions must be strings, got {type(value).__name__} ({value!r:.60}); "
+                             "keep one caption per image")
+        return value
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """Prompts -> (B, tokens, dim) CLIP hidden states, as StableDiffusionPipeline computes them."""
+        input_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(input_ids.to(device))[0]
+
+    def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
+                     drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        captions = [self._caption(c) for c in batch.get("captions") or [""] * batch_size(batch)]
+        # One encoder pass over the batch plus the empty prompt; dropped samples take the empty prompt's
+        # states, chosen on the device (no host sync).
+        states = self.encode_prompts(captions + [""], device)  # (B + 1, tokens, dim)
+        encoder_hidden_states, empty = states[:-1], states[-1:]
+        p = self.config.caption_dropout_prob
+        if drop and p > 0:
+            dropped = torch.rand(len(captions), device=device, generator=generator) < p
+            encoder_hidden_states = torch.where(dropped[:, None, None], empty, encoder_hidden_states)
+        return {"encoder_hidden_states": encoder_hidden_states}
+
+    def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> ModelOutput:
+        out = denoiser(noisy_latents, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"]).sample
+        return ModelOutput(out)
+
+    def disc_class_labels(self, conditioning: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=denoiser,
+            scheduler=self.pipeline.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
+                    guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
+        prompts = conditions or self.default_prompts or [""]
+        rows = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            images = pipeline(prompt=[prompt] * num_per_row, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, generator=generator, output_type="np").images
+            rows.append(images)
+        return np.stack(rows)  # (rows, cols, H, W, 3)
+
+    def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
+                          adapter_metadata: dict[str, Any]) -> None:
+        """The stock SD LoRA file: `StableDiffusionPipeline.load_lora_weights(output_dir)` reads it."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        StableDiffusionPipeline.save_lora_weights(
+            str(output_dir), unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict),
+            unet_lora_adapter_metadata=adapter_metadata, safe_serialization=True,
+        )
+
+    def lora_usage(self, base: str, repo: str) -> str:
+        return f"""from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{repo}")"""
+
+    def card_tags(self) -> list[str]:
+        return [self.family, "text-to-image"]

@@ -1,0 +1,199 @@
+"""LoRA for both families: attach, merge, LoRA-only checkpoints, EMA, and the exported files end to end."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import PeftAdapterMixin
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from launch import accelerate_launch, offline_env, tiny_run_args
+from sadm_finetune.config import ModelConfig, build_config
+from sadm_finetune.errors import ConfigError
+from sadm_finetune.models import lora
+from sadm_finetune.models.dit import DiTAdapter
+from sadm_finetune.models.loading import load_family
+from sadm_finetune.models.sd import StableDiffusionAdapter
+from sadm_finetune.training import _prepare_denoiser
+from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+from tiny_sd import build_captioned_folder, build_tiny_sd_pipeline
+
+
+class DiTTransformer2DModelWithLoRA(DiTTransformer2DModel, PeftAdapterMixin):
+    """What the model card tells DiT users to write: diffusers has no LoRA loader for DiT."""
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tmp_path_factory):
+    return build_tiny_dit_pipeline(tmp_path_factory.mktemp("dit") / "base", num_classes=2)
+
+
+def _dit_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, 8, 8, generator=g),), {"timestep": torch.tensor([10, 600]),
+                                                      "class_labels": torch.tensor([0, 1])}
+
+
+def _randomise_lora(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+
+
+def test_default_targets_per_family():
+    cfg = lora.make_lora_config(ModelConfig(lora_rank=4), StableDiffusionAdapter.lora_target_modules)
+    assert set(cfg.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"} and cfg.lora_alpha == 4
+    cfg = lora.make_lora_config(ModelConfig(lora_alpha=2.0, lora_target_modules=["attn1.to_q"]),
+                                DiTAdapter.lora_target_modules)
+    assert set(cfg.target_modules) == {"attn1.to_q"} and cfg.r == 8 and cfg.lora_alpha == 2.0
+
+
+def test_unknown_target_is_a_config_error(tiny_dit):
+    model = DiTTransformer2DModel.from_pretrained(tiny_dit, subfolder="transformer")
+    with pytest.raises(ConfigError, match="lora_target_modules: none of \\['nope'\\]"):
+        lora.attach_lora(model, lora.make_lora_config(ModelConfig(lora_target_modules=["nope"]), ()))
+
+
+def test_base_in_weight_dtype_lora_in_fp32(tiny_dit):
+    config = build_config({"pretrained_model_name_or_path": str(tiny_dit), "train_data_dir": "d", "use_lora": True})
+    adapter = load_family(config.model)
+    denoiser = _prepare_denoiser(config, adapter, torch.device("cpu"), torch.bfloat16)
+    trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    frozen = [p for p in denoiser.parameters() if not p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    args, kwargs = _dit_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = denoiser(*args, **kwargs).sample.float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+
+
+@pytest.mark.parametrize("family", ["dit", "sd"])
+def test_merge_matches_the_adapter_model_and_keeps_the_base_keys(tiny_dit, tmp_path, family):
+    if family == "dit":
+        base = DiTTransformer2DModel.from_pretrained(tiny_dit, subfolder="transformer")
+        targets, (args, kwargs) = DiTAdapter.lora_target_modules, _dit_inputs()
+    else:
+        base = UNet2DConditionModel.from_pretrained(build_tiny_sd_pipeline(tmp_path / "sd"), subfolder="unet")
+        targets = StableDiffusionAdapter.lora_target_modules
+        args, kwargs = (torch.randn(2, 4, 8, 8), torch.tensor([10, 600]), torch.randn(2, 16, 32)), {}
+    cfg = lora.make_lora_config(ModelConfig(lora_rank=4, lora_alpha=8.0), targets)
+    model = lora.attach_lora(copy.deepcopy(base), cfg).eval()
+    _randomise_lora(model)
+    merged = lora.merge_lora(copy.deepcopy(base), cfg, lora.lora_state_dict(model)).eval()
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    with torch.no_grad():
+        expected, got = model(*args, **kwargs).sample, merged(*args, **kwargs).sample
+        assert not torch.allclose(expected, base.eval()(*args, **kwargs).sample, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_hold_only_the_lora_and_restore_it(tiny_dit, tmp_path):
+    accelerator = Accelerator(cpu=True)
+    cfg = lora.make_lora_config(ModelConfig(lora_rank=4), DiTAdapter.lora_target_modules)
+
+    def prepared():
+        model = lora.attach_lora(DiTTransformer2DModel.from_pretrained(tiny_dit, subfolder="transformer"), cfg)
+        model = accelerator.prepare(model)
+        lora.register_lora_checkpointing(accelerator, model)
+        return model
+
+    model = prepared()
+    _randomise_lora(model)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    expected = lora.lora_state_dict(model)
+
+    accelerator = Accelerator(cpu=True)
+    fresh = prepared()
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    restored = lora.lora_state_dict(fresh)
+    assert restored.keys() == expected.keys() and all(torch.equal(restored[k], expected[k]) for k in expected)
+
+
+def _images(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(["a red square", "a blue circle"], num_inference_steps=3, generator=torch.manual_seed(0),
+                output_type="np").images
+
+
+@pytest.mark.slow
+def test_sd_lora_file_loads_into_the_base_and_matches_the_fused_export(tmp_path):
+    base = build_tiny_sd_pipeline(tmp_path / "base")
+    data = build_captioned_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = tiny_run_args(base, data, out, steps=3) + [
+        "--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--gradient_checkpointing",
+        "--use_ema", "--ema_decay", "0.9", "--checkpointing_steps", "3", "--report_to", "none"]
+    proc = accelerate_launch(args, offline_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+        assert all(k.startswith("unet.") for k in f.keys())
+    assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 8
+    fused = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(fused, StableDiffusionPipeline)
+    original = StableDiffusionPipeline.from_pretrained(base)
+    assert fused.unet.state_dict().keys() == original.unet.state_dict().keys()
+    before = _images(original)
+    original.load_lora_weights(out)  # stock diffusers, onto a fresh base pipeline
+    with_lora, from_fused = _images(original), _images(fused)
+    np.testing.assert_allclose(with_lora, from_fused, atol=1e-4)
+    assert np.abs(with_lora - before).max() > 1e-3
+
+    # The export is the EMA of the LoRA weights, not the raw ones; the checkpoint holds both, LoRA only.
+    ckpt = out / "checkpoints" / "checkpoint-3"
+    raw = load_file(str(ckpt / "model.safetensors"))
+    assert raw and all("lora_" in k for k in raw)
+    shadow = [t.cpu() for t in torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)["shadow_params"]]
+    exported = load_file(str(out / "pytorch_lora_weights.safetensors")).values()
+    assert len(shadow) == len(raw) == len(exported)  # the EMA covers the LoRA parameters only
+
+    def found(t, pool):
+        return any(t.shape == p.shape and torch.equal(t, p) for p in pool)
+
+    assert all(found(t, shadow) for t in exported)
+    assert not all(found(t, raw.values()) for t in exported)
+
+
+@pytest.mark.slow
+def test_dit_lora_merged_export_and_resume(tiny_dit, tmp_path):
+    data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
+    out = tmp_path / "out"
+    args = tiny_run_args(tiny_dit, data, out, steps=3) + [
+        "--use_lora", "--lora_rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "3",
+        "--cache_latents", "--center_crop", "--random_flip", "--latent_cache_dir", str(tmp_path / "cache"),
+        "--report_to", "none"]
+    env = offline_env(tmp_path)
+    proc = accelerate_launch(args, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latent cache: encoding" in proc.stdout
+
+    exported = DiTTransformer2DModel.from_pretrained(out, subfolder="transformer").eval()
+    base_keys = load_file(str(tiny_dit / "transformer" / "diffusion_pytorch_model.safetensors")).keys()
+    assert exported.state_dict().keys() == base_keys
+    with_lora = DiTTransformer2DModelWithLoRA.from_pretrained(tiny_dit, subfolder="transformer")
+    with_lora.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
+                                use_safetensors=True)
+    args_, kwargs = _dit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(*args_, **kwargs).sample, with_lora.eval()(*args_, **kwargs).sample,
+                                   rtol=1e-4, atol=1e-5)
+    assert "load_lora_adapter" in (out / "README.md").read_text()
+
+    # Resuming the final checkpoint restores the LoRA (and D): the re-export is bit-identical.
+    first = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    proc = accelerate_launch(args + ["--resume_from_checkpoint", "latest"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latent cache: hit" in proc.stdout
+    second = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
