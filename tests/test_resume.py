@@ -26,12 +26,15 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, lora):
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", per_class=5)  # 10 images, batch 4: epochs of 2 steps
     env = offline_env(tmp_path)
     extra = ["--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--use_ema", "--ema_decay", "0.9",
              "--random_flip", "--disc_weight_decay", "0.01", "--report_to", "none"]
+    if lora:
+        extra += ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-2"]
     full = tmp_path / "full"
     proc = accelerate_launch(tiny_run_args(base, data, full, steps=7) + extra, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +52,10 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     assert _max_diff(_weights(full / "structure_discriminator"), _weights(resumed / "structure_discriminator")) <= 1e-6
     # ... and it really started at step 3: the first run's state differs from the base by then.
     assert _max_diff(_weights(base / "transformer"), _weights(full / "transformer")) > 1e-4
+    if lora:
+        lora_full = load_file(str(full / "pytorch_lora_weights.safetensors"))
+        lora_resumed = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+        assert _max_diff(lora_full, lora_resumed) <= 1e-6
 
 
 def test_checkpoint_rotation_and_missing_resume_checkpoint(tmp_path):
