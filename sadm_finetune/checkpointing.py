@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from .errors import InputError
+from .fsutil import move_into_place
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -78,13 +78,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved again (e.g. a resumed run): replace it
-            old = root / f".old-checkpoint-{step}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        move_into_place(tmp, final)  # the same step saved again (e.g. a resumed run) is replaced
         if total_limit is not None:
             for stale in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(stale)

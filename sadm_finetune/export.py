@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .config import RunConfig
+from .fsutil import move_into_place
 
 PUSH_IGNORE = ["checkpoints/*", "checkpoints/**", ".tmp-*", ".tmp-*/**"]
 
@@ -31,14 +32,7 @@ def save_pipeline_atomically(pipeline: Any, output_dir: Path, extra: dict[str, A
         model.save_pretrained(tmp / name, safe_serialization=True)
     entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
     for entry in entries:
-        target = output_dir / entry.name
-        if target.is_dir():
-            stale = output_dir / f".tmp-old-{entry.name}"
-            os.replace(target, stale)
-            os.replace(entry, target)
-            shutil.rmtree(stale)
-        else:
-            os.replace(entry, target)
+        move_into_place(entry, output_dir / entry.name)
     shutil.rmtree(tmp)
 
 
@@ -118,7 +112,7 @@ compares the pairwise relations of real and predicted clean latents in each batc
 ```python
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{config.training.hub_model_id or output_dir.name}")
+pipe = DiffusionPipeline.from_pretrained("{repo}")
 ```
 
 ![samples](samples/final.png)

@@ -2,7 +2,6 @@
 --max_nonfinite_steps in a row with the last good checkpoint intact."""
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args

@@ -1,6 +1,5 @@
 """Checkpoints: exact resume, rotation, atomic writes, preemption by signal."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from launch import ROOT, accelerate_launch, offline_env, tiny_run_args
