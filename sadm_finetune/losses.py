@@ -107,8 +107,8 @@ class LearnedSigmaVLB:
     """DiT's variational-bound term for the learned-variance channels (Nichol & Dhariwal 2021, eq. 15-16;
     DiT's `gaussian_diffusion.training_losses`). The mean is frozen: only the variance learns from it."""
 
-    def __init__(self, betas: torch.Tensor) -> None:
-        betas = betas.double().cpu()
+    def __init__(self, betas: torch.Tensor, device: torch.device | str | None = None) -> None:
+        betas = betas.double().cpu()  # schedule maths in float64 once, then float32 on the training device
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
@@ -119,6 +119,9 @@ class LearnedSigmaVLB:
         ).float()
         self.posterior_mean_coef1 = (betas * prev.sqrt() / (1.0 - alphas_cumprod)).float()
         self.posterior_mean_coef2 = ((1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)).float()
+        for name in ("alphas_cumprod", "log_betas", "posterior_log_variance_clipped", "posterior_mean_coef1",
+                     "posterior_mean_coef2"):
+            setattr(self, name, getattr(self, name).to(device))
 
     def __call__(
         self, eps_pred: torch.Tensor, var_pred: torch.Tensor, latents: torch.Tensor, noisy_latents: torch.Tensor,
@@ -164,19 +167,26 @@ def structure_sample_weights(
     raise ValueError(f"unknown timestep weighting {mode!r}")
 
 
+def off_diagonal_mean(matrix: torch.Tensor) -> torch.Tensor:
+    """Mean of the off-diagonal entries of a (B, B) matrix. A multiply-and-sum rather than boolean
+    indexing: no data-dependent shape, so no host sync on GPU, and less memory at large B."""
+    b = matrix.shape[0]
+    off = 1.0 - torch.eye(b, dtype=matrix.dtype, device=matrix.device)
+    return (matrix * off).sum() / (b * (b - 1))
+
+
 def relation_matrix(embeddings: torch.Tensor, kind: Literal["cosine", "euclidean", "rbf"]) -> torch.Tensor:
     """(B, d) unit-norm embeddings -> (B, B) pairwise relations; only off-diagonal entries are used."""
     e = embeddings.float()
     cos = e @ e.T
     if kind == "cosine":
         return cos
-    off = ~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     sq_dist = (2.0 - 2.0 * cos).clamp(min=1e-12)  # |a - b|^2 for unit vectors
     if kind == "euclidean":
         dist = sq_dist.sqrt()
-        return dist / dist[off].mean().clamp(min=1e-12)
+        return dist / off_diagonal_mean(dist).clamp(min=1e-12)
     if kind == "rbf":
-        bandwidth = sq_dist[off].mean().clamp(min=1e-12)  # mean pairwise squared distance
+        bandwidth = off_diagonal_mean(sq_dist).clamp(min=1e-12)  # mean pairwise squared distance
         return torch.exp(-sq_dist / bandwidth)
     raise ValueError(f"unknown relation {kind!r}")
 
@@ -216,9 +226,9 @@ class StructureLoss:
             diff = r_real - r_fake
             per_pair = diff.pow(2) if self.distance == "mse" else diff.abs()
             pair_w = torch.sqrt(w[:, None] * w[None, :])
-            loss = (pair_w * per_pair)[off].mean()
+            loss = off_diagonal_mean(pair_w * per_pair)
         logs = {
-            "relation_real_mean": r_real[off].mean().detach(),
-            "relation_fake_mean": r_fake[off].mean().detach(),
+            "relation_real_mean": off_diagonal_mean(r_real).detach(),
+            "relation_fake_mean": off_diagonal_mean(r_fake).detach(),
         }
         return loss, logs

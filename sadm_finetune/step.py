@@ -47,7 +47,7 @@ class StepRunner:
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.diffusion_loss = DiffusionLoss(self.prediction_type, config.training.snr_gamma)
         use_vlb = getattr(adapter, "learned_sigma", False) and config.model.learned_sigma_loss == "vlb"
-        self.vlb = LearnedSigmaVLB(self.noise_scheduler.betas) if use_vlb else None
+        self.vlb = LearnedSigmaVLB(self.noise_scheduler.betas, device=self.device) if use_vlb else None
         self.objective = SADMObjective(config.sadm, self.alphas_cumprod) if disc is not None else None
         self.generator = torch.Generator(device=self.device)
         self.params_g = [p for p in denoiser.parameters() if p.requires_grad]
@@ -120,49 +120,67 @@ class StepRunner:
                             self.unwrapped_disc, latents, x0_hat, timesteps, class_labels)
                     loss_g = loss_g + lam * structure
                     logs.update(s_logs)
-                logs["structure_weight"] = torch.tensor(lam)
             acc.backward(loss_g)
             if not acc.sync_gradients:
                 return None
 
             grad_norm_g = self._grad_norm(self.params_g)
             logs["grad_norm_g"] = grad_norm_g
-            finite = bool(torch.isfinite(torch.stack([loss_g.detach().float(), grad_norm_g.float()])).all())
-            if finite:
-                self.optimizer_g.step()
-                self.scheduler_g.step()
-                if self.ema is not None:
-                    self.ema.step(self.ema_parameters())
+            applied, hard_failure = self._update(self.optimizer_g, self.scheduler_g, loss_g, grad_norm_g)
+            if applied and self.ema is not None:
+                self.ema.step(self.ema_parameters())
             self.optimizer_g.zero_grad(set_to_none=True)
 
-            if finite and self.objective is not None and self.objective.is_disc_turn(state.global_step):
-                finite = self._disc_update(latents, x0_hat, timesteps, class_labels, gen, logs)
+            if applied and self.objective is not None and self.objective.is_disc_turn(state.global_step):
+                applied, hard_failure = self._disc_update(latents, x0_hat, timesteps, class_labels, gen, logs)
 
-        state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
-        state.nonfinite_total += 0 if finite else 1
-        logs["nonfinite_updates"] = torch.tensor(float(state.nonfinite_total))
-        logs["lr"] = torch.tensor(self.scheduler_g.get_last_lr()[0])
-        return {k: float(v) for k, v in zip(logs, torch.stack([v.float().cpu() for v in logs.values()]).tolist())}
+        state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if hard_failure else 0
+        state.nonfinite_total += 0 if applied else 1
+        # One device-to-host copy for all tensor logs (a per-value float() would sync once each on GPU).
+        values = torch.stack([v.detach().float().to(self.device) for v in logs.values()]).tolist()
+        result = dict(zip(logs, values))
+        result.update(structure_weight=lam, lr=self.scheduler_g.get_last_lr()[0],
+                      nonfinite_updates=float(state.nonfinite_total))
+        return result
 
-    def _disc_update(self, latents, x0_hat, timesteps, class_labels, gen, logs) -> bool:
-        """`disc_steps` updates of D on this batch (its x0_hat detached); False if one was non-finite."""
+    def _update(self, optimizer, scheduler, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """Step unless the loss or gradient is non-finite; returns (applied, counts toward max_nonfinite_steps).
+
+        Under fp16 the GradScaler owns that decision: it skips a step with inf/NaN gradients and lowers
+        its scale, which must happen for training to recover, so the step is always offered to it.
+        Such overflow skips are normal early in fp16 training and only a non-finite loss counts as a failure.
+        """
+        loss_finite = bool(torch.isfinite(loss.detach()))
+        if self.accelerator.scaler is not None:
+            optimizer.step()
+            applied = not optimizer.step_was_skipped
+            hard_failure = not loss_finite
+        else:
+            applied = loss_finite and bool(torch.isfinite(grad_norm))
+            if applied:
+                optimizer.step()
+            hard_failure = not applied
+        if applied:
+            scheduler.step()
+        return applied, hard_failure
+
+    def _disc_update(self, latents, x0_hat, timesteps, class_labels, gen, logs) -> tuple[bool, bool]:
+        """`disc_steps` updates of D on this batch (its x0_hat detached); stops at a non-finite one."""
         acc = self.accelerator
+        applied, hard_failure = True, False
         for _ in range(self.config.sadm.disc_steps):
             with acc.autocast():
                 loss_d, d_logs = self.objective.discriminator_loss(self.disc, latents, x0_hat.detach(), timesteps,
                                                                    class_labels, gen)
             acc.backward(loss_d)
             grad_norm_d = self._grad_norm(list(self.disc.parameters()))
-            ok = bool(torch.isfinite(torch.stack([loss_d.detach().float(), grad_norm_d.float()])).all())
-            if ok:
-                self.optimizer_d.step()
-                self.scheduler_d.step()
+            applied, hard_failure = self._update(self.optimizer_d, self.scheduler_d, loss_d, grad_norm_d)
             self.optimizer_d.zero_grad(set_to_none=True)
             logs.update(d_logs)
             logs["grad_norm_d"] = grad_norm_d
-            if not ok:
-                return False
-        return True
+            if not applied:
+                break
+        return applied, hard_failure
 
     def _grad_norm(self, params) -> torch.Tensor:
         max_norm = self.config.training.max_grad_norm
