@@ -19,7 +19,7 @@ from PIL import Image
 
 from .config import DataConfig
 from .demo_data import DIGITS_NAME, load_digits_images
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _from_hub(cfg: DataConfig) -> TrainData:
     try:
         ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split="train")
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise InputError(f"dataset_name: cannot load {cfg.dataset_name!r} ({reason}); check the name, config and "
                          "network") from None
     if cfg.image_column not in ds.column_names:

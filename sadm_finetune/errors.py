@@ -15,3 +15,9 @@ class ConfigError(SADMError, ValueError):
 
 class InputError(SADMError):
     """A missing or unusable file, folder, model or data set."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty): for one-line user errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .dit import DiTAdapter
 from .family import FamilyAdapter
 from .sd import StableDiffusionAdapter
@@ -59,7 +59,7 @@ def read_pipeline_index(config: ModelConfig) -> dict:
         raise InputError(f"pretrained_model_name_or_path: {source!r} is neither a folder nor a Hub id; "
                          "pass e.g. facebook/DiT-XL-2-256") from None
     except Exception as e:  # offline, missing repo, no access: one line, not a traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise InputError(f"pretrained_model_name_or_path: cannot read {source} from the Hub ({reason}); check the "
                          "id, your network and `huggingface-cli login`") from None
     return dict(index)
@@ -86,7 +86,7 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
             **adapter_class.load_kwargs,
         )
     except (OSError, ValueError, EnvironmentError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         if "safetensors" in text.lower() and not config.allow_pickle_weights:
             raise InputError(
                 f"pretrained_model_name_or_path: {source} has no safetensors weights ({text}); convert them, or pass "
@@ -96,7 +96,7 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
     except Exception as e:  # corrupt weight files surface as safetensors/torch errors of several types
         raise InputError(
             f"pretrained_model_name_or_path: weights in {source} could not be read ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); re-download or re-save the pipeline"
+            f"{first_line(e)}); re-download or re-save the pipeline"
         ) from None
     pipeline.register_to_config(**{k: v for k, v in index.items() if not k.startswith("_") and k not in
                                    pipeline.components})  # e.g. DiT's id2label, which loading drops
