@@ -216,8 +216,9 @@ class StructureLoss:
         w = sample_weights.float()
         if self.distance == "kl":
             # Row-wise KL(P_real,i || P_fake,i) of softmax rows over j != i, weighted by w_i.
-            logits_real = (r_real / self.kl_temperature).masked_fill(~off, float("-inf"))
-            logits_fake = (r_fake / self.kl_temperature).masked_fill(~off, float("-inf"))
+            # A large finite fill, not -inf: -inf on the diagonal makes 0 * (-inf - -inf) = NaN gradients.
+            logits_real = (r_real / self.kl_temperature).masked_fill(~off, -1e9)
+            logits_fake = (r_fake / self.kl_temperature).masked_fill(~off, -1e9)
             log_p = F.log_softmax(logits_real, dim=1)
             log_q = F.log_softmax(logits_fake, dim=1)
             row_kl = (log_p.exp() * (log_p - log_q)).masked_fill(~off, 0.0).sum(dim=1)  # (B,)

@@ -193,3 +193,13 @@ def test_gradient_penalty_is_added_and_finite():
     assert logs["disc_gradient_penalty"].item() > 0
     assert math.isfinite(loss.item())
     loss.backward()
+
+
+@pytest.mark.parametrize("relation", ["cosine", "euclidean", "rbf"])
+@pytest.mark.parametrize("distance", ["mse", "l1", "kl"])
+def test_gradients_are_finite_for_every_option(relation, distance):
+    real = unit(torch.randn(6, 16))
+    fake = unit(torch.randn(6, 16)).requires_grad_()
+    loss, _ = StructureLoss(relation, distance)(real, fake, torch.rand(6))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(fake.grad).all() and fake.grad.abs().sum() > 0
