@@ -7,7 +7,7 @@ import sys
 import typing
 from typing import Any, Literal
 
-from .config import RunConfig, build_config, field_index, field_type, load_yaml
+from .config import RunConfig, _is_optional, build_config, field_index, field_type, load_yaml
 from .errors import ConfigError, SADMError
 
 _SUPPRESS = argparse.SUPPRESS
@@ -15,11 +15,7 @@ _SUPPRESS = argparse.SUPPRESS
 
 def _add_field(group: argparse._ArgumentGroup, name: str, tp: Any, help_text: str, aliases: list[str]) -> None:
     flags = [f"--{name}", *aliases]
-    if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        nullable = True
-    else:
-        inner, nullable = tp, False
+    nullable, inner = _is_optional(tp)
     origin = typing.get_origin(inner)
     if inner is bool:
         group.add_argument(*flags, dest=name, action="store_const", const=True, default=_SUPPRESS, help=help_text)

@@ -24,6 +24,11 @@ from .losses import DiffusionLoss, LearnedSigmaVLB, diffusion_target, predicted_
 from .sadm import SADMObjective
 
 
+def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
+    """The dtype of frozen modules under accelerate's mixed precision (trainable weights stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
 def _stable_seed(*parts: int) -> int:
     digest = hashlib.sha256("-".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -39,8 +44,7 @@ class StepRunner:
         self.disc, self.optimizer_d, self.scheduler_d = disc, optimizer_d, scheduler_d
         self.ema = ema
         self.device = accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
-                                                                                 torch.float32)
+        self.weight_dtype = weight_dtype_of(accelerator)
         # Training noise follows the pipeline's own schedule and prediction type.
         self.noise_scheduler = DDPMScheduler.from_config(adapter.pipeline.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type

@@ -21,7 +21,7 @@ from .errors import ConfigError, InputError, SADMError
 from .models.discriminator import StructureDiscriminator
 from .models import lora
 from .models.loading import family_class, load_family
-from .step import StepRunner
+from .step import StepRunner, weight_dtype_of
 
 logger = get_logger(__name__)
 
@@ -50,10 +50,6 @@ def make_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
         # A sampler seeded by (seed, epoch): the data order of any epoch can be replayed on resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-
-
-def _weight_dtype(accelerator: Accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float):
@@ -110,7 +106,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
                           f"({global_batch})", "lower --train_batch_size or add data")
     resume_path = resolve_resume(output_dir, t.resume_from_checkpoint)
 
-    weight_dtype = _weight_dtype(accelerator)
+    weight_dtype = weight_dtype_of(accelerator)
     adapter.prepare_training()
     for module in adapter.frozen_modules():
         module.requires_grad_(False)

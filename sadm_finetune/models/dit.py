@@ -124,10 +124,5 @@ class DiTAdapter(FamilyAdapter):
         if class_labels is None:
             known = sorted(self.id2label) if self.id2label else list(range(self.num_classes))
             class_labels = known[:10]
-        rows = []
-        for i, label in enumerate(class_labels):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            images = pipeline(class_labels=[label] * num_per_row, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, generator=generator, output_type="np").images
-            rows.append(images)
-        return np.stack(rows)  # (rows, cols, H, W, 3)
+        rows = [{"class_labels": [label] * num_per_row} for label in class_labels]
+        return self._sample_rows(pipeline, rows, num_inference_steps, guidance_scale, seed)

@@ -149,5 +149,16 @@ class {cls}WithLoRA({cls}, PeftAdapterMixin):
 {indent}prefix="{name}", use_safetensors=True)
 pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name})"""
 
+    @staticmethod
+    def _sample_rows(pipeline: DiffusionPipeline, rows: list[dict[str, Any]], num_inference_steps: int,
+                     guidance_scale: float, seed: int) -> np.ndarray:
+        """One pipeline call per row of conditioning kwargs, row i seeded with seed + i -> (rows, cols, H, W, 3)."""
+        images = []
+        for i, inputs in enumerate(rows):
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            images.append(pipeline(**inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                   generator=generator, output_type="np").images)
+        return np.stack(images)
+
     def card_tags(self) -> list[str]:
         return [self.family]

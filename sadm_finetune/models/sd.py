@@ -123,13 +123,8 @@ class StableDiffusionAdapter(FamilyAdapter):
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
         prompts = conditions or self.default_prompts or [""]
-        rows = []
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            images = pipeline(prompt=[prompt] * num_per_row, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, generator=generator, output_type="np").images
-            rows.append(images)
-        return np.stack(rows)  # (rows, cols, H, W, 3)
+        rows = [{"prompt": [prompt] * num_per_row} for prompt in prompts]
+        return self._sample_rows(pipeline, rows, num_inference_steps, guidance_scale, seed)
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
                           adapter_metadata: dict[str, Any]) -> None:
