@@ -73,7 +73,11 @@ class ModelConfig:
     enable_xformers_memory_efficient_attention: bool = _f(
         False, "Use xformers attention (CUDA only; PyTorch SDPA is the default)."
     )
-    use_lora: bool = _f(False, "Train LoRA adapters on the denoiser instead of all its weights.")
+    trainable: Literal["full", "lora", "difffit"] = _f(
+        "full",
+        "What trains in the denoiser: all weights; LoRA adapters (peft); or DiffFit (Xie et al. 2023: biases, "
+        "norms, class/time embeddings and learnable per-block scale factors, folded into the weights at export).",
+    )
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha / r (default: alpha = rank).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch's input.")
@@ -88,6 +92,10 @@ class ModelConfig:
         _positive(self, "lora_rank", "lora_alpha")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "is an empty list", "name at least one module, or leave it unset")
+
+    @property
+    def use_lora(self) -> bool:
+        return self.trainable == "lora"
 
 
 @dataclass
@@ -234,11 +242,28 @@ class SADMConfig:
     disc_embed_dim: int = _f(128, "Dimension of the discriminator's embedding.")
     disc_spectral_norm: bool = _f(True, "Spectral normalisation on the discriminator's convs and linears.")
     disc_class_conditional: bool = _f(False, "Condition the discriminator on class labels too.")
+    disc_max_grad_norm: float | None = _f(1.0, "Clip the discriminator's gradient norm to this value (None: no clipping).")
+    disc_renoise: float = _f(
+        0.0, "Instance noise: D sees both z0 and x0_hat re-noised to the level s = round(disc_renoise * t) with one "
+        "shared noise draw (0: off; 1: the sample's own level t).",
+    )
+    disc_real_lowpass: bool = _f(
+        False, "Low-pass the real side before D with the Wiener filter of the sample's noise level, so that real and "
+        "predicted latents carry the same detail (the posterior mean's blur is then no tell).",
+    )
+    disc_pool: int = _f(1, "Average-pool both sides by this factor before D (relations on low-resolution features).")
+    structure_diagnostics: bool = _f(
+        True, "Log the real/fake structure gap seen by a fixed encoder (pooled latents, not D) and D's real/fake "
+        "separability every step.",
+    )
     disc_resume_from: str | None = _f(None, "Start the discriminator from a saved structure_discriminator folder.")
 
     def __post_init__(self) -> None:
         _non_negative(self, "structure_weight", "structure_warmup_steps", "disc_gradient_penalty", "disc_warmup_steps")
         _non_negative(self, "disc_weight_decay")
+        _positive(self, "disc_max_grad_norm", "disc_pool")
+        if not 0.0 <= self.disc_renoise <= 1.0:
+            raise ConfigError("disc_renoise", f"must be in [0, 1], got {self.disc_renoise}", "use e.g. 0.5, or 0 for off")
         _positive(
             self,
             "kl_temperature",

@@ -61,7 +61,7 @@ def test_unknown_target_is_a_config_error(tiny_dit):
 
 
 def test_base_in_weight_dtype_lora_in_fp32(tiny_dit):
-    config = build_config({"pretrained_model_name_or_path": str(tiny_dit), "train_data_dir": "d", "use_lora": True})
+    config = build_config({"pretrained_model_name_or_path": str(tiny_dit), "train_data_dir": "d", "trainable": "lora"})
     adapter = load_family(config.model)
     denoiser = _prepare_denoiser(config, adapter, torch.device("cpu"), torch.bfloat16)
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
@@ -131,7 +131,7 @@ def test_sd_lora_file_loads_into_the_base_and_matches_the_fused_export(tmp_path)
     data = build_captioned_folder(tmp_path / "data")
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=3) + [
-        "--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--gradient_checkpointing",
+        "--trainable", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--gradient_checkpointing",
         "--use_ema", "--ema_decay", "0.9", "--checkpointing_steps", "3", "--report_to", "none"]
     proc = accelerate_launch(args, offline_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,7 +170,7 @@ def test_dit_lora_merged_export_and_resume(tiny_dit, tmp_path):
     data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
     out = tmp_path / "out"
     args = tiny_run_args(tiny_dit, data, out, steps=3) + [
-        "--use_lora", "--lora_rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "3",
+        "--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "3",
         "--cache_latents", "--center_crop", "--random_flip", "--latent_cache_dir", str(tmp_path / "cache"),
         "--report_to", "none"]
     env = offline_env(tmp_path)

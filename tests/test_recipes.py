@@ -36,12 +36,12 @@ def test_recipe_dry_runs(recipe, capsys):
 def test_recipe_intent():
     dit = load_yaml(ROOT / "configs" / "dit-xl-2-256-imagenet.yaml")
     assert dit["pretrained_model_name_or_path"] == "facebook/DiT-XL-2-256" and dit["use_ema"]
-    assert not dit.get("use_lora") and dit["resolution"] == 256
+    assert dit.get("trainable", "full") == "full" and dit["resolution"] == 256
     dit_lora = load_yaml(ROOT / "configs" / "dit-xl-2-256-lora.yaml")
-    assert dit_lora["use_lora"] and dit_lora["pretrained_model_name_or_path"] == "facebook/DiT-XL-2-256"
+    assert dit_lora["trainable"] == "lora" and dit_lora["pretrained_model_name_or_path"] == "facebook/DiT-XL-2-256"
     sd = load_yaml(ROOT / "configs" / "sd15-lora.yaml")
     assert sd["pretrained_model_name_or_path"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert sd["use_lora"] and sd["resolution"] == 512
+    assert sd["trainable"] == "lora" and sd["resolution"] == 512
     for recipe in (dit, dit_lora, sd):  # precision belongs to `accelerate launch`, not to a recipe
         assert "mixed_precision" not in recipe
 

@@ -32,7 +32,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, lora):
     extra = ["--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--use_ema", "--ema_decay", "0.9",
              "--random_flip", "--disc_weight_decay", "0.01", "--report_to", "none"]
     if lora:
-        extra += ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-2"]
+        extra += ["--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2"]
     full = tmp_path / "full"
     proc = accelerate_launch(tiny_run_args(base, data, full, steps=7) + extra, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
