@@ -33,7 +33,12 @@ def test_save_load_round_trip(tmp_path):
     loaded = StructureDiscriminator.from_pretrained(tmp_path, use_safetensors=True)
     assert loaded.config.spectral_norm and loaded.config.base_channels == 8
     d.eval(), loaded.eval()
-    assert torch.equal(d(z, t), loaded(z, t))
+    # The stored tensors round-trip bit for bit ...
+    saved, reloaded = d.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    # ... but the outputs need not: the reloaded spectral-norm parametrisation recomputes the normalised
+    # weight (measured difference ~6e-8), so outputs get a float tolerance, not torch.equal.
+    torch.testing.assert_close(d(z, t), loaded(z, t), rtol=1e-5, atol=1e-6)
 
 
 def test_spectral_norm_bounds_layers():
