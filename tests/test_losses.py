@@ -165,12 +165,16 @@ def test_one_generator_step_lowers_and_one_discriminator_step_raises_the_distanc
         fake -= 0.5 * fake.grad / fake.grad.norm()
     after_g = distance()
     assert after_g < before
+    assert all(p.grad is None for p in disc.parameters())  # the G step leaves D frozen
 
     opt = torch.optim.SGD(disc.parameters(), lr=0.05)
-    loss_d, logs = obj.discriminator_loss(disc, latents, fake.detach(), t, None)
+    fake.grad = None  # the G step's gradient must not make the checks below pass vacuously
+    loss_d, logs = obj.discriminator_loss(disc, latents, fake, t, None)
     assert logs["structure_loss_d"].item() == pytest.approx(after_g, rel=1e-4)
     loss_d.backward()
-    assert fake.grad is not None and all(p.grad is not None for p in disc.parameters())
+    assert fake.grad is None  # D's loss takes x0_hat detached: nothing reaches the generator
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in disc.parameters())
+    assert sum(p.grad.abs().sum().item() for p in disc.parameters()) > 0
     opt.step()
     assert distance() > after_g
 
