@@ -10,11 +10,9 @@ share of samples classified as the class they were drawn for. Batch ``i`` is sam
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -22,7 +20,9 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from .errors import ConfigError, InputError, SADMError, first_line
+from .flags import FlagParser, add_dataclass_flags
 from .reference import Reference, open_reference
+
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -346,31 +346,14 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
     return result
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError("arguments", message, "see sadm-eval --help")
+USAGE = ("sadm-eval --pipeline PIPELINE (--reference_dir DIR | --reference_dataset NAME) [--<field> VALUE ...]"
+         "   (sadm-eval --help lists every field)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per ``EvalConfig`` field, typed from its annotation."""
-    parser = _Parser(prog="sadm-eval", description=__doc__.strip().splitlines()[0])
-    hints = typing.get_type_hints(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        tp = hints[f.name]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        nullable = type(None) in typing.get_args(tp)
-        if typing.get_origin(tp) is Literal:
-            parser.add_argument(f"--{f.name}", choices=args, default=f.default, help=f.metadata["help"])
-            continue
-        inner = args[0] if nullable else tp
-
-        def parse(text: str, _inner=inner, _nullable=nullable) -> Any:
-            return None if _nullable and text.lower() == "none" else _inner(text)
-
-        parse.__name__ = inner.__name__  # argparse names the type in its error message
-        required = f.default is dataclasses.MISSING
-        parser.add_argument(f"--{f.name}", type=parse, default=None if required else f.default,
-                            required=required, help=f.metadata["help"])
+    """One flag per ``EvalConfig`` field, typed from its annotation (the builder sadm-train uses too)."""
+    parser = FlagParser(prog="sadm-eval", usage=USAGE, description=__doc__.strip().splitlines()[0])
+    add_dataclass_flags(parser, {"evaluation": EvalConfig})
     return parser
 
 

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from .errors import ConfigError, InputError, first_line
 
-if TYPE_CHECKING:
-    from .evaluate import EvalConfig
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ReferenceSource(Protocol):
+    """Where a reference set comes from (sadm-eval's EvalConfig is one); exactly one of dir / dataset."""
+
+    reference_dir: str | None
+    reference_dataset: str | None
+    reference_split: str
+    image_column: str
+    label_column: str | None
 
 
 @dataclass
@@ -76,7 +83,7 @@ def _digits() -> Reference:
                      lambda indices, resolution: load_digits_images(resolution)[0][indices], "sklearn-digits")
 
 
-def _dataset(config: "EvalConfig") -> Reference:
+def _dataset(config: ReferenceSource) -> Reference:
     import datasets
 
     name = config.reference_dataset
@@ -106,7 +113,7 @@ def _dataset(config: "EvalConfig") -> Reference:
     return Reference(description, name_split, len(ds), labels, names, load, dataset_type=name)
 
 
-def open_reference(config: "EvalConfig") -> Reference:
+def open_reference(config: ReferenceSource) -> Reference:
     from .demo_data import DIGITS_NAME
 
     if DIGITS_NAME in (config.reference_dataset, config.reference_dir):

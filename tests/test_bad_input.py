@@ -87,7 +87,8 @@ CASES = [
     ("bad YAML", lambda w, a: a + ["--config", str(w["root"] / "bad.yaml")], "config:"),
     ("unknown YAML key", lambda w, a: a + ["--config", str(w["root"] / "unknown.yaml")], "lambda: unknown key"),
     ("missing YAML file", lambda w, a: a + ["--config", str(w["root"] / "none.yaml")], "config: file"),
-    ("unknown flag", lambda w, a: a + ["--structure_wieght", "1"], "unrecognized arguments"),
+    ("unknown flag", lambda w, a: a + ["--structure_wieght", "1"], "did you mean --structure_weight?"),
+    ("abbreviated flag", lambda w, a: a + ["--structure_w", "1"], "--structure_w: unrecognized argument"),
     ("wrong type", lambda w, a: replace(a, "--train_batch_size", "two"), "--train_batch_size"),
     ("zero batch", lambda w, a: replace(a, "--train_batch_size", "0"), "train_batch_size: must be > 0"),
     ("zero steps", lambda w, a: replace(a, "--max_train_steps", "0"), "max_train_steps: must be > 0"),
@@ -124,10 +125,19 @@ def test_user_error_is_one_clear_line(world, tmp_path, capsys, name, mutate, exp
 
 
 def test_nothing_the_user_had_is_touched(world, tmp_path, capsys):
-    main(replace(ok_args(world, tmp_path), "--output_dir", str(world["busy"])))
+    assert main(replace(ok_args(world, tmp_path), "--output_dir", str(world["busy"]))) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
     assert sorted(p.name for p in world["busy"].iterdir()) == ["mine.txt"]
     assert (world["busy"] / "mine.txt").read_text() == "keep me"
 
 
-def test_the_table_is_large_enough():
+def test_the_table_holds_distinct_errors_of_a_working_run(world, tmp_path, capsys):
+    """Each case must be an error of its own mutation: the unmutated arguments train (exit 0), every case
+    changes them, and no two cases share a name or expect the same message (a copy-pasted case tests nothing)."""
     assert len(CASES) >= 20
+    assert len({name for name, _, _ in CASES}) == len(CASES)
+    assert len({expected for _, _, expected in CASES}) == len(CASES)
+    base = ok_args(world, tmp_path / "out")
+    assert all(mutate(world, base) != base for _, mutate, _ in CASES)
+    assert main(base) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "out" / "model_index.json").is_file()

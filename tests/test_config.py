@@ -118,4 +118,68 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_run_config_equality_is_by_value():
-    assert RunConfig() == RunConfig()
+    # Equal when every value is equal (the dry-run round trip above relies on it), unequal when any one differs;
+    # list defaults are copies, so changing one config's list leaves another's alone.
+    assert RunConfig() == RunConfig() and RunConfig() is not RunConfig()
+    a, b = parse_config(REQUIRED)[0], parse_config(REQUIRED)[0]
+    assert a == b
+    assert a != parse_config(REQUIRED + ["--structure_weight", "0.02"])[0]
+    assert a != parse_config(REQUIRED + ["--validation_class_labels", "3"])[0]
+    c = parse_config(REQUIRED + ["--validation_class_labels", "1", "2"])[0]
+    d = parse_config(REQUIRED + ["--validation_class_labels", "1", "2"])[0]
+    assert c == d
+    d.training.validation_class_labels.append(3)
+    assert c != d and c.training.validation_class_labels == [1, 2]
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["--max_train_step", "10"], "--max_train_steps"),  # an abbreviation of a real flag is not accepted
+    (["--max_train_step=10"], "--max_train_steps"),
+    (["--structure_wieght", "1"], "--structure_weight"),
+    (["--pretrain", "x"], "--pretrained"),
+])
+def test_unknown_or_abbreviated_flag_is_one_line_naming_the_closest(argv, suggestion, capsys):
+    assert main(REQUIRED + argv + ["--dry_run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and f"did you mean {suggestion}?" in err, err
+    assert err.startswith(f"sadm-train: error: {argv[0].split('=')[0]}: unrecognized argument")
+
+
+def test_sadm_eval_refuses_abbreviations_and_suggests(capsys):
+    from sadm_finetune.evaluate import main as eval_main
+
+    assert eval_main(["--pipeline", "x", "--reference_dir", "y", "--samples_per", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--samples_per: unrecognized argument" in err
+    assert "did you mean --samples_per_class?" in err
+    assert eval_main(["--pipelin", "x", "--reference_dir", "y"]) == 2  # the typo is named, not "--pipeline missing"
+    assert "did you mean --pipeline?" in capsys.readouterr().err
+
+
+def _help(parser) -> str:
+    return " ".join(parser.format_help().split())  # argparse wraps lines; compare with single spaces
+
+
+def test_help_shows_defaults_and_a_short_usage():
+    from sadm_finetune.cli import build_parser
+    from sadm_finetune.evaluate import build_parser as eval_parser
+
+    text = _help(build_parser())
+    assert "--structure_weight FLOAT lambda: weight of the structure loss" in text
+    assert "(0: plain fine-tune). (default: 0.01)" in text
+    assert "--disc_learning_rate FLOAT" in text and "(default: 0.0001)" in text
+    assert "--relation {cosine,euclidean,rbf} Pairwise relation between embeddings. (default: cosine)" in text
+    assert "--disc_spectral_norm Spectral normalisation on the discriminator's convs and linears. (default: on; " \
+           "--no_disc_spectral_norm turns it off)" in text
+    assert "--center_crop Center-crop to the resolution (default: random crop). (default: off)" in text
+    assert "--max_train_steps INT" in text
+    eval_text = _help(eval_parser())
+    assert "(default: 50)" in eval_text and "--pipeline STR" in eval_text and "(required)" in eval_text
+    for parser in (build_parser(), eval_parser()):
+        usage = parser.format_usage()
+        assert usage.count("\n") == 1 and len(usage) < 200, usage  # one line, not every flag
+        help_lines = parser.format_help().splitlines()
+        first_flag = next(i for i, line in enumerate(help_lines) if line.strip().startswith("-h, --help"))
+        assert first_flag < 12, help_lines[:first_flag]  # the description comes within the first screen
