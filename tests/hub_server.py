@@ -356,6 +356,9 @@ class FakeHub:
     * ``requests``: every :class:`RecordedRequest` (method, path, query, headers, body).
     * ``unhandled``: requests to endpoints this fake does not implement (404).
     * ``errors``: internal errors of the fake (a test should expect this to be empty).
+
+    Set ``gated`` (model ids) to have those answer 401 with ``X-Error-Code: GatedRepo`` to a request
+    without the token, as the Hub answers a gated model the caller has no access to.
     """
 
     def __init__(self, token: str | None = None, user: str = "fake-user",
@@ -371,6 +374,7 @@ class FakeHub:
         self.requests: list[RecordedRequest] = []
         self.unhandled: list[RecordedRequest] = []
         self.errors: list[str] = []
+        self.gated: set[str] = set()  # model ids answered 401 GatedRepo (as the Hub does without access)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._commit_counter = 0
@@ -481,6 +485,9 @@ class FakeHub:
             raise _HTTPError(401, "Invalid username or password.")
 
     def _get_repo(self, repo_type: str, repo_id: str, rec: RecordedRequest) -> _Repo:
+        if self._normalize(repo_id) in self.gated and (self.token is None or rec.authorization != f"Bearer {self.token}"):
+            raise _HTTPError(401, f"Access to model {repo_id} is restricted. You must have access to it and be "
+                             "authenticated to access it. Please log in.", "GatedRepo")
         repo = self.repos.get((repo_type, self._normalize(repo_id)))
         if repo is None:
             raise _HTTPError(404, "Repository not found", "RepoNotFound")

@@ -106,7 +106,7 @@ CASES = [
     ("unusable repo id", lambda w, a: a + ["--push_to_hub", "--hub_model_id", "a/b/c d"], "hub_model_id:"),
     ("data smaller than a batch", lambda w, a: replace(a, "--train_batch_size", "64"), "fewer than one global batch"),
     ("unreachable Hub model offline", lambda w, a: replace(a, "--pretrained", "someone/missing-model"),
-     "cannot read someone/missing-model"),
+     "someone/missing-model is not in the local Hugging Face cache"),
     ("missing image column", lambda w, a: replace(replace(a, "--train_data_dir", None), "--dataset_name",
                                                   str(w["big_labels"])) + ["--image_column", "img"], "image_column:"),
 ]
