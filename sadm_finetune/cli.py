@@ -9,6 +9,7 @@ from typing import Any
 from .config import SECTIONS, RunConfig, build_config, load_yaml
 from .errors import SADMError
 from .flags import FlagParser, add_dataclass_flags
+from .quiet import silence_known_noise
 
 USAGE = "sadm-train [--config YAML] [--dry_run] [--<field> VALUE ...]   (sadm-train --help lists every field)"
 
@@ -37,6 +38,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Nam
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_known_noise()
     try:
         config, args = parse_config(argv)
         if args.dry_run:

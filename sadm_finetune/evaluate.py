@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, SADMError, first_line
 from .flags import FlagParser, add_dataclass_flags
+from .quiet import silence_known_noise
 from .reference import Reference, open_reference
 
 
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_known_noise()
     try:
         config = EvalConfig(**vars(build_parser().parse_args(argv)))
         result = evaluate_pipeline(config)
