@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +54,9 @@ def test_sadm_eval_end_to_end(tiny_dit, digits_dir, tmp_path, capsys):
             "--classifier", "digits", "--samples_per_class", "2", "--num_inference_steps", "2",
             "--batch_size", "8", "--seed", "3", "--device", "cpu", "--output_json", str(out_json),
             "--reference_stats_cache", str(cache), "--update_model_card", str(card_dir)]
-    assert main([*argv, "--grid", str(grid), "--compare_with", str(tiny_dit)]) == 0
+    base = tmp_path / "base-pipe"  # the same weights under another name: the grid's labels tell them apart
+    shutil.copytree(tiny_dit, base)
+    assert main([*argv, "--grid", str(grid), "--compare_with", str(base)]) == 0
 
     result = json.loads(out_json.read_text())
     metrics = result["metrics"]
@@ -65,8 +68,16 @@ def test_sadm_eval_end_to_end(tiny_dit, digits_dir, tmp_path, capsys):
     # Same pipeline, same seeds and labels: the comparison column must be identical.
     assert result["compare_with"]["metrics"] == metrics
 
-    with Image.open(grid) as image:  # 10 class rows; 2 base + gap + 2 tuned columns of 32x32 tiles
-        assert image.size == (5 * 32, 10 * 32)
+    with Image.open(grid) as image:  # 10 class rows; 2 base + gap + 2 tuned columns of 32x32 tiles, labelled
+        pixels = np.asarray(image.convert("RGB"))
+    band = pixels.shape[0] - 10 * 32
+    assert pixels.shape[1] == 5 * 32 and 8 <= band <= 40, pixels.shape  # taller than the unlabelled grid
+    tiles = pixels[band:]
+    np.testing.assert_array_equal(tiles[:, :64], tiles[:, 96:])  # same pipeline, same seeds: same samples
+    assert (tiles[:, 64:96] == 255).all()  # the white gap column
+    for columns in (slice(0, 64), slice(96, 160)):  # a label above each side: dark text on the white band
+        assert (pixels[:band, columns] < 128).any()
+    assert (pixels[:band, 64:96] == 255).all()
 
     printed = capsys.readouterr().out
     assert "| FID |" in printed and "| label accuracy |" in printed and "20 samples" in printed
