@@ -159,6 +159,12 @@ def _conditions(pipe, reference: Reference, config: EvalConfig) -> tuple[list[in
     if names is None:
         raise InputError("--pipeline: it has no id2label and the reference set has no labels; use a reference "
                          "with one subfolder per class (or --label_column)")
+    if reference.labels is not None:  # sample the classes the reference holds (e.g. a transfer domain's)
+        present = {int(i) for i in np.unique(reference.labels)}
+        if not present & set(names):
+            raise InputError(f"--reference: its class ids {sorted(present)[:10]} are none of the pipeline's "
+                             f"{sorted(names)[:10]}; use a reference labelled with the pipeline's class ids")
+        names = {c: n for c, n in names.items() if c in present}
     class_labels = [c for c in sorted(names) for _ in range(config.samples_per_class)]
     if "class_labels" in params:
         return class_labels, None, names

@@ -5,14 +5,16 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from .config import SADMConfig
 from .distributed import gather_with_grad, world_size
-from .losses import StructureLoss, structure_sample_weights
+from .losses import StructureLoss, _per_t, off_diagonal_mean, snr, structure_sample_weights
 
 
 @contextlib.contextmanager
@@ -25,10 +27,45 @@ def _eval_mode(module: nn.Module):
         module.train(was_training)
 
 
+def wiener_lowpass(latents: torch.Tensor, sample_snr: torch.Tensor) -> torch.Tensor:
+    """Each sample filtered to the detail a posterior mean keeps at its noise level.
+
+    For a stationary Gaussian prior with power spectrum P(f), observed as z0 + noise of variance 1/SNR
+    (x_t / sqrt(ab_t)), the posterior mean is the Wiener filter H(f) = SNR P(f) / (SNR P(f) + 1). P is
+    estimated per channel from the batch itself. (B, C, H, W), (B,) -> (B, C, H, W) in latents' dtype.
+    """
+    z = latents.float()
+    spectrum = torch.fft.fft2(z, norm="ortho")  # white noise of variance v has E|F|^2 = v per frequency
+    power = spectrum.abs().pow(2).mean(dim=0, keepdim=True)  # (1, C, H, W)
+    s = sample_snr.float().reshape(-1, 1, 1, 1)
+    gain = s * power / (s * power + 1.0)
+    return torch.fft.ifft2(spectrum * gain, norm="ortho").real.to(latents.dtype)
+
+
+def fixed_structure_gap(latents: torch.Tensor, x0_hat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The real/fake structure gap seen by a fixed encoder that nobody trains: latents average-pooled to
+    2x2 and unit-normalised, cosine relations, the same pair weights as L_S. A diagnostic, no gradient."""
+    with torch.no_grad():
+        def encode(z: torch.Tensor) -> torch.Tensor:
+            pooled = F.adaptive_avg_pool2d(z.float(), 2).flatten(1)
+            return F.normalize(pooled, dim=1)
+
+        e_real, e_fake = encode(latents), encode(x0_hat)
+        diff = e_real @ e_real.T - e_fake @ e_fake.T
+        w = weights.float()
+        return off_diagonal_mean(torch.sqrt(w[:, None] * w[None, :]) * diff.pow(2))
+
+
 class SADMObjective:
-    def __init__(self, config: SADMConfig, alphas_cumprod: torch.Tensor) -> None:
+    def __init__(
+        self, config: SADMConfig, alphas_cumprod: torch.Tensor,
+        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    ) -> None:
+        """`autocast`: the context D's forward runs in (accelerate's `autocast`); the relations and
+        L_S are always computed in fp32 outside it."""
         self.config = config
         self.alphas_cumprod = alphas_cumprod
+        self.autocast = autocast
         self.structure = StructureLoss(config.relation, config.distance, config.kl_temperature)
 
     # -- schedule ---------------------------------------------------------------------------------
@@ -55,26 +92,58 @@ class SADMObjective:
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return gather_with_grad(tensor) if self.config.structure_gather else tensor
 
-    def _loss(self, emb_real: torch.Tensor, emb_fake: torch.Tensor, timesteps: torch.Tensor):
-        weights = structure_sample_weights(
-            self._gather(timesteps), self.alphas_cumprod, self.config.timestep_weighting,
-            self.config.structure_snr_gamma, self.config.structure_t_cutoff,
-        )
-        return self.structure(self._gather(emb_real), self._gather(emb_fake), weights)
+    def sample_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return structure_sample_weights(timesteps, self.alphas_cumprod, c.timestep_weighting, c.structure_snr_gamma,
+                                        c.structure_t_cutoff)
 
-    @staticmethod
-    def _embed(disc_call, latents, x0_hat, timesteps, class_labels):
+    def _loss(self, emb_real: torch.Tensor, emb_fake: torch.Tensor, timesteps: torch.Tensor):
+        # fp32 whatever the caller's autocast: relations of unit vectors differ by ~1e-5 late in training,
+        # below bf16's resolution.
+        with torch.autocast(emb_real.device.type, enabled=False):
+            weights = self.sample_weights(self._gather(timesteps))
+            return self.structure(self._gather(emb_real).float(), self._gather(emb_fake).float(), weights)
+
+    def disc_inputs(
+        self, latents: torch.Tensor, x0_hat: torch.Tensor, timesteps: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What D compares: (real, fake, D's timesteps). The options take the posterior mean's blur away
+        from D as a tell: the real side low-passed to the detail x0_hat can carry at t; both sides
+        re-noised to a common level s <= t with one shared noise draw (instance noise); both pooled."""
+        c = self.config
+        real, fake, t_disc = latents, x0_hat.to(latents.dtype), timesteps
+        if c.disc_real_lowpass:
+            real = wiener_lowpass(real, snr(timesteps, self.alphas_cumprod))
+        if c.disc_renoise > 0:
+            t_disc = torch.floor(timesteps.float() * c.disc_renoise).long()
+            ab = _per_t(self.alphas_cumprod, t_disc, real.ndim)
+            noise = torch.randn(real.shape, generator=generator, device=real.device, dtype=torch.float32)
+            real = (ab.sqrt() * real.float() + (1 - ab).sqrt() * noise).to(latents.dtype)
+            fake = (ab.sqrt() * fake.float() + (1 - ab).sqrt() * noise).to(latents.dtype)
+        if c.disc_pool > 1:
+            real, fake = F.avg_pool2d(real, c.disc_pool), F.avg_pool2d(fake, c.disc_pool)
+        return real, fake, t_disc
+
+    def _embed(self, disc_call, latents, x0_hat, timesteps, class_labels, generator=None):
+        real, fake, t = self.disc_inputs(latents, x0_hat, timesteps, generator)
         # One forward over [real; fake]: half the kernel launches of two calls.
-        both = torch.cat([latents, x0_hat.to(latents.dtype)], dim=0)
-        t = torch.cat([timesteps, timesteps], dim=0)
+        both = torch.cat([real, fake], dim=0)
+        t = torch.cat([t, t], dim=0)
         y = None if class_labels is None else torch.cat([class_labels, class_labels], dim=0)
-        emb = disc_call(both, t, y)
-        return emb.chunk(2, dim=0)
+        with self.autocast():
+            emb = disc_call(both, t, y)
+        return emb.float().chunk(2, dim=0)
+
+    def diagnostics(self, latents: torch.Tensor, x0_hat: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logged every step, with or without the structure term: the gap a fixed encoder sees."""
+        weights = self.sample_weights(timesteps)
+        return {"structure_gap_fixed": fixed_structure_gap(latents.detach(), x0_hat.detach(), weights)}
 
     # -- the two players --------------------------------------------------------------------------
     def generator_loss(
         self, disc: nn.Module, latents: torch.Tensor, x0_hat: torch.Tensor, timesteps: torch.Tensor,
-        class_labels: torch.Tensor | None,
+        class_labels: torch.Tensor | None, generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_S seen by the denoiser, times `backward_scale` (the logs hold L_S itself).
 
@@ -87,8 +156,10 @@ class SADMObjective:
             return functional_call(disc, params, (z, t), {"class_labels": y})
 
         with _eval_mode(disc):
-            emb_real, emb_fake = self._embed(call, latents.detach(), x0_hat, timesteps, class_labels)
+            emb_real, emb_fake = self._embed(call, latents.detach(), x0_hat, timesteps, class_labels, generator)
         loss, logs = self._loss(emb_real.detach(), emb_fake, timesteps)
+        # D's separability: 1 = D maps each x0_hat where it maps its own z0; lower = D tells them apart.
+        logs["d_pair_cos"] = (emb_real * emb_fake).sum(dim=1).mean().detach()
         return loss * self.backward_scale, {"structure_loss_g": loss.detach(), **logs}
 
     def discriminator_loss(
@@ -101,7 +172,7 @@ class SADMObjective:
         if penalty_weight > 0:
             latents = latents.requires_grad_(True)
         emb_real, emb_fake = self._embed(
-            lambda z, t, y: disc(z, t, class_labels=y), latents, x0_hat.detach(), timesteps, class_labels
+            lambda z, t, y: disc(z, t, class_labels=y), latents, x0_hat.detach(), timesteps, class_labels, generator
         )
         structure, logs = self._loss(emb_real, emb_fake, timesteps)
         loss = -structure * self.backward_scale

@@ -52,7 +52,8 @@ class StepRunner:
         self.diffusion_loss = DiffusionLoss(self.prediction_type, config.training.snr_gamma)
         use_vlb = getattr(adapter, "learned_sigma", False) and config.model.learned_sigma_loss == "vlb"
         self.vlb = LearnedSigmaVLB(self.noise_scheduler.betas, device=self.device) if use_vlb else None
-        self.objective = SADMObjective(config.sadm, self.alphas_cumprod) if disc is not None else None
+        self.objective = SADMObjective(config.sadm, self.alphas_cumprod, autocast=accelerator.autocast)
+        self.sadm_on = disc is not None
         self.generator = torch.Generator(device=self.device)
         self.params_g = [p for p in denoiser.parameters() if p.requires_grad]
         self.models = [m for m in (denoiser, disc) if m is not None]
@@ -111,31 +112,32 @@ class StepRunner:
                 loss_g = loss_g + loss_vlb
                 logs["loss_vlb"] = loss_vlb.detach()
 
-            x0_hat = None
             lam = 0.0
             class_labels = self.adapter.disc_class_labels(cond) if self.config.sadm.disc_class_conditional else None
-            if self.objective is not None:
+            x0_hat = predicted_original_sample(model_pred, noisy_latents, timesteps, self.alphas_cumprod,
+                                               self.prediction_type)
+            if self.config.sadm.structure_diagnostics:
+                logs.update(self.objective.diagnostics(latents, x0_hat, timesteps))
+            if self.sadm_on:
                 lam = self.objective.structure_weight(state.global_step)
-                x0_hat = predicted_original_sample(model_pred, noisy_latents, timesteps, self.alphas_cumprod,
-                                                   self.prediction_type)
                 if lam > 0:
-                    with acc.autocast():
-                        structure, s_logs = self.objective.generator_loss(
-                            self.unwrapped_disc, latents, x0_hat, timesteps, class_labels)
+                    # D's forward runs under autocast inside the objective; L_S itself is fp32.
+                    structure, s_logs = self.objective.generator_loss(
+                        self.unwrapped_disc, latents, x0_hat, timesteps, class_labels, gen)
                     loss_g = loss_g + lam * structure
                     logs.update(s_logs)
             acc.backward(loss_g)
             if not acc.sync_gradients:
                 return None
 
-            grad_norm_g = self._grad_norm(self.params_g)
+            grad_norm_g = self._grad_norm(self.params_g, self.config.training.max_grad_norm)
             logs["grad_norm_g"] = grad_norm_g
             applied, hard_failure = self._update(self.optimizer_g, self.scheduler_g, loss_g, grad_norm_g)
             if applied and self.ema is not None:
                 self.ema.step(self.ema_parameters())
             self.optimizer_g.zero_grad(set_to_none=True)
 
-            if applied and self.objective is not None and self.objective.is_disc_turn(state.global_step):
+            if applied and self.sadm_on and self.objective.is_disc_turn(state.global_step):
                 applied, hard_failure = self._disc_update(latents, x0_hat, timesteps, class_labels, gen, logs)
 
         state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if hard_failure else 0
@@ -173,11 +175,10 @@ class StepRunner:
         acc = self.accelerator
         applied, hard_failure = True, False
         for _ in range(self.config.sadm.disc_steps):
-            with acc.autocast():
-                loss_d, d_logs = self.objective.discriminator_loss(self.disc, latents, x0_hat.detach(), timesteps,
-                                                                   class_labels, gen)
+            loss_d, d_logs = self.objective.discriminator_loss(self.disc, latents, x0_hat.detach(), timesteps,
+                                                               class_labels, gen)
             acc.backward(loss_d)
-            grad_norm_d = self._grad_norm(list(self.disc.parameters()))
+            grad_norm_d = self._grad_norm(list(self.disc.parameters()), self.config.sadm.disc_max_grad_norm)
             applied, hard_failure = self._update(self.optimizer_d, self.scheduler_d, loss_d, grad_norm_d)
             self.optimizer_d.zero_grad(set_to_none=True)
             logs.update(d_logs)
@@ -186,8 +187,7 @@ class StepRunner:
                 break
         return applied, hard_failure
 
-    def _grad_norm(self, params) -> torch.Tensor:
-        max_norm = self.config.training.max_grad_norm
+    def _grad_norm(self, params, max_norm: float | None) -> torch.Tensor:
         norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
         if norm is None:  # DeepSpeed clips inside its engine and returns nothing here
             return torch.tensor(0.0, device=self.device)
@@ -195,9 +195,10 @@ class StepRunner:
 
     # ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def inference_pipeline(self) -> Iterator[Any]:
-        """The stock pipeline around the current weights (EMA weights when on), in eval mode."""
-        model = self.unwrapped_denoiser
+    def inference_pipeline(self, model=None) -> Iterator[Any]:
+        """The stock pipeline around the current weights (EMA weights when on), in eval mode.
+        `model`: under FSDP, a gathered stock copy of the denoiser (distributed.gathered_copy) to use instead."""
+        model = self.unwrapped_denoiser if model is None else model
         if self.ema is not None:
             self.ema.store(self.ema_parameters())
             self.ema.copy_to(self.ema_parameters())
@@ -212,13 +213,13 @@ class StepRunner:
             if self.ema is not None:
                 self.ema.restore(self.ema_parameters())
 
-    def validate(self, path, step: int) -> None:
+    def validate(self, path, step: int, model=None) -> None:
         """Main process only: a fixed grid (fixed labels and seeds), saved and logged to the trackers."""
         from .export import save_grid
 
         t = self.config.training
         # autocast: under mixed precision the frozen components sit in weight_dtype, the denoiser in fp32.
-        with self.inference_pipeline() as pipeline, torch.no_grad(), self.accelerator.autocast():
+        with self.inference_pipeline(model) as pipeline, torch.no_grad(), self.accelerator.autocast():
             grid = self.adapter.sample_grid(pipeline, t.num_validation_images, t.validation_inference_steps,
                                             t.validation_guidance_scale, t.seed or 0,
                                             self.adapter.validation_conditions(t))

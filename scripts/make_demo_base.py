@@ -74,6 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA of DiT weights")
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=1.5)
+    p.add_argument("--lr_schedule", choices=("cosine", "constant"), default="cosine",
+                   help="DiT learning rate after warm-up: cosine decay to 10%%, or constant")
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="train the DiT on these digit classes only (default: all ten); the others keep their "
+                   "untrained class embeddings: the base of the method study's transfer regime")
+    p.add_argument("--vae_from", default=None,
+                   help="reuse the VAE of this pipeline folder instead of training one (study bases share the "
+                   "demo VAE, so their latent spaces are the same)")
+    p.add_argument("--no_samples", action="store_true", help="skip the sample grid next to the folder")
     p.add_argument(
         "--num_threads",
         type=int,
@@ -93,10 +102,12 @@ def load_digits():
     return load_digits_images()
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``base``."""
+def lr_at(step: int, total: int, base: float, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base`` (or constant)."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
     progress = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
@@ -203,7 +214,7 @@ def train_dit(model, lat_mean, lat_std, labels, scaling, args, gen) -> tuple[dic
     t0 = time.time()
     for step in range(args.dit_steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.dit_steps, args.dit_lr, warmup=200)
+            group["lr"] = lr_at(step, args.dit_steps, args.dit_lr, warmup=200, schedule=args.lr_schedule)
         idx = torch.randint(0, n, (args.batch_size,), generator=gen)
         # a fresh posterior sample each step, in the pipeline's scaled latent space
         x0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
@@ -301,18 +312,31 @@ def main(argv=None) -> None:
 
     # 1. data
     images, labels_np = load_digits()
+    if args.classes is not None:
+        keep = np.isin(labels_np, args.classes)
+        images, labels_np = images[keep], labels_np[keep]
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
     labels = torch.from_numpy(labels_np).long()
     print(f"digits: {tuple(pixels.shape)} labels {sorted(set(labels_np.tolist()))}", flush=True)
 
     # 2. VAE
-    vae = build_vae()
-    print(f"vae params: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M", flush=True)
-    vae_losses = train_vae(vae, pixels, args, gen)
-    lat_mean, lat_std = encode_dataset(vae, pixels)
-    sampled = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
-    scaling = float(1.0 / sampled.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(args.vae_from) / "vae", use_safetensors=True)
+        vae.eval()
+        vae_losses = {"l1": float("nan"), "mse": float("nan"), "kl": float("nan")}
+        lat_mean, lat_std = encode_dataset(vae, pixels)
+        sampled = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
+        scaling = float(vae.config.scaling_factor)
+    else:
+        vae = build_vae()
+        print(f"vae params: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M", flush=True)
+        vae_losses = train_vae(vae, pixels, args, gen)
+        lat_mean, lat_std = encode_dataset(vae, pixels)
+        sampled = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
+        scaling = float(1.0 / sampled.std())
+        vae.register_to_config(scaling_factor=scaling)
     rec_l1 = reconstruction_error(vae, pixels, lat_mean, lat_std, gen)
     print(
         f"vae: latents {tuple(lat_mean.shape[1:])}, std {sampled.std():.4f} -> scaling_factor {scaling:.4f}, "
@@ -338,8 +362,9 @@ def main(argv=None) -> None:
     print(f"saved {output_dir} ({size / 1e6:.2f} MB)", flush=True)
 
     # 5. samples from the reloaded folder
-    png = sample_grid(output_dir, args)
-    print(f"samples: {png}", flush=True)
+    if not args.no_samples:
+        png = sample_grid(output_dir, args)
+        print(f"samples: {png}", flush=True)
 
     print(
         "summary: "
