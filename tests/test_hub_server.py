@@ -232,3 +232,47 @@ def test_scan_for_secret_finds_planted(tmp_path):
     assert scan_for_secret(tmp_path / "wide.txt", SECRET) == [str(tmp_path / "wide.txt")]
     with pytest.raises(ValueError):
         scan_for_secret(tmp_path, "")
+
+
+# ----------------------------------------------------------------------------- no local paths on the Hub
+def test_push_to_hub_uploads_no_local_paths(fake_hub, tmp_path, capsys):
+    """A run on a local base model and data folder, pushed: the card, training_config.yaml, the components'
+    config.json and everything else uploaded name local paths by their last component only."""
+    import yaml
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    from sadm_finetune.cli import main
+
+    base = build_tiny_dit_pipeline(tmp_path / "my-base", num_classes=2)
+    data = build_image_folder(tmp_path / "my-data", per_class=2)
+    out = tmp_path / "my-out"
+    argv = ["--pretrained", str(base), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--max_train_steps", "1", "--train_batch_size", "2", "--disc_width", "8", "--disc_depth", "2",
+            "--disc_embed_dim", "16", "--num_validation_images", "1", "--validation_inference_steps", "1",
+            "--report_to", "tensorboard", "--push_to_hub", "--hub_model_id", "org/sadm-paths"]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    stored = fake_hub.repo_files("org/sadm-paths")
+    assert {"README.md", "training_config.yaml", "model_index.json", "transformer/config.json"} <= set(stored)
+    assert "transformer/diffusion_pytorch_model.safetensors" in stored
+
+    local = [str(tmp_path), str(tmp_path.resolve()), str(tmp_path.resolve().parents[1])]  # pytest-of-<user>
+    home = os.path.expanduser("~")
+    if len(home) > 1:
+        local.append(home)
+    for name, data_bytes in stored.items():
+        for path in local:
+            assert path.encode() not in data_bytes, (name, path)
+
+    uploaded = yaml.safe_load(stored["training_config.yaml"])
+    assert uploaded["model"]["pretrained_model_name_or_path"] == "my-base"
+    assert uploaded["data"]["train_data_dir"] == "my-data" and uploaded["training"]["output_dir"] == "my-out"
+    on_disk = yaml.safe_load((out / "training_config.yaml").read_text())  # the local copy keeps full paths
+    assert on_disk["model"]["pretrained_model_name_or_path"] == str(base)
+    card = stored["README.md"].decode()
+    assert "`my-base`" in card and "--train_data_dir my-data" in card
+    assert json.loads(stored["transformer/config.json"])["_name_or_path"].startswith("my-base")
+    logs = [p for p in out.rglob("events.out.tfevents.*")]
+    # the tracker's hyper-parameter record holds the paths: left out (the scalar log goes up)
+    assert logs and any(p.relative_to(out).as_posix() not in stored for p in logs)
+    assert "left out" in capsys.readouterr().out
+    _assert_clean(fake_hub)
