@@ -182,12 +182,13 @@ def _conditions(pipe, reference: Reference, config: EvalConfig) -> tuple[list[in
 def compute_metrics(reference_features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray,
                     device: str = "cpu") -> dict:
     """FID against the reference Gaussian; KID and precision/recall against the reference features."""
-    from .metrics import feature_statistics, frechet_distance, kid, precision_recall
+    from .metrics import feature_statistics, frechet_distance, kid, precision_recall, structure_gap
 
     kid_mean, kid_std = kid(reference_features, features)
     precision, recall = precision_recall(reference_features, features, device=device)
     fid = frechet_distance(*feature_statistics(features), mu, sigma)
-    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall}
+    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
+            "structure_gap": structure_gap(reference_features, features)}
 
 
 def _reference_stats(reference: Reference, extractor, resolution: int, config: EvalConfig):

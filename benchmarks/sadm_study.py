@@ -1,0 +1,365 @@
+"""Does SADM help? The method study: three regimes, paired seeds, confidence intervals.
+
+    python benchmarks/sadm_study.py                 # the reduced default (about 90 min on 2 free cores)
+    python benchmarks/sadm_study.py --full          # + more variants and leads (several hours)
+    python benchmarks/sadm_study.py --report_only   # summarise the runs that are done
+
+Regimes (all offline, built by the project's own scripts; each base shares the bundled demo VAE):
+- continue: an under-trained base (scripts/make_demo_base.py, 1,500 steps at a constant 1e-3, no EMA)
+  continued the way a user would (EMA 0.999, warm-up then cosine, 1e-4). The paper's continued
+  training of DiT-XL/2 on ImageNet, in miniature.
+- transfer: a base pre-trained on digits 0-4 only (3,000 steps, EMA) fine-tuned on 30 images each of
+  digits 5-9 under their own class ids, which the base never trained: the paper's cross-domain
+  fine-tuning in miniature. Arms: full, LoRA and DiffFit, each with and without SADM.
+- converged: the bundled demo base on all digits (the README's first benchmark), as the control.
+
+Every arm runs with seeds 0..4. An arm and its plain baseline share the seed, so they share the data
+order, the noise and the timesteps of every step (the step's generator is seeded by (seed, epoch,
+batch)); the comparison is paired: mean paired difference with a 95% t interval. Every output is
+evaluated the same way (sadm-eval: DDIM 25 steps, no guidance, fixed sampling seeds, the bundled
+digits classifier's features). Runs already done are skipped; the summary is rewritten after each run.
+Results: benchmarks/results/sadm_study.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_BASE = ROOT / "sadm_finetune" / "assets" / "demo-dit-digits"
+METRICS = ("fid", "kid_mean", "precision", "recall", "label_accuracy", "structure_gap")
+LOWER_IS_BETTER = {"fid", "kid_mean", "structure_gap"}
+
+BASES = {  # name -> make_demo_base.py flags
+    "continue": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0"],
+    "transfer": ["--dit_steps", "3000", "--classes", "0", "1", "2", "3", "4"],
+}
+TRANSFER_CLASSES = (5, 6, 7, 8, 9)
+TRANSFER_PER_CLASS = 30
+
+EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
+EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
+PLAIN = ["--structure_weight", "0"]
+
+# regime -> base, data, steps, samples per class, the recipe shared by every arm
+REGIMES = {
+    "continue": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
+    "transfer": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
+    "converged": {"steps": 400, "samples_per_class": 100, "recipe": []},
+}
+LORA = ["--trainable", "lora", "--lora_rank", "8", "--learning_rate", "1e-3"]
+DIFFFIT = ["--trainable", "difffit", "--learning_rate", "1e-3"]  # DiffFit's 10x learning rate
+
+# (regime, arm) -> (flags on top of configs/demo.yaml + the regime's recipe, the arm it is paired with)
+ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("continue", "plain"): (PLAIN, None),
+    ("continue", "sadm"): ([], "plain"),
+    ("transfer", "full-plain"): (PLAIN, None),
+    ("transfer", "full-sadm"): ([], "full-plain"),
+    ("continue", "sadm-renoise"): (["--disc_renoise", "1.0"], "plain"),
+    ("continue", "sadm-lowpass"): (["--disc_real_lowpass"], "plain"),
+    ("continue", "sadm-low-t"): (["--timestep_weighting", "cutoff"], "plain"),
+    ("continue", "sadm-no-sn"): (["--no_disc_spectral_norm"], "plain"),
+    ("continue", "sadm-pool2"): (["--disc_pool", "2"], "plain"),
+    ("transfer", "difffit-plain"): (DIFFFIT + PLAIN, None),
+    ("transfer", "difffit-sadm"): (DIFFFIT, "difffit-plain"),
+    ("transfer", "lora-plain"): (LORA + PLAIN, None),
+    ("transfer", "lora-sadm"): (LORA, "lora-plain"),
+    ("converged", "plain"): (PLAIN, None),
+    ("converged", "sadm"): ([], "plain"),
+}
+FULL_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("continue", "sadm-lambda-0.05"): (["--structure_weight", "0.05"], "plain"),
+    ("continue", "sadm-disc-lr-2e-5"): (["--disc_learning_rate", "2e-5"], "plain"),
+    ("continue", "sadm-disc-warmup-200"): (["--disc_warmup_steps", "200"], "plain"),
+    ("continue", "sadm-renoise-0.5-lowpass"): (["--disc_renoise", "0.5", "--disc_real_lowpass"], "plain"),
+    ("transfer", "full-sadm-renoise"): (["--disc_renoise", "1.0"], "full-plain"),
+    ("transfer", "full-sadm-lowpass"): (["--disc_real_lowpass"], "full-plain"),
+}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bases and data
+
+
+def build_base(name: str, work: Path) -> Path:
+    out = work / "bases" / name
+    if not (out / "model_index.json").is_file():
+        print(f"building the {name} base (make_demo_base.py {' '.join(BASES[name])})", flush=True)
+        _run([sys.executable, str(ROOT / "scripts" / "make_demo_base.py"), "--output_dir", str(out), "--vae_from",
+              str(DEMO_BASE), "--num_threads", "1", "--no_samples", *BASES[name]], f"base {name}")
+    return out
+
+
+def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int | None, seed: int = 0) -> Path:
+    """A local `datasets` parquet set of digits (label = the digit, names '0'..'9'): a subset per class."""
+    if (folder / "train.parquet").is_file():
+        return folder
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from sadm_finetune.demo_data import load_digits_images
+
+    images, labels = load_digits_images(32)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        keep += sorted(rng.choice(idx, per_class, replace=False).tolist()) if per_class else idx.tolist()
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(images[i]) for i in keep],
+                                     "label": [int(labels[i]) for i in keep]}, features=features)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(folder / "train.parquet.tmp"))
+    os.replace(folder / "train.parquet.tmp", folder / "train.parquet")
+    return folder
+
+
+def regime_setup(regime: str, work: Path) -> dict:
+    if regime == "converged":
+        return {"base": DEMO_BASE, "train": "builtin:digits", "reference": "builtin:digits"}
+    if regime == "continue":
+        return {"base": build_base("continue", work), "train": "builtin:digits", "reference": "builtin:digits"}
+    return {
+        "base": build_base("transfer", work),
+        "train": str(write_digits_dataset(work / "data" / "digits-5-9-few", TRANSFER_CLASSES, TRANSFER_PER_CLASS)),
+        "reference": str(write_digits_dataset(work / "data" / "digits-5-9-all", TRANSFER_CLASSES, None)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: train, then evaluate
+
+
+def evaluate(pipeline: Path, setup: dict, regime: str, work: Path, out_json: Path) -> dict:
+    if out_json.is_file():
+        return json.loads(out_json.read_text())["metrics"]
+    cmd = [sys.executable, "-m", "sadm_finetune.evaluate", "--pipeline", str(pipeline),
+           "--reference_dataset", setup["reference"], "--features", "digits", "--classifier", "digits",
+           "--samples_per_class", str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps", "25",
+           "--guidance_scale", "1.0", "--seed", "1234", "--batch_size", "250",
+           "--reference_stats_cache", str(work / f"reference-{regime}.npz"), "--output_json", str(out_json) + ".tmp"]
+    _run(cmd, f"evaluating {pipeline}")
+    os.replace(str(out_json) + ".tmp", out_json)
+    return json.loads(out_json.read_text())["metrics"]
+
+
+def train_and_evaluate(regime: str, arm: str, flags: list[str], seed: int, setup: dict, work: Path) -> dict:
+    out = work / "runs" / regime / f"{arm}-seed{seed}"
+    result = out / "eval.json"
+    if result.is_file():
+        return json.loads(result.read_text())["metrics"]
+    start = time.time()
+    if not ((out / "model_index.json").is_file() and (out / "training_config.yaml").is_file()):
+        r = REGIMES[regime]
+        cmd = [sys.executable, str(ROOT / "train_sadm.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--pretrained", str(setup["base"]), "--dataset_name", setup["train"], "--output_dir", str(out),
+               "--overwrite_output_dir", "--seed", str(seed), "--max_train_steps", str(r["steps"]),
+               "--report_to", "tensorboard", "--validation_inference_steps", "10", "--num_validation_images", "2",
+               *r["recipe"], *flags]
+        _run(cmd, f"training {regime}/{arm} seed {seed}")
+    trained = time.time() - start
+    metrics = evaluate(out, setup, regime, work, result)
+    print(f"  {regime}/{arm} seed {seed}: FID {metrics['fid']:.3f} (train {trained:.0f} s, total "
+          f"{time.time() - start:.0f} s)", flush=True)
+    return metrics
+
+
+def base_metrics(regime: str, setup: dict, work: Path) -> dict:
+    return evaluate(Path(setup["base"]), setup, regime, work, work / f"base-{regime}.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def t_interval(diffs: list[float]) -> dict:
+    """Mean paired difference with its 95% Student-t interval."""
+    from scipy import stats
+
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "diffs": diffs}
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "diffs": diffs}
+
+
+def verdict(metric: str, ci: dict) -> str:
+    if ci["n"] < 2 or math.isnan(ci["low"]):
+        return "too few seeds"
+    if ci["low"] <= 0 <= ci["high"]:
+        return "no measurable difference"
+    better = (ci["high"] < 0) if metric in LOWER_IS_BETTER else (ci["low"] > 0)
+    return "better" if better else "worse"
+
+
+def summarise(runs: dict, bases: dict, arms: dict) -> dict:
+    summary: dict = {}
+    for (regime, arm), (_, paired_with) in arms.items():
+        seeds = runs.get(regime, {}).get(arm, {})
+        if not seeds:
+            continue
+        entry = {"n": len(seeds), "per_seed": seeds, "paired_with": paired_with,
+                 "mean": {m: statistics.fmean(s[m] for s in seeds.values()) for m in METRICS},
+                 "std": {m: statistics.stdev([s[m] for s in seeds.values()]) if len(seeds) > 1 else 0.0
+                         for m in METRICS}}
+        if regime in bases:
+            entry["minus_base"] = {m: entry["mean"][m] - bases[regime][m] for m in METRICS}
+        if paired_with:
+            other = runs.get(regime, {}).get(paired_with, {})
+            common = sorted(set(seeds) & set(other), key=int)
+            entry["paired"] = {}
+            for m in METRICS:
+                ci = t_interval([seeds[s][m] - other[s][m] for s in common])
+                ci["verdict"] = verdict(m, ci)
+                entry["paired"][m] = ci
+        summary.setdefault(regime, {})[arm] = entry
+    return summary
+
+
+def plot(summary: dict, bases: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = [r for r in REGIMES if r in summary]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.2), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        names = [a for a, e in summary[regime].items() if "paired" in e]
+        for i, name in enumerate(names):
+            ci = summary[regime][name]["paired"]["fid"]
+            ax.scatter([i] * len(ci["diffs"]), ci["diffs"], color="tab:blue", alpha=0.6, s=14)
+            if not math.isnan(ci["low"]):
+                ax.errorbar(i + 0.2, ci["mean"], yerr=[[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]],
+                            fmt="o", color="black", capsize=4)
+        ax.axhline(0, color="gray", linestyle="--")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{regime}: FID(arm) - FID(paired plain)\nper seed (dots), mean and 95% CI", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def collect(work: Path, arms: dict, seeds: list[int]) -> tuple[dict, dict]:
+    runs: dict = {}
+    for (regime, arm) in arms:
+        for seed in seeds:
+            f = work / "runs" / regime / f"{arm}-seed{seed}" / "eval.json"
+            if f.is_file():
+                runs.setdefault(regime, {}).setdefault(arm, {})[str(seed)] = json.loads(f.read_text())["metrics"]
+    bases = {r: json.loads((work / f"base-{r}.json").read_text())["metrics"]
+             for r in REGIMES if (work / f"base-{r}.json").is_file()}
+    return runs, bases
+
+
+def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict:
+    runs, bases = collect(work, arms, seeds)
+    summary = summarise(runs, bases, arms)
+    result = {"regimes": {r: {k: v for k, v in REGIMES[r].items()} for r in REGIMES}, "seeds": seeds,
+              "arms": {f"{r}/{a}": {"flags": f, "paired_with": p} for (r, a), (f, p) in arms.items()},
+              "base": bases, "summary": summary,
+              "protocol": "DDIM 25 steps, guidance 1.0, sampling seed 1234, digits-classifier features; "
+                          "paired by training seed; 95% Student-t interval of the mean paired difference"}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, output.with_suffix(".json"))
+    if summary:
+        plot(summary, bases, output.with_suffix(".png"))
+    return result
+
+
+def print_table(result: dict) -> None:
+    for regime, arms in result["summary"].items():
+        base = result["base"].get(regime)
+        print(f"\n{regime}" + (f" (base FID {base['fid']:.3f})" if base else ""))
+        for arm, e in arms.items():
+            line = f"  {arm:<26} n={e['n']}  FID {e['mean']['fid']:.3f} ± {e['std']['fid']:.3f}"
+            if "paired" in e:
+                ci = e["paired"]["fid"]
+                line += (f"  paired ΔFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] "
+                         f"{ci['verdict']}")
+            print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="add the extra variants and leads")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
+    parser.add_argument("--report_only", action="store_true", help="summarise finished runs, train nothing")
+    parser.add_argument("--work_dir", default=str(ROOT / "runs" / "study"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "sadm_study"))
+    args = parser.parse_args()
+    arms = {**ARMS, **FULL_ARMS} if args.full else dict(ARMS)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {f"{r}/{a}" for r, a in arms}
+        if unknown:
+            raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in arms)}")
+    work, output = Path(args.work_dir), Path(args.output)
+    if args.report_only:
+        print_table(write_report(work, arms, args.seeds, output))
+        return
+
+    # Seed-major within each priority block: paired arms finish together, so CIs appear early.
+    jobs = [(r, a, f, s) for s in args.seeds for (r, a), (f, _) in arms.items()
+            if not args.only or f"{r}/{a}" in wanted]
+    setups = {r: regime_setup(r, work) for r in REGIMES if any(j[0] == r for j in jobs)}
+    for regime, setup in setups.items():
+        base_metrics(regime, setup, work)
+    jobs.sort(key=lambda j: (list(arms).index((j[0], j[1])) // 4, j[3], list(arms).index((j[0], j[1]))))
+    lock = threading.Lock()
+    failures = []
+
+    def one(job):
+        regime, arm, flags, seed = job
+        try:
+            train_and_evaluate(regime, arm, flags, seed, setups[regime], work)
+        except RuntimeError as e:
+            failures.append(f"{regime}/{arm} seed {seed}: {str(e)[:2000]}")
+            print(failures[-1], flush=True)
+        with lock:
+            write_report(work, arms, args.seeds, output)
+
+    with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, jobs))
+    result = write_report(work, arms, args.seeds, output)
+    print_table(result)
+    print(f"\nwrote {output.with_suffix('.json')} and {output.with_suffix('.png')}")
+    if failures:
+        raise SystemExit(f"{len(failures)} runs failed")
+
+
+if __name__ == "__main__":
+    main()
