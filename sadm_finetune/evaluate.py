@@ -263,7 +263,8 @@ def format_table(result: dict) -> str:
     if "compare_with" in result:
         columns.append(("compare_with", result["compare_with"]["metrics"]))
     rows = [("FID", lambda m: f"{m['fid']:.3f}"), ("KID", lambda m: f"{m['kid_mean']:.4g} ± {m['kid_std']:.2g}"),
-            ("precision", lambda m: f"{m['precision']:.3f}"), ("recall", lambda m: f"{m['recall']:.3f}")]
+            ("precision", lambda m: f"{m['precision']:.3f}"), ("recall", lambda m: f"{m['recall']:.3f}"),
+            ("structure gap", lambda m: f"{m['structure_gap']:.4f}")]
     if "label_accuracy" in result["metrics"]:
         rows.append(("label accuracy", lambda m: f"{m['label_accuracy']:.3f}"))
     lines = [f"{result['num_samples']} samples ({result['samples_per_class']} per class x {result['num_classes']} "

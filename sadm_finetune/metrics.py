@@ -213,9 +213,8 @@ def structure_gap(reference_features: np.ndarray, features: np.ndarray, num_pair
     i != j) among reference features and among generated features: 0 when pairs of samples relate to
     each other as pairs of real images do. Independent of any discriminator, so a run without SADM is
     measured the same way."""
-    rng = np.random.default_rng(seed)
-
     def pair_cosines(x: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(seed)  # the same pairs of indices for both sets
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         i = rng.integers(0, len(x), num_pairs)
         j = (i + rng.integers(1, len(x), num_pairs)) % len(x)  # j != i

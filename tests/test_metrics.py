@@ -133,3 +133,16 @@ def test_reference_stats_with_another_key_are_refused(tmp_path):
 def test_missing_reference_stats_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reference_stats(tmp_path / "nope.npz")
+
+
+def test_structure_gap_is_zero_for_the_same_set_and_grows_when_samples_collapse():
+    from sadm_finetune.metrics import structure_gap
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(500, 16))
+    assert structure_gap(real, real) == pytest.approx(0.0, abs=1e-12)
+    assert structure_gap(real, rng.normal(size=(500, 16))) < 0.02  # same distribution: small
+    # collapsed samples (all near one direction) relate to each other unlike real images
+    collapsed = rng.normal(size=(1, 16)) + 0.1 * rng.normal(size=(500, 16))
+    assert structure_gap(real, collapsed) > 0.5
+    assert structure_gap(real, collapsed) == structure_gap(real, collapsed)  # seeded: deterministic
