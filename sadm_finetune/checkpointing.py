@@ -1,12 +1,22 @@
-"""Resumable checkpoints through `accelerator.save_state`, written atomically and rotated."""
+"""Resumable checkpoints through `accelerator.save_state`, written atomically and rotated.
+
+The project's own state (loop counters, EMA, anything added to `CheckpointState`) is written beside
+accelerate's files as JSON and safetensors, never pickled: resuming never unpickles a
+`custom_checkpoint_*.pkl` (see docs/checkpoints.md for what accelerate itself still pickles).
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .errors import InputError
 from .fsutil import move_into_place
@@ -15,7 +25,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TrainState:
-    """Loop counters that `save_state` must carry (registered with `register_for_checkpointing`)."""
+    """Loop counters a checkpoint carries (in `train_state.json`, through `CheckpointState`)."""
 
     def __init__(self) -> None:
         self.global_step = 0  # denoiser updates done (skipped non-finite ones included)
@@ -30,6 +40,113 @@ class TrainState:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, value in state.items():
             setattr(self, key, int(value))
+
+
+_STATE_KEY = "sadm_state"  # safetensors metadata key holding the JSON skeleton of a state dict
+
+
+def _flatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON skeleton of a nested state dict; its tensors go into `tensors` under generated names.
+
+    Containers are tagged ({"d": [[key, v], ...]}, {"l": [...]}, {"t": [...]}) so int dict keys (optimizer
+    state) and tuples (betas) come back as they were; scalars are {"v": x}, tensors {"T": name}."""
+    if torch.is_tensor(value):
+        name = str(len(tensors))
+        tensors[name] = value.detach().to("cpu").contiguous()
+        return {"T": name}
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"checkpoint state: dict keys must be str or int, got {sorted(map(type, value))}")
+        return {"d": [[k, _flatten(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"t" if isinstance(value, tuple) else "l": [_flatten(v, tensors) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"v": value}
+    raise TypeError(f"checkpoint state: cannot store a {type(value).__name__} without pickle")
+
+
+def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError(f"malformed checkpoint state node: {str(node)[:80]}")
+    (tag, body), = node.items()
+    if tag == "T":
+        return tensors[body]
+    if tag == "d":
+        return {k: _unflatten(v, tensors) for k, v in body}
+    if tag == "l":
+        return [_unflatten(v, tensors) for v in body]
+    if tag == "t":
+        return tuple(_unflatten(v, tensors) for v in body)
+    if tag == "v" and (body is None or isinstance(body, (bool, int, float, str))):
+        return body
+    raise ValueError(f"malformed checkpoint state node: {str(node)[:80]}")
+
+
+def _is_flat(state: Any) -> bool:
+    return isinstance(state, dict) and all(
+        isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in state.items())
+
+
+class CheckpointState:
+    """The project's objects (anything with `state_dict`/`load_state_dict`) saved into a checkpoint
+    folder without pickle: `<name>.json` (plain JSON) when the state is a flat dict of numbers and
+    strings, else `<name>.safetensors` with the tensors and a JSON skeleton of the rest in its metadata. The objects must be identical on every rank (loop
+    counters, EMA of DDP replicas); the main process writes them, every rank reads them."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+
+    def add(self, name: str, obj: Any) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in self.objects:
+            raise ValueError(f"checkpoint state name {name!r} must be new and lowercase")
+        self.objects[name] = obj
+
+    def save(self, folder: Path) -> None:
+        for name, obj in self.objects.items():
+            state = obj.state_dict()
+            if _is_flat(state):
+                (folder / f"{name}.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+                continue
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = json.dumps(_flatten(state, tensors), sort_keys=True)
+            save_file(tensors, str(folder / f"{name}.safetensors"), metadata={_STATE_KEY: skeleton})
+
+    def load(self, folder: Path, device: torch.device | str = "cpu") -> None:
+        for name, obj in self.objects.items():
+            json_file, tensor_file = folder / f"{name}.json", folder / f"{name}.safetensors"
+            try:
+                if tensor_file.is_file():
+                    with safe_open(str(tensor_file), framework="pt", device=str(device)) as f:
+                        skeleton = (f.metadata() or {}).get(_STATE_KEY)
+                        tensors = {k: f.get_tensor(k) for k in f.keys()}
+                    if skeleton is None:
+                        raise ValueError("not written by sadm-finetune")
+                    state = _unflatten(json.loads(skeleton), tensors)
+                elif json_file.is_file():
+                    state = json.loads(json_file.read_text())
+                    if not _is_flat(state):
+                        raise ValueError("not a flat JSON object")
+                else:
+                    raise InputError(f"resume_from_checkpoint: {folder} has no {name} state ({json_file.name} or "
+                                     f"{tensor_file.name}); resume with the options of the run that wrote it")
+            except (ValueError, KeyError, SafetensorError) as e:  # json.JSONDecodeError is a ValueError
+                raise InputError(f"resume_from_checkpoint: the {name} state in {folder} is unreadable ({e})") from None
+            obj.load_state_dict(state)
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, state: CheckpointState) -> None:
+    """accelerate's part (models as safetensors; optimizer, scheduler and RNG files through its
+    `weights_only` loader) plus the project's JSON/safetensors part. A folder holding pickled custom
+    states is refused before anything is read: they would be unpickled with `weights_only=False`."""
+    pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise InputError(
+            f"resume_from_checkpoint: {path} holds pickled state ({', '.join(pickled)}), which is never loaded (unpickling "
+            "can run code); it was written by an older sadm-finetune or another program. Start a new run, or use a "
+            "checkpoint written by this version"
+        )
+    accelerator.load_state(str(path))
+    state.load(path, accelerator.device)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -62,8 +179,10 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None) -
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """All ranks write into a temporary folder; the main process renames it into place, then rotates.
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None,
+                    state: CheckpointState | None = None) -> Path:
+    """All ranks write into a temporary folder; the main process adds the project's `state`, renames
+    the folder into place, then rotates.
 
     A crash mid-write leaves only a `.tmp-` folder, which `latest` never picks up.
     """
@@ -78,6 +197,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if state is not None:
+            state.save(tmp)
         move_into_place(tmp, final)  # the same step saved again (e.g. a resumed run) is replaced
         if total_limit is not None:
             for stale in list_checkpoints(output_dir)[:-total_limit]:

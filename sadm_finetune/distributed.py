@@ -26,19 +26,50 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def max_rank_difference(modules: dict[str, torch.nn.Module]) -> dict[str, float]:
-    """Largest difference, over ranks, of a per-module fingerprint of the parameters (sum and sum of
-    squares in float64). DDP keeps replicas bit-identical, so anything but 0 is a desync."""
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if `flag` is True on any rank (one all-reduce of a single number).
+
+    A signal reaches the processes one by one (or only one of them); stopping on the local flag would
+    send the ranks into different collectives (a checkpoint barrier on one, a gradient all-reduce on
+    the other). Every rank must call this at the same point of the loop."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def replica_differences(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[int, float]]:
+    """Per module: (number of parameter elements whose bits differ from rank 0's on some rank, largest
+    absolute difference). Exact: rank 0's parameters are broadcast one tensor at a time and compared
+    element by element with the local copy (no sum, so no reduction order that could differ by rank);
+    one broadcast of the model, once per run. NaN counts as different from anything."""
     n = world_size()
     result = {}
     for name, module in modules.items():
-        params = [p.detach().double() for p in module.parameters()]
-        fingerprint = torch.stack([sum(p.sum() for p in params), sum(p.pow(2).sum() for p in params)])
-        if n == 1:
-            result[name] = 0.0
-            continue
-        parts = [torch.empty_like(fingerprint) for _ in range(n)]
-        dist.all_gather(parts, fingerprint.contiguous())
-        stacked = torch.stack(parts)
-        result[name] = float((stacked - stacked[0]).abs().max())
+        differing = torch.zeros((), dtype=torch.float64)
+        largest = torch.zeros((), dtype=torch.float64)
+        if n > 1:
+            differing, largest = differing.to(_device_of(module)), largest.to(_device_of(module))
+            for p in module.parameters():
+                local = p.detach().contiguous()
+                reference = local.clone()
+                dist.broadcast(reference, src=0)
+                bits = _INT_OF_SIZE[local.element_size()]
+                mask = local.view(bits) != reference.view(bits)
+                differing += mask.sum()
+                if mask.any():
+                    gap = (local[mask].double() - reference[mask].double()).abs().nan_to_num(nan=float("inf"))
+                    largest = torch.maximum(largest, gap.max())
+            stats = torch.stack([differing, largest])
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            differing, largest = stats[0], stats[1]
+        result[name] = (int(differing.item()), float(largest.item()))
     return result
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device

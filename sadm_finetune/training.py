@@ -14,8 +14,10 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 
 from . import export
-from .checkpointing import TrainState, list_checkpoints, resolve_resume, save_checkpoint
+from .checkpointing import (CheckpointState, TrainState, checkpoints_dir, list_checkpoints, load_checkpoint,
+                            resolve_resume, save_checkpoint)
 from .config import RunConfig, save_config
+from .distributed import any_rank
 from .data import ImageTransform, TrainDataset, collate, open_train_data
 from .errors import ConfigError, InputError, SADMError
 from .models.discriminator import StructureDiscriminator
@@ -31,11 +33,24 @@ def check_output_dir(config: RunConfig) -> Path:
     out = Path(config.training.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"output_dir: {out} is a file; pass a folder path")
+    t = config.training
     busy = out.is_dir() and any(out.iterdir())
-    if busy and not (config.training.overwrite_output_dir or config.training.resume_from_checkpoint):
+    if not busy or t.overwrite_output_dir:
+        return out
+    found = list_checkpoints(out)
+    what = "a finished export (model_index.json)" if (out / "model_index.json").exists() else "files"
+    if not t.resume_from_checkpoint:
+        resume = "--resume_from_checkpoint latest to continue it, " if found else ""
         raise InputError(
-            f"output_dir: {out} exists and is not empty; pass --overwrite_output_dir to write into it, "
-            "--resume_from_checkpoint latest to continue it, or another --output_dir"
+            f"output_dir: {out} exists and is not empty (it holds {what}); pass --overwrite_output_dir to write into "
+            f"it, {resume}or another --output_dir"
+        )
+    if t.resume_from_checkpoint == "latest" and not found:
+        # Training from step 0 here would overwrite what the folder holds (e.g. a finished run's export).
+        raise InputError(
+            f"resume_from_checkpoint: no checkpoint found in {checkpoints_dir(out)}, so there is nothing to resume, "
+            f"and {out} holds {what} that a fresh run would overwrite; pass --overwrite_output_dir to train from "
+            "step 0 into it, or another --output_dir"
         )
     return out
 
@@ -105,6 +120,9 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         raise ConfigError("train_batch_size", f"the data set has {len(data)} samples, fewer than one global batch "
                           f"({global_batch})", "lower --train_batch_size or add data")
     resume_path = resolve_resume(output_dir, t.resume_from_checkpoint)
+    if t.resume_from_checkpoint == "latest" and resume_path is None:
+        accelerator.print(f"resume_from_checkpoint latest: no checkpoint in {checkpoints_dir(output_dir)}; "
+                          "starting from step 0")
 
     weight_dtype = weight_dtype_of(accelerator)
     adapter.prepare_training()
@@ -146,14 +164,17 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         trainable = [p for p in accelerator.unwrap_model(denoiser).parameters() if p.requires_grad]
         ema = EMAModel(trainable, decay=t.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    # The project's own checkpoint state: JSON / safetensors files, never accelerate's pickled custom states.
+    saved = CheckpointState()
+    saved.add("train_state", state)
+    if ema is not None:
+        saved.add("ema", ema)
 
     runner = StepRunner(config, adapter, accelerator, denoiser, optimizer_g, scheduler_g,
                         disc, optimizer_d, scheduler_d, ema)
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(accelerator, resume_path, saved)
         accelerator.print(f"Resumed from {resume_path} at step {state.global_step}")
 
     if accelerator.is_main_process:
@@ -162,7 +183,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         accelerator.init_trackers("sadm-finetune", config=_tracker_config(config))
     _log_summary(accelerator, config, data, denoiser, disc, resolution, global_batch)
 
-    stopped_early = _loop(config, accelerator, runner, dataloader, dataset, state, output_dir)
+    stopped_early = _loop(config, accelerator, runner, dataloader, dataset, state, saved, output_dir)
     accelerator.wait_for_everyone()
     _check_replicas(accelerator, runner)
     if stopped_early:
@@ -177,9 +198,10 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
 
 
 def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dataloader, dataset: TrainDataset,
-          state: TrainState, output_dir: Path) -> bool:
+          state: TrainState, saved: CheckpointState, output_dir: Path) -> bool:
     """Run until max_train_steps; returns True if stopped early by a signal."""
     t = config.training
+    stopping = False
     progress = tqdm(total=t.max_train_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     with _StopRequest() as stop, progress:
@@ -198,15 +220,17 @@ def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dat
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss_diffusion']:.4f}")
                 accelerator.log(logs, step=state.global_step)
-                _after_update(config, accelerator, runner, state, output_dir)
-                if stop.requested or state.global_step >= t.max_train_steps:
+                _after_update(config, accelerator, runner, state, saved, output_dir)
+                # The stop decision is collective: a signal that reached one rank stops all of them at this step.
+                stopping = any_rank(stop.requested, accelerator.device)
+                if stopping or state.global_step >= t.max_train_steps:
                     break
             else:  # the epoch ran out
                 state.epoch += 1
                 state.batches_in_epoch = 0
                 continue
-            if stop.requested:
-                path = save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit)
+            if stopping:
+                path = save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit, saved)
                 accelerator.print(
                     f"Stopped by signal at step {state.global_step}; checkpoint saved to {path}. Resume with the same "
                     "command plus --resume_from_checkpoint latest"
@@ -216,7 +240,7 @@ def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dat
 
 
 def _after_update(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", state: TrainState,
-                  output_dir: Path) -> None:
+                  saved: CheckpointState, output_dir: Path) -> None:
     t = config.training
     if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
         last = list_checkpoints(output_dir)
@@ -226,7 +250,7 @@ def _after_update(config: RunConfig, accelerator: Accelerator, runner: "StepRunn
             f"(step {state.global_step}); {where}. Lower --learning_rate / --structure_weight or use bf16 instead of fp16"
         )
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
-        save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit)
+        save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit, saved)
     if t.validation_steps and state.global_step % t.validation_steps == 0:
         if accelerator.is_main_process:
             runner.validate(output_dir / "samples" / f"step-{state.global_step}.png", state.global_step)
@@ -284,19 +308,33 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
                           "use DDP (accelerate launch --multi_gpu), or --structure_weight 0")
 
 
+REPLICA_TOLERANCE = 1e-5  # largest absolute weight difference across ranks that counts as rounding, not a desync
+
+
 def _check_replicas(accelerator: Accelerator, runner: StepRunner) -> None:
     """Several processes: prove the replicas did not drift apart before anything is exported."""
     if accelerator.num_processes == 1:
         return
-    from .distributed import max_rank_difference
+    from .distributed import replica_differences
 
     modules = {"denoiser": runner.unwrapped_denoiser}
     if runner.unwrapped_disc is not None:
         modules["discriminator"] = runner.unwrapped_disc
-    diffs = max_rank_difference(modules)
-    if any(d > 0 for d in diffs.values()):
-        raise RuntimeError(f"replicas differ across processes after training: {diffs}")
-    accelerator.print(f"replica check: {', '.join(modules)} identical on all {accelerator.num_processes} processes")
+    # DDP all-reduces the gradients, so every rank applies the same update to the same weights and the
+    # replicas stay bit-identical in practice (measured: 2 CPU processes, gloo). The comparison is exact
+    # (element by element against rank 0's copy), so "identical" below means bit for bit. Bits that differ
+    # by rounding only (e.g. ranks on different hardware) warn; a real desync (a gap beyond
+    # REPLICA_TOLERANCE, such as one skipped update) stops the run before anything is exported.
+    diffs = replica_differences(modules)
+    if any(gap > REPLICA_TOLERANCE for _, gap in diffs.values()):
+        raise RuntimeError(f"replicas differ across processes after training (elements differing, largest absolute "
+                           f"difference): {diffs}; the checkpoints hold rank 0's weights")
+    if any(count for count, _ in diffs.values()):
+        logger.warning("replica check: the replicas differ by rounding only (elements differing, largest absolute "
+                       "difference): %s; exporting rank 0's weights", diffs, main_process_only=True)
+    else:
+        accelerator.print(f"replica check: {', '.join(modules)} bit-identical on all {accelerator.num_processes} "
+                          "processes")
 
 
 def _prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dtype: torch.dtype):

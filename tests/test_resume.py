@@ -1,5 +1,7 @@
 """Checkpoints: exact resume, rotation, atomic writes, preemption by signal."""
 
+import json
+import re
 import shutil
 import signal
 import subprocess
@@ -7,7 +9,7 @@ import sys
 import time
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from launch import ROOT, accelerate_launch, offline_env, tiny_run_args
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
@@ -24,36 +26,87 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resumed_run_ends_with_the_same_weights(tmp_path, lora):
+def _nudge_checkpoint(folder, lora):
+    """Add NUDGE to one element of one trained weight inside the checkpoint's safetensors; return its key."""
+    path = folder / "model.safetensors"
+    weights = load_file(str(path))
+    if lora:
+        key = next(k for k in sorted(weights) if "lora_B" in k)
+    else:
+        key = next(k for k in sorted(weights) if k.endswith("proj_out_2.weight"))
+    weights[key][0, 0] += NUDGE
+    save_file(weights, str(path))
+    return key
+
+
+NUDGE = 0.5
+
+
+def _resumed_step(text):
+    found = re.findall(r"Resumed from \S+ at step (\d+)", text)
+    assert len(found) == 1, text[-3000:]
+    return int(found[0])
+
+
+@pytest.mark.parametrize("lora, ema", [(False, True), (True, True), (False, False), (True, False)],
+                         ids=["full-ema", "lora-ema", "full", "lora"])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", per_class=5)  # 10 images, batch 4: epochs of 2 steps
     env = offline_env(tmp_path)
-    extra = ["--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--use_ema", "--ema_decay", "0.9",
-             "--random_flip", "--disc_weight_decay", "0.01", "--report_to", "none"]
+    extra = ["--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--random_flip", "--disc_weight_decay", "0.01",
+             "--report_to", "none"]
+    if ema:
+        extra += ["--use_ema", "--ema_decay", "0.9"]
     if lora:
         extra += ["--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2"]
     full = tmp_path / "full"
     proc = accelerate_launch(tiny_run_args(base, data, full, steps=7) + extra, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    ckpt = full / "checkpoints" / "checkpoint-3"
+    # The project's state is JSON / safetensors; the only pickles are accelerate's (docs/checkpoints.md).
+    assert json.loads((ckpt / "train_state.json").read_text())["global_step"] == 3
+    assert (ckpt / "ema.safetensors").is_file() == ema
+    assert not list(ckpt.glob("custom_checkpoint_*"))
 
     # A second run that only has the step-3 checkpoint of the same command resumes from it.
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    shutil.copytree(ckpt, resumed / "checkpoints" / "checkpoint-3")
     proc = accelerate_launch(tiny_run_args(base, data, resumed, steps=7) + extra +
                              ["--resume_from_checkpoint", "latest"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resumed from" in proc.stdout + proc.stderr
+    assert _resumed_step(proc.stdout + proc.stderr) == 3  # not a silent restart from step 0
     assert _max_diff(_weights(full / "transformer"), _weights(resumed / "transformer")) <= 1e-6
     assert _max_diff(_weights(full / "structure_discriminator"), _weights(resumed / "structure_discriminator")) <= 1e-6
-    # ... and it really started at step 3: the first run's state differs from the base by then.
     assert _max_diff(_weights(base / "transformer"), _weights(full / "transformer")) > 1e-4
     if lora:
         lora_full = load_file(str(full / "pytorch_lora_weights.safetensors"))
         lora_resumed = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
         assert _max_diff(lora_full, lora_resumed) <= 1e-6
+    if not ema:
+        return
+
+    # ... and it continued from the checkpoint's weights: a nudge written into the checkpoint's safetensors
+    # shows up in the result (a restart from the base, which the seeded noise would replay, would not show it).
+    nudged = tmp_path / "nudged"
+    (nudged / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, nudged / "checkpoints" / "checkpoint-3")
+    key = _nudge_checkpoint(nudged / "checkpoints" / "checkpoint-3", lora)
+    proc = accelerate_launch(tiny_run_args(base, data, nudged, steps=7) + extra +
+                             ["--resume_from_checkpoint", "latest"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _resumed_step(proc.stdout + proc.stderr) == 3
+    if lora:  # the exported adapter file (EMA weights), keys without peft's adapter name
+        a, b = (load_file(str(f / "pytorch_lora_weights.safetensors")) for f in (resumed, nudged))
+        (key,) = [k for k in a if k.endswith(key.replace(".default", ""))]
+    else:
+        a, b = _weights(resumed / "transformer"), _weights(nudged / "transformer")
+    # 4 more steps move a weight by ~lr each, far less than the nudge; the EMA (warm-up decay <= 0.47 at
+    # these steps) keeps nearly all of it.
+    shift = (b[key][0, 0] - a[key][0, 0]).item()
+    assert 0.5 * NUDGE < shift < 1.5 * NUDGE, shift
 
 
 def test_checkpoint_rotation_and_missing_resume_checkpoint(tmp_path):
@@ -82,22 +135,88 @@ def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path):
     assert resolve_resume(tmp_path / "elsewhere", "latest") is None
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path, signum):
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data")
     out = tmp_path / "out"
+    # No periodic checkpoints: the one checkpoint must come from the signal. Validation every step only
+    # tells the test that training is under way.
     cmd = [sys.executable, str(ROOT / "train_sadm.py"), *tiny_run_args(base, data, out, steps=100000),
-           "--report_to", "none", "--checkpointing_steps", "2"]
+           "--report_to", "none", "--validation_steps", "1"]
     proc = subprocess.Popen(cmd, env=offline_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoints" / "checkpoint-2").exists():
-        time.sleep(0.2)
-    assert (out / "checkpoints" / "checkpoint-2").exists(), "training never reached step 2"
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "samples" / "step-1.png").exists() and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / "samples" / "step-1.png").exists(), "training never reached step 1"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    assert "--resume_from_checkpoint latest" in stdout + stderr
-    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("checkp"))
-    assert steps[-1] >= 2 and not list((out / "checkpoints").glob(".tmp-*"))
+    stopped = re.findall(r"Stopped by signal at step (\d+); checkpoint saved", stdout + stderr)
+    assert len(stopped) == 1 and "--resume_from_checkpoint latest" in stdout + stderr
+    step = int(stopped[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint-{step}"]
+    state = json.loads((out / "checkpoints" / f"checkpoint-{step}" / "train_state.json").read_text())
+    assert state["global_step"] == step >= 1
     assert not (out / "model_index.json").exists()  # stopped early: no export of a half-trained model
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error_line(proc):
+    lines = [ln for ln in proc.stderr.splitlines() if "sadm-train: error:" in ln]
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_latest_without_a_checkpoint_never_overwrites_a_finished_run(tmp_path):
+    """The reported data loss: a finished run without checkpoints, then the suggested
+    `--resume_from_checkpoint latest` retrained from step 0 over the export, exit 0."""
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
+    data = build_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = tiny_run_args(base, data, out, steps=2) + ["--report_to", "none"]
+    proc = accelerate_launch(args, offline_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model_index.json").is_file() and not (out / "checkpoints").exists()
+    before = _snapshot(out)
+
+    # Occupied folder, no checkpoint: the error does not suggest resuming.
+    line = _error_line(accelerate_launch(args, offline_env(tmp_path), quiet=True))
+    assert "--overwrite_output_dir" in line and "--resume_from_checkpoint" not in line
+
+    line = _error_line(accelerate_launch(args + ["--resume_from_checkpoint", "latest"], offline_env(tmp_path),
+                                         quiet=True))
+    assert "no checkpoint found" in line and "--overwrite_output_dir" in line
+    assert _snapshot(out) == before  # the export is untouched, byte for byte
+
+
+def test_latest_on_an_empty_or_missing_folder_starts_fresh_and_checkpoints_are_suggested(tmp_path):
+    from sadm_finetune.config import build_config
+    from sadm_finetune.errors import InputError
+    from sadm_finetune.training import check_output_dir
+
+    def config(out, **extra):
+        return build_config({"pretrained_model_name_or_path": "p", "train_data_dir": "d", "output_dir": str(out),
+                             **extra})
+
+    assert check_output_dir(config(tmp_path / "missing", resume_from_checkpoint="latest")) == tmp_path / "missing"
+    (tmp_path / "empty").mkdir()
+    assert check_output_dir(config(tmp_path / "empty", resume_from_checkpoint="latest")) == tmp_path / "empty"
+    busy = tmp_path / "busy"
+    (busy / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (busy / "training_config.yaml").write_text("x")
+    with pytest.raises(InputError, match="--resume_from_checkpoint latest to continue it"):
+        check_output_dir(config(busy))
+    assert check_output_dir(config(busy, resume_from_checkpoint="latest")) == busy
+    (busy / "checkpoints" / "checkpoint-5").rmdir()
+    with pytest.raises(InputError, match="no checkpoint found in .*checkpoints, so there is nothing to resume"):
+        check_output_dir(config(busy, resume_from_checkpoint="latest"))
+    assert check_output_dir(config(busy, resume_from_checkpoint="latest", overwrite_output_dir=True)) == busy
