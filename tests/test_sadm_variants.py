@@ -131,3 +131,24 @@ def test_structure_term_is_fp32_under_bf16_autocast_and_matches_the_fp32_gradien
         grads.append(x.grad)
     assert seen == [torch.float32, torch.bfloat16]
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.2
+
+
+@pytest.mark.slow
+def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launch import accelerate_launch, offline_env, tiny_run_args
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
+    data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
+    out = tmp_path / "out"
+    args = tiny_run_args(base, data, out, steps=3) + ["--structure_weight", "0.1", "--disc_renoise", "0.5",
+                                                     "--disc_real_lowpass", "--disc_pool", "2"]
+    proc = accelerate_launch(args, offline_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"structure_gap_fixed", "d_pair_cos", "structure_loss_g", "structure_loss_d"} <= tags, tags
+    assert len(events.Scalars("d_pair_cos")) == 3
