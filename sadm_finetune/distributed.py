@@ -73,3 +73,44 @@ def replica_differences(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[
 
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+# -- FSDP: the denoiser sharded by accelerate, the discriminator replicated beside it (docs/scaling.md) ----------
+
+def is_fsdp(accelerator) -> bool:
+    return str(accelerator.distributed_type).split(".")[-1] == "FSDP"
+
+
+def replicate_outside_fsdp(accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """Under FSDP: D as a plain DDP replica (gradients all-reduced in its own backward), not an FSDP unit.
+
+    accelerate's FSDP2 `prepare` takes one model per call, and its FSDP `save_state` pairs the i-th
+    optimizer with the i-th prepared model; so D, its optimizer and scheduler stay out of accelerate's
+    lists (training.py registers them for checkpointing as plain objects). Replicated, D's parameters are
+    full tensors outside any forward, which the generator phase (functional_call on the unwrapped D) needs.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    module.to(accelerator.device)
+    if accelerator.num_processes == 1:
+        return module
+    device_ids = [accelerator.device.index] if accelerator.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)  # broadcasts rank 0's weights
+
+
+def gathered_copy(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
+    """A stock (unsharded) copy of an FSDP-prepared diffusers model on the main process, None elsewhere.
+
+    Every rank must call it (the full state dict is gathered with collectives); the copy is a fresh
+    instance of the model's own class (not FSDP2's generated subclass) holding the gathered weights.
+    """
+    state = accelerator.get_state_dict(model)  # FSDP1: rank0_only; FSDP2: full_state_dict + broadcast
+    if not accelerator.is_main_process:
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = accelerator.unwrap_model(model)
+    cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
+    copy = cls.from_config(inner.config)
+    copy.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    return copy.to(accelerator.device)

@@ -17,7 +17,7 @@ from . import export
 from .checkpointing import (CheckpointState, TrainState, checkpoints_dir, list_checkpoints, load_checkpoint,
                             resolve_resume, save_checkpoint)
 from .config import RunConfig, save_config
-from .distributed import any_rank
+from .distributed import any_rank, gathered_copy, is_fsdp, replicate_outside_fsdp
 from .data import ImageTransform, TrainDataset, collate, open_train_data
 from .errors import ConfigError, InputError, SADMError
 from .models.discriminator import StructureDiscriminator
@@ -144,15 +144,23 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
                                 num_training_steps=t.max_train_steps * accelerator.num_processes)
     to_prepare: list[Any] = [denoiser, optimizer_g, scheduler_g]
     disc = None
+    sharded = is_fsdp(accelerator)
     if s.enabled:
         disc = _build_discriminator(config, adapter)
+        if sharded:  # D stays replicated beside the FSDP denoiser (distributed.replicate_outside_fsdp)
+            disc = replicate_outside_fsdp(accelerator, disc)
         optimizer_d = _optimizer(disc.parameters(), s.disc_learning_rate, (s.disc_adam_beta1, s.disc_adam_beta2),
                                  s.disc_weight_decay, t.adam_epsilon)
         scheduler_d = get_scheduler("constant", optimizer_d)
-        to_prepare += [disc, optimizer_d, scheduler_d]
+        to_prepare += [] if sharded else [disc, optimizer_d, scheduler_d]
     prepared = accelerator.prepare(*to_prepare, dataloader)
     denoiser, optimizer_g, scheduler_g = prepared[:3]
-    disc, optimizer_d, scheduler_d = prepared[3:6] if s.enabled else (None, None, None)
+    if s.enabled and sharded:
+        accelerator.register_for_checkpointing(accelerator.unwrap_model(disc), optimizer_d, scheduler_d)
+    elif not s.enabled:
+        disc, optimizer_d, scheduler_d = None, None, None
+    else:
+        disc, optimizer_d, scheduler_d = prepared[3:6]
     dataloader = prepared[-1]
     if config.model.use_lora:
         lora.register_lora_checkpointing(accelerator, denoiser)  # checkpoints hold the LoRA, not the base
@@ -190,8 +198,11 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         accelerator.end_training()
         return RunSummary(output_dir, state.global_step, True)
 
+    # FSDP: the full state dict is gathered onto the main process (all ranks take part) for a stock export.
+    gathered = gathered_copy(accelerator, runner.denoiser) if is_fsdp(accelerator) else None
     if accelerator.is_main_process:
-        _finish(config, accelerator, adapter, runner, data, output_dir, state, argv)
+        _finish(config, accelerator, adapter, runner, data, output_dir, state, argv, gathered)
+    del gathered
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunSummary(output_dir, state.global_step, False)
@@ -252,20 +263,26 @@ def _after_update(config: RunConfig, accelerator: Accelerator, runner: "StepRunn
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
         save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit, saved)
     if t.validation_steps and state.global_step % t.validation_steps == 0:
+        # FSDP: the denoiser is sharded; every rank helps gather a stock copy for the main process to sample.
+        model = gathered_copy(accelerator, runner.denoiser) if is_fsdp(accelerator) else None
         if accelerator.is_main_process:
-            runner.validate(output_dir / "samples" / f"step-{state.global_step}.png", state.global_step)
+            runner.validate(output_dir / "samples" / f"step-{state.global_step}.png", state.global_step, model)
+        del model
         accelerator.wait_for_everyone()
 
 
 def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepRunner", data, output_dir: Path,
-            state: TrainState, argv: list[str] | None) -> None:
-    """Main process only: export the stock pipeline, sample from the reloaded export, card, push."""
+            state: TrainState, argv: list[str] | None, gathered=None) -> None:
+    """Main process only: export the stock pipeline, sample from the reloaded export, card, push.
+
+    `gathered`: under FSDP, a stock copy of the denoiser holding the gathered full weights (exported instead
+    of the sharded module)."""
     t = config.training
     if runner.weight_dtype != torch.float32:
         adapter.reload_frozen_fp32()
     extra = {"structure_discriminator": runner.unwrapped_disc} if runner.unwrapped_disc is not None else {}
     lora_state = None
-    with runner.inference_pipeline() as pipeline:
+    with runner.inference_pipeline(gathered) as pipeline:
         if config.model.use_lora:  # merge into a fresh fp32 base: stock loaders, base weights bit for bit
             model = runner.unwrapped_denoiser
             lora_state = lora.lora_state_dict(model)
@@ -300,12 +317,28 @@ def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepR
 
 
 def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None:
-    """SADM prepares two models with accelerate; DeepSpeed turns one engine into the other's and FSDP
-    shards weights that the frozen-D generator step and the export read unwrapped. DDP is the tested path."""
+    """Which sharded set-ups the toolkit runs (docs/scaling.md, section 3).
+
+    FSDP (1 or 2): the denoiser is the only model accelerate prepares (and shards); the discriminator stays
+    a replicated DDP module beside it, and validation and export gather the full weights onto the main
+    process. LoRA/DiffFit, EMA and fp16 are not wired for a sharded denoiser and stop here."""
     kind = str(accelerator.distributed_type).split(".")[-1]
-    if config.sadm.enabled and kind in ("DEEPSPEED", "FSDP"):
-        raise ConfigError("structure_weight", f"SADM is not supported under {kind} yet (two prepared models)",
-                          "use DDP (accelerate launch --multi_gpu), or --structure_weight 0")
+    if kind == "FSDP":
+        fix = "use DDP (accelerate launch --multi_gpu) for it"
+        if config.model.trainable != "full":
+            raise ConfigError("trainable", f"--trainable {config.model.trainable} is not supported under FSDP (the "
+                              "adapter export reads the unwrapped, sharded denoiser)", f"use --trainable full, or {fix}")
+        if config.training.use_ema:
+            raise ConfigError("use_ema", "EMA is not supported under FSDP (it would average local shards, which the "
+                              "export does not gather)", f"drop --use_ema, or {fix}")
+        if config.sadm.enabled and accelerator.mixed_precision == "fp16":
+            raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
+                              "discriminator has no gradient scaler)", "use bf16")
+    if config.sadm.enabled and kind == "DEEPSPEED":
+        raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate builds one DeepSpeed "
+                          "engine per prepare call and accelerator.backward always steps that engine, so the "
+                          "discriminator's update would step the denoiser (untested here: no GPU)",
+                          "use FSDP or DDP (accelerate launch --multi_gpu), or --structure_weight 0")
 
 
 REPLICA_TOLERANCE = 1e-5  # largest absolute weight difference across ranks that counts as rounding, not a desync
@@ -317,7 +350,9 @@ def _check_replicas(accelerator: Accelerator, runner: StepRunner) -> None:
         return
     from .distributed import replica_differences
 
-    modules = {"denoiser": runner.unwrapped_denoiser}
+    # Under FSDP the denoiser is sharded, not replicated: each rank holds a different part, nothing to compare.
+    sharded = is_fsdp(accelerator)
+    modules = {} if sharded else {"denoiser": runner.unwrapped_denoiser}
     if runner.unwrapped_disc is not None:
         modules["discriminator"] = runner.unwrapped_disc
     # DDP all-reduces the gradients, so every rank applies the same update to the same weights and the
@@ -332,9 +367,9 @@ def _check_replicas(accelerator: Accelerator, runner: StepRunner) -> None:
     if any(count for count, _ in diffs.values()):
         logger.warning("replica check: the replicas differ by rounding only (elements differing, largest absolute "
                        "difference): %s; exporting rank 0's weights", diffs, main_process_only=True)
-    else:
+    elif modules:
         accelerator.print(f"replica check: {', '.join(modules)} bit-identical on all {accelerator.num_processes} "
-                          "processes")
+                          "processes" + ("; denoiser sharded (FSDP), one copy" if sharded else ""))
 
 
 def _prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dtype: torch.dtype):
