@@ -60,7 +60,8 @@ def test_sadm_eval_end_to_end(tiny_dit, digits_dir, tmp_path, capsys):
 
     result = json.loads(out_json.read_text())
     metrics = result["metrics"]
-    assert set(metrics) == {"fid", "kid_mean", "kid_std", "precision", "recall", "label_accuracy"}
+    # these at least (another metric may join them)
+    assert {"fid", "kid_mean", "kid_std", "precision", "recall", "label_accuracy"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["label_accuracy"] <= 1
     assert (result["num_samples"], result["num_classes"], result["num_reference_images"]) == (20, 10, 30)
