@@ -60,24 +60,32 @@ REGIMES = {
 LORA = ["--trainable", "lora", "--lora_rank", "8", "--learning_rate", "1e-3"]
 DIFFFIT = ["--trainable", "difffit", "--learning_rate", "1e-3"]  # DiffFit's 10x learning rate
 
-# (regime, arm) -> (flags on top of configs/demo.yaml + the regime's recipe, the arm it is paired with)
-ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
-    ("continue", "plain"): (PLAIN, None),
-    ("continue", "sadm"): ([], "plain"),
-    ("transfer", "full-plain"): (PLAIN, None),
-    ("transfer", "full-sadm"): ([], "full-plain"),
-    ("continue", "sadm-renoise"): (["--disc_renoise", "1.0"], "plain"),
-    ("continue", "sadm-lowpass"): (["--disc_real_lowpass"], "plain"),
-    ("continue", "sadm-low-t"): (["--timestep_weighting", "cutoff"], "plain"),
-    ("continue", "sadm-no-sn"): (["--no_disc_spectral_norm"], "plain"),
-    ("continue", "sadm-pool2"): (["--disc_pool", "2"], "plain"),
-    ("transfer", "difffit-plain"): (DIFFFIT + PLAIN, None),
-    ("transfer", "difffit-sadm"): (DIFFFIT, "difffit-plain"),
-    ("transfer", "lora-plain"): (LORA + PLAIN, None),
-    ("transfer", "lora-sadm"): (LORA, "lora-plain"),
-    ("converged", "plain"): (PLAIN, None),
-    ("converged", "sadm"): ([], "plain"),
-}
+# (regime, arm) -> (flags on top of configs/demo.yaml + the regime's recipe, the arm it is paired with),
+# in priority blocks: a block's runs go seed by seed, so paired arms finish together and CIs appear early.
+PRIORITY: list[dict[tuple[str, str], tuple[list[str], str | None]]] = [
+    {
+        ("continue", "plain"): (PLAIN, None),
+        ("continue", "sadm"): ([], "plain"),
+        ("continue", "sadm-renoise"): (["--disc_renoise", "1.0"], "plain"),
+    },
+    {
+        ("transfer", "full-plain"): (PLAIN, None),
+        ("transfer", "full-sadm"): ([], "full-plain"),
+        ("transfer", "difffit-plain"): (DIFFFIT + PLAIN, None),
+        ("transfer", "difffit-sadm"): (DIFFFIT, "difffit-plain"),
+    },
+    {
+        ("continue", "sadm-low-t"): (["--timestep_weighting", "cutoff"], "plain"),
+        ("continue", "sadm-no-sn"): (["--no_disc_spectral_norm"], "plain"),
+        ("transfer", "lora-plain"): (LORA + PLAIN, None),
+        ("transfer", "lora-sadm"): (LORA, "lora-plain"),
+        ("continue", "sadm-lowpass"): (["--disc_real_lowpass"], "plain"),
+        ("continue", "sadm-pool2"): (["--disc_pool", "2"], "plain"),
+        ("converged", "plain"): (PLAIN, None),
+        ("converged", "sadm"): ([], "plain"),
+    },
+]
+ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 FULL_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "sadm-lambda-0.05"): (["--structure_weight", "0.05"], "plain"),
     ("continue", "sadm-disc-lr-2e-5"): (["--disc_learning_rate", "2e-5"], "plain"),
@@ -180,6 +188,7 @@ def train_and_evaluate(regime: str, arm: str, flags: list[str], seed: int, setup
                "--pretrained", str(setup["base"]), "--dataset_name", setup["train"], "--output_dir", str(out),
                "--overwrite_output_dir", "--seed", str(seed), "--max_train_steps", str(r["steps"]),
                "--report_to", "tensorboard", "--validation_inference_steps", "10", "--num_validation_images", "2",
+               "--cache_latents", "--latent_cache_dir", str(work / "latent_cache"),
                *r["recipe"], *flags]
         _run(cmd, f"training {regime}/{arm} seed {seed}")
     trained = time.time() - start
@@ -338,7 +347,10 @@ def main() -> None:
     setups = {r: regime_setup(r, work) for r in REGIMES if any(j[0] == r for j in jobs)}
     for regime, setup in setups.items():
         base_metrics(regime, setup, work)
-    jobs.sort(key=lambda j: (list(arms).index((j[0], j[1])) // 4, j[3], list(arms).index((j[0], j[1]))))
+    def block(arm: tuple[str, str]) -> int:
+        return next((i for i, b in enumerate(PRIORITY) if arm in b), len(PRIORITY))
+
+    jobs.sort(key=lambda j: (block(j[:2]), j[3], list(arms).index(j[:2])))
     lock = threading.Lock()
     failures = []
 

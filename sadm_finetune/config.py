@@ -76,7 +76,7 @@ class ModelConfig:
     trainable: Literal["full", "lora", "difffit"] = _f(
         "full",
         "What trains in the denoiser: all weights; LoRA adapters (peft); or DiffFit (Xie et al. 2023: biases, "
-        "norms, class/time embeddings and learnable per-block scale factors, folded into the weights at export).",
+        "norms, class embeddings and learnable per-block scale factors, folded into the weights at export).",
     )
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha / r (default: alpha = rank).")
@@ -244,7 +244,7 @@ class SADMConfig:
     disc_class_conditional: bool = _f(False, "Condition the discriminator on class labels too.")
     disc_max_grad_norm: float | None = _f(1.0, "Clip the discriminator's gradient norm to this value (None: no clipping).")
     disc_renoise: float = _f(
-        0.0, "Instance noise: D sees both z0 and x0_hat re-noised to the level s = round(disc_renoise * t) with one "
+        0.0, "Instance noise: D sees both z0 and x0_hat re-noised to the level s = floor(disc_renoise * t) with one "
         "shared noise draw (0: off; 1: the sample's own level t).",
     )
     disc_real_lowpass: bool = _f(
