@@ -299,7 +299,7 @@ def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict
               "protocol": "DDIM 25 steps, guidance 1.0, sampling seed 1234, digits-classifier features; "
                           "paired by training seed; 95% Student-t interval of the mean paired difference"}
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
+    tmp = output.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, output.with_suffix(".json"))
     if summary:

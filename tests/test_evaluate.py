@@ -172,3 +172,22 @@ def test_missing_inception_weights_say_where_to_put_them(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "inception-2015-12-05.pt"
     assert str(expected) in err and "inception-2015-12-05.pt (needs network" in err and "SADM_INCEPTION_PATH" in err
+
+
+def test_only_the_classes_of_a_labelled_reference_are_sampled(tiny_dit, tmp_path):
+    """A transfer domain's reference (digits 5-9) is compared with samples of those classes only."""
+    import json
+
+    root = tmp_path / "ref"
+    images, labels = load_digits_images(32)
+    for label in (3, 7):
+        (root / f"{label}").mkdir(parents=True)
+        for i, index in enumerate(np.flatnonzero(labels == label)[:3]):
+            Image.fromarray(images[index]).save(root / f"{label}" / f"{i}.png")
+    # sorted folder names give ids 0 and 1: classes 0, 1 of the 10-class pipeline
+    out_json = tmp_path / "eval.json"
+    assert main(["--pipeline", str(tiny_dit), "--reference_dir", str(root), "--features", "digits",
+                 "--samples_per_class", "2", "--num_inference_steps", "1", "--batch_size", "4", "--device", "cpu",
+                 "--output_json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["num_classes"] == 2 and result["num_samples"] == 4
