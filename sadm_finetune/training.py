@@ -335,9 +335,10 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
             raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
                               "discriminator has no gradient scaler)", "use bf16")
     if config.sadm.enabled and kind == "DEEPSPEED":
-        raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate builds one DeepSpeed "
-                          "engine per prepare call and accelerator.backward always steps that engine, so the "
-                          "discriminator's update would step the denoiser (untested here: no GPU)",
+        raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate prepares one "
+                          "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's engine, "
+                          "so the discriminator needs its own unprepared update path, which is not written because "
+                          "it cannot be tested here (accelerate never selects DeepSpeed on a CPU-only machine)",
                           "use FSDP or DDP (accelerate launch --multi_gpu), or --structure_weight 0")
 
 
