@@ -1,0 +1,32 @@
+"""benchmarks/gpu_check.py (not CI's own check, which needs a GPU): it refuses cleanly without CUDA, and its
+step runs, on CPU and a tiny DiT, with finite losses (so the GPU day is not spent on a typo)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU: the check would run")
+def test_gpu_check_without_cuda_exits_with_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
+                          text=True, timeout=120, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1
+    assert proc.stdout == "" and proc.stderr.startswith("gpu_check: no CUDA GPU visible")
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("sadm", [False, True])
+def test_gpu_check_arm_runs_on_cpu_with_a_tiny_dit(sadm):
+    from benchmarks.gpu_check import _arm
+
+    tiny = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+    row = _arm(sadm, "sdpa", batch=4, steps=3, device="cpu", dit_config=tiny)
+    assert row["all_losses_finite"]
+    assert ("structure_loss_g" in row["last_losses"]) == sadm and ("loss_d" in row["last_losses"]) == sadm
