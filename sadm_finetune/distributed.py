@@ -86,8 +86,9 @@ def replicate_outside_fsdp(accelerator, module: torch.nn.Module) -> torch.nn.Mod
 
     accelerate's FSDP2 `prepare` takes one model per call, and its FSDP `save_state` pairs the i-th
     optimizer with the i-th prepared model; so D, its optimizer and scheduler stay out of accelerate's
-    lists (training.py registers them for checkpointing as plain objects). Replicated, D's parameters are
-    full tensors outside any forward, which the generator phase (functional_call on the unwrapped D) needs.
+    lists (training.py stores their state in the checkpoint's safetensors files through
+    checkpointing.CheckpointState, not as pickles). Replicated, D's parameters are full tensors outside
+    any forward, which the generator phase (functional_call on the unwrapped D) needs.
     """
     from torch.nn.parallel import DistributedDataParallel
 

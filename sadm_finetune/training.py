@@ -156,7 +156,10 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     prepared = accelerator.prepare(*to_prepare, dataloader)
     denoiser, optimizer_g, scheduler_g = prepared[:3]
     if s.enabled and sharded:
-        accelerator.register_for_checkpointing(accelerator.unwrap_model(disc), optimizer_d, scheduler_d)
+        # Not prepared by accelerate, so not in its files: D's state goes into the project's checkpoint files
+        # (safetensors, below), not register_for_checkpointing's pickles (docs/checkpoints.md).
+        unprepared_d = {"discriminator": accelerator.unwrap_model(disc), "disc_optimizer": optimizer_d,
+                        "disc_scheduler": scheduler_d}
     elif not s.enabled:
         disc, optimizer_d, scheduler_d = None, None, None
     else:
@@ -176,6 +179,8 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     # The project's own checkpoint state: JSON / safetensors files, never accelerate's pickled custom states.
     saved = CheckpointState()
     saved.add("train_state", state)
+    for name, obj in (unprepared_d if s.enabled and sharded else {}).items():
+        saved.add(name, obj)
     if ema is not None:
         saved.add("ema", ema)
 
@@ -195,6 +200,11 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     accelerator.wait_for_everyone()
     _check_replicas(accelerator, runner)
     if stopped_early:
+        # A barrier before end_training (which destroys the process group): without it, a gloo worker thread
+        # could still be releasing the replica check's tensors (it needs the GIL) while the main thread, holding
+        # the GIL, tears the group down with the DDP reducer and joins that thread. Seen as a hang of rank 0
+        # at exit after a signal stop (2 CPU processes, torch 2.13).
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return RunSummary(output_dir, state.global_step, True)
 

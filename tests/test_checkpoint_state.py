@@ -56,6 +56,38 @@ def test_state_round_trips_exactly_without_pickle(tmp_path):
     assert all(torch.equal(o["state"][i][k], o2["state"][i][k]) for i in o["state"] for k in o["state"][i])
 
 
+def test_an_unprepared_discriminator_with_optimizer_and_scheduler_round_trips(tmp_path):
+    """Under FSDP, D, its optimizer and scheduler are not accelerate's: they go through CheckpointState."""
+    from diffusers.optimization import get_scheduler
+
+    from sadm_finetune.models.discriminator import StructureDiscriminator
+
+    def build(seed):
+        torch.manual_seed(seed)
+        disc = StructureDiscriminator(in_channels=4, base_channels=8, num_blocks=2, embed_dim=16, spectral_norm=True)
+        opt = torch.optim.AdamW(disc.parameters(), lr=1e-3, betas=(0.5, 0.999))
+        sched = get_scheduler("constant", opt)
+        disc(torch.randn(3, 4, 8, 8), torch.randint(0, 1000, (3,))).sum().backward()
+        opt.step()
+        sched.step()
+        return {"discriminator": disc, "disc_optimizer": opt, "disc_scheduler": sched}
+
+    objs, other = build(0), build(1)
+    saved, loaded = CheckpointState(), CheckpointState()
+    for name in objs:
+        saved.add(name, objs[name])
+        loaded.add(name, other[name])
+    saved.save(tmp_path)
+    loaded.load(tmp_path)
+    a, b = objs["discriminator"].state_dict(), other["discriminator"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert objs["disc_scheduler"].state_dict() == other["disc_scheduler"].state_dict()
+    o, o2 = objs["disc_optimizer"].state_dict(), other["disc_optimizer"].state_dict()
+    assert o["param_groups"] == o2["param_groups"]
+    assert all(torch.equal(o["state"][i][k], o2["state"][i][k]) for i in o["state"] for k in o["state"][i])
+    assert not list(tmp_path.glob("*.pkl"))
+
+
 def test_a_missing_part_is_a_clear_error(tmp_path):
     saved = CheckpointState()
     saved.add("train_state", TrainState())

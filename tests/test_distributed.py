@@ -1,7 +1,14 @@
 """Several processes through accelerate (CPU, gloo) and the global-batch structure loss."""
 
+import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers import DDPMScheduler
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import ROOT, accelerate_launch, offline_env, tiny_run_args
 from sadm_finetune.config import SADMConfig
 from sadm_finetune.models.discriminator import StructureDiscriminator
 from sadm_finetune.sadm import SADMObjective
@@ -76,8 +83,106 @@ def test_two_cpu_processes_train_in_lockstep(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = proc.stdout + proc.stderr
     assert "2 processes" in text
-    assert "replica check: denoiser, discriminator identical on all 2 processes" in text
+    assert "replica check: denoiser, discriminator bit-identical on all 2 processes" in text
     assert (out / "model_index.json").is_file() and (out / "samples" / "step-2.png").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
     # One random-state file per rank: each process saved its part of the checkpoint.
     assert len(list((out / "checkpoints" / "checkpoint-4").glob("random_states_*.pkl"))) == 2
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    for pid in _descendants(launcher_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 only: the stop is agreed across ranks, one checkpoint, both exit 0."""
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
+    data = build_image_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "out"
+    args = tiny_run_args(base, data, out, steps=100000) + ["--validation_steps", "1", "--report_to", "none"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--num_processes", "2", "--multi_gpu", str(ROOT / "train_sadm.py"), *args]
+    proc = subprocess.Popen(launcher, env=offline_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (out / "samples" / "step-1.png").exists() and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / "samples" / "step-1.png").exists(), "training never reached step 1"
+        rank1 = _rank_pid(proc.pid, 1)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # a hang (ranks in different collectives): kill the whole launch
+            for pid in _descendants(proc.pid):  # the ranks run in sessions of their own
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-4000:]
+    text = stdout + stderr
+    stopped = re.findall(r"Stopped by signal at step (\d+); checkpoint saved", text)
+    assert len(stopped) == 1, text[-3000:]
+    step = int(stopped[0])
+    ckpt = out / "checkpoints" / f"checkpoint-{step}"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [ckpt.name]
+    assert json.loads((ckpt / "train_state.json").read_text())["global_step"] == step
+    assert len(list(ckpt.glob("random_states_*.pkl"))) == 2  # both ranks wrote their part at that step
+    assert not (out / "model_index.json").exists()
+
+
+def _replica_main(rank, world, port, queue):
+    from sadm_finetune.distributed import replica_differences
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    same, swapped, nudged = (torch.nn.Linear(4, 3) for _ in range(3))
+    if rank == 1:
+        with torch.no_grad():
+            w = swapped.weight.view(-1)
+            w[0], w[1] = w[1].clone(), w[0].clone()  # same sum and sum of squares: a float fingerprint misses it
+            nudged.bias[2] = torch.nextafter(nudged.bias[2], torch.tensor(10.0))  # one ulp
+    queue.put((rank, replica_differences({"same": same, "swapped": swapped, "nudged": nudged})))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_replica_comparison_is_exact():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_replica_main, args=(2, _free_port(), queue), nprocs=2, join=True, start_method="spawn")
+    results = dict(queue.get(timeout=60) for _ in range(2))
+    assert results[0] == results[1]  # every rank gets the same verdict
+    diffs = results[0]
+    assert diffs["same"] == (0, 0.0)
+    assert diffs["swapped"][0] == 2 and diffs["swapped"][1] > 0
+    assert diffs["nudged"][0] == 1 and 0 < diffs["nudged"][1] < 1e-6
