@@ -66,7 +66,12 @@ def test_classifier_folder_round_trip(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
     np.testing.assert_allclose(extractor(images), expected.features.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(extractor.predict(images), expected.logits.argmax(1).numpy())
+    # Batched differently (batch_size 3 vs 4): logits agree to rounding, so the argmax is compared where the
+    # top two logits are not within rounding of each other.
+    top2 = expected.logits.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
+    assert clear.any()
+    np.testing.assert_array_equal(extractor.predict(images)[clear], expected.logits.argmax(1).numpy()[clear])
 
 
 def test_classifier_folder_without_config_is_a_clear_error(tmp_path):

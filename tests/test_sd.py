@@ -51,11 +51,16 @@ def test_caption_dropout_swaps_in_the_empty_prompt(adapter):
                                   generator=torch.Generator().manual_seed(0))["encoder_hidden_states"]
     full = adapter.encode_prompts([CAPTIONS[0]], torch.device("cpu"))
     empty = adapter.encode_prompts([""], torch.device("cpu"))
-    is_empty = [torch.equal(s, empty[0]) for s in states]
-    assert all(e or torch.equal(s, full[0]) for s, e in zip(states, is_empty))
+
+    def same(a, b):  # encoded in batches of different sizes: equal up to float rounding, not bit for bit
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    assert not same(full[0], empty[0])
+    is_empty = [same(s, empty[0]) for s in states]
+    assert all(e or same(s, full[0]) for s, e in zip(states, is_empty))
     assert 10 < sum(is_empty) < 54  # p = 0.5
     kept = adapter.conditioning(batch, torch.device("cpu"), torch.float32, drop=False)["encoder_hidden_states"]
-    assert all(torch.equal(s, full[0]) for s in kept)
+    assert all(same(s, full[0]) for s in kept)
 
 
 def test_uncaptioned_data_is_refused(adapter, tmp_path):
@@ -91,7 +96,9 @@ def test_full_fine_tune_v_prediction_exports_a_stock_pipeline(tmp_path):
     assert pipe.safety_checker is None and pipe.config.requires_safety_checker is False
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     trained, original = (load_file(str(p / "unet" / "diffusion_pytorch_model.safetensors")) for p in (out, base))
-    assert trained.keys() == original.keys() and any(not torch.equal(trained[k], original[k]) for k in trained)
+    assert trained.keys() == original.keys()
+    assert max((trained[k] - original[k]).abs().max().item() for k in trained) > 1e-4  # trained, beyond rounding
+    # The frozen parts are copied, never computed: bit for bit.
     for frozen in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(str(out / frozen)), load_file(str(base / frozen))
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -54,12 +54,13 @@ def test_fine_tune_exports_a_stock_pipeline(tmp_path, learned_sigma, structure_w
     assert info == {"cls": "DiTPipeline", "shape": [2, 32, 32, 3], "finite": True,
                     "labels": {"class_0": 0, "class_1": 1}}
 
-    # The VAE is frozen: bit-identical to the base; the transformer did train.
+    # The VAE is frozen: its tensors are copied, never computed, so bit-identical to the base; the
+    # transformer did train (by more than rounding: 4 AdamW steps at lr 1e-3 move weights by ~1e-3).
     base_vae, new_vae = _tensors(base / "vae"), _tensors(out / "vae")
     assert base_vae.keys() == new_vae.keys() and all(torch.equal(base_vae[k], new_vae[k]) for k in base_vae)
     base_tr, new_tr = _tensors(base / "transformer"), _tensors(out / "transformer")
     assert base_tr.keys() == new_tr.keys()
-    assert any(not torch.equal(base_tr[k], new_tr[k]) for k in base_tr)
+    assert max((base_tr[k].float() - new_tr[k].float()).abs().max().item() for k in base_tr) > 1e-4
 
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
