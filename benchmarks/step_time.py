@@ -49,7 +49,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 MODES = ("bare", "plain", "sadm")
 
-# DiTTransformer2DModel kwargs. tiny: the demo DiT (ENV.md, learned sigma as scripts/make_demo_base.py);
+# DiTTransformer2DModel kwargs. tiny: the demo DiT (learned sigma, as scripts/make_demo_base.py builds it);
 # dit-s: DiT-S/2 (hidden 384 = 6 heads x 64, depth 12, patch 2) on 4x32x32 latents (256 px), learned sigma.
 MODELS = {
     "tiny": dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,

@@ -39,7 +39,7 @@ def predicted_original_sample(
     model_pred: torch.Tensor, noisy_latents: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
     prediction_type: PredictionType,
 ) -> torch.Tensor:
-    """x0_hat from the model output (DESIGN.md §1 step 4); differentiable in `model_pred`."""
+    """x0_hat from the model output (docs/design.md §1 step 4); differentiable in `model_pred`."""
     if prediction_type == "sample":
         return model_pred
     ab = _per_t(alphas_cumprod, timesteps, noisy_latents.ndim)
@@ -150,7 +150,7 @@ class LearnedSigmaVLB:
 
 
 # ---------------------------------------------------------------------------------------------
-# SADM structure loss (DESIGN.md §1 steps 6-8)
+# SADM structure loss (docs/design.md §1 steps 6-8)
 
 
 def structure_sample_weights(

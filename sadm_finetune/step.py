@@ -1,6 +1,6 @@
 """One micro-batch of SADM training: the denoiser (G) update, then the discriminator (D) update.
 
-DESIGN.md §2: a single `accelerator.accumulate` per micro-batch; D is frozen during the G step by
+docs/design.md §2: a single `accelerator.accumulate` per micro-batch; D is frozen during the G step by
 passing its parameters detached (no requires_grad toggling under DDP); both optimizers are zeroed
 after their update; non-finite updates are skipped on every rank alike (the grad norm is computed
 after the all-reduce, so every rank sees the same value).

@@ -1,6 +1,6 @@
 """LoRA on the denoiser through peft's functional API (works for models without diffusers' adapter mixin, e.g. DiT).
 
-Layout of a LoRA run (DESIGN.md §4): the base denoiser is frozen and may sit in `weight_dtype`; the
+Layout of a LoRA run (docs/design.md §3): the base denoiser is frozen and may sit in `weight_dtype`; the
 LoRA parameters train in fp32; checkpoints hold the LoRA tensors only; the export merges the LoRA
 into a fresh fp32 copy of the base (state-dict keys identical to the base's) and writes the adapter
 weights beside it in the diffusers format.
