@@ -90,8 +90,9 @@ def _is_flat(state: Any) -> bool:
 class CheckpointState:
     """The project's objects (anything with `state_dict`/`load_state_dict`) saved into a checkpoint
     folder without pickle: `<name>.json` (plain JSON) when the state is a flat dict of numbers and
-    strings, else `<name>.safetensors` with the tensors and a JSON skeleton of the rest in its metadata. The objects must be identical on every rank (loop
-    counters, EMA of DDP replicas); the main process writes them, every rank reads them."""
+    strings, else `<name>.safetensors` with the tensors and a JSON skeleton of the rest in its metadata.
+    The objects must be identical on every rank (loop counters, EMA of DDP replicas, a replicated D);
+    the main process writes them, every rank reads them."""
 
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
@@ -129,9 +130,10 @@ class CheckpointState:
                 else:
                     raise InputError(f"resume_from_checkpoint: {folder} has no {name} state ({json_file.name} or "
                                      f"{tensor_file.name}); resume with the options of the run that wrote it")
-            except (ValueError, KeyError, SafetensorError) as e:  # json.JSONDecodeError is a ValueError
-                raise InputError(f"resume_from_checkpoint: the {name} state in {folder} is unreadable ({e})") from None
-            obj.load_state_dict(state)
+                obj.load_state_dict(state)
+            except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:  # JSONDecodeError: ValueError
+                raise InputError(f"resume_from_checkpoint: the {name} state in {folder} is unreadable or does not fit "
+                                 f"this run ({e})") from None
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, state: CheckpointState) -> None:
@@ -141,9 +143,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: CheckpointState
     pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
     if pickled:
         raise InputError(
-            f"resume_from_checkpoint: {path} holds pickled state ({', '.join(pickled)}), which is never loaded (unpickling "
-            "can run code); it was written by an older sadm-finetune or another program. Start a new run, or use a "
-            "checkpoint written by this version"
+            f"resume_from_checkpoint: {path} holds pickled state ({', '.join(pickled)}), which is never loaded "
+            "(unpickling can run code); it was written by an older sadm-finetune or another program. Start a new "
+            "run, or use a checkpoint written by this version"
         )
     accelerator.load_state(str(path))
     state.load(path, accelerator.device)

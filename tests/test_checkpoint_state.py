@@ -36,7 +36,8 @@ def test_state_round_trips_exactly_without_pickle(tmp_path):
     saved.add("ema", ema)
     saved.add("optimizer", optimizer)
     saved.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "optimizer.safetensors", "train_state.json"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["ema.safetensors", "optimizer.safetensors", "train_state.json"]
     assert json.loads((tmp_path / "train_state.json").read_text()) == state.state_dict()  # plain JSON
 
     _, optimizer2, ema2, state2 = _trained_objects(1)  # different values everywhere
