@@ -71,13 +71,13 @@ def _weights(out: Path, sub: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """One FSDP2 SADM run on 2 CPU processes (validation and a checkpoint at step 2), shared by the tests below."""
+    """One FSDP2 SADM run on 2 CPU processes with configs/accelerate/fsdp.yaml (validation and a checkpoint at
+    step 2), shared by the tests below."""
     tmp = tmp_path_factory.mktemp("fsdp")
     base = build_tiny_dit_pipeline(tmp / "base", num_classes=2)
     data = build_image_folder(tmp / "data", per_class=6)
     env = offline_env(tmp, OMP_NUM_THREADS="1")
-    flags = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP",
-             "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
+    flags = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]  # the shipped file (8 -> 2, bf16 -> no)
     extra = ["--report_to", "none", "--validation_steps", "2", "--checkpointing_steps", "2"]
     proc = _launch("tests/fsdp_cpu.py", flags, tiny_run_args(base, data, tmp / "fsdp") + extra, env)
     return SimpleNamespace(tmp=tmp, base=base, data=data, env=env, out=tmp / "fsdp", proc=proc,
