@@ -59,7 +59,8 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
     if attention == "xformers":
         model.enable_xformers_memory_efficient_attention()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    scheduler = DDPMScheduler(**{k: v for k, v in DIT_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    ddim_only = ("set_alpha_to_one", "steps_offset")
+    scheduler = DDPMScheduler(**{k: v for k, v in DIT_SCHEDULER.items() if k not in ddim_only})
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     diffusion, vlb = DiffusionLoss("epsilon"), LearnedSigmaVLB(scheduler.betas, device=device)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731

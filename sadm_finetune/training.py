@@ -337,7 +337,8 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
         fix = "use DDP (accelerate launch --multi_gpu) for it"
         if config.model.trainable != "full":
             raise ConfigError("trainable", f"--trainable {config.model.trainable} is not supported under FSDP (the "
-                              "adapter export reads the unwrapped, sharded denoiser)", f"use --trainable full, or {fix}")
+                              "adapter export reads the unwrapped, sharded denoiser)",
+                              f"use --trainable full, or {fix}")
         if config.training.use_ema:
             raise ConfigError("use_ema", "EMA is not supported under FSDP (it would average local shards, which the "
                               "export does not gather)", f"drop --use_ema, or {fix}")
@@ -346,8 +347,8 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
                               "discriminator has no gradient scaler)", "use bf16")
     if config.sadm.enabled and kind == "DEEPSPEED":
         raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate prepares one "
-                          "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's engine, "
-                          "so the discriminator needs its own unprepared update path, which is not written because "
+                          "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's "
+                          "engine, so the discriminator needs its own unprepared update path, which is not written because "
                           "it cannot be tested here (accelerate never selects DeepSpeed on a CPU-only machine)",
                           "use FSDP or DDP (accelerate launch --multi_gpu), or --structure_weight 0")
 

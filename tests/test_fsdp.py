@@ -77,7 +77,7 @@ def fsdp_run(tmp_path_factory):
     base = build_tiny_dit_pipeline(tmp / "base", num_classes=2)
     data = build_image_folder(tmp / "data", per_class=6)
     env = offline_env(tmp, OMP_NUM_THREADS="1")
-    flags = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]  # the shipped file (8 -> 2, bf16 -> no)
+    flags = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]  # shipped: 8 -> 2, bf16 -> no
     extra = ["--report_to", "none", "--validation_steps", "2", "--checkpointing_steps", "2"]
     proc = _launch("tests/fsdp_cpu.py", flags, tiny_run_args(base, data, tmp / "fsdp") + extra, env)
     return SimpleNamespace(tmp=tmp, base=base, data=data, env=env, out=tmp / "fsdp", proc=proc,
