@@ -11,14 +11,15 @@ for 2 steps at batch 2, fp32, one torch thread, in its own subprocess:
   lora      --trainable lora (rank 8, the family's attention projections)
 
 Per arm: wall time of each training step (`StepRunner.micro_step`, which includes the VAE encoding of
-the batch and, for SD, the text encoder) and peak RSS (`resource.getrusage`) right after the model load
-and after the second step. The end-of-run export and sampling are skipped (patched out of this process
+the batch and, for SD, the text encoder), peak RSS (`resource.getrusage`) after the second step, and the
+activation memory of each step: the bytes autograd saves for backward (a saved-tensors hook; each
+storage once, parameters excluded). The end-of-run export and sampling are skipped (patched out of this process
 only): they are not training. A watchdog kills an arm whose RSS would exceed the memory available at
 its start minus a margin, and the arm is reported as skipped, so the benchmark never pushes a shared
 machine into swap or the OOM killer; an arm whose static need (16 bytes per trainable parameter + 4 per
 frozen one) is already above that limit is skipped without running.
 
-    python benchmarks/real_shapes.py                 # all arms, ~30-40 min on 1 thread
+    python benchmarks/real_shapes.py                 # all arms, ~40 min on 1 thread (measured: 38 min)
     python benchmarks/real_shapes.py --arms dit_full dit_lora
 writes benchmarks/results/real_shapes.json.
 """
@@ -153,9 +154,23 @@ def run_arm(arm: str, work: Path) -> None:
 
     def timed(self, batch, state):
         if not record["step_s"]:
-            record["rss_before_first_step_gb"] = _rss_gb()  # models, frozen parts and data loaded; no AdamW state yet
+            record["rss_before_first_step_gb"] = _rss_gb()  # weights are mmapped: pages count once touched
+        # Activation memory, exactly: the bytes autograd saves for backward in this step (G and D phases),
+        # each storage once, parameters excluded. With gradient checkpointing, the checkpointed blocks keep
+        # their own saved tensors out of this hook, so it counts what checkpointing keeps.
+        params = {p.untyped_storage().data_ptr() for m in self.models for p in m.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params and t.device.type != "meta":
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
         start = time.perf_counter()
-        out = original(self, batch, state)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = original(self, batch, state)
+        record.setdefault("saved_activation_gb", []).append(sum(saved.values()) / GB)
         record["step_s"].append(time.perf_counter() - start)
         record["rss_after_step_gb"].append(_rss_gb())
         return out
@@ -223,8 +238,12 @@ def main() -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="real_shapes_"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"note": "CPU, fp32 (--mixed_precision no), 1 torch thread, batch 2, 2 steps, SADM defaults; "
-                             "random weights with the published configs", "arms": {}}
+                             "random weights with the published configs; *_gb fields are GiB (2**30 bytes); "
+                             "rss_before_first_step_gb is small because the weights are mmapped until touched",
+               "arms": {}}
     out_path = HERE / "results" / "real_shapes.json"
+    if out_path.exists():  # a run of some arms updates those arms and keeps the others
+        results["arms"] = json.loads(out_path.read_text()).get("arms", {})
     for family in dict.fromkeys(a.split("_")[0] for a in args.arms):
         if not (work / f"{family}_params.json").exists():
             print(f"building the {family} pipeline (random weights) in {work} ...", flush=True)
@@ -234,7 +253,7 @@ def main() -> int:
                 print(f"  build failed; see {work / f'build_{family}.log'}")
                 return 1
         results[f"{family}_params"] = json.loads((work / f"{family}_params.json").read_text())
-    print(f"{'arm':<12} {'step 1 s':>9} {'step 2 s':>9} {'RSS loaded GB':>14} {'peak RSS GB':>12}  note")
+    print(f"{'arm':<12} {'step 1 s':>9} {'step 2 s':>9} {'peak RSS GiB':>13} {'activations GiB':>16}  note")
     for arm in args.arms:
         params = results[f"{arm.split('_')[0]}_params"]
         limit = _available_gb() - args.margin_gb
@@ -257,10 +276,10 @@ def main() -> int:
         results["arms"][arm] = row
         if "step_s" in row:
             s = row["step_s"]
-            print(f"{arm:<12} {s[0]:>9.1f} {s[-1]:>9.1f} {row['rss_before_first_step_gb']:>14.2f} "
-                  f"{row['peak_rss_gb']:>12.2f}", flush=True)
+            act = row.get("saved_activation_gb", [float("nan")])[-1]
+            print(f"{arm:<12} {s[0]:>9.1f} {s[-1]:>9.1f} {row['peak_rss_gb']:>13.2f} {act:>16.3f}", flush=True)
         else:
-            print(f"{arm:<12} {'-':>9} {'-':>9} {'-':>14} {'-':>12}  {row.get('skipped') or row.get('failed')}",
+            print(f"{arm:<12} {'-':>9} {'-':>9} {'-':>13} {'-':>16}  {row.get('skipped') or row.get('failed')}",
                   flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=1))  # after every arm: a partial run still leaves numbers
