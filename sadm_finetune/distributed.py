@@ -42,32 +42,55 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64: position weights for the fingerprint
+
+
+def bit_fingerprint(module: torch.nn.Module) -> torch.Tensor:
+    """An int64 fingerprint of the exact bits of every parameter: sum over elements of (bits x an odd
+    weight depending on the element's position), modulo 2**64. Integer addition is associative, so the
+    value does not depend on reduction order (threads, kernels, rank); equal bits give equal values,
+    and a changed or moved element changes it (up to a 2**-64 collision)."""
+    total = torch.zeros((), dtype=torch.int64, device=_device_of(module))
+    offset = 0
+    for p in module.parameters():
+        bits = p.detach().contiguous().view(_INT_OF_SIZE[p.element_size()]).reshape(-1).to(torch.int64)
+        weight = (torch.arange(offset, offset + bits.numel(), dtype=torch.int64, device=bits.device) * _GOLDEN) | 1
+        total += (bits * weight).sum()
+        offset += bits.numel()
+    return total
+
+
 def replica_differences(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[int, float]]:
     """Per module: (number of parameter elements whose bits differ from rank 0's on some rank, largest
-    absolute difference). Exact: rank 0's parameters are broadcast one tensor at a time and compared
-    element by element with the local copy (no sum, so no reduction order that could differ by rank);
-    one broadcast of the model, once per run. NaN counts as different from anything."""
+    absolute difference). First one all-gather of `bit_fingerprint`s (exact, order-independent); only for
+    a module whose fingerprints differ, rank 0's parameters are broadcast tensor by tensor and compared
+    element by element with the local copy. NaN counts as different from anything."""
     n = world_size()
-    result = {}
-    for name, module in modules.items():
-        differing = torch.zeros((), dtype=torch.float64)
-        largest = torch.zeros((), dtype=torch.float64)
-        if n > 1:
-            differing, largest = differing.to(_device_of(module)), largest.to(_device_of(module))
-            for p in module.parameters():
-                local = p.detach().contiguous()
-                reference = local.clone()
-                dist.broadcast(reference, src=0)
-                bits = _INT_OF_SIZE[local.element_size()]
-                mask = local.view(bits) != reference.view(bits)
-                differing += mask.sum()
-                if mask.any():
-                    gap = (local[mask].double() - reference[mask].double()).abs().nan_to_num(nan=float("inf"))
-                    largest = torch.maximum(largest, gap.max())
-            stats = torch.stack([differing, largest])
-            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            differing, largest = stats[0], stats[1]
-        result[name] = (int(differing.item()), float(largest.item()))
+    result = {name: (0, 0.0) for name in modules}
+    if n == 1 or not modules:
+        return result
+    local = torch.stack([bit_fingerprint(m) for m in modules.values()])
+    parts = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(parts, local)
+    gathered = torch.stack(parts).cpu()
+    for i, (name, module) in enumerate(modules.items()):
+        if bool((gathered[:, i] == gathered[0, i]).all()):
+            continue  # bit-identical on every rank
+        differing = torch.zeros((), dtype=torch.float64, device=_device_of(module))
+        largest = torch.zeros((), dtype=torch.float64, device=_device_of(module))
+        for p in module.parameters():
+            mine = p.detach().contiguous()
+            reference = mine.clone()
+            dist.broadcast(reference, src=0)
+            bits = _INT_OF_SIZE[mine.element_size()]
+            mask = mine.view(bits) != reference.view(bits)
+            differing += mask.sum()
+            if mask.any():
+                gap = (mine[mask].double() - reference[mask].double()).abs().nan_to_num(nan=float("inf"))
+                largest = torch.maximum(largest, gap.max())
+        stats = torch.stack([differing, largest])
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        result[name] = (int(stats[0].item()), float(stats[1].item()))
     return result
 
 

@@ -200,12 +200,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     accelerator.wait_for_everyone()
     _check_replicas(accelerator, runner)
     if stopped_early:
-        # A barrier before end_training (which destroys the process group): without it, a gloo worker thread
-        # could still be releasing the replica check's tensors (it needs the GIL) while the main thread, holding
-        # the GIL, tears the group down with the DDP reducer and joins that thread. Seen as a hang of rank 0
-        # at exit after a signal stop (2 CPU processes, torch 2.13).
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+        _end_training(accelerator)
         return RunSummary(output_dir, state.global_step, True)
 
     # FSDP: the full state dict is gathered onto the main process (all ranks take part) for a stock export.
@@ -213,9 +208,24 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     if accelerator.is_main_process:
         _finish(config, accelerator, adapter, runner, data, output_dir, state, argv, gathered)
     del gathered
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _end_training(accelerator)
     return RunSummary(output_dir, state.global_step, False)
+
+
+def _end_training(accelerator: Accelerator) -> None:
+    """Barrier, a short GIL-free pause, then accelerate's end_training (which destroys the process group).
+
+    Mitigates a teardown hang seen with 2 CPU processes over gloo (torch 2.13, gdb backtraces): after the
+    last collectives, a gloo worker thread may still be releasing a finished work that holds tensors created
+    in Python (releasing them needs the GIL), while the main thread, holding the GIL, destroys the process
+    group through the DDP reducer and joins that thread. The pause lets the worker threads take the GIL
+    and finish; it narrows the race, it does not remove it (that needs a fix in torch)."""
+    import time
+
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(0.5)
+    accelerator.end_training()
 
 
 def _loop(config: RunConfig, accelerator: Accelerator, runner: "StepRunner", dataloader, dataset: TrainDataset,
