@@ -71,6 +71,8 @@ PRIORITY: list[dict[tuple[str, str], tuple[list[str], str | None]]] = [
     {
         ("transfer", "full-plain"): (PLAIN, None),
         ("transfer", "full-sadm"): ([], "full-plain"),
+    },
+    {
         ("transfer", "difffit-plain"): (DIFFFIT + PLAIN, None),
         ("transfer", "difffit-sadm"): (DIFFFIT, "difffit-plain"),
     },
@@ -320,6 +322,31 @@ def print_table(result: dict) -> None:
             print(line)
 
 
+def markdown(result: dict) -> str:
+    """README tables: per regime, each arm's mean ± std over seeds and its paired difference with the 95% CI."""
+    lines = []
+    for regime, arms in result["summary"].items():
+        base = result["base"].get(regime)
+        lines += [f"**{regime}**" + (f" (base before fine-tuning: FID {base['fid']:.2f}, label accuracy "
+                                     f"{base['label_accuracy']:.3f})" if base else ""), "",
+                  "| arm | seeds | FID | paired ΔFID [95% CI] | ΔKID | Δprecision | Δrecall | Δlabel acc. | "
+                  "Δstructure gap | verdict (FID) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, e in arms.items():
+            row = f"| {arm} | {e['n']} | {e['mean']['fid']:.2f} ± {e['std']['fid']:.2f} |"
+            if "paired" in e:
+                p = e["paired"]
+                ci = p["fid"]
+                row += f" {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] |"
+                row += "".join(f" {p[m]['mean']:+.4f} |" for m in ("kid_mean", "precision", "recall", "label_accuracy",
+                                                                  "structure_gap"))
+                row += f" {ci['verdict']} |"
+            else:
+                row += " (baseline) | | | | | | |"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="add the extra variants and leads")
@@ -338,7 +365,9 @@ def main() -> None:
             raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in arms)}")
     work, output = Path(args.work_dir), Path(args.output)
     if args.report_only:
-        print_table(write_report(work, arms, args.seeds, output))
+        result = write_report(work, arms, args.seeds, output)
+        print_table(result)
+        print("\n" + markdown(result))
         return
 
     # Seed-major within each priority block: paired arms finish together, so CIs appear early.
