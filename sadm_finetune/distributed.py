@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -26,6 +28,18 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+# The latest small collectives' work handles (with their tensors), kept alive from Python on purpose: if a
+# gloo worker thread dropped the last reference, it would need the GIL to free tensors created in Python,
+# which deadlocks when the main thread is destroying the process group at that moment (training._end_training).
+# A replaced entry is released here, on the main thread.
+_RECENT_WORK: dict[str, Any] = {}
+
+
+def _kept(key: str, work, *tensors) -> None:
+    work.wait()
+    _RECENT_WORK[key] = (work, tensors)
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank if `flag` is True on any rank (one all-reduce of a single number).
 
@@ -35,7 +49,7 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     if world_size() == 1:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    _kept("any_rank", dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True), value)
     return bool(value.item() > 0)
 
 
@@ -71,7 +85,7 @@ def replica_differences(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[
         return result
     local = torch.stack([bit_fingerprint(m) for m in modules.values()])
     parts = [torch.empty_like(local) for _ in range(n)]
-    dist.all_gather(parts, local)
+    _kept("replica_fingerprints", dist.all_gather(parts, local, async_op=True), local, *parts)
     gathered = torch.stack(parts).cpu()
     for i, (name, module) in enumerate(modules.items()):
         if bool((gathered[:, i] == gathered[0, i]).all()):
@@ -81,7 +95,7 @@ def replica_differences(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[
         for p in module.parameters():
             mine = p.detach().contiguous()
             reference = mine.clone()
-            dist.broadcast(reference, src=0)
+            _kept(f"replica_broadcast_{name}", dist.broadcast(reference, src=0, async_op=True), reference)
             bits = _INT_OF_SIZE[mine.element_size()]
             mask = mine.view(bits) != reference.view(bits)
             differing += mask.sum()
@@ -89,7 +103,7 @@ def replica_differences(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[
                 gap = (mine[mask].double() - reference[mask].double()).abs().nan_to_num(nan=float("inf"))
                 largest = torch.maximum(largest, gap.max())
         stats = torch.stack([differing, largest])
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        _kept(f"replica_stats_{name}", dist.all_reduce(stats, op=dist.ReduceOp.MAX, async_op=True), stats)
         result[name] = (int(stats[0].item()), float(stats[1].item()))
     return result
 
