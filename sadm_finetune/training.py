@@ -308,6 +308,10 @@ def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepR
             lora_state = lora.lora_state_dict(model)
             base = adapter.load_component(adapter.denoiser_name)
             pipeline = adapter.export_pipeline(lora.merge_lora(base, model.peft_config[lora.ADAPTER_NAME], lora_state))
+        elif config.model.trainable == "difffit":  # scale factors folded into the weights: a stock model
+            from .models.difffit import folded_copy
+
+            pipeline = adapter.export_pipeline(folded_copy(runner.unwrapped_denoiser))
         export.save_pipeline_atomically(pipeline, output_dir, extra)
     if lora_state is not None:
         adapter.save_lora_weights(output_dir, lora_state, lora.lora_metadata(model.peft_config[lora.ADAPTER_NAME]))
@@ -408,6 +412,13 @@ def _prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_d
         if weight_dtype != torch.float32:
             denoiser.to(dtype=weight_dtype)
         lora.attach_lora(denoiser, lora.make_lora_config(config.model, adapter.lora_target_modules))
+    elif config.model.trainable == "difffit":
+        from .models.difffit import attach_difffit
+
+        try:
+            attach_difffit(denoiser)
+        except ValueError as e:
+            raise ConfigError("trainable", str(e), "use --trainable full or lora for this model") from None
     return denoiser
 
 
