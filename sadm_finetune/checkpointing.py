@@ -117,7 +117,9 @@ class CheckpointState:
             json_file, tensor_file = folder / f"{name}.json", folder / f"{name}.safetensors"
             try:
                 if tensor_file.is_file():
-                    with safe_open(str(tensor_file), framework="pt", device=str(device)) as f:
+                    # safetensors takes "cpu", not an indexed "cpu:0" (accelerate's device for CPU processes)
+                    where = "cpu" if torch.device(device).type == "cpu" else str(device)
+                    with safe_open(str(tensor_file), framework="pt", device=where) as f:
                         skeleton = (f.metadata() or {}).get(_STATE_KEY)
                         tensors = {k: f.get_tensor(k) for k in f.keys()}
                     if skeleton is None:

@@ -111,3 +111,23 @@ def test_fsdp2_sadm_run_matches_the_ddp_run(fsdp_run):
         a, b = _weights(ddp_out, sub), _weights(fsdp_run.out, sub)
         assert a.keys() == b.keys()
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5, sub
+
+
+@pytest.mark.slow
+def test_fsdp2_sadm_run_resumes_exactly_from_its_checkpoint(fsdp_run):
+    """Resume at step 2 from the FSDP run's own checkpoint (sharded denoiser, D beside it) and finish at step 4:
+    the same weights as the uninterrupted run."""
+    import shutil
+
+    assert fsdp_run.proc.returncode == 0, fsdp_run.text[-3000:]
+    out = fsdp_run.tmp / "resumed"
+    shutil.copytree(fsdp_run.out / "checkpoints" / "checkpoint-2", out / "checkpoints" / "checkpoint-2")
+    flags = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+    args = tiny_run_args(fsdp_run.base, fsdp_run.data, out) + ["--report_to", "none",
+                                                               "--resume_from_checkpoint", "latest"]
+    proc = _launch("tests/fsdp_cpu.py", flags, args, fsdp_run.env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "Resumed from" in proc.stdout + proc.stderr
+    for sub in ("transformer", "structure_discriminator"):
+        a, b = _weights(fsdp_run.out, sub), _weights(out, sub)
+        assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6, sub
