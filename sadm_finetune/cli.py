@@ -49,8 +49,25 @@ def main(argv: list[str] | None = None) -> int:
         train(config, argv=sys.argv[1:] if argv is None else argv)
     except SADMError as e:
         print(f"sadm-train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return _exit_distributed(2)
+    return _exit_distributed(0)
+
+
+def _exit_distributed(code: int) -> int:
+    """A process of a multi-process run ends here, everything written and flushed, without tearing down the
+    gloo/NCCL process group: its destructor can deadlock against the backend's worker threads (seen with 2
+    CPU processes on torch 2.13; training.py `_end_training`). A single process returns normally."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -213,18 +213,20 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
 
 
 def _end_training(accelerator: Accelerator) -> None:
-    """Barrier, a short GIL-free pause, then accelerate's end_training (which destroys the process group).
+    """Barrier, then accelerate's end_training (which destroys the process group) in a single process.
 
     Mitigates a teardown hang seen with 2 CPU processes over gloo (torch 2.13, gdb backtraces): after the
     last collectives, a gloo worker thread may still be releasing a finished work that holds tensors created
     in Python (releasing them needs the GIL), while the main thread, holding the GIL, destroys the process
-    group through the DDP reducer and joins that thread. The pause lets the worker threads take the GIL
-    and finish; it narrows the race, it does not remove it (that needs a fix in torch)."""
-    import time
-
+    group through the DDP reducer and joins that thread. A pause only narrowed the race, so with several
+    processes the group is not destroyed here at all: `cli.main` ends such a process with os._exit."""
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
-        time.sleep(0.5)
+        # Several processes: finish the trackers but leave the process group to the process exit, which
+        # `cli.main` makes with os._exit once everything is written (no destructor, so no teardown race).
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        return
     accelerator.end_training()
 
 
