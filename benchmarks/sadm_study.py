@@ -1,6 +1,9 @@
 """Does SADM help? The method study: three regimes, paired seeds, confidence intervals.
 
-    python benchmarks/sadm_study.py                 # the reduced default (about 90 min on 2 free cores)
+    python benchmarks/sadm_study.py                 # the default: 15 arms x 5 seeds, in priority blocks
+                                                    # (a run is 3-4 min on 2 free cores, 2 at a time: the
+                                                    # first two blocks, 35 runs, about 1 hour; all 75 about
+                                                    # 2.5 hours; on a busy machine several times longer)
     python benchmarks/sadm_study.py --full          # + more variants and leads (several hours)
     python benchmarks/sadm_study.py --report_only   # summarise the runs that are done
 
