@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from .config import SADMConfig
 from .distributed import gather_with_grad, world_size
-from .losses import StructureLoss, _per_t, off_diagonal_mean, snr, structure_sample_weights
+from .losses import StructureLoss, _per_t, snr, structure_sample_weights
 
 
 @contextlib.contextmanager
@@ -44,16 +44,14 @@ def wiener_lowpass(latents: torch.Tensor, sample_snr: torch.Tensor) -> torch.Ten
 
 def fixed_structure_gap(latents: torch.Tensor, x0_hat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The real/fake structure gap seen by a fixed encoder that nobody trains: latents average-pooled to
-    2x2 and unit-normalised, cosine relations, the same pair weights as L_S. A diagnostic, no gradient."""
+    2x2 and unit-normalised, then the default L_S (cosine relations, MSE, the same pair weights). A
+    diagnostic, no gradient."""
     with torch.no_grad():
         def encode(z: torch.Tensor) -> torch.Tensor:
-            pooled = F.adaptive_avg_pool2d(z.float(), 2).flatten(1)
-            return F.normalize(pooled, dim=1)
+            return F.normalize(F.adaptive_avg_pool2d(z.float(), 2).flatten(1), dim=1)
 
-        e_real, e_fake = encode(latents), encode(x0_hat)
-        diff = e_real @ e_real.T - e_fake @ e_fake.T
-        w = weights.float()
-        return off_diagonal_mean(torch.sqrt(w[:, None] * w[None, :]) * diff.pow(2))
+        gap, _ = StructureLoss("cosine", "mse")(encode(latents), encode(x0_hat), weights)
+        return gap
 
 
 class SADMObjective:
