@@ -16,7 +16,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
-from .fields import coerce, describe, index_fields, is_optional, read_yaml  # noqa: F401 (public here too)
+from .fields import coerce, describe, help_field, index_fields, is_optional, read_yaml  # noqa: F401 (public here too)
+from .term_config import RepaConfig, SDDiTConfig
 
 LR_SCHEDULERS = (
     "linear",
@@ -28,12 +29,7 @@ LR_SCHEDULERS = (
 )
 
 
-def _f(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with help text (and optional CLI aliases); mutable defaults are copied."""
-    metadata = {"help": help, **extra}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+_f = help_field
 
 
 def _positive(section: Any, *names: str) -> None:
@@ -287,6 +283,8 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "training": TrainingConfig,
     "sadm": SADMConfig,
+    "repa": RepaConfig,
+    "sddit": SDDiTConfig,
 }
 
 
@@ -296,6 +294,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sadm: SADMConfig = field(default_factory=SADMConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    sddit: SDDiTConfig = field(default_factory=SDDiTConfig)
 
     def validate(self) -> None:
         """Checks across sections; per-field checks run when each section is built."""

@@ -17,6 +17,14 @@ import yaml
 from .errors import ConfigError
 
 
+def help_field(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with help text (and optional CLI aliases); mutable defaults are copied."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def is_optional(tp: Any) -> tuple[bool, Any]:
     """(whether ``tp`` admits None, the type without None)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

@@ -35,3 +35,11 @@ def sample_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor,
     noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     latents = mean + std.to(mean) * noise
     return ((latents - _shift(vae)) * vae.config.scaling_factor).float()
+
+
+def clean_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z0 for a training batch: a draw from the cached posterior (latent_cache.py) when the batch carries
+    one, else from the VAE encoder; the same draw either way for the same generator."""
+    if "latent_mean" in batch:
+        return sample_latents(vae, batch["latent_mean"], batch["latent_std"], generator=generator)
+    return encode(vae, batch["pixel_values"], generator=generator)

@@ -63,13 +63,12 @@ class DiffusionLoss:
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
 
-    def __call__(
-        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
-    ) -> torch.Tensor:
+    def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, sample_snr: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss, (B,). `sample_snr`: the noise process's SNR of each sample's timestep."""
         per_sample = (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))  # (B,)
         if self.snr_gamma is None:
             return per_sample
-        s = snr(timesteps, alphas_cumprod)
+        s = sample_snr.float()
         clipped = torch.clamp(s, max=self.snr_gamma)
         if self.prediction_type == "epsilon":
             weight = clipped / s

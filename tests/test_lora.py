@@ -19,7 +19,7 @@ from sadm_finetune.models import lora
 from sadm_finetune.models.dit import DiTAdapter
 from sadm_finetune.models.loading import load_family
 from sadm_finetune.models.sd import StableDiffusionAdapter
-from sadm_finetune.training import _prepare_denoiser
+from sadm_finetune.builders import prepare_denoiser
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 from tiny_sd import build_captioned_folder, build_tiny_sd_pipeline
 
@@ -63,7 +63,7 @@ def test_unknown_target_is_a_config_error(tiny_dit):
 def test_base_in_weight_dtype_lora_in_fp32(tiny_dit):
     config = build_config({"pretrained_model_name_or_path": str(tiny_dit), "train_data_dir": "d", "trainable": "lora"})
     adapter = load_family(config.model)
-    denoiser = _prepare_denoiser(config, adapter, torch.device("cpu"), torch.bfloat16)
+    denoiser = prepare_denoiser(config, adapter, torch.device("cpu"), torch.bfloat16)
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
     frozen = [p for p in denoiser.parameters() if not p.requires_grad]

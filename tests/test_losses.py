@@ -12,6 +12,7 @@ from sadm_finetune.losses import (
     diffusion_target,
     predicted_original_sample,
     relation_matrix,
+    snr,
     structure_sample_weights,
 )
 from sadm_finetune.models.discriminator import StructureDiscriminator
@@ -100,11 +101,11 @@ def test_diffusion_loss_min_snr_weights():
     sched = DDPMScheduler(beta_schedule="linear")
     pred, target = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     t = torch.tensor([1, 999])
-    plain = DiffusionLoss("epsilon")(pred, target, t, sched.alphas_cumprod)
+    plain = DiffusionLoss("epsilon")(pred, target, snr(t, sched.alphas_cumprod))
     assert plain.tolist() == [1.0, 1.0]
-    weighted = DiffusionLoss("epsilon", snr_gamma=5.0)(pred, target, t, sched.alphas_cumprod)
-    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
-    assert torch.allclose(weighted, torch.clamp(snr, max=5.0) / snr)
+    weighted = DiffusionLoss("epsilon", snr_gamma=5.0)(pred, target, snr(t, sched.alphas_cumprod))
+    ratio = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    assert torch.allclose(weighted, torch.clamp(ratio, max=5.0) / ratio)
 
 
 def test_vlb_trains_only_the_variance_channels():

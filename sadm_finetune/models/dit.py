@@ -112,6 +112,9 @@ class DiTAdapter(FamilyAdapter):
             return ModelOutput(model_pred, variance)
         return ModelOutput(out)
 
+    def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        return list(denoiser.transformer_blocks)  # outputs: (B, tokens, hidden) token states
+
     def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
         pipeline = DiTPipeline(transformer=denoiser, vae=self.vae, scheduler=self.pipeline.scheduler,
                                id2label=self.id2label)

@@ -7,10 +7,11 @@ PixArt, SD3) is one new subclass registered in `FAMILIES`.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -90,6 +91,32 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> ModelOutput: ...
+
+    def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The denoiser's blocks in depth order, whose outputs (hidden states) loss terms may read."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no feature blocks")
+
+    @contextlib.contextmanager
+    def capture_hidden(self, denoiser: nn.Module, indices: tuple[int, ...]) -> Iterator[dict[int, torch.Tensor]]:
+        """Forward hooks on `feature_blocks(denoiser)[i]` for each i: the dict fills with each block's
+        output (the first element of a tuple output), with its graph, during the forward inside."""
+        captured: dict[int, torch.Tensor] = {}
+        if not indices:
+            yield captured
+            return
+        blocks = self.feature_blocks(denoiser)
+
+        def hook(index: int):
+            def store(module, args, output):
+                captured[index] = output[0] if isinstance(output, (tuple, list)) else output
+            return store
+
+        handles = [blocks[i].register_forward_hook(hook(i)) for i in indices]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def disc_class_labels(self, conditioning: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return conditioning.get("class_labels")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -43,9 +44,7 @@ def attach_lora(denoiser: nn.Module, lora_config: LoraConfig) -> nn.Module:
         targets = sorted(lora_config.target_modules)
         raise ConfigError("lora_target_modules", f"none of {targets} names a module of the {type(denoiser).__name__}",
                           "pass module names (or suffixes) such as to_q to_v") from None
-    for p in denoiser.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # diffusers' cast_training_params: fp16 masters lose small updates
+    cast_training_params(denoiser, dtype=torch.float32)  # fp16/bf16 masters would lose small updates
     return denoiser
 
 

@@ -113,6 +113,10 @@ class StableDiffusionAdapter(FamilyAdapter):
     def disc_class_labels(self, conditioning: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return None
 
+    def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        # The UNet's stages in depth order; outputs are (B, C, h, w) feature maps.
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+
     def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=denoiser,

@@ -1,0 +1,20 @@
+"""Auxiliary loss terms on one contract (terms.base.Term), built from the run's config."""
+
+from __future__ import annotations
+
+from .base import StepContext, Term, Update, UpdateResult
+
+__all__ = ["StepContext", "Term", "Update", "UpdateResult", "build_terms"]
+
+
+def build_terms(config, adapter, process, autocast) -> list[Term]:
+    """The terms a config asks for, in a fixed order (the checkpoint layout depends on it)."""
+    from ..sadm import SADMObjective
+    from .sadm import SADMTerm, StructureProbe
+
+    terms: list[Term] = []
+    if config.sadm.enabled:
+        terms.append(SADMTerm(config, adapter, process.alphas_cumprod, autocast, config.training.adam_epsilon))
+    if config.sadm.structure_diagnostics:
+        terms.append(StructureProbe(SADMObjective(config.sadm, process.alphas_cumprod)))
+    return terms

@@ -1,0 +1,92 @@
+"""The loss-term contract: what the training loop needs from SADM, REPA, SD-DiT and the like.
+
+The loop computes `L = L_diff + sum_k lambda_k(step) * L_k` for the denoiser, backpropagates once,
+updates, then gives each term its own phase (a discriminator update, a teacher's EMA). A term owns:
+
+- `modules()`: modules it trains with its own optimizer (a discriminator). The loop prepares them with
+  accelerate, checkpoints and resumes them like the denoiser; never exported.
+- `joint_modules()`: modules trained by the denoiser's optimizer in the denoiser's update (REPA's
+  projector): prepared, checkpointed and resumed with it; never exported.
+- `state()`: extra checkpointed state (EMA teachers, running centres), objects with
+  `state_dict()` / `load_state_dict()`, saved as safetensors/JSON.
+- `feature_blocks`: denoiser blocks whose hidden states it reads (the adapter hooks them).
+- `weight(step)`, `loss(ctx)` and `phase(ctx, update)`.
+
+Terms are built before `accelerator.prepare` and receive the prepared modules back through `bind`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """Everything one micro-batch's forward produced, for the terms to read. x0_hat carries the graph."""
+
+    step: int  # the update this micro-batch belongs to (0-based)
+    batch: dict[str, Any]
+    latents: torch.Tensor  # z0, (B, C, h, w) fp32
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy_latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    model_pred: torch.Tensor  # fp32, without learned-variance channels
+    x0_hat: torch.Tensor  # differentiable in the denoiser's output
+    generator: torch.Generator  # seeded by (seed, rank, epoch, batch): reproducible on resume
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> hidden states, with graph
+    class_labels: torch.Tensor | None = None  # the samples' class ids (not dropped), None if unlabelled
+
+
+@dataclass
+class UpdateResult:
+    applied: bool  # the optimizer stepped (False: a non-finite loss or gradient, or an fp16 overflow skip)
+    hard_failure: bool  # counts toward max_nonfinite_steps
+    grad_norm: torch.Tensor  # before clipping
+
+
+# update(optimizer, scheduler, loss, params, max_grad_norm): backward, clip and a non-finite-safe step,
+# exactly as the loop does it for the denoiser (loop.apply_update).
+Update = Callable[[Any, Any, torch.Tensor, list, "float | None"], UpdateResult]
+
+
+class Term:
+    """A weighted auxiliary loss on the denoiser, with optional modules and phase of its own."""
+
+    name: str = "term"
+    weight_key: str | None = None  # the tracker tag of weight(step); None: not logged
+    feature_blocks: tuple[int, ...] = ()
+
+    def modules(self) -> dict[str, tuple[nn.Module, Any, Any]]:
+        """name -> (module, optimizer, lr scheduler) trained in `phase`."""
+        return {}
+
+    def joint_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def bind(self, prepared: dict[str, tuple[nn.Module, Any, Any]], joint: dict[str, nn.Module]) -> None:
+        """Receive the prepared (possibly DDP-wrapped) modules back, same names as declared."""
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def weight(self, step: int) -> float:
+        raise NotImplementedError
+
+    def loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This term's loss for the batch (a scalar, or per-sample (B,) which the loop averages) and its
+        detached logs. Called only while weight(step) > 0."""
+        raise NotImplementedError
+
+    def log(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Diagnostics logged every step whatever the weight (no gradient)."""
+        return {}
+
+    def phase(self, ctx: StepContext, update: Update) -> tuple[dict[str, torch.Tensor], UpdateResult | None]:
+        """After an applied denoiser update: the term's own updates through `update`. Returns its logs and
+        the result of its last update (None if it made none); a skipped update counts as the step's."""
+        return {}, None

@@ -1,0 +1,104 @@
+"""SADM as a loss term: the structure discriminator, its optimizer and its phase; the formula itself
+lives in `sadm.SADMObjective`, unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+from ..config import RunConfig
+from ..errors import InputError
+from ..models.discriminator import StructureDiscriminator
+from ..sadm import SADMObjective
+from .base import StepContext, Term, Update, UpdateResult
+
+
+def build_discriminator(config: RunConfig, adapter) -> StructureDiscriminator:
+    s = config.sadm
+    if s.disc_resume_from:
+        path = Path(s.disc_resume_from)
+        if not (path / "config.json").is_file():
+            raise InputError(f"disc_resume_from: {path} has no config.json; pass a structure_discriminator folder")
+        return StructureDiscriminator.from_pretrained(path, use_safetensors=True)
+    num_classes = getattr(adapter, "num_classes", 0) if s.disc_class_conditional else 0
+    return StructureDiscriminator(
+        in_channels=adapter.latent_channels, base_channels=s.disc_width, num_blocks=s.disc_depth,
+        embed_dim=s.disc_embed_dim, num_classes=num_classes, spectral_norm=s.disc_spectral_norm,
+    )
+
+
+class SADMTerm(Term):
+    """lambda(step) * L_S for the denoiser; D's update (maximising L_S) as this term's phase."""
+
+    name = "sadm"
+    weight_key = "structure_weight"
+
+    def __init__(self, config: RunConfig, adapter, alphas_cumprod: torch.Tensor, autocast, adam_epsilon: float) -> None:
+        from diffusers.optimization import get_scheduler
+
+        s = self.config = config.sadm
+        self.adapter = adapter
+        self.objective = SADMObjective(s, alphas_cumprod, autocast=autocast)
+        self.disc = build_discriminator(config, adapter)
+        self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=s.disc_learning_rate,
+                                           betas=(s.disc_adam_beta1, s.disc_adam_beta2),
+                                           weight_decay=s.disc_weight_decay, eps=adam_epsilon)
+        self.scheduler = get_scheduler("constant", self.optimizer)
+
+    def modules(self) -> dict[str, tuple[Any, Any, Any]]:
+        return {"discriminator": (self.disc, self.optimizer, self.scheduler)}
+
+    def bind(self, prepared, joint) -> None:
+        self.disc, self.optimizer, self.scheduler = prepared["discriminator"]
+
+    @property
+    def unwrapped_disc(self) -> StructureDiscriminator:
+        return extract_model_from_parallel(self.disc)
+
+    def _class_labels(self, ctx: StepContext) -> torch.Tensor | None:
+        return self.adapter.disc_class_labels(ctx.conditioning) if self.config.disc_class_conditional else None
+
+    def weight(self, step: int) -> float:
+        return self.objective.structure_weight(step)
+
+    def loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # D's forward runs under autocast inside the objective; L_S itself is fp32. D enters frozen
+        # (detached parameters), so the gradient reaches the denoiser through x0_hat only.
+        return self.objective.generator_loss(self.unwrapped_disc, ctx.latents, ctx.x0_hat, ctx.timesteps,
+                                             self._class_labels(ctx), ctx.generator)
+
+    def phase(self, ctx: StepContext, update: Update) -> tuple[dict[str, torch.Tensor], UpdateResult | None]:
+        """`disc_steps` updates of D on this batch (x0_hat detached) on D's turn; stops at a non-finite one."""
+        logs: dict[str, torch.Tensor] = {}
+        result = None
+        if not self.objective.is_disc_turn(ctx.step):
+            return logs, result
+        for _ in range(self.config.disc_steps):
+            loss_d, d_logs = self.objective.discriminator_loss(self.disc, ctx.latents, ctx.x0_hat.detach(),
+                                                               ctx.timesteps, self._class_labels(ctx), ctx.generator)
+            result = update(self.optimizer, self.scheduler, loss_d, list(self.disc.parameters()),
+                            self.config.disc_max_grad_norm)
+            logs.update(d_logs, grad_norm_d=result.grad_norm)
+            if not result.applied:
+                break
+        return logs, result
+
+
+class StructureProbe(Term):
+    """No loss: the real/fake structure gap a fixed encoder sees (sadm.fixed_structure_gap), logged every
+    step with SADM on or off, so a plain run shows its baseline."""
+
+    name = "structure_probe"
+    weight_key = None
+
+    def __init__(self, objective: SADMObjective) -> None:
+        self.objective = objective
+
+    def weight(self, step: int) -> float:
+        return 0.0
+
+    def log(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return self.objective.diagnostics(ctx.latents, ctx.x0_hat, ctx.timesteps)
