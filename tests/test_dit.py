@@ -48,8 +48,9 @@ def forward(transformer: torch.nn.Module, grid: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     size = grid * transformer.config.patch_size
     latents = torch.randn(3, transformer.config.in_channels, size, size, generator=gen)
+    timesteps, class_labels = torch.tensor([3, 400, 999]), torch.tensor([0, 1, 1000])  # 1000: the null class
     with torch.no_grad():
-        return transformer(latents, timestep=torch.tensor([3, 400, 999]), class_labels=torch.tensor([0, 1, 1000])).sample
+        return transformer(latents, timestep=timesteps, class_labels=class_labels).sample
 
 
 @pytest.fixture(scope="module")
