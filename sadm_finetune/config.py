@@ -80,6 +80,14 @@ class ModelConfig:
     lora_target_modules: list[str] | None = _f(
         None, "Module names (or name suffixes) that get LoRA (default: the family's attention projections)."
     )
+    pos_embed_transfer: Literal["extend", "interpolate"] | None = _f(
+        None,
+        "DiT at a --resolution other than the base's: how its fixed sin-cos positional embedding covers the new "
+        "token grid. extend (what none means): the base's positions continued with the same spacing, as a DiT built "
+        "at that size computes them; the export (sample_size set to the new latent size) reproduces training exactly. "
+        "interpolate (the new grid squeezed onto the base's range) is refused: a stock DiTPipeline cannot hold it "
+        "(docs/design.md §7). DiT only.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):

@@ -75,7 +75,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     _check_distributed_type(config, accelerator)
     adapter = load_family(config.model)
     resolution = config.data.resolution or adapter.default_resolution()
-    adapter.check_resolution(resolution)
+    adapter.set_resolution(resolution)  # a DiT at another size: sample_size and positional embedding
     adapter.check_data(data)
     global_batch = t.train_batch_size * accelerator.num_processes
     if len(data) < global_batch:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
 from diffusers import DiffusionPipeline, DiTPipeline
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
@@ -18,18 +20,49 @@ from .family import FamilyAdapter, ModelOutput, batch_size
 DIT_NULL_CLASS_ID = 1000
 
 
+def dit_at_sample_size(transformer: nn.Module, sample_size: int) -> nn.Module:
+    """`transformer` rebuilt by its own class from its config with `sample_size` changed, holding the same weight
+    tensors: its fixed sin-cos positional embedding is then the one a stock DiT of that size computes (the base's
+    positions 0, 1, 2, ... continued: "extend", docs/design.md §7), and the saved model reloads to the same module."""
+    if transformer.config.sample_size == sample_size:
+        return transformer
+    cls = type(transformer)
+    init_keys = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in transformer.config.items() if k in init_keys}  # legacy Transformer2DModel keys dropped
+    device = next(transformer.parameters()).device
+    with init_empty_weights():  # parameters on the meta device; the positional-embedding buffer is computed for real
+        resized = cls.from_config({**config, "sample_size": sample_size})
+    if "_name_or_path" in transformer.config:
+        resized.register_to_config(_name_or_path=transformer.config._name_or_path)
+    resized.load_state_dict(transformer.state_dict(), strict=True, assign=True)
+    return resized.to(device).train(transformer.training)
+
+
 class DiTAdapter(FamilyAdapter):
     family = "dit"
     pipeline_classes = ("DiTPipeline",)
     denoiser_name = "transformer"
     # Attention and MLP projections of every block (not the adaLN modulation, which carries the class signal).
     lora_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
+    # Latent sizes of the pretrained transformer and of --resolution, once set_resolution ran.
+    base_sample_size: int | None = None
+    trained_sample_size: int | None = None
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
         if config.training.validation_prompts is not None:
             raise ConfigError("validation_prompts", "DiT is class-conditional and takes no prompts",
                               "use --validation_class_labels instead")
+        if config.model.pos_embed_transfer == "interpolate":
+            # DiTPipeline samples at transformer.config.sample_size, where a DiTTransformer2DModel places its tokens
+            # at positions 0..n-1; only Transformer2DModel has interpolation_scale, and diffusers loads a saved one
+            # with DiT's norm as DiTTransformer2DModel, dropping it (tests/test_dit.py pins this).
+            raise ConfigError(
+                "pos_embed_transfer",
+                "interpolate cannot be exported: a stock DiTPipeline at the new sample_size always extends the base's "
+                "positions (DiTTransformer2DModel has no interpolation_scale)",
+                "use --pos_embed_transfer extend (docs/design.md §7)",
+            )
 
     def check_data(self, data) -> None:
         self.check_class_ids(data.max_class_id())
@@ -62,6 +95,23 @@ class DiTAdapter(FamilyAdapter):
                 f"{self.denoiser.config.patch_size})",
                 f"use a multiple of {multiple}, e.g. {self.default_resolution()}",
             )
+
+    def set_resolution(self, resolution: int) -> None:
+        self.check_resolution(resolution)
+        self.base_sample_size = self.base_sample_size or self.denoiser.config.sample_size
+        self.trained_sample_size = resolution // self.vae_scale_factor
+        self.pipeline.transformer = dit_at_sample_size(self.denoiser, self.trained_sample_size)
+
+    def denoiser_config_overrides(self) -> dict[str, Any]:
+        if self.trained_sample_size in (None, self.base_sample_size):
+            return {}
+        return {"sample_size": self.trained_sample_size}
+
+    def load_component(self, name: str) -> nn.Module:
+        module = super().load_component(name)
+        if name == self.denoiser_name and self.trained_sample_size is not None:
+            return dit_at_sample_size(module, self.trained_sample_size)  # e.g. the LoRA export's fresh base
+        return module
 
     def check_class_ids(self, max_class_id: int | None) -> None:
         if max_class_id is None:

@@ -75,6 +75,11 @@ class FamilyAdapter(ABC):
     def check_resolution(self, resolution: int) -> None:
         """Raise ConfigError if the model cannot take images of this size."""
 
+    def set_resolution(self, resolution: int) -> None:
+        """Check `resolution` and make the denoiser (and each copy `load_component` makes of it) train and export at
+        it; a family whose denoiser does not depend on the image size only checks."""
+        self.check_resolution(resolution)
+
     @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:
         """Modules that never train (moved to the device in weight_dtype)."""
@@ -160,10 +165,16 @@ class FamilyAdapter(ABC):
             lora_adapter_metadata={f"{prefix}.{k}": v for k, v in adapter_metadata.items()},
         )
 
+    def denoiser_config_overrides(self) -> dict[str, Any]:
+        """Config values in which the trained denoiser differs from the base's (e.g. a DiT's sample_size after
+        `set_resolution`): what `from_pretrained` of the base must be given to rebuild the trained model."""
+        return {}
+
     def lora_usage(self, base: str, repo: str) -> str:
         """Model-card code that applies the saved LoRA file to the base model (no LoRA loader for this pipeline
         in diffusers: a subclass with diffusers' PeftAdapterMixin reads it)."""
         cls, name = type(self.denoiser).__name__, self.denoiser_name
+        overrides = "".join(f", {k}={v!r}" for k, v in self.denoiser_config_overrides().items())
         indent = " " * len(f"{name}.load_lora_adapter(")
         return f"""from diffusers import DiffusionPipeline, {cls}
 from diffusers.loaders import PeftAdapterMixin
@@ -171,7 +182,7 @@ from diffusers.loaders import PeftAdapterMixin
 class {cls}WithLoRA({cls}, PeftAdapterMixin):
     pass
 
-{name} = {cls}WithLoRA.from_pretrained("{base}", subfolder="{name}")
+{name} = {cls}WithLoRA.from_pretrained("{base}", subfolder="{name}"{overrides})
 {name}.load_lora_adapter("{repo}", weight_name="pytorch_lora_weights.safetensors",
 {indent}prefix="{name}", use_safetensors=True)
 pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name})"""

@@ -47,6 +47,9 @@ class StableDiffusionAdapter(FamilyAdapter):
         if config.training.validation_class_labels is not None:
             raise ConfigError("validation_class_labels", "Stable Diffusion takes prompts, not class ids",
                               "use --validation_prompts instead")
+        if config.model.pos_embed_transfer is not None:
+            raise ConfigError("pos_embed_transfer", "Stable Diffusion's UNet has no positional embedding to transfer",
+                              "drop --pos_embed_transfer (--resolution alone sets its training size)")
 
     def check_data(self, data) -> None:
         if data.caption_column is None:
