@@ -18,11 +18,13 @@ from .checkpointing import (CheckpointState, TrainState, checkpoints_dir, list_c
                             resolve_resume, save_checkpoint)
 from .config import RunConfig, save_config
 from .distributed import any_rank, gathered_copy, is_fsdp, replicate_outside_fsdp
-from .data import ImageTransform, TrainDataset, collate, open_train_data
+from .data import TrainDataset, open_train_data
 from .errors import ConfigError, InputError, SADMError
 from .models.discriminator import StructureDiscriminator
 from .models import lora
 from .models.loading import family_class, load_family
+from .loader import build_train_dataloader
+from .text_cache import build_text_cache, prompts_to_cache
 from .step import StepRunner, weight_dtype_of
 
 logger = get_logger(__name__)
@@ -126,16 +128,15 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
 
     weight_dtype = weight_dtype_of(accelerator)
     adapter.prepare_training()
+    # Before the frozen modules move: the text encoders run once over every prompt, then leave memory.
+    text_cache = build_text_cache(accelerator, adapter, prompts_to_cache(adapter, data, t), config.data, weight_dtype,
+                                  t.train_batch_size) if config.data.cache_text_embeddings else None
     for module in adapter.frozen_modules():
         module.requires_grad_(False)
         module.to(accelerator.device, dtype=weight_dtype)
         module.eval()
     denoiser = _prepare_denoiser(config, adapter, accelerator.device, weight_dtype)
-    dataset = _build_dataset(config, accelerator, adapter, data, resolution)
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=t.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-        num_workers=config.data.dataloader_num_workers,
-    )
+    dataset, dataloader = build_train_dataloader(config, accelerator, adapter, data, resolution, text_cache)
     from diffusers.optimization import get_scheduler
 
     params_g = [p for p in denoiser.parameters() if p.requires_grad]
@@ -300,7 +301,7 @@ def _finish(config: RunConfig, accelerator: Accelerator, adapter, runner: "StepR
     `gathered`: under FSDP, a stock copy of the denoiser holding the gathered full weights (exported instead
     of the sharded module)."""
     t = config.training
-    if runner.weight_dtype != torch.float32:
+    if runner.weight_dtype != torch.float32 or adapter.released_text_encoders:
         adapter.reload_frozen_fp32()
     extra = {"structure_discriminator": runner.unwrapped_disc} if runner.unwrapped_disc is not None else {}
     lora_state = None
@@ -422,16 +423,6 @@ def _prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_d
         except ValueError as e:
             raise ConfigError("trainable", str(e), "use --trainable full or lora for this model") from None
     return denoiser
-
-
-def _build_dataset(config: RunConfig, accelerator: Accelerator, adapter, data, resolution: int):
-    d, seed = config.data, config.training.seed or 0
-    if not d.cache_latents:
-        return TrainDataset(data, ImageTransform(resolution, d.center_crop, d.random_flip), d.on_bad_image, seed=seed)
-    from .latent_cache import CachedLatentDataset, build_latent_cache
-
-    folder = build_latent_cache(accelerator, adapter.vae, data, d, resolution, config.training.train_batch_size)
-    return CachedLatentDataset(data, folder, d.random_flip, seed=seed)
 
 
 def _build_discriminator(config: RunConfig, adapter) -> StructureDiscriminator:

@@ -30,6 +30,14 @@ class DiTAdapter(FamilyAdapter):
         if config.training.validation_prompts is not None:
             raise ConfigError("validation_prompts", "DiT is class-conditional and takes no prompts",
                               "use --validation_class_labels instead")
+        if config.data.cache_text_embeddings:
+            raise ConfigError("cache_text_embeddings", "DiT is class-conditional and has no text encoder",
+                              "drop --cache_text_embeddings")
+        if config.data.aspect_ratio_buckets:
+            raise ConfigError(
+                "aspect_ratio_buckets", "DiT trains on square images only (DiTTransformer2DModel unpatchifies a square "
+                "token grid, and DiTPipeline samples sample_size x sample_size)", "drop --aspect_ratio_buckets",
+            )
 
     def check_data(self, data) -> None:
         self.check_class_ids(data.max_class_id())
