@@ -68,8 +68,12 @@ class TextEmbeddingCache:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
+    @staticmethod
+    def digest(prompt: str) -> str:
+        return hashlib.sha256(prompt.encode()).hexdigest()
+
     def path(self, prompt: str) -> Path:
-        digest = hashlib.sha256(prompt.encode()).hexdigest()
+        digest = self.digest(prompt)
         return self.folder / digest[:2] / f"{digest}.safetensors"
 
     def __contains__(self, prompt: str) -> bool:
@@ -115,7 +119,9 @@ def build_text_cache(accelerator: Accelerator, adapter: Any, prompts: Iterable[s
     cache = TextEmbeddingCache(Path(cfg.text_cache_dir).expanduser() / text_fingerprint(adapter, weight_dtype)[:24])
     prompts = list(prompts)
     todo = [p for p in prompts if p not in cache]
-    mine = todo[accelerator.process_index::accelerator.num_processes]
+    # A prompt's process is decided by the prompt itself, so ranks that list the folder at different moments
+    # (another rank or run already writing) never leave a prompt to nobody.
+    mine = [p for p in todo if int(cache.digest(p)[:8], 16) % accelerator.num_processes == accelerator.process_index]
     accelerator.print(f"text cache: {len(prompts) - len(todo)} of {len(prompts)} prompts cached in {cache.folder}"
                       + (f"; encoding {len(todo)}" if todo else ""))
     if mine:
