@@ -162,7 +162,8 @@ class SampleGeometry:
     def flip(self) -> "SampleGeometry":
         """The same crop, mirrored: its left edge counted from the other side of the resized image."""
         y, x = self.crop_top_left
-        return replace(self, crop_top_left=(y, self.resized_size[1] - x - self.target_size[1]), flipped=not self.flipped)
+        mirrored_x = self.resized_size[1] - x - self.target_size[1]
+        return replace(self, crop_top_left=(y, mirrored_x), flipped=not self.flipped)
 
     def as_sample(self) -> dict[str, Any]:
         return dict(zip(GEOMETRY_KEYS, (self.original_size, self.crop_top_left, self.target_size, self.flipped)))

@@ -27,7 +27,9 @@ def build_train_dataloader(config: RunConfig, accelerator: Accelerator, adapter:
     """The dataset (with `set_epoch`) and its unprepared data loader of `train_batch_size` batches."""
     d, t = config.data, config.training
     seed = t.seed or 0
-    buckets = aspect_ratio_buckets(resolution, adapter.aspect_ratio_bucket_multiple()) if d.aspect_ratio_buckets else None
+    buckets = None
+    if d.aspect_ratio_buckets:
+        buckets = aspect_ratio_buckets(resolution, adapter.aspect_ratio_bucket_multiple())
     if d.cache_latents:
         from .latent_cache import CachedLatentDataset, build_latent_cache
 

@@ -72,7 +72,8 @@ def build_captioned_folder(root: str | Path, num_images: int = 8, size: int = 40
 MIXED_SIZES = ((30, 61), (61, 30), (40, 40), (24, 50), (50, 24), (36, 36))
 
 
-def build_mixed_aspect_folder(root: str | Path, copies: int = 2, seed: int = 0) -> tuple[Path, dict[str, tuple[int, int]]]:
+def build_mixed_aspect_folder(root: str | Path, copies: int = 2,
+                              seed: int = 0) -> tuple[Path, dict[str, tuple[int, int]]]:
     """A captioned flat folder of `copies` images of each MIXED_SIZES shape; each caption names its image
     (`img-<i>`), so a sample can be traced back to its file. Returns the folder and caption -> (h, w)."""
     rng = np.random.default_rng(seed)

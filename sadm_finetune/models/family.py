@@ -148,8 +148,8 @@ class FamilyAdapter(ABC):
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The batch's text inputs (B, ...) and the empty prompt's (1, ...), read from the cache or encoded now."""
         if "text_embeddings" in batch:
-            return {name: value.to(device) for name, value in batch["text_embeddings"].items()}, \
-                self.empty_text_embeddings
+            cached = {name: value.to(device) for name, value in batch["text_embeddings"].items()}
+            return cached, self.empty_text_embeddings
         prompts = [caption_text(c) for c in batch.get("captions") or [""] * batch_size(batch)]
         encoded = self.encode_text(prompts + [""], device)  # one encoder pass over the batch and the empty prompt
         return {k: v[:-1] for k, v in encoded.items()}, {k: v[-1:] for k, v in encoded.items()}
@@ -161,7 +161,8 @@ class FamilyAdapter(ABC):
         def repeat(embeds: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
             return {prefix + name: v.to(device).expand(num_images, *v.shape[1:]) for name, v in embeds.items()}
 
-        return {**repeat(self.text_cache.load_batch([prompt], device)), **repeat(self.empty_text_embeddings, "negative_")}
+        positive = repeat(self.text_cache.load_batch([prompt], device))
+        return {**positive, **repeat(self.empty_text_embeddings, "negative_")}
 
     @abstractmethod
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
@@ -185,7 +186,7 @@ class FamilyAdapter(ABC):
         module = self.pipeline.components[name]
         cls = type(module) if module is not None else self.released_text_encoders[name]
         return cls.from_pretrained(c.pretrained_model_name_or_path, subfolder=name, revision=c.revision,
-                                            variant=c.variant, use_safetensors=not c.allow_pickle_weights or None)
+                                   variant=c.variant, use_safetensors=not c.allow_pickle_weights or None)
 
     def reload_frozen_fp32(self) -> None:
         """Reload the frozen components from the source, undoing a cast to a half-precision weight_dtype, and
