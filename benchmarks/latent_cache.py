@@ -5,8 +5,8 @@ The demo-sized pipeline (a 3-block AutoencoderKL 32x32x3 <-> 8x8x4, as scripts/m
 and the tiny demo DiT with learned sigma), random weights, saved to a temp folder and loaded through
 `load_family` as a run loads it; the data are scikit-learn's digits (1,797 images, 32x32, `builtin:digits`),
 centre-cropped, batch 32 (56 batches per epoch). Everything is built as `training.train` builds it
-(`_build_dataset`, the same DataLoader arguments, one `accelerator.prepare`), SADM off, so that the numbers
-show the data path and the VAE, not the structure term.
+(`loader.build_train_dataloader`, one `accelerator.prepare`), SADM off, so that the numbers show the data path
+and the VAE, not the structure term.
 
 For each configuration, in a fresh process:
   data epoch   iterate the prepared data loader once, no training step (decode + transform + collate, or
@@ -55,7 +55,8 @@ def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size:
     from sadm_finetune import training
     from sadm_finetune.checkpointing import TrainState
     from sadm_finetune.config import build_config
-    from sadm_finetune.data import collate, open_train_data
+    from sadm_finetune.data import open_train_data
+    from sadm_finetune.loader import build_train_dataloader
     from sadm_finetune.models.loading import load_family
     from sadm_finetune.step import StepRunner
     import torch
@@ -78,13 +79,11 @@ def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size:
             module.to(accelerator.device)
             module.eval()
         start = time.perf_counter()
-        dataset = training._build_dataset(config, accelerator, adapter, data, 32)
+        dataset, loader = build_train_dataloader(config, accelerator, adapter, data, 32)
         build_s = time.perf_counter() - start
         if what == "build":
             return {"cache_build_s": build_s, "num_samples": len(data)}
         denoiser = training._prepare_denoiser(config, adapter, accelerator.device, torch.float32)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                             collate_fn=collate, num_workers=workers)
         optimizer = training._optimizer([p for p in denoiser.parameters() if p.requires_grad], t.learning_rate,
                                         (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon)
         scheduler = get_scheduler("constant", optimizer)

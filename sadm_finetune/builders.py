@@ -1,5 +1,4 @@
-"""Building a run from its config: the accelerator, the denoiser's trainable set, the data set, the loss
-terms, the optimizers, and accelerate's `prepare` (training.train calls these in order)."""
+"""Building a run from its config: the accelerator, the denoiser's trainable set, the loss terms, the optimizers, and accelerate's `prepare` (training.train calls these in order)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
 from .checkpointing import CheckpointState
 from .config import RunConfig
-from .data import ImageTransform, TrainDataset
 from .distributed import is_fsdp, replicate_outside_fsdp
 from .errors import ConfigError
 from .losses import DiffusionLoss, LearnedSigmaVLB
@@ -64,16 +62,6 @@ def prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dt
         except ValueError as e:
             raise ConfigError("trainable", str(e), "use --trainable full or lora for this model") from None
     return denoiser
-
-
-def build_dataset(config: RunConfig, accelerator: Accelerator, adapter, data, resolution: int):
-    d, seed = config.data, config.training.seed or 0
-    if not d.cache_latents:
-        return TrainDataset(data, ImageTransform(resolution, d.center_crop, d.random_flip), d.on_bad_image, seed=seed)
-    from .latent_cache import CachedLatentDataset, build_latent_cache
-
-    folder = build_latent_cache(accelerator, adapter.vae, data, d, resolution, config.training.train_batch_size)
-    return CachedLatentDataset(data, folder, d.random_flip, seed=seed)
 
 
 def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float):

@@ -117,6 +117,10 @@ class DataConfig:
     resolution: int | None = _f(None, "Training resolution in pixels (default: the pipeline's own).")
     center_crop: bool = _f(False, "Center-crop to the resolution (default: random crop).")
     random_flip: bool = _f(False, "Flip images horizontally at random.")
+    aspect_ratio_buckets: bool = _f(
+        False, "Train each image at the aspect-ratio bucket of about resolution^2 pixels nearest its shape (diffusers' "
+        "generate_aspect_ratio_buckets), resized to cover it and cropped; every batch is one bucket.",
+    )
     max_train_samples: int | None = _f(None, "Use only the first N samples (debugging, quick runs).")
     on_bad_image: Literal["error", "skip"] = _f("error", "An unreadable image stops the run, or is skipped and counted.")
     dataloader_num_workers: int = _f(0, "Data-loader worker processes (0: load in the main process).")
@@ -126,6 +130,14 @@ class DataConfig:
     latent_cache_dir: str = _f(
         "~/.cache/sadm-finetune/latents",
         "Where cached latents live; runs with the same VAE, data and transforms share them.",
+    )
+    cache_text_embeddings: bool = _f(
+        False, "Encode every caption (and validation prompt) once with the text encoder(s), keep the embeddings on "
+        "disk, and free the encoders before training.",
+    )
+    text_cache_dir: str = _f(
+        "~/.cache/sadm-finetune/text-embeddings",
+        "Where cached text embeddings live; runs with the same text encoders share them, prompt by prompt.",
     )
 
     def __post_init__(self) -> None:

@@ -60,7 +60,7 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
     discriminator, to resume from), never as pipeline components."""
     config, accelerator, adapter = run.config, run.accelerator, run.adapter
     t = config.training
-    if run.weight_dtype != torch.float32:
+    if run.weight_dtype != torch.float32 or adapter.released_text_encoders:
         adapter.reload_frozen_fp32()
     extra = {"structure_discriminator": term.unwrapped_disc for term in run.terms if term.name == "sadm"}
     lora_state = None

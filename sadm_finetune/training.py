@@ -11,16 +11,18 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from .builders import build_dataset, build_run, log_summary, make_accelerator, tracker_config, weight_dtype_of
+from .builders import build_run, log_summary, make_accelerator, tracker_config, weight_dtype_of
 from .checkpointing import (TrainState, checkpoints_dir, list_checkpoints, load_checkpoint, resolve_resume,
                             save_checkpoint)
 from .config import RunConfig, save_config
-from .data import collate, open_train_data
+from .data import open_train_data
 from .distributed import gathered_copy, is_fsdp
 from .errors import ConfigError, InputError, SADMError
 from .finish import check_replicas, end_training, export_run
 from .loop import Run, train_loop
 from .models.loading import family_class, load_family
+from .loader import build_train_dataloader
+from .text_cache import build_text_cache, prompts_to_cache
 from .validation import validate
 
 logger = get_logger(__name__)
@@ -88,15 +90,14 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
 
     adapter.prepare_training()
     weight_dtype = weight_dtype_of(accelerator)
+    # Before the frozen modules move: the text encoders run once over every prompt, then leave memory.
+    text_cache = build_text_cache(accelerator, adapter, prompts_to_cache(adapter, data, t), config.data, weight_dtype,
+                                  t.train_batch_size) if config.data.cache_text_embeddings else None
     for module in adapter.frozen_modules():
         module.requires_grad_(False)
         module.to(accelerator.device, dtype=weight_dtype)
         module.eval()
-    dataset = build_dataset(config, accelerator, adapter, data, resolution)
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=t.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-        num_workers=config.data.dataloader_num_workers,
-    )
+    dataset, dataloader = build_train_dataloader(config, accelerator, adapter, data, resolution, text_cache)
     run, dataloader, saved = build_run(config, accelerator, adapter, dataloader)
     # The project's own checkpoint state: JSON / safetensors files, never accelerate's pickled custom states.
     state = TrainState()

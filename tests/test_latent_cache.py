@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from sadm_finetune import latent_cache
+from sadm_finetune.buckets import aspect_ratio_buckets
 from sadm_finetune.config import DataConfig, build_config
 from sadm_finetune.data import ImageTransform, TrainDataset, collate, open_train_data
 from sadm_finetune.errors import ConfigError
@@ -38,8 +39,8 @@ def _cfg(folder, cache_dir, **kw):
                       latent_cache_dir=str(cache_dir), **kw)
 
 
-def _build(accelerator, vae, cfg, resolution=32):
-    return build_latent_cache(accelerator, vae, open_train_data(cfg), cfg, resolution, batch_size=4)
+def _build(accelerator, vae, cfg, resolution=32, buckets=None):
+    return build_latent_cache(accelerator, vae, open_train_data(cfg), cfg, resolution, batch_size=4, buckets=buckets)
 
 
 @pytest.fixture
@@ -59,12 +60,18 @@ def test_hit_reuses_the_folder_without_encoding(tmp_path, folder, vae, accelerat
     assert count_encodes == [1] and (first / "shard-00000.safetensors").stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("change", ["resolution", "random_flip", "data", "vae", "max_train_samples"])
+@pytest.mark.parametrize("change", ["resolution", "random_flip", "data", "vae", "max_train_samples", "buckets",
+                                    "bucket_multiple"])
 def test_any_key_change_re_encodes(tmp_path, folder, vae, accelerator, count_encodes, change):
     cfg = _cfg(folder, tmp_path / "cache")
-    first = _build(accelerator, vae, cfg)
+    buckets = aspect_ratio_buckets(32, 8) if change == "bucket_multiple" else None
+    first = _build(accelerator, vae, cfg, buckets=buckets)
     resolution = 32
-    if change == "resolution":
+    if change == "buckets":
+        buckets = aspect_ratio_buckets(32, 8)
+    elif change == "bucket_multiple":
+        buckets = aspect_ratio_buckets(32, 16)
+    elif change == "resolution":
         resolution = 16
     elif change == "random_flip":
         cfg = _cfg(folder, tmp_path / "cache", random_flip=True)
@@ -79,7 +86,7 @@ def test_any_key_change_re_encodes(tmp_path, folder, vae, accelerator, count_enc
         vae.load_state_dict({k: v.clone() for k, v in vae.state_dict().items()})
         with torch.no_grad():
             next(vae.parameters()).add_(1e-3)
-    second = _build(accelerator, vae, cfg, resolution)
+    second = _build(accelerator, vae, cfg, resolution, buckets)
     assert second != first and count_encodes == [1, 1]
 
 

@@ -49,8 +49,8 @@ def test_caption_dropout_swaps_in_the_empty_prompt(adapter):
     batch = {"captions": prompts, "pixel_values": torch.zeros(64, 3, 32, 32)}
     states = adapter.conditioning(batch, torch.device("cpu"), torch.float32, drop=True,
                                   generator=torch.Generator().manual_seed(0))["encoder_hidden_states"]
-    full = adapter.encode_prompts([CAPTIONS[0]], torch.device("cpu"))
-    empty = adapter.encode_prompts([""], torch.device("cpu"))
+    full = adapter.encode_text([CAPTIONS[0]], torch.device("cpu"))["prompt_embeds"]
+    empty = adapter.encode_text([""], torch.device("cpu"))["prompt_embeds"]
 
     def same(a, b):  # encoded in batches of different sizes: equal up to float rounding, not bit for bit
         return torch.allclose(a, b, rtol=1e-5, atol=1e-5)

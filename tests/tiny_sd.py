@@ -66,3 +66,23 @@ def build_captioned_folder(root: str | Path, num_images: int = 8, size: int = 40
         lines.append(json.dumps({"file_name": f"{i}.png", "text": CAPTIONS[i % len(CAPTIONS)]}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+# (h, w) of the images of `build_mixed_aspect_folder`: landscape, portrait and square, for aspect-ratio buckets.
+MIXED_SIZES = ((30, 61), (61, 30), (40, 40), (24, 50), (50, 24), (36, 36))
+
+
+def build_mixed_aspect_folder(root: str | Path, copies: int = 2,
+                              seed: int = 0) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """A captioned flat folder of `copies` images of each MIXED_SIZES shape; each caption names its image
+    (`img-<i>`), so a sample can be traced back to its file. Returns the folder and caption -> (h, w)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lines, sizes = [], {}
+    for i, (h, w) in enumerate(MIXED_SIZES * copies):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"img-{i}"}))
+        sizes[f"img-{i}"] = (h, w)
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root, sizes

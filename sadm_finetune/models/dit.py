@@ -63,6 +63,14 @@ class DiTAdapter(FamilyAdapter):
                 "positions (DiTTransformer2DModel has no interpolation_scale)",
                 "use --pos_embed_transfer extend (docs/design.md §7)",
             )
+        if config.data.cache_text_embeddings:
+            raise ConfigError("cache_text_embeddings", "DiT is class-conditional and has no text encoder",
+                              "drop --cache_text_embeddings")
+        if config.data.aspect_ratio_buckets:
+            raise ConfigError(
+                "aspect_ratio_buckets", "DiT trains on square images only (DiTTransformer2DModel unpatchifies a square "
+                "token grid, and DiTPipeline samples sample_size x sample_size)", "drop --aspect_ratio_buckets",
+            )
 
     def check_data(self, data) -> None:
         self.check_class_ids(data.max_class_id())

@@ -3,11 +3,17 @@
 An adapter turns a data batch into the denoiser's conditioning, calls the denoiser and splits its
 output, and rebuilds the family's stock pipeline for export and sampling. A new family (SDXL,
 PixArt, SD3) is one new subclass registered in `FAMILIES`.
+
+What a batch offers `conditioning` (docs/design.md §8): `captions` or `class_labels`; the geometry of
+each sample (`original_sizes`, `crop_top_lefts`, `target_sizes`, `flips`: `data.GEOMETRY_KEYS`), which
+micro-conditioning reads; and with --cache_text_embeddings, `text_embeddings`: what `encode_text`
+returned for each caption, read from disk (`text_embeddings` below hides the difference).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +25,8 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ..config import ModelConfig, RunConfig, TrainingConfig
+from ..data import caption_text
+from ..errors import ConfigError
 
 
 @dataclass
@@ -33,17 +41,32 @@ def batch_size(batch: dict[str, Any]) -> int:
     return batch[key].shape[0]
 
 
+def drop_to_empty(embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor],
+                  dropped: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Caption dropout for classifier-free guidance: the empty prompt's (1, ...) tensors where `dropped` (B,) is
+    set, chosen on the device (no host sync)."""
+    return {name: torch.where(dropped.view(-1, *[1] * (value.dim() - 1)), empty[name].to(value.dtype), value)
+            for name, value in embeds.items()}
+
+
 class FamilyAdapter(ABC):
     family: str  # model-card tag, e.g. "dit"
     pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s this adapter accepts
     denoiser_name: str  # pipeline component that trains, e.g. "transformer"
     lora_target_modules: tuple[str, ...]  # default LoRA targets (module names or name suffixes)
     load_kwargs: dict[str, Any] = {}  # passed to DiffusionPipeline.from_pretrained, e.g. components to skip
+    # Text families: the pipeline components that turn prompts into the denoiser's text inputs (`encode_text`).
+    text_encoder_names: tuple[str, ...] = ()
+    tokenizer_names: tuple[str, ...] = ()
+    encode_text_version: int = 1  # part of the text-cache key: bump it when `encode_text` returns something else
 
     def __init__(self, pipeline: DiffusionPipeline, config: ModelConfig) -> None:
         self.pipeline = pipeline
         self.config = config
         self.vae = pipeline.vae
+        self.text_cache = None  # a text_cache.TextEmbeddingCache, with --cache_text_embeddings
+        self.empty_text_embeddings: dict[str, torch.Tensor] | None = None  # the empty prompt's, (1, ...), cached
+        self.released_text_encoders: dict[str, type] = {}  # component name -> class, freed after caching
 
     @property
     def denoiser(self) -> nn.Module:
@@ -88,10 +111,64 @@ class FamilyAdapter(ABC):
     def prepare_training(self) -> None:
         """Put the denoiser into its training configuration (e.g. conditioning dropout handled by us)."""
 
+    def aspect_ratio_bucket_multiple(self) -> int:
+        """Sides of aspect-ratio buckets are multiples of this (in pixels); ConfigError where the denoiser takes
+        square inputs only."""
+        raise ConfigError("aspect_ratio_buckets", f"the {self.family} family trains on square images only",
+                          "drop --aspect_ratio_buckets")
+
     @abstractmethod
     def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Model inputs besides latents and timesteps; `drop` applies classifier-free-guidance dropout."""
+
+    # -- text conditioning (families with text encoders) -------------------------------------------------
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders still in memory, by pipeline component name."""
+        return {name: module for name in self.text_encoder_names
+                if (module := getattr(self.pipeline, name, None)) is not None}
+
+    def tokenizers(self) -> dict[str, Any]:
+        return {name: getattr(self.pipeline, name) for name in self.tokenizer_names}
+
+    def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompts -> the denoiser's text inputs, each (B, ...), named as the pipeline's `__call__` takes them
+        (`prompt_embeds`, `pooled_prompt_embeds`, `prompt_attention_mask`, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} has no text encoder")
+
+    def use_text_cache(self, cache: Any, device: torch.device) -> None:
+        """Take text inputs from `cache` (a text_cache.TextEmbeddingCache holding every prompt of the run)."""
+        self.text_cache = cache
+        self.empty_text_embeddings = cache.load_batch([""], device)
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders from the pipeline, and so from memory; `reload_frozen_fp32` brings them back."""
+        for name in list(self.text_encoders()):  # names only: no reference to a module outlives the loop
+            self.released_text_encoders[name] = type(getattr(self.pipeline, name))
+            setattr(self.pipeline, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def text_embeddings(self, batch: dict[str, Any], device: torch.device
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The batch's text inputs (B, ...) and the empty prompt's (1, ...), read from the cache or encoded now."""
+        if "text_embeddings" in batch:
+            cached = {name: value.to(device) for name, value in batch["text_embeddings"].items()}
+            return cached, self.empty_text_embeddings
+        prompts = [caption_text(c) for c in batch.get("captions") or [""] * batch_size(batch)]
+        encoded = self.encode_text(prompts + [""], device)  # one encoder pass over the batch and the empty prompt
+        return {k: v[:-1] for k, v in encoded.items()}, {k: v[-1:] for k, v in encoded.items()}
+
+    def cached_text_inputs(self, prompt: str, num_images: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Pipeline kwargs for `num_images` images of `prompt` from the text cache (the encoders are gone): its
+        embeddings, and the empty prompt's as the negative ones, which is what the SD pipeline encodes for
+        guidance when given no negative prompt (SDXL's `force_zeros_for_empty_prompt` would override this)."""
+        def repeat(embeds: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+            return {prefix + name: v.to(device).expand(num_images, *v.shape[1:]) for name, v in embeds.items()}
+
+        positive = repeat(self.text_cache.load_batch([prompt], device))
+        return {**positive, **repeat(self.empty_text_embeddings, "negative_")}
 
     @abstractmethod
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
@@ -139,18 +216,23 @@ class FamilyAdapter(ABC):
         """A fresh fp32 copy of a pipeline component, read from the pretrained source."""
         c = self.config
         module = self.pipeline.components[name]
-        return type(module).from_pretrained(c.pretrained_model_name_or_path, subfolder=name, revision=c.revision,
-                                            variant=c.variant, use_safetensors=not c.allow_pickle_weights or None)
+        cls = type(module) if module is not None else self.released_text_encoders[name]
+        return cls.from_pretrained(c.pretrained_model_name_or_path, subfolder=name, revision=c.revision,
+                                   variant=c.variant, use_safetensors=not c.allow_pickle_weights or None)
 
     def reload_frozen_fp32(self) -> None:
-        """Reload the frozen components from the source, undoing a cast to a half-precision weight_dtype,
-        so that the export carries the base weights bit for bit."""
+        """Reload the frozen components from the source, undoing a cast to a half-precision weight_dtype, and
+        bring back text encoders released after caching their embeddings, so that the export carries the base
+        weights bit for bit."""
         for module in self.frozen_modules():
             name = next(k for k, v in self.pipeline.components.items() if v is module)
             fresh = self.load_component(name)
             setattr(self.pipeline, name, fresh)
             if name == "vae":
                 self.vae = fresh
+        for name in list(self.released_text_encoders):
+            setattr(self.pipeline, name, self.load_component(name))
+            del self.released_text_encoders[name]
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
                           adapter_metadata: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
 """Stable Diffusion family (1.x / 2.x): `UNet2DConditionModel` + CLIP text encoder + tokenizer, text-conditioned.
 
-Only this adapter knows about text: it turns a batch's captions into `encoder_hidden_states`, with
-caption dropout (the empty prompt) for classifier-free guidance. Epsilon and v-prediction come from
-the scheduler config, as for every family.
+Only this adapter knows about text: it turns a batch's captions (or their cached embeddings,
+--cache_text_embeddings) into `encoder_hidden_states`, with caption dropout (the empty prompt) for
+classifier-free guidance. Epsilon and v-prediction come from the scheduler config, as for every family.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
 from ..config import RunConfig, TrainingConfig
+from ..data import caption_text
 from ..errors import ConfigError, InputError
-from .family import FamilyAdapter, ModelOutput, batch_size
+from .family import FamilyAdapter, ModelOutput, batch_size, drop_to_empty
 
 NUM_DEFAULT_PROMPTS = 4
 
@@ -29,10 +30,13 @@ class StableDiffusionAdapter(FamilyAdapter):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention projections
     # The safety checker (1.2 GB) plays no part in training, and the export is saved without it.
     load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
     default_prompts: list[str] | None = None
 
     @property
-    def text_encoder(self) -> nn.Module:
+    def text_encoder(self) -> nn.Module | None:
+        """None once released after --cache_text_embeddings."""
         return self.pipeline.text_encoder
 
     @property
@@ -58,7 +62,7 @@ class StableDiffusionAdapter(FamilyAdapter):
                 "image: add metadata.jsonl (file_name, text) to the image folder, or pass --caption_column <name>"
             )
         head = data.dataset.select(range(min(64, len(data.dataset))))[data.caption_column]
-        prompts = list(dict.fromkeys(self._caption(c) for c in head if self._caption(c)))
+        prompts = list(dict.fromkeys(caption_text(c) for c in head if caption_text(c)))
         self.default_prompts = prompts[:NUM_DEFAULT_PROMPTS] or [""]
 
     def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
@@ -73,40 +77,34 @@ class StableDiffusionAdapter(FamilyAdapter):
             raise ConfigError("resolution", f"{resolution} is not divisible by the VAE factor {self.vae_scale_factor}",
                               f"use a multiple of {self.vae_scale_factor}, e.g. {self.default_resolution()}")
 
+    def aspect_ratio_bucket_multiple(self) -> int:
+        # The UNet halves the latent once per down block after the first: sides that divide evenly (64 pixels for
+        # SD 1.x / 2.x) never take the odd-size upsampling path.
+        return self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+
     def frozen_modules(self) -> list[nn.Module]:
-        return [self.vae, self.text_encoder]
+        return [m for m in (self.vae, self.text_encoder) if m is not None]
 
     def prepare_training(self) -> None:
         """Nothing to switch off: caption dropout happens in `conditioning`, the text encoder stays frozen."""
 
-    @staticmethod
-    def _caption(value: Any) -> str:
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise InputError(f"caption_column: captions must be strings, got {type(value).__name__} ({value!r:.60}); "
-                             "keep one caption per image")
-        return value
-
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """Prompts -> (B, tokens, dim) CLIP hidden states, as StableDiffusionPipeline computes them."""
+    def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompts -> {"prompt_embeds": (B, tokens, dim)} CLIP hidden states, as StableDiffusionPipeline computes
+        them."""
         input_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                    truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(input_ids.to(device))[0]
+        return {"prompt_embeds": self.text_encoder(input_ids.to(device))[0]}
 
     def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        captions = [self._caption(c) for c in batch.get("captions") or [""] * batch_size(batch)]
-        # One encoder pass over the batch plus the empty prompt; dropped samples take the empty prompt's
-        # states, chosen on the device (no host sync).
-        states = self.encode_prompts(captions + [""], device)  # (B + 1, tokens, dim)
-        encoder_hidden_states, empty = states[:-1], states[-1:]
+        # The batch's geometry (original size, crop) plays no part: SD 1.x / 2.x has no micro-conditioning.
+        embeds, empty = self.text_embeddings(batch, device)  # (B, tokens, dim) each; the empty prompt's (1, ...)
         p = self.config.caption_dropout_prob
         if drop and p > 0:
-            dropped = torch.rand(len(captions), device=device, generator=generator) < p
-            encoder_hidden_states = torch.where(dropped[:, None, None], empty, encoder_hidden_states)
-        return {"encoder_hidden_states": encoder_hidden_states}
+            dropped = torch.rand(batch_size(batch), device=device, generator=generator) < p
+            embeds = drop_to_empty(embeds, empty, dropped)
+        return {"encoder_hidden_states": embeds["prompt_embeds"]}
 
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> ModelOutput:
@@ -130,7 +128,10 @@ class StableDiffusionAdapter(FamilyAdapter):
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
         prompts = conditions or self.default_prompts or [""]
-        rows = [{"prompt": [prompt] * num_per_row} for prompt in prompts]
+        if pipeline.text_encoder is None:  # released after caching: the cached embeddings stand in for the prompts
+            rows = [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
+        else:
+            rows = [{"prompt": [prompt] * num_per_row} for prompt in prompts]
         return self._sample_rows(pipeline, rows, num_inference_steps, guidance_scale, seed)
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
