@@ -148,8 +148,8 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
             for batch in batches:
                 # Noise, timesteps and dropout depend only on (seed, rank, epoch, batch): a resumed run
                 # draws exactly what the uninterrupted run drew, with no RNG state to carry.
-                gen = generator.manual_seed(_stable_seed(seed, acc.process_index, state.epoch, state.batches_in_epoch))
                 state.batches_in_epoch += 1
+                gen = generator.manual_seed(_stable_seed(seed, acc.process_index, state.epoch, state.batches_in_epoch))
                 with acc.accumulate(*models):
                     # 1. z0, the conditioning (with guidance dropout), noise and timesteps, x_t
                     latents = clean_latents(adapter.vae, batch, gen)  # (B, C, h, w) fp32
