@@ -52,6 +52,9 @@ class EvalConfig:
     grid: str | None = _f(None, "Write a PNG grid of samples (rows: classes); side by side with --compare_with.")
     compare_with: str | None = _f(None, "Second pipeline (e.g. the base), sampled with the same seeds and labels.")
     update_model_card: str | None = _f(None, "Folder whose README.md model card gets the metrics in its model-index.")
+    probe_images: int = _f(64, "Reference images for the structure probe by noise level (0: no probe).")
+    probe_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900],
+                                       metadata={"help": "Noise levels (training timesteps) the probe measures."})
     device: str | None = _f(None, "torch device (default: cuda when available, else cpu).")
     dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "Pipeline weight dtype.")
 
@@ -191,6 +194,28 @@ def compute_metrics(reference_features: np.ndarray, mu: np.ndarray, sigma: np.nd
             "structure_gap": structure_gap(reference_features, features)}
 
 
+def _structure_probe(pipe, source: str, reference: Reference, names: dict[int, str], text: bool,
+                     config: EvalConfig, device: str) -> dict:
+    """separability.probe on a fixed subset of the reference images of the sampled classes."""
+    from .separability import load_discriminator, native_resolution, probe
+
+    indices = np.arange(reference.num_images)
+    if reference.labels is not None:
+        indices = indices[np.isin(reference.labels, list(names))]
+    rng = np.random.default_rng(0)  # apart from --seed: the same images whatever the sampling seed
+    indices = np.sort(rng.choice(indices, min(config.probe_images, len(indices)), replace=False))
+    labels = None if reference.labels is None else [int(c) for c in reference.labels[indices]]
+    prompts = [config.prompt_template.format(label=names[c]) for c in labels] if text and labels else None
+    if text and prompts is None:
+        prompts = [""] * len(indices)
+    if labels is None and not text:
+        labels = [1000] * len(indices)  # unlabelled reference: DiT's null class
+    disc, options = load_discriminator(source, device)
+    images = reference.load(indices, native_resolution(pipe))
+    return probe(pipe, images, None if text else labels, prompts, tuple(config.probe_timesteps), disc, options,
+                 seed=config.seed, batch_size=config.batch_size)
+
+
 def _reference_stats(reference: Reference, extractor, resolution: int, config: EvalConfig):
     from .metrics import ReferenceStats, feature_statistics, load_reference_stats, save_reference_stats
 
@@ -273,6 +298,14 @@ def format_table(result: dict) -> str:
              f"features {result['features']}",
              "| metric | " + " | ".join(name for name, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
+    if "probe" in result["metrics"]:
+        timesteps = result["metrics"]["probe"]["timesteps"]
+        for i, t in enumerate(timesteps):
+            rows.append((f"structure gap, fixed encoder, t={t}",
+                         lambda m, i=i: f"{m['probe']['structure_gap_fixed'][i]:.3g}"))
+        for i, t in enumerate(timesteps):
+            rows.append((f"D pair cosine (1: D cannot tell), t={t}",
+                         lambda m, i=i: "no D" if m["probe"]["d_pair_cos"] is None else f"{m['probe']['d_pair_cos'][i]:.3f}"))
     lines += [f"| {label} | " + " | ".join(fmt(m) for _, m in columns) + " |" for label, fmt in rows]
     return "\n".join(lines)
 
@@ -331,6 +364,11 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
         results[key] = compute_metrics(stats.features, stats.mu, stats.sigma, sampled.features, device)
         if sampled.predictions is not None:
             results[key]["label_accuracy"] = float((sampled.predictions == np.asarray(class_labels)).mean())
+
+    if config.probe_images > 0:
+        for key, pipe in pipelines.items():
+            results[key]["probe"] = _structure_probe(pipe, getattr(config, key), reference, names, prompts is not None,
+                                                     config, device)
 
     result = {
         "pipeline": config.pipeline, "conditioning": "class_labels" if prompts is None else "prompt",
