@@ -39,6 +39,7 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
     """One arm. `device`/`dit_config` exist for the CPU smoke test (tests/test_gpu_check.py) only."""
     import torch
     from diffusers import DDPMScheduler, DiTTransformer2DModel
+    from diffusers.training_utils import compute_snr
 
     from benchmarks.real_shapes import DIT_SCHEDULER, DIT_XL_2_256
     from sadm_finetune.config import SADMConfig
@@ -84,7 +85,8 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
         with autocast():
             out = model(noisy, timestep=t, class_labels=labels).sample
         eps, var = out.float().split(channels, dim=1)
-        loss = diffusion(eps, noise, t, alphas_cumprod).mean() + vlb(eps, var, latents, noisy, t).mean()
+        # The loss takes each sample's SNR now (the noise process's `snr`, diffusers' compute_snr).
+        loss = diffusion(eps, noise, compute_snr(scheduler, t)).mean() + vlb(eps, var, latents, noisy, t).mean()
         step_losses = {"loss_diffusion": loss.detach()}
         if sadm:
             x0_hat = predicted_original_sample(eps, noisy, t, alphas_cumprod, "epsilon")

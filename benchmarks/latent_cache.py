@@ -5,13 +5,17 @@ The demo-sized pipeline (a 3-block AutoencoderKL 32x32x3 <-> 8x8x4, as scripts/m
 and the tiny demo DiT with learned sigma), random weights, saved to a temp folder and loaded through
 `load_family` as a run loads it; the data are scikit-learn's digits (1,797 images, 32x32, `builtin:digits`),
 centre-cropped, batch 32 (56 batches per epoch). Everything is built as `training.train` builds it
-(`loader.build_train_dataloader`, one `accelerator.prepare`), SADM off, so that the numbers show the data path
-and the VAE, not the structure term.
+(`loader.build_train_dataloader`, then `builders.build_run` with its one `accelerator.prepare`), SADM off,
+so that the numbers show the data path and the VAE, not the structure term.
 
 For each configuration, in a fresh process:
   data epoch   iterate the prepared data loader once, no training step (decode + transform + collate, or
                reads of cached posteriors)
-  train epoch  one epoch of `StepRunner.micro_step` (with the cache: no VAE encoder, a posterior draw instead)
+  train epoch  one epoch of the training loop (`loop.train_loop`, max_train_steps = the epoch's batches; from
+               the loop's start to its last `on_update` callback), batches fetched from the prepared loader
+               as in a run (with the cache: no VAE encoder, a posterior draw instead). (The numbers in
+               benchmarks/README.md were taken before the one-loop refactor, with `StepRunner.micro_step`
+               called over the prepared loader.)
 The one-off cache build (encoding the 1,797 images) is timed in its own process first.
 
     python benchmarks/latent_cache.py            # ~1-2 minutes on 2 cores
@@ -50,15 +54,13 @@ def build_pipeline(path: Path) -> None:
 
 
 def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size: int, what: str, threads: int) -> dict:
-    from diffusers.optimization import get_scheduler
-
-    from sadm_finetune import training
+    from sadm_finetune import builders
     from sadm_finetune.checkpointing import TrainState
     from sadm_finetune.config import build_config
     from sadm_finetune.data import open_train_data
     from sadm_finetune.loader import build_train_dataloader
+    from sadm_finetune.loop import train_loop
     from sadm_finetune.models.loading import load_family
-    from sadm_finetune.step import StepRunner
     import torch
 
     if threads:
@@ -69,41 +71,38 @@ def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size:
             pretrained_model_name_or_path=pipeline, dataset_name="builtin:digits", resolution=32, center_crop=True,
             cache_latents=cache, latent_cache_dir=cache_dir, dataloader_num_workers=workers,
             train_batch_size=batch_size, structure_weight=0.0, report_to="none", output_dir=out))
-        t = config.training
         data = open_train_data(config.data)
-        accelerator = training.make_accelerator(config, Path(out))
+        accelerator = builders.make_accelerator(config, Path(out))
         adapter = load_family(config.model)
         adapter.prepare_training()
+        weight_dtype = builders.weight_dtype_of(accelerator)
         for module in adapter.frozen_modules():
             module.requires_grad_(False)
-            module.to(accelerator.device)
+            module.to(accelerator.device, dtype=weight_dtype)
             module.eval()
         start = time.perf_counter()
         dataset, loader = build_train_dataloader(config, accelerator, adapter, data, 32)
         build_s = time.perf_counter() - start
         if what == "build":
             return {"cache_build_s": build_s, "num_samples": len(data)}
-        denoiser = training._prepare_denoiser(config, adapter, accelerator.device, torch.float32)
-        optimizer = training._optimizer([p for p in denoiser.parameters() if p.requires_grad], t.learning_rate,
-                                        (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon)
-        scheduler = get_scheduler("constant", optimizer)
-        denoiser, optimizer, scheduler, loader = accelerator.prepare(denoiser, optimizer, scheduler, loader)
-        runner = StepRunner(config, adapter, accelerator, denoiser, optimizer, scheduler, None, None, None, None)
-        state = TrainState()
+        config.training.max_train_steps = len(loader)  # one epoch (drop_last batches)
+        run, loader, _ = builders.build_run(config, accelerator, adapter, loader)
 
         start = time.perf_counter()
         n = sum(1 for _ in loader)
         data_epoch_s = time.perf_counter() - start
 
-        state.epoch = 1
-        loader.set_epoch(1)
-        dataset.set_epoch(1)
+        state = TrainState()
+        state.epoch = 1  # the loop calls set_epoch(1) on the loader and the dataset
+        end = {}
+
+        def on_update(state) -> None:
+            end["s"] = time.perf_counter()
+
         start = time.perf_counter()
-        for batch in loader:
-            state.batches_in_epoch += 1
-            runner.micro_step(batch, state)
-            state.global_step += 1
-        train_epoch_s = time.perf_counter() - start
+        stopped = train_loop(run, loader, dataset, state, on_update)
+        assert not stopped and state.global_step == n and state.epoch == 1, (state, n)
+        train_epoch_s = end["s"] - start
     return {"cache": cache, "num_workers": workers, "batches": n, "dataset_build_s": build_s,
             "data_epoch_s": data_epoch_s, "train_epoch_s": train_epoch_s, "threads": torch.get_num_threads()}
 

@@ -1,11 +1,16 @@
 #!/usr/bin/env python
 """Where a toolkit step's time goes: inclusive timings of its parts, and torch.profiler's top ops.
 
-The toolkit's step (`StepRunner.micro_step`, built as benchmarks/step_time.py builds it) runs with its
-parts wrapped in timers from the outside (nothing in sadm_finetune/ is edited): the denoiser forward
-(`adapter.predict`), the VLB term, the two structure phases (`SADMObjective.generator_loss`,
-`discriminator_loss`), each `accelerator.backward`, grad-norm clipping, each optimizer step. What is
-left of the step's time is "rest" (noise, timesteps, targets, the diffusion loss, logs, bookkeeping).
+The toolkit's step (one step of `loop.train_loop`, built as benchmarks/step_time.py builds it: `builders.build_run`
+on a fixed cached-posterior batch) runs with its parts wrapped in timers from the outside (nothing in
+sadm_finetune/ is edited; the wrappers go on instance attributes of the run's objects and on the module
+attribute `sadm_finetune.loop.grad_norm`, after the warm-up steps): the denoiser forward (`adapter.predict`),
+the VLB term (`run.vlb`), the two structure phases (the SADM term's `objective.generator_loss`,
+`discriminator_loss`), each `accelerator.backward`, grad-norm clipping (`loop.grad_norm`), each optimizer
+step. A step is the time between two of the loop's `on_update` callbacks; what is left of it is "rest"
+(the fixed batch's fetch, the posterior draw, noise, timesteps, targets, the diffusion loss, logs, the
+loop's bookkeeping). (The profiles in benchmarks/README.md were taken before the one-loop refactor, on
+`StepRunner.micro_step`, whose "rest" had no loop bookkeeping.)
 Wall time and process CPU time are both reported; on a machine shared with other jobs trust CPU time.
 
     python benchmarks/profile_step.py --model dit-s --mode sadm --steps 2
@@ -24,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import _bare_stepper, _toolkit_stepper  # noqa: E402
+from step_time import _bare_stepper, _toolkit_run  # noqa: E402
 
 
 class Timers:
@@ -47,30 +52,54 @@ class Timers:
         return timed
 
 
-def instrument(runner, timers: Timers) -> None:
-    """Wrap the step's parts (instance attributes only; the classes are untouched)."""
-    runner.adapter.predict = timers.wrap("denoiser forward", runner.adapter.predict)
-    if runner.vlb is not None:
-        vlb = runner.vlb
-        runner.vlb = timers.wrap("VLB term", lambda *a, **k: vlb(*a, **k))
-    if runner.objective is not None:
-        obj = runner.objective
-        obj.generator_loss = timers.wrap("G phase: D forward + L_S", obj.generator_loss)
-        obj.discriminator_loss = timers.wrap("D phase: D forward + L_D", obj.discriminator_loss)
-        runner.optimizer_d.step = timers.wrap("D AdamW step", runner.optimizer_d.step)
-    backward = runner.accelerator.backward
+class Instrumented:
+    """The step's parts of a built run, wrapped in timers (instance attributes and `loop.grad_norm` only; the
+    classes are untouched). `install()` after the warm-up; `new_step()` before each step (the next backward
+    is the denoiser's); `remove()` puts `loop.grad_norm` back."""
 
-    def named_backward(loss, **kwargs):
-        # micro_step calls backward first for G (denoiser + D-in-G-phase), then once per D update.
-        name = "G backward" if runner._phase == "G" else "D backward"
-        runner._phase = "D"
-        return timers.wrap(name, backward)(loss, **kwargs)
+    def __init__(self, run, timers: Timers) -> None:
+        self.run, self.timers, self.phase = run, timers, "G"
+        self.sadm = next((term for term in run.terms if term.name == "sadm"), None)
 
-    runner.accelerator.backward = named_backward
-    grad_norm = runner._grad_norm
-    runner._grad_norm = lambda params: timers.wrap(
-        "grad-norm clip (G)" if len(params) == len(runner.params_g) else "grad-norm clip (D)", grad_norm)(params)
-    runner.optimizer_g.step = timers.wrap("G AdamW step", runner.optimizer_g.step)
+    def install(self) -> None:
+        from sadm_finetune import loop
+
+        run, timers = self.run, self.timers
+        run.adapter.predict = timers.wrap("denoiser forward", run.adapter.predict)
+        if run.vlb is not None:
+            vlb = run.vlb
+            run.vlb = timers.wrap("VLB term", lambda *a, **k: vlb(*a, **k))
+        if self.sadm is not None:
+            obj = self.sadm.objective
+            obj.generator_loss = timers.wrap("G phase: D forward + L_S", obj.generator_loss)
+            obj.discriminator_loss = timers.wrap("D phase: D forward + L_D", obj.discriminator_loss)
+            self.sadm.optimizer.step = timers.wrap("D AdamW step", self.sadm.optimizer.step)
+        backward = run.accelerator.backward
+
+        def named_backward(loss, **kwargs):
+            # The loop calls backward first for G (denoiser + D-in-G-phase), then once per D update.
+            name = "G backward" if self.phase == "G" else "D backward"
+            self.phase = "D"
+            return timers.wrap(name, backward)(loss, **kwargs)
+
+        run.accelerator.backward = named_backward
+        self.grad_norm = grad_norm = loop.grad_norm
+        g_params = run.trainable_parameters
+
+        def named_grad_norm(accelerator, params, max_norm):
+            name = "grad-norm clip (G)" if params is g_params else "grad-norm clip (D)"
+            return timers.wrap(name, grad_norm)(accelerator, params, max_norm)
+
+        loop.grad_norm = named_grad_norm  # apply_update looks it up in the module at each call
+        run.optimizer.step = timers.wrap("G AdamW step", run.optimizer.step)
+
+    def new_step(self) -> None:
+        self.phase = "G"
+
+    def remove(self) -> None:
+        from sadm_finetune import loop
+
+        loop.grad_norm = self.grad_norm
 
 
 def main(argv=None) -> None:
@@ -90,46 +119,68 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
+    timers = Timers()
+    totals = {"wall": 0.0, "cpu": 0.0}
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) \
+        if args.profiler else None
     if args.mode == "bare":
         step, _, info = _bare_stepper(args.model, args.batch_size)
-        runner = None
+        for _ in range(args.warmup):
+            step()
+        if profiler is not None:
+            profiler.__enter__()
+        for _ in range(args.steps):
+            w, c = time.perf_counter(), time.process_time()
+            step()
+            totals["wall"] += time.perf_counter() - w
+            totals["cpu"] += time.process_time() - c
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
     else:
-        step, _, info = _toolkit_stepper(args.model, args.batch_size, args.mode == "sadm", Path(tmp.name))
-        runner = step.runner
-    for _ in range(args.warmup):
-        step()
-    timers = Timers()
-    if runner is not None:
-        instrument(runner, timers)
+        toolkit = _toolkit_run(args.model, args.batch_size, args.mode == "sadm", Path(tmp.name),
+                               args.warmup + args.steps)
+        parts = Instrumented(toolkit.run, timers)
+        mark = [0.0, 0.0]
 
-    total_wall = total_cpu = 0.0
-    prof_ctx = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) \
-        if args.profiler else None
-    if prof_ctx is not None:
-        prof_ctx.__enter__()
-    for _ in range(args.steps):
-        if runner is not None:
-            runner._phase = "G"
-        w, c = time.perf_counter(), time.process_time()
-        step()
-        total_wall += time.perf_counter() - w
-        total_cpu += time.process_time() - c
-    if prof_ctx is not None:
-        prof_ctx.__exit__(None, None, None)
+        def on_update(state) -> None:  # after each update of train_loop: steps are the time between calls
+            now, cpu_now = time.perf_counter(), time.process_time()
+            if state.global_step > args.warmup:
+                totals["wall"] += now - mark[0]
+                totals["cpu"] += cpu_now - mark[1]
+                if state.global_step == args.warmup + args.steps and profiler is not None:
+                    profiler.__exit__(None, None, None)  # the timed steps only, not the loop's exit
+            elif state.global_step == args.warmup:  # warm-up done: time the parts from the next step on
+                parts.install()
+                if profiler is not None:
+                    profiler.__enter__()
+            parts.new_step()
+            mark[:] = time.perf_counter(), time.process_time()
+
+        if args.warmup == 0:
+            parts.install()
+            if profiler is not None:
+                profiler.__enter__()
+        mark[:] = time.perf_counter(), time.process_time()
+        try:
+            toolkit.train(on_update)
+        finally:
+            parts.remove()
+    total_wall, total_cpu = totals["wall"], totals["cpu"]
 
     n = args.steps
     rows = [(k, timers.wall[k] / n, timers.cpu[k] / n, timers.calls[k] / n) for k in timers.wall]
-    # None of the timed parts nest (each is called by micro_step directly), so the rest is the difference.
+    # None of the timed parts nest (each is called by the loop or its update directly), so the rest is the
+    # difference.
     rest_wall = total_wall / n - sum(r[1] for r in rows)
     rest_cpu = total_cpu / n - sum(r[2] for r in rows)
-    rows.append(("rest (untimed parts of micro_step)", rest_wall, rest_cpu, 1))
+    rows.append(("rest (untimed parts of the step)", rest_wall, rest_cpu, 1))
     print(f"\n{args.model} / {args.mode}, batch {args.batch_size}, {torch.get_num_threads()} threads, {n} steps: "
           f"{total_wall / n:.4f} s wall, {total_cpu / n:.4f} s CPU per step")
     print(f"{'part':<38} {'wall s':>9} {'CPU s':>9} {'CPU %':>6} {'calls':>6}")
     for name, w, c, k in sorted(rows, key=lambda r: -r[2]):
         print(f"{name:<38} {w:>9.4f} {c:>9.4f} {100 * c / (total_cpu / n):>6.1f} {k:>6.1f}")
-    if prof_ctx is not None:
-        print(prof_ctx.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if profiler is not None:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

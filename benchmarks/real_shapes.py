@@ -10,14 +10,18 @@ for 2 steps at batch 2, fp32, one torch thread, in its own subprocess:
   full_gc   full fine-tuning with --gradient_checkpointing
   lora      --trainable lora (rank 8, the family's attention projections)
 
-Per arm: wall time of each training step (`StepRunner.micro_step`, which includes the VAE encoding of
-the batch and, for SD, the text encoder), peak RSS (`resource.getrusage`) after the second step, and the
-activation memory of each step: the bytes autograd saves for backward (a saved-tensors hook; each
-storage once, parameters excluded). The end-of-run export and sampling are skipped (patched out of this process
-only): they are not training. A watchdog kills an arm whose RSS would exceed the memory available at
-its start minus a margin, and the arm is reported as skipped, so the benchmark never pushes a shared
-machine into swap or the OOM killer; an arm whose static need (16 bytes per trainable parameter + 4 per
-frozen one) is already above that limit is skipped without running.
+Per arm: wall time of each training step (one step of `loop.train_loop`: from the loop's start, or the
+previous step's end, to the trainer's `on_update` callback, so it includes fetching the batch, the VAE
+encoding and, for SD, the text encoder; the callback's own work, checkpoints and validation, is not counted),
+peak RSS (`resource.getrusage`) after the second step, and the activation memory of each step: the bytes
+autograd saves for backward (a saved-tensors hook around the loop; each storage once, parameters excluded).
+The hooks are `training.train_loop` and `training._on_update`, wrapped in this process only; the end-of-run
+export and sampling (`training.export_run`) are patched out: they are not training. (The numbers in
+benchmarks/README.md and results/real_shapes.json were taken before the one-loop refactor, timing
+`StepRunner.micro_step`, i.e. without the batch fetch.) A watchdog kills an arm whose RSS would exceed
+the memory available at its start minus a margin, and the arm is reported as skipped, so the benchmark
+never pushes a shared machine into swap or the OOM killer; an arm whose static need (16 bytes per
+trainable parameter + 4 per frozen one) is already above that limit is skipped without running.
 
     python benchmarks/real_shapes.py                 # all arms, ~40 min on 1 thread (measured: 38 min)
     python benchmarks/real_shapes.py --arms dit_full dit_lora
@@ -146,37 +150,40 @@ def run_arm(arm: str, work: Path) -> None:
     torch.set_num_threads(1)
     from sadm_finetune import training
     from sadm_finetune.cli import main
-    from sadm_finetune.step import StepRunner
 
     family, mode = arm.split("_", 1)
     record: dict = {"step_s": [], "rss_after_step_gb": []}
-    original = StepRunner.micro_step
+    loop, on_update = training.train_loop, training._on_update
+    step: dict = {}  # the step being measured: its start and the storages autograd saved in it
 
-    def timed(self, batch, state):
-        if not record["step_s"]:
-            record["rss_before_first_step_gb"] = _rss_gb()  # weights are mmapped: pages count once touched
-        # Activation memory, exactly: the bytes autograd saves for backward in this step (G and D phases),
-        # each storage once, parameters excluded. With gradient checkpointing, the checkpointed blocks keep
-        # their own saved tensors out of this hook, so it counts what checkpointing keeps.
-        params = {p.untyped_storage().data_ptr() for m in self.models for p in m.parameters()}
-        saved: dict[int, int] = {}
+    def timed_loop(run, dataloader, dataset, state, callback):
+        record["rss_before_first_step_gb"] = _rss_gb()  # weights are mmapped: pages count once touched
+        # Activation memory, exactly: the bytes autograd saves for backward in each step (denoiser and
+        # term phases), each storage once, parameters excluded. With gradient checkpointing, the
+        # checkpointed blocks keep their own saved tensors out of this hook, so it counts what checkpointing keeps.
+        params = {p.untyped_storage().data_ptr() for m in run.models() for p in m.parameters()}
 
         def pack(t):
             storage = t.untyped_storage()
             if storage.data_ptr() not in params and t.device.type != "meta":
-                saved[storage.data_ptr()] = storage.nbytes()
+                step["saved"][storage.data_ptr()] = storage.nbytes()
             return t
 
-        start = time.perf_counter()
+        step.update(start=time.perf_counter(), saved={})
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = original(self, batch, state)
-        record.setdefault("saved_activation_gb", []).append(sum(saved.values()) / GB)
-        record["step_s"].append(time.perf_counter() - start)
-        record["rss_after_step_gb"].append(_rss_gb())
-        return out
+            return loop(run, dataloader, dataset, state, callback)
 
-    StepRunner.micro_step = timed
-    training._finish = lambda *a, **k: None  # export and final sampling are not training: skipped here
+    def timed_update(run, state, *args, **kwargs):  # after each update: the step ends here
+        record["step_s"].append(time.perf_counter() - step["start"])
+        record.setdefault("saved_activation_gb", []).append(sum(step["saved"].values()) / GB)
+        record["rss_after_step_gb"].append(_rss_gb())
+        try:
+            return on_update(run, state, *args, **kwargs)  # checkpoints, validation: not the step
+        finally:
+            step.update(start=time.perf_counter(), saved={})
+
+    training.train_loop, training._on_update = timed_loop, timed_update
+    training.export_run = lambda *a, **k: None  # export and final sampling are not training: skipped here
     args = ["--pretrained", str(work / f"{family}_pipeline"), "--train_data_dir", str(work / f"{family}_data"),
             "--output_dir", str(work / f"out_{arm}"), "--overwrite_output_dir", "--max_train_steps", "2",
             "--train_batch_size", "2", "--learning_rate", "1e-5", "--report_to", "none", "--seed", "0",

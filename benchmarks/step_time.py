@@ -6,12 +6,16 @@ Three columns, for each model, on the same model, batch and optimizer (AdamW, th
   bare   A plain PyTorch loop, no toolkit: precomputed latents (B, 4, h, w) held in memory; per step
          noise + timesteps, `add_noise` by hand, transformer forward, MSE of the epsilon channels to the
          noise, backward, AdamW step, zero_grad. No VLB, no grad clipping, no logging.
-  plain  The toolkit's `StepRunner.micro_step` with structure_weight=0, objects built as `training.train`
-         builds them (Accelerator, DiTAdapter, AdamW, constant scheduler, accelerator.prepare). Fed cached
-         VAE posteriors ({"latent_mean", "latent_std", "class_labels"}, the `--cache_latents` batch), so it
-         draws `mean + std * noise` and never runs the VAE encoder. It also does what a run does by default:
-         class dropout, DiT's learned-sigma VLB term, grad-norm clipping (max_grad_norm=1), a finiteness
-         check and the step's logs as floats.
+  plain  The toolkit's training loop (`loop.train_loop`) with structure_weight=0, its objects built by
+         `builders.build_run` as `training.train` builds them (Accelerator, DiTAdapter, AdamW, constant
+         scheduler, accelerator.prepare). Fed one fixed batch of cached VAE posteriors ({"latent_mean",
+         "latent_std", "class_labels"}, the `--cache_latents` batch) through a pass-through iterable, so it
+         draws `mean + std * noise` and never runs the VAE encoder. A step is the time between two of the
+         loop's `on_update` callbacks. It does what a run does by default: class dropout, DiT's learned-sigma
+         VLB term, grad-norm clipping (max_grad_norm=1), a finiteness check, the step's logs as floats, the
+         loop's bookkeeping (progress bar, `accelerator.log` with no tracker, the collective stop check).
+         (Numbers taken before the one-loop refactor timed `StepRunner.micro_step` instead: the same step
+         without the loop's bookkeeping.)
   sadm   The same with SADM on: SADMConfig defaults plus the demo recipe's `sadm:` section for the tiny
          model (configs/demo.yaml: disc width 16, depth 2, embed 64), plain SADMConfig defaults for DiT-S.
          One D update per step (disc_every=1); lambda > 0 from step 0 (linear ramp).
@@ -153,22 +157,62 @@ def _bare_stepper(model: str, batch_size: int):
     return step, device, {"denoiser_params": sum(p.numel() for p in transformer.parameters())}
 
 
-def _toolkit_stepper(model: str, batch_size: int, sadm: bool, workdir: Path):
-    """StepRunner built as `training.train` builds it, minus the data pipeline and the trackers."""
+class FixedBatches:
+    """The toolkit loop's data here: the same batch forever, with the `set_epoch` the loop calls.
+
+    `accelerator.prepare` passes an object it does not know through unchanged, so the batch (already on the
+    device) is neither collated nor copied per step: like the old benchmark, which fed `StepRunner.micro_step`
+    one fixed batch. The loop's own epoch never ends; it stops at `max_train_steps`."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+class ToolkitRun:
+    """A run built as `training.train` builds it (`builders.build_run`), minus the data pipeline, the
+    trackers and the checkpoint/validation callback; `train(on_update)` runs `loop.train_loop` for
+    `max_train_steps` steps, calling `on_update(state)` after each update (so the time between two calls is
+    one whole step of the loop, the fixed batch's fetch included)."""
+
+    def __init__(self, run, dataloader, dataset, state, info: dict) -> None:
+        self.run, self.dataloader, self.dataset, self.state, self.info = run, dataloader, dataset, state, info
+
+    def train(self, on_update) -> None:
+        from sadm_finetune.loop import train_loop
+
+        accelerator = self.run.accelerator
+        log = accelerator.log
+
+        def keep_logs(values, step=None, **kwargs):  # the loop's logs of the last step, for the JSON record
+            self.info["logs"] = dict(values)
+            return log(values, step=step, **kwargs)
+
+        accelerator.log = keep_logs  # this instance only; no tracker is configured (report_to none)
+        stopped = train_loop(self.run, self.dataloader, self.dataset, self.state, on_update)
+        assert not stopped and self.state.global_step == self.run.config.training.max_train_steps
+
+
+def _toolkit_run(model: str, batch_size: int, sadm: bool, workdir: Path, steps: int) -> ToolkitRun:
+    """`builders.build_run` on a DiT pipeline of `model`, fed a fixed cached-posterior batch, for `steps` steps."""
     import torch
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
-    from diffusers.optimization import get_scheduler
 
-    from sadm_finetune import training
+    from sadm_finetune import builders
     from sadm_finetune.checkpointing import TrainState
     from sadm_finetune.config import build_config
     from sadm_finetune.models.dit import DiTAdapter
-    from sadm_finetune.step import StepRunner
 
     overrides = dict(pretrained_model_name_or_path=str(workdir / "unused"), dataset_name="builtin:digits",
                      train_batch_size=batch_size, report_to="none", output_dir=str(workdir / "out"),
-                     max_train_steps=10**6)
+                     max_train_steps=steps)
     if sadm:
         if model == "tiny":
             overrides.update(DEMO_SADM)
@@ -176,7 +220,7 @@ def _toolkit_stepper(model: str, batch_size: int, sadm: bool, workdir: Path):
         overrides["structure_weight"] = 0.0
     config = build_config(overrides)
     t, s = config.training, config.sadm
-    accelerator = training.make_accelerator(config, workdir / "out")
+    accelerator = builders.make_accelerator(config, workdir / "out")
     set_seed(t.seed)
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
@@ -187,46 +231,22 @@ def _toolkit_stepper(model: str, batch_size: int, sadm: bool, workdir: Path):
                            id2label={i: str(i) for i in range(10)})
     adapter = DiTAdapter(pipeline, config.model)
     adapter.prepare_training()
+    weight_dtype = builders.weight_dtype_of(accelerator)
     for module in adapter.frozen_modules():
         module.requires_grad_(False)
-        module.to(accelerator.device)
+        module.to(accelerator.device, dtype=weight_dtype)
         module.eval()
-    denoiser = training._prepare_denoiser(config, adapter, accelerator.device, torch.float32)
-    params_g = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer_g = training._optimizer(params_g, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
-                                      t.adam_epsilon)
-    scheduler_g = get_scheduler(t.lr_scheduler, optimizer_g, num_warmup_steps=0, num_training_steps=t.max_train_steps)
-    to_prepare = [denoiser, optimizer_g, scheduler_g]
-    info = {"denoiser_params": sum(p.numel() for p in denoiser.parameters())}
-    if s.enabled:
-        disc = training._build_discriminator(config, adapter)
-        optimizer_d = training._optimizer(disc.parameters(), s.disc_learning_rate,
-                                          (s.disc_adam_beta1, s.disc_adam_beta2), s.disc_weight_decay, t.adam_epsilon)
-        scheduler_d = get_scheduler("constant", optimizer_d)
-        to_prepare += [disc, optimizer_d, scheduler_d]
-        info["disc_params"] = sum(p.numel() for p in disc.parameters())
+    mean, std, class_labels = _batch(model, batch_size, accelerator.device)
+    data = FixedBatches({"latent_mean": mean, "latent_std": std, "class_labels": class_labels})
+    run, dataloader, _ = builders.build_run(config, accelerator, adapter, data)
+    info = {"denoiser_params": sum(p.numel() for p in run.unwrapped_denoiser.parameters()), "logs": {}}
+    sadm_term = next((term for term in run.terms if term.name == "sadm"), None)
+    if sadm_term is not None:
+        info["disc_params"] = sum(p.numel() for p in sadm_term.unwrapped_disc.parameters())
         info["sadm"] = {k: getattr(s, k) for k in ("structure_weight", "structure_warmup_steps", "disc_width",
                                                    "disc_depth", "disc_embed_dim", "disc_spectral_norm",
                                                    "disc_every", "disc_steps")}
-    prepared = accelerator.prepare(*to_prepare)
-    denoiser, optimizer_g, scheduler_g = prepared[:3]
-    disc, optimizer_d, scheduler_d = prepared[3:6] if s.enabled else (None, None, None)
-    runner = StepRunner(config, adapter, accelerator, denoiser, optimizer_g, scheduler_g,
-                        disc, optimizer_d, scheduler_d, None)
-    state = TrainState()
-    mean, std, class_labels = _batch(model, batch_size, accelerator.device)
-    batch = {"latent_mean": mean, "latent_std": std, "class_labels": class_labels}
-    info["logs"] = {}
-
-    def step() -> None:
-        state.batches_in_epoch += 1
-        logs = runner.micro_step(batch, state)
-        assert logs is not None
-        state.global_step += 1
-        info["logs"] = logs
-
-    step.runner = runner  # for benchmarks/profile_step.py
-    return step, accelerator.device, info
+    return ToolkitRun(run, dataloader, data, TrainState(), info)
 
 
 def worker(model: str, mode: str, batch_size: int, warmup: int, steps: int, threads: int) -> dict:
@@ -239,18 +259,29 @@ def worker(model: str, mode: str, batch_size: int, warmup: int, steps: int, thre
         if mode == "bare":
             step, device, info = _bare_stepper(model, batch_size)
         else:
-            step, device, info = _toolkit_stepper(model, batch_size, mode == "sadm", Path(tmp))
+            toolkit = _toolkit_run(model, batch_size, mode == "sadm", Path(tmp), warmup + steps)
+            device, info = toolkit.run.accelerator.device, toolkit.info
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         memory = _Memory(device)
         base_mb = memory.reset()
         times, cpu_times = [], []
-        for _ in range(warmup + steps):
+        mark = [time.perf_counter(), time.process_time()]
+
+        def tick(*_) -> None:  # one step done: its wall and CPU time since the previous tick
             sync()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+            now, cpu_now = time.perf_counter(), time.process_time()
+            times.append(now - mark[0])
+            cpu_times.append(cpu_now - mark[1])
+            mark[:] = now, cpu_now
+
+        sync()
+        mark[:] = time.perf_counter(), time.process_time()
+        if mode == "bare":
+            for _ in range(warmup + steps):
+                step()
+                tick()
+        else:
+            toolkit.train(tick)  # train_loop, warmup + steps updates; tick after each
         peak_mb = memory.peak()
     return {"model": model, "mode": mode, "batch_size": batch_size, "device": str(device),
             "threads": torch.get_num_threads(), "warmup_times_s": times[:warmup], "step_times_s": times[warmup:],
@@ -388,8 +419,10 @@ def main(argv=None) -> None:
             "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg(),
             "wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "columns": {"bare": "plain PyTorch loop on precomputed latents: forward, MSE(eps), backward, AdamW",
-                        "plain": "StepRunner.micro_step, structure_weight=0, cached-posterior batch (no VAE)",
-                        "sadm": "StepRunner.micro_step, SADM on (1 D update per step), cached-posterior batch"}}
+                        "plain": "loop.train_loop step (between on_update calls), structure_weight=0, "
+                                 "cached-posterior batch (no VAE)",
+                        "sadm": "loop.train_loop step (between on_update calls), SADM on (1 D update per step), "
+                                "cached-posterior batch"}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
     print(f"\nwrote {args.output} ({meta['wall_s']:.0f} s; load average before {load_before[0]:.2f}, "
