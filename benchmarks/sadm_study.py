@@ -1,11 +1,14 @@
 """Does SADM help? The method study: three regimes, paired seeds, confidence intervals.
 
-    python benchmarks/sadm_study.py                 # the default: 15 arms x 5 seeds, in priority blocks
-                                                    # (a run is 3-4 min on 2 free cores, 2 at a time: the
-                                                    # first two blocks, 35 runs, about 1 hour; all 75 about
-                                                    # 2.5 hours; on a busy machine several times longer)
-    python benchmarks/sadm_study.py --full          # + more variants and leads (several hours)
-    python benchmarks/sadm_study.py --report_only   # summarise the runs that are done
+    python benchmarks/sadm_study.py                 # the reduced default: the first 3 priority blocks (7 arms x 5
+                                                    # seeds = 35 runs): SADM in continue and transfer (full and
+                                                    # DiffFit), plus the re-noise variant. Measured: 3-4 min per run
+                                                    # on 2 free cores, 2 at a time, so about 1 hour, plus about
+                                                    # 15 min to build the two bases; several times longer on a
+                                                    # busy machine
+    python benchmarks/sadm_study.py --full          # + block 4 (LoRA, low-t, no-SN, low-pass, pool, the converged
+                                                    # control) and the extra leads: about 2.5 h more
+    python benchmarks/sadm_study.py --full --report_only   # summarise every run that is done
 
 Regimes (all offline, built by the project's own scripts; each base shares the bundled demo VAE):
 - continue: an under-trained base (scripts/make_demo_base.py, 1,500 steps at a constant 1e-3, no EMA)
@@ -90,7 +93,9 @@ PRIORITY: list[dict[tuple[str, str], tuple[list[str], str | None]]] = [
         ("converged", "sadm"): ([], "plain"),
     },
 ]
+REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
+REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
 FULL_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "sadm-lambda-0.05"): (["--structure_weight", "0.05"], "plain"),
     ("continue", "sadm-disc-lr-2e-5"): (["--disc_learning_rate", "2e-5"], "plain"),
@@ -352,7 +357,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="add the extra variants and leads")
+    parser.add_argument("--full", action="store_true", help="every priority block plus the extra variants and leads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
@@ -360,7 +365,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "study"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "sadm_study"))
     args = parser.parse_args()
-    arms = {**ARMS, **FULL_ARMS} if args.full else dict(ARMS)
+    arms = {**ARMS, **FULL_ARMS} if args.full else dict(REDUCED_ARMS)
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {f"{r}/{a}" for r, a in arms}
