@@ -373,3 +373,19 @@ def test_stable_diffusion_with_sddit_fails_in_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if "sadm-train: error:" in ln]
     assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "sddit_weight: SD-DiT needs a DiT-style transformer" in lines[0] and "--sddit_weight" in lines[0]
+
+
+@pytest.mark.slow
+def test_two_processes_keep_the_head_and_teacher_in_step(tmp_path):
+    """DDP with the masked student pass outside the wrapped forward, and the centre all-reduced."""
+    from launch import accelerate_launch, offline_env, tiny_run_args
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2, num_layers=2)
+    data = build_image_folder(tmp_path / "data", per_class=6)
+    args = tiny_run_args(base, data, tmp_path / "out", steps=2) + SDDIT + ["--sddit_mask_ratio", "0.5",
+                                                                            "--report_to", "none"]
+    proc = accelerate_launch(args, offline_env(tmp_path), num_processes=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ("replica check: denoiser, sddit_teacher, sddit.head bit-identical on all 2 processes"
+            in proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
