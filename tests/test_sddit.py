@@ -2,6 +2,7 @@
 cosine losses, the centre, masking; end to end through `accelerate launch` (marked slow)."""
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -38,20 +39,22 @@ def pipeline():
     return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(beta_schedule="linear"))
 
 
-def _setup(pipeline, **sddit):
-    """A fresh copy of the tiny DiT in an adapter, the term on it, and an optimizer over both (as build_run)."""
-    import copy
-
+def _setup(pipeline, lora_rank=0, **sddit):
+    """A fresh copy of the tiny DiT in an adapter (prepared as training.train does), the term on it, and an
+    optimizer over the trainable weights and the head (as build_run)."""
+    from sadm_finetune.models import lora
     from sadm_finetune.models.dit import DiTAdapter
 
-    config = _config(**sddit)
+    config = _config(**sddit, **({"trainable": "lora", "lora_rank": lora_rank} if lora_rank else {}))
     pipe = copy.deepcopy(pipeline)
     adapter = DiTAdapter(pipe, config.model)
     adapter.prepare_training()  # one label dropout per sample, ours: the blocks never drop labels themselves
+    if lora_rank:
+        lora.attach_lora(adapter.denoiser, lora.make_lora_config(config.model, adapter.lora_target_modules))
     process = DDPMProcess(pipe.scheduler.config, "cpu")
     term = SDDiTTerm(config, adapter, process, contextlib.nullcontext)
     term.bind({}, {"head": term.student_head})
-    params = [*adapter.denoiser.parameters(), *term.student_head.parameters()]
+    params = [p for p in adapter.denoiser.parameters() if p.requires_grad] + list(term.student_head.parameters())
     return adapter, process, term, torch.optim.SGD(params, lr=0.05)
 
 
@@ -130,6 +133,17 @@ def test_the_teacher_is_the_ema_of_the_student(pipeline):
              .attn1.to_q.weight).abs().max().item()
     lag = (teacher["encoder.blocks.0.attn1.to_q.weight"] - current["encoder.blocks.0.attn1.to_q.weight"]).abs().max()
     assert moved > 1e-6 and lag.item() > 1e-6
+
+
+def test_with_lora_the_teacher_follows_the_lora_weights_and_the_frozen_base_stays(pipeline):
+    adapter, process, term, optimizer = _setup(pipeline, lora_rank=2, sddit_ema_decay=0.5)
+    before = _head_and_encoder(term.teacher)
+    _train_step(adapter, process, term, optimizer, 0)
+    after = _head_and_encoder(term.teacher)
+    lora_b = [k for k in after if "lora_B" in k and k.startswith("encoder.blocks.0.")]
+    assert lora_b and all((after[k] - before[k]).abs().max() > 0 for k in lora_b)  # lora_B starts at 0 and moved
+    base = "encoder.blocks.0.attn1.to_q.base_layer.weight"
+    assert torch.equal(after[base], before[base])
 
 
 def test_dino_loss_is_the_centred_sharpened_cross_entropy():
