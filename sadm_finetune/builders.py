@@ -127,7 +127,7 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
         saved.add("ema", ema)
     for term in terms:
         for name, obj in term.state().items():
-            saved.add(f"{term.name}.{name}", obj)
+            saved.add(f"{term.name}_{name}", obj)  # checkpoint names are [a-z0-9_]: sddit_teacher.safetensors
 
     use_vlb = getattr(adapter, "learned_sigma", False) and config.model.learned_sigma_loss == "vlb"
     run = Run(

@@ -47,6 +47,7 @@ class SDDiTConfig:
     sddit_mask_ratio: float = _f(0.0, "fraction of the student's patch tokens masked (0 = no masking)")
     sddit_loss: Literal["dino", "cosine"] = _f("dino", "DINO cross-entropy with centering and sharpening, or cosine")
     sddit_head_dim: int = _f(1024, "output width of the projection head (DINO's prototypes)")
+    sddit_head_hidden_dim: int = _f(2048, "hidden width of the projection head's 3-layer MLP")
     sddit_student_temperature: float = _f(0.1, "DINO student softmax temperature")
     sddit_teacher_temperature: float = _f(0.04, "DINO teacher softmax temperature (sharpening)")
     sddit_center_momentum: float = _f(0.9, "momentum of the teacher's output centre")
@@ -54,7 +55,7 @@ class SDDiTConfig:
     def __post_init__(self) -> None:
         if self.sddit_weight < 0:
             raise ConfigError("sddit_weight", f"is {self.sddit_weight}, must be >= 0", "pass --sddit_weight 0 or more")
-        for name in ("sddit_encoder_depth", "sddit_head_dim"):
+        for name in ("sddit_encoder_depth", "sddit_head_dim", "sddit_head_hidden_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"is {getattr(self, name)}, must be >= 1", f"pass --{name} 1 or more")
         for name in ("sddit_ema_decay", "sddit_mask_ratio", "sddit_center_momentum"):

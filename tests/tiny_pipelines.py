@@ -10,14 +10,14 @@ from PIL import Image
 
 
 def build_tiny_dit_pipeline(path: str | Path, learned_sigma: bool = True, num_classes: int = 10,
-                            prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """A random-init DiTPipeline: 32x32x3 images <-> 8x8x4 latents, a 1-layer DiT; ~1 MB on disk."""
+                            prediction_type: str = "epsilon", seed: int = 0, num_layers: int = 1) -> Path:
+    """A random-init DiTPipeline: 32x32x3 images <-> 8x8x4 latents, a 1-layer DiT (by default); ~1 MB on disk."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8 if learned_sigma else 4,
-        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+        num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,

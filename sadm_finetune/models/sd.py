@@ -54,6 +54,9 @@ class StableDiffusionAdapter(FamilyAdapter):
         if config.model.pos_embed_transfer is not None:
             raise ConfigError("pos_embed_transfer", "Stable Diffusion's UNet has no positional embedding to transfer",
                               "drop --pos_embed_transfer (--resolution alone sets its training size)")
+        if config.sddit.enabled:
+            raise ConfigError("sddit_weight", "SD-DiT needs a DiT-style transformer and Stable Diffusion has a UNet",
+                              "drop --sddit_weight or fine-tune a DiT pipeline")
 
     def check_data(self, data) -> None:
         if data.caption_column is None:

@@ -11,10 +11,13 @@ def build_terms(config, adapter, process, autocast) -> list[Term]:
     """The terms a config asks for, in a fixed order (the checkpoint layout depends on it)."""
     from ..sadm import SADMObjective
     from .sadm import SADMTerm, StructureProbe
+    from .sddit import SDDiTTerm
 
     terms: list[Term] = []
     if config.sadm.enabled:
         terms.append(SADMTerm(config, adapter, process.alphas_cumprod, autocast, config.training.adam_epsilon))
     if config.sadm.structure_diagnostics:
         terms.append(StructureProbe(SADMObjective(config.sadm, process.alphas_cumprod)))
+    if config.sddit.enabled:
+        terms.append(SDDiTTerm(config, adapter, process, autocast))
     return terms
