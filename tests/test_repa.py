@@ -334,6 +334,8 @@ def test_cli_run_with_repa_logs_the_cosine_and_exports_a_stock_pipeline(tmp_path
     proc = accelerate_launch(tiny_run_args(base, data, out, steps=3) + repa_args(encoder) + extra,
                              offline_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = re.findall(r"REPA: lambda 0.5, block 1, encoder .* at 42 px, projector .*", proc.stdout)
+    assert len(summary) == 1 and summary[0].endswith("(features cached)") == cache, proc.stdout[-2000:]
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -379,11 +381,13 @@ def test_resume_with_repa_continues_the_checkpoints_projector(tmp_path):
         if checkpoint is not None:
             assert _resumed_step(proc.stdout + proc.stderr) == 3
         # model_1: the projector, prepared right after the denoiser (builders.build_run's order)
-        return _tensors(out / "transformer"), load_file(str(out / "checkpoints" / "checkpoint-6" / "model_1.safetensors"))
+        projector = load_file(str(out / "checkpoints" / "checkpoint-6" / "model_1.safetensors"))
+        return _tensors(out / "transformer"), projector
 
     full_tr, full_proj = run(tmp_path / "full")
     ckpt = tmp_path / "full" / "checkpoints" / "checkpoint-3"
-    assert set(load_file(str(ckpt / "model_1.safetensors"))) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    layers = {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}  # the projector's three Linears
+    assert set(load_file(str(ckpt / "model_1.safetensors"))) == layers
     resumed_tr, resumed_proj = run(tmp_path / "resumed", ckpt)
     assert max((full_tr[k] - resumed_tr[k]).abs().max().item() for k in full_tr) <= 1e-6
     assert max((full_proj[k] - resumed_proj[k]).abs().max().item() for k in full_proj) <= 1e-6
