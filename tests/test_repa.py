@@ -109,6 +109,29 @@ def test_encoder_features_drop_cls_and_registers_and_use_the_processor_normalisa
     assert plain.dtype == torch.bfloat16 and plain(pixels).shape == (2, 16, 4, 4)
 
 
+def test_projector_width_matches_every_feature_block_of_a_unet():
+    from diffusers import UNet2DConditionModel
+
+    from sadm_finetune.models.sd import StableDiffusionAdapter
+    from sadm_finetune.terms.repa import feature_width
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    adapter = StableDiffusionAdapter.__new__(StableDiffusionAdapter)  # only its block list is used here
+    blocks = adapter.feature_blocks(unet)
+    with torch.no_grad(), adapter.capture_hidden(unet, tuple(range(len(blocks)))) as hidden:
+        unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 3, 32))
+    assert len(hidden) == len(blocks) == 5
+    for index, states in hidden.items():
+        tokens, grid = denoiser_tokens(states, (8, 8))
+        assert feature_width(unet, index) == tokens.shape[-1] == states.shape[1], index
+        assert tokens.shape[1] == grid[0] * grid[1]
+
+
 # -- one-line errors before heavy work ---------------------------------------------------------------------
 class _Accelerator:
     def __init__(self, kind="NO"):
