@@ -182,7 +182,7 @@ def test_config_checks_name_the_field_and_the_fix(tmp_path):
 # -- in-process runs: the gradient, the feature cache ---------------------------------------------------------
 def _build_run(tmp_path, *extra):
     """What training.train does up to the loop, in this process (2 steps, REPA on, SADM off)."""
-    from sadm_finetune.builders import build_run, make_accelerator
+    from sadm_finetune.builders import build_run, make_accelerator, weight_dtype_of
     from sadm_finetune.data import open_train_data
     from sadm_finetune.loader import build_train_dataloader
     from sadm_finetune.models.loading import load_family
@@ -198,8 +198,9 @@ def _build_run(tmp_path, *extra):
     adapter.set_resolution(32)
     check_terms(config, adapter, accelerator)
     adapter.prepare_training()
-    for module in adapter.frozen_modules():
+    for module in adapter.frozen_modules():  # as training.train: on the device, in the weight dtype
         module.requires_grad_(False)
+        module.to(accelerator.device, dtype=weight_dtype_of(accelerator))
         module.eval()
     dataset, loader = build_train_dataloader(config, accelerator, adapter, open_train_data(config.data), 32)
     run, loader, _ = build_run(config, accelerator, adapter, loader)
@@ -255,6 +256,26 @@ def test_gradient_reaches_the_denoiser_up_to_the_block_and_the_projector_never_t
     saved = load_file(str(encoder_path / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in encoder.state_dict().items() if k in saved)
     assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_bf16_run_keeps_the_encoder_in_the_weight_dtype_and_the_loss_in_fp32(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # this test's accelerator uses another precision than the others
+    try:
+        run, loader, dataset, term, _ = _build_run(tmp_path, "--mixed_precision", "bf16")
+        assert run.accelerator.mixed_precision == "bf16"
+        assert term.encoder.dtype == torch.bfloat16 and term.encoder(torch.zeros(1, 3, 32, 32)).dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in term.unwrapped_projector.parameters())  # trained in fp32
+        logs, dtypes = [], []
+        run.accelerator.log = lambda values, step: logs.append(values)
+        loss = term.loss
+        term.loss = lambda ctx: (lambda out: dtypes.append(out[0].dtype) or out)(loss(ctx))
+        _train(run, loader, dataset)
+        assert dtypes == [torch.float32, torch.float32]
+        assert len(logs) == 2 and all(-1 <= entry["repa_cosine"] <= 1 for entry in logs)
+    finally:
+        AcceleratorState._reset_state()
 
 
 def test_cached_latents_carry_the_features_of_the_orientation_drawn(tmp_path, monkeypatch):
