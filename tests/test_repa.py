@@ -180,18 +180,28 @@ def test_config_checks_name_the_field_and_the_fix(tmp_path):
 
 
 # -- in-process runs: the gradient, the feature cache ---------------------------------------------------------
-def _build_run(tmp_path, *extra):
-    """What training.train does up to the loop, in this process (2 steps, REPA on, SADM off)."""
+def _build_run(tmp_path, *extra, sd=False):
+    """What training.train does up to the loop, in this process (2 steps, REPA on, SADM off); `sd`: the tiny SD
+    pipeline on images of several aspect ratios."""
     from sadm_finetune.builders import build_run, make_accelerator, weight_dtype_of
     from sadm_finetune.data import open_train_data
     from sadm_finetune.loader import build_train_dataloader
     from sadm_finetune.models.loading import load_family
     from sadm_finetune.terms import check_terms
 
-    build_image_folder(tmp_path / "data", per_class=4)
     encoder = build_tiny_encoder(tmp_path / "enc")
-    config = _config(tmp_path, "--report_to", "none", "--structure_weight", "0", "--max_train_steps", "2",
-                     "--latent_cache_dir", str(tmp_path / "cache"), *repa_args(encoder), *extra)
+    args = ["--report_to", "none", "--structure_weight", "0", "--max_train_steps", "2",
+            "--latent_cache_dir", str(tmp_path / "cache")]
+    if sd:
+        from tiny_sd import build_mixed_aspect_folder, build_tiny_sd_pipeline
+
+        base = build_tiny_sd_pipeline(tmp_path / "sd")
+        build_mixed_aspect_folder(tmp_path / "data")
+        args += ["--pretrained", str(base), "--train_batch_size", "2", *repa_args(encoder, depth=2, resolution=28)]
+    else:
+        build_image_folder(tmp_path / "data", per_class=4)
+        args += repa_args(encoder)
+    config = _config(tmp_path, *args, *extra)
     accelerator = make_accelerator(config, tmp_path / "out")
     set_seed(0)
     adapter = load_family(config.model)
@@ -314,6 +324,37 @@ def test_cached_latents_carry_the_features_of_the_orientation_drawn(tmp_path, mo
     dataset.set_epoch(0)
     assert _train(run, loader, dataset).global_step == 2
     assert read == [True, True]
+
+
+def test_unet_on_aspect_ratio_buckets_reads_the_features_of_each_bucket_from_the_cache(tmp_path):
+    from sadm_finetune.data import open_train_data
+    from sadm_finetune.latent_cache import _PixelRows
+
+    run, loader, dataset, term, encoder_path = _build_run(
+        tmp_path, "--aspect_ratio_buckets", "--cache_latents", "--center_crop", "--random_flip", sd=True)
+    assert term.feature_blocks == (1,) and term.unwrapped_projector[0].in_features == 64  # the 2nd down stage
+    (folder,) = (tmp_path / "cache").glob("*/repa-*")
+    stored = load_file(str(folder / "shard-00000.safetensors"))
+    assert {k.split(".")[0] for k in stored} == {"features", "features_flipped"}
+    assert {k.split(".")[1] for k in stored} == {"32x32", "48x24", "24x48"}
+    assert stored["features.48x24"].shape[1:] == (16, 5, 2)  # 40x20 encoder pixels: 28^2 at the bucket's aspect
+
+    encoder = VisionEncoder.from_pretrained(str(encoder_path), 28, torch.device("cpu"), torch.float32)
+    data = open_train_data(run.config.data)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        size = tuple(dataset.target_sizes[index].tolist())
+        pixels = _PixelRows(data, [index], size, "error")[0]["pixels"][None]
+        expected = encoder(pixels.flip(-1) if sample["flips"] else pixels)[0]
+        assert torch.allclose(sample[FEATURES_KEY], expected, atol=1e-5), (index, size)
+
+    shapes = []
+    loss = term.loss
+    term.loss = lambda ctx: shapes.append((tuple(ctx.latents.shape[-2:]), tuple(ctx.batch[FEATURES_KEY].shape[-2:]))) \
+        or loss(ctx)
+    assert _train(run, loader, dataset).global_step == 2 and len(shapes) == 2
+    grids = {(8, 8): (4, 4), (12, 6): (5, 2), (6, 12): (2, 5)}  # latent grid -> the encoder grid of its bucket
+    assert all(grids[latent] == features for latent, features in shapes), shapes
 
 
 def test_feature_cache_is_keyed_on_the_encoder_and_reused(tmp_path):
