@@ -83,9 +83,9 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     joint = {f"{term.name}.{name}": module for term in terms for name, module in term.joint_modules().items()}
     sharded = is_fsdp(accelerator)
     if sharded and joint:
-        raise ConfigError("distributed_type", f"{', '.join(joint)} train with the denoiser's optimizer, which "
-                          "accelerate's FSDP maps onto the sharded denoiser only", "use DDP (accelerate launch "
-                          "--multi_gpu) with these terms")
+        raise ConfigError("distributed_type", f"the terms' joint modules ({', '.join(joint)}) train with the "
+                          "denoiser's optimizer, which accelerate's FSDP maps onto the sharded denoiser only",
+                          "use DDP (accelerate launch --multi_gpu) with these terms")
     params = [p for p in denoiser.parameters() if p.requires_grad]
     params += [p for module in joint.values() for p in module.parameters()]
     optimizer = _optimizer(params, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon)
@@ -190,6 +190,12 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
                            "--disc_width / --disc_depth", 100 * ratio, main_process_only=True)
     else:
         lines.append("SADM: off (structure_weight 0): plain fine-tune")
+    repa = next((term for term in run.terms if term.name == "repa"), None)
+    if repa is not None:
+        r = config.repa
+        lines.append(f"REPA: lambda {r.repa_weight}, block {r.repa_depth}, encoder {r.repa_encoder} at "
+                     f"{r.repa_encoder_resolution} px, projector {count(repa.unwrapped_projector) / 1e6:.3f} M "
+                     "parameters" + (" (features cached)" if repa.encoder is None else ""))
     for line in lines:
         logger.info(line, main_process_only=True)
         accelerator.print(line)

@@ -32,6 +32,8 @@ def check_replicas(run: Run) -> None:
     # Under FSDP the denoiser is sharded, not replicated: each rank holds a different part, nothing to compare.
     sharded = is_fsdp(accelerator)
     modules = {} if sharded else {"denoiser": run.unwrapped_denoiser}
+    for name, module in run.joint_modules.items():  # trained with the denoiser (REPA's projector)
+        modules[name] = accelerator.unwrap_model(module)
     for term in run.terms:
         for name, (module, _, _) in term.modules().items():
             modules[name] = accelerator.unwrap_model(module)

@@ -253,6 +253,9 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         self.geometry = {name: torch.cat(chunks) for name, chunks in per_row.items()}
         self.shapes, self.shape_of, self.position_of = shapes, torch.cat(shape_of), torch.cat(position_of)
         self._handles: dict[int, Any] = {}
+        # Caches that mirror this one's shards (terms/repa_cache.FeatureCache): each adds its tensors to a sample,
+        # read at the row's (shard, shape, position) in the orientation drawn for it.
+        self.companions: list[Any] = []
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}  # each data-loader worker maps the files itself
@@ -297,6 +300,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             "latent_std": handle.get_slice(f"std{suffix}.{shape}")[position:position + 1][0],
             **dict(zip(GEOMETRY_KEYS, (*(tuple(pair.tolist()) for pair in geometry), flipped))),
         }
+        for companion in self.companions:
+            sample.update(companion.read(index // self.shard_size, shape, position, flipped))
         if self.labels is not None:
             sample["class_labels"] = int(self.labels[index])
         if self.captions is not None:

@@ -35,6 +35,10 @@ def build_train_dataloader(config: RunConfig, accelerator: Accelerator, adapter:
 
         folder = build_latent_cache(accelerator, adapter.vae, data, d, resolution, t.train_batch_size, buckets)
         dataset = CachedLatentDataset(data, folder, d.random_flip, seed=seed)
+        if config.repa.enabled:  # REPA's encoder features, cached beside the latents
+            from .terms.repa_cache import feature_cache_for
+
+            dataset.companions.append(feature_cache_for(config, accelerator, adapter, data, folder))
         if buckets:
             bucket_ids = bucket_ids_of(dataset.target_sizes.numpy(), dataset.valid.numpy(), buckets)
     else:

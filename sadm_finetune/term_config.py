@@ -21,7 +21,7 @@ class RepaConfig:
     repa_encoder: str = _f("facebook/dinov2-base", "frozen vision encoder (a transformers model id or folder)")
     repa_depth: int = _f(8, "align the output of this many denoiser blocks (1-based; the paper: 8 of SiT-XL's 28)")
     repa_projector_dim: int = _f(2048, "hidden width of REPA's 3-layer MLP projector")
-    repa_encoder_resolution: int = _f(224, "images are resized to this size for the vision encoder")
+    repa_encoder_resolution: int = _f(224, "the encoder sees images of this size squared (same aspect)")
 
     def __post_init__(self) -> None:
         for name in ("repa_weight",):

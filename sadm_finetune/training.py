@@ -22,6 +22,7 @@ from .finish import check_replicas, end_training, export_run
 from .loop import Run, train_loop
 from .models.loading import family_class, load_family
 from .loader import build_train_dataloader
+from .terms import check_terms
 from .text_cache import build_text_cache, prompts_to_cache
 from .validation import validate
 
@@ -79,6 +80,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     resolution = config.data.resolution or adapter.default_resolution()
     adapter.set_resolution(resolution)  # a DiT at another size: sample_size and positional embedding
     adapter.check_data(data)
+    check_terms(config, adapter, accelerator)
     global_batch = t.train_batch_size * accelerator.num_processes
     if len(data) < global_batch:
         raise ConfigError("train_batch_size", f"the data set has {len(data)} samples, fewer than one global batch "

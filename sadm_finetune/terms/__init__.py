@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import StepContext, Term, Update, UpdateResult
 
-__all__ = ["StepContext", "Term", "Update", "UpdateResult", "build_terms"]
+__all__ = ["StepContext", "Term", "Update", "UpdateResult", "build_terms", "check_terms"]
 
 
 def build_terms(config, adapter, process, autocast) -> list[Term]:
@@ -18,6 +18,18 @@ def build_terms(config, adapter, process, autocast) -> list[Term]:
         terms.append(SADMTerm(config, adapter, process.alphas_cumprod, autocast, config.training.adam_epsilon))
     if config.sadm.structure_diagnostics:
         terms.append(StructureProbe(SADMObjective(config.sadm, process.alphas_cumprod)))
+    if config.repa.enabled:
+        from .repa import RepaTerm
+
+        terms.append(RepaTerm(config, adapter, autocast))
     if config.sddit.enabled:
         terms.append(SDDiTTerm(config, adapter, process, autocast))
     return terms
+
+
+def check_terms(config, adapter, accelerator) -> None:
+    """The terms' one-line config checks that need the loaded model, before any heavy work (latent caching)."""
+    if config.repa.enabled:
+        from .repa import RepaTerm
+
+        RepaTerm.check(config, adapter, accelerator)
