@@ -40,7 +40,6 @@ def check_replicas(run: Run) -> None:
         for name, obj in term.state().items():  # EMA teachers: not trained by DDP, kept in step by the term
             if isinstance(obj, torch.nn.Module):
                 modules[f"{term.name}_{name}"] = obj
-    modules.update({name: accelerator.unwrap_model(module) for name, module in run.joint_modules.items()})
     # DDP all-reduces the gradients, so every rank applies the same update to the same weights and the
     # replicas stay bit-identical in practice (measured: 2 CPU processes, gloo). The comparison is exact
     # (element by element against rank 0's copy), so "identical" below means bit for bit. Bits that differ
