@@ -9,6 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="sadm-tests-hf-home-"))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# One intra-op thread, in this process (torch reads it on import) and in every subprocess a test starts (they
+# inherit it): the tiny models gain nothing from a second thread, and beside other work on a 2-core machine
+# OpenMP's spinning threads made each training step several times slower (1.7 vs 10 steps/s, measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # ---------------------------------------------------------------------------------------------
 # fake_hub: a fake Hugging Face Hub on 127.0.0.1 (tests/hub_server.py) for --push_to_hub tests.
