@@ -1,7 +1,10 @@
-"""Run the trainer the way users do: `accelerate launch train_sadm.py ...` in a subprocess."""
+"""Run the trainer the way users do (`accelerate launch train_sadm.py ...` in a subprocess), or in this
+process through the same CLI entry point when the test needs no process boundary."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -28,6 +31,44 @@ def accelerate_launch(args: list[str], env: dict[str, str], num_processes: int =
         launcher += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=1: several CPU processes over gloo
     cmd = [*launcher, str(ROOT / "train_sadm.py"), *args]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons (as accelerate's own AccelerateTestCase does after each test)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`sadm-train ARGS` in this process: `sadm_finetune.cli.main`, the function behind the console script and
+    train_sadm.py, on one CPU process (what `accelerate launch --num_processes 1` gives), without the two
+    interpreters (launcher and child) that import torch, diffusers and transformers again for every run.
+
+    Returns what `accelerate_launch` returns: the exit status and the run's stdout and stderr (everything
+    written to sys.stdout / sys.stderr, progress bars and log records included). An exception that escapes
+    `main` (a crash, not a user error) propagates to the test. accelerate's singletons are reset before and
+    after, so no state is carried from one run to the next."""
+    from sadm_finetune.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_env = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    reset_accelerate_state()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main([str(a) for a in args])
+    except BaseException:
+        sys.stderr.write(stderr.getvalue()[-3000:])  # shown with the failing test
+        raise
+    finally:
+        reset_accelerate_state()
+        if saved_env is None:
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = saved_env
+    return subprocess.CompletedProcess(["sadm-train", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
 
 
 def tiny_run_args(pretrained: Path, data: Path, out: Path, steps: int = 4) -> list[str]:
