@@ -1,15 +1,16 @@
-"""End to end through `accelerate launch`: tiny DiT pipelines on a tiny image folder."""
+"""End to end: tiny DiT pipelines on a tiny image folder, through `accelerate launch` and the CLI in process."""
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 pytestmark = pytest.mark.slow
@@ -17,25 +18,51 @@ pytestmark = pytest.mark.slow
 RELOAD = """
 import sys, json, numpy as np, torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-out = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+for path in sys.argv[1:]:
+    pipe = DiffusionPipeline.from_pretrained(path)
+    out = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    print(json.dumps({"path": path, "cls": type(pipe).__name__, "shape": list(out.shape),
+                      "finite": bool(np.isfinite(out).all()), "labels": pipe.labels}))
 assert "sadm_finetune" not in sys.modules
-print(json.dumps({"cls": type(pipe).__name__, "shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
-                  "labels": pipe.labels}))
+print(json.dumps({"sadm_finetune imported": False}))
 """
+
+# learned_sigma, structure_weight, how the run is started: the README's `accelerate launch` for one, the same CLI
+# entry point in this process for the other (no second launch of the same code path).
+CASES = {"learned-sigma-sadm": (True, "0.05", "accelerate launch"), "plain": (False, "0", "in process")}
 
 
 def _tensors(folder):
     return load_file(str(next(folder.glob("*.safetensors"))))
 
 
-@pytest.mark.parametrize("learned_sigma, structure_weight", [(True, "0.05"), (False, "0")])
-def test_fine_tune_exports_a_stock_pipeline(tmp_path, learned_sigma, structure_weight):
-    base = build_tiny_dit_pipeline(tmp_path / "base", learned_sigma=learned_sigma, num_classes=2)
-    data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
-    out = tmp_path / "out"
-    proc = accelerate_launch(tiny_run_args(base, data, out) + ["--structure_weight", structure_weight],
-                             offline_env(tmp_path))
+@pytest.fixture(scope="module")
+def fine_tunes(tmp_path_factory):
+    """Each case fine-tuned once; then one stock-diffusers process, which never imports sadm_finetune, reloads
+    and samples every export."""
+    tmp = tmp_path_factory.mktemp("train_dit")
+    data = build_image_folder(tmp / "data", classes=("cat", "dog"), per_class=4)
+    runs = {}
+    for name, (learned_sigma, structure_weight, how) in CASES.items():
+        base = build_tiny_dit_pipeline(tmp / name / "base", learned_sigma=learned_sigma, num_classes=2)
+        out = tmp / name / "out"
+        args = tiny_run_args(base, data, out) + ["--structure_weight", structure_weight]
+        proc = accelerate_launch(args, offline_env(tmp)) if how == "accelerate launch" else train_in_process(args)
+        runs[name] = SimpleNamespace(base=base, out=out, proc=proc, structure_weight=structure_weight)
+    done = [str(r.out) for r in runs.values() if r.proc.returncode == 0]
+    reload = subprocess.run([sys.executable, "-c", RELOAD, *done], capture_output=True, text=True, timeout=120,
+                            env=offline_env(tmp))
+    lines = [json.loads(line) for line in reload.stdout.splitlines() if line.startswith("{")]
+    for run in runs.values():
+        run.reload = reload
+        run.reloaded = next((line for line in lines if line.get("path") == str(run.out)), None)
+    return runs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fine_tune_exports_a_stock_pipeline(fine_tunes, case):
+    run = fine_tunes[case]
+    base, out, proc, structure_weight = run.base, run.out, run.proc, run.structure_weight
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     for name in ("model_index.json", "README.md", "training_config.yaml", "samples/final.png",
@@ -47,12 +74,10 @@ def test_fine_tune_exports_a_stock_pipeline(tmp_path, learned_sigma, structure_w
     assert list((out / "logs").rglob("events.out.tfevents*"))
 
     # Stock diffusers, in a process that never imports sadm_finetune, loads and samples it.
-    reload = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=120,
-                            env=offline_env(tmp_path))
-    assert reload.returncode == 0, reload.stderr[-2000:]
-    info = json.loads(reload.stdout.strip().splitlines()[-1])
-    assert info == {"cls": "DiTPipeline", "shape": [2, 32, 32, 3], "finite": True,
-                    "labels": {"class_0": 0, "class_1": 1}}
+    assert run.reload.returncode == 0, run.reload.stderr[-2000:]
+    assert '{"sadm_finetune imported": false}' in run.reload.stdout
+    assert run.reloaded == {"path": str(out), "cls": "DiTPipeline", "shape": [2, 32, 32, 3], "finite": True,
+                            "labels": {"class_0": 0, "class_1": 1}}
 
     # The VAE is frozen: its tensors are copied, never computed, so bit-identical to the base; the
     # transformer did train (by more than rounding: 4 AdamW steps at lr 1e-3 move weights by ~1e-3).
