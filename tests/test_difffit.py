@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import offline_env, tiny_run_args, train_in_process
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 from sadm_finetune.models.difffit import SCALE_NAME, attach_difffit, folded_copy
 
@@ -80,9 +80,8 @@ def test_difffit_run_exports_a_stock_pipeline_with_only_folded_changes(tmp_path)
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
     out = tmp_path / "out"
-    proc = accelerate_launch(tiny_run_args(base, data, out, steps=3) + ["--trainable", "difffit",
-                                                                        "--learning_rate", "5e-2"],
-                             offline_env(tmp_path))
+    proc = train_in_process(tiny_run_args(base, data, out, steps=3) + ["--trainable", "difffit",
+                                                                       "--learning_rate", "5e-2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
     after = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
