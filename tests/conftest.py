@@ -77,3 +77,22 @@ def fake_hub(monkeypatch, tmp_path_factory):
             # online => huggingface_hub caches GET /api/agent-harnesses under its import-time HF_HOME
             monkeypatch.setattr(hf_constants, "AGENT_HARNESSES_PATH", str(own_hf_home / ".agent_harnesses.json"))
         yield hub
+
+
+# ---------------------------------------------------------------------------------------------
+# demo_run: the README's main command, run once for the tests that read its files or its output.
+# ---------------------------------------------------------------------------------------------
+@_fh_pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`accelerate launch train_sadm.py --config configs/demo.yaml`, shortened to 3 steps and a 1-image final grid:
+    the bundled base on builtin digits, offline. test_demo_recipe checks what it exports, test_quiet what it
+    prints. Returns (output folder, CompletedProcess)."""
+    from launch import ROOT, accelerate_launch, offline_env
+
+    tmp = tmp_path_factory.mktemp("demo_run")
+    out = tmp / "demo"
+    args = ["--config", "configs/demo.yaml", "--output_dir", str(out), "--max_train_steps", "3",
+            "--structure_warmup_steps", "0", "--validation_inference_steps", "2", "--num_validation_images", "1",
+            "--report_to", "none"]
+    assert (ROOT / "configs" / "demo.yaml").is_file()
+    return out, accelerate_launch(args, offline_env(tmp))
