@@ -96,3 +96,26 @@ def demo_run(tmp_path_factory):
             "--report_to", "none"]
     assert (ROOT / "configs" / "demo.yaml").is_file()
     return out, accelerate_launch(args, offline_env(tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# ddp_run: one SADM run on 2 CPU processes (DDP over gloo), for test_distributed and test_fsdp.
+# ---------------------------------------------------------------------------------------------
+@_fh_pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """`accelerate launch --multi_gpu --num_processes 2` (CPU, gloo): 4 SADM steps, validation and a checkpoint
+    every 2 steps, 1 checkpoint kept. test_distributed checks the lockstep; test_fsdp runs FSDP on the same base
+    and data and compares (validation and checkpoints do not change the training: the FSDP run has them too)."""
+    from types import SimpleNamespace
+
+    from launch import accelerate_launch, offline_env, tiny_run_args
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    tmp = tmp_path_factory.mktemp("ddp_run")
+    base = build_tiny_dit_pipeline(tmp / "base", num_classes=2)
+    data = build_image_folder(tmp / "data", per_class=6)
+    out = tmp / "out"
+    args = tiny_run_args(base, data, out, steps=4) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+                                                      "--validation_steps", "2", "--report_to", "none"]
+    proc = accelerate_launch(args, offline_env(tmp), num_processes=2)
+    return SimpleNamespace(base=base, data=data, out=out, proc=proc, text=proc.stdout + proc.stderr)
