@@ -122,11 +122,9 @@ def test_push_to_hub_reaches_the_loopback_server_and_never_writes_the_token(tmp_
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    env = offline_env(tmp_path, **fake_hub.env())
-    env["HF_HUB_OFFLINE"] = "0"
-    env["TRANSFORMERS_OFFLINE"] = "0"
-    proc = accelerate_launch(tiny_run_args(base, data, out, steps=2) + ["--push_to_hub", "--hub_model_id",
-                                                                        "org/sadm-tiny"], env)
+    # In process: the fixture points this process's huggingface_hub at the fake Hub and puts the token in HF_TOKEN.
+    proc = train_in_process(tiny_run_args(base, data, out, steps=2) + ["--push_to_hub", "--hub_model_id",
+                                                                       "org/sadm-tiny"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = fake_hub.repo_files("org/sadm-tiny")
     assert "model_index.json" in stored and "transformer/diffusion_pytorch_model.safetensors" in stored
