@@ -119,3 +119,17 @@ def ddp_run(tmp_path_factory):
                                                       "--validation_steps", "2", "--report_to", "none"]
     proc = accelerate_launch(args, offline_env(tmp), num_processes=2)
     return SimpleNamespace(base=base, data=data, out=out, proc=proc, text=proc.stdout + proc.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# stock_diffusers: loads exports in a process that never imports sadm_finetune (tests/stock_diffusers.py).
+# ---------------------------------------------------------------------------------------------
+@_fh_pytest.fixture(scope="session")
+def stock_diffusers(tmp_path_factory):
+    """One stock-diffusers process for the session (its imports are paid once): `.load(path, class_labels=None)`."""
+    from launch import offline_env
+    from stock_diffusers import StockDiffusers
+
+    worker = StockDiffusers(offline_env(tmp_path_factory.mktemp("stock_diffusers")))
+    yield worker
+    worker.close()
