@@ -123,7 +123,7 @@ def test_checkpoint_rotation_and_missing_resume_checkpoint(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
 
     proc = train_in_process(args + ["--resume_from_checkpoint", "checkpoint-77"])
-    assert proc.returncode != 0 and "resume_from_checkpoint: checkpoint-77 not found" in proc.stderr
+    assert proc.returncode == 2 and "resume_from_checkpoint: checkpoint-77 not found" in proc.stderr
 
 
 def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path):
@@ -175,7 +175,7 @@ def _snapshot(folder):
 
 def _error_line(proc):
     lines = [ln for ln in proc.stderr.splitlines() if "sadm-train: error:" in ln]
-    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return lines[0]
 
 
