@@ -22,6 +22,7 @@ def _serve() -> None:
     import torch
     from diffusers import DiffusionPipeline
 
+    answers, sys.stdout = sys.stdout, sys.stderr  # whatever a library prints cannot break the JSON lines
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -35,7 +36,7 @@ def _serve() -> None:
         except Exception:  # noqa: BLE001 - the test shows it
             answer = {"error": traceback.format_exc()}
         answer["sadm_finetune_imported"] = "sadm_finetune" in sys.modules
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(answer), file=answers, flush=True)
 
 
 class StockDiffusers:
