@@ -9,6 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="sadm-tests-hf-home-"))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# One intra-op thread, in this process (torch reads it on import) and in every subprocess a test starts (they
+# inherit it): the tiny models gain nothing from a second thread, and beside other work on a 2-core machine
+# OpenMP's spinning threads made each training step several times slower (1.7 vs 10 steps/s, measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # ---------------------------------------------------------------------------------------------
 # fake_hub: a fake Hugging Face Hub on 127.0.0.1 (tests/hub_server.py) for --push_to_hub tests.
@@ -73,3 +77,59 @@ def fake_hub(monkeypatch, tmp_path_factory):
             # online => huggingface_hub caches GET /api/agent-harnesses under its import-time HF_HOME
             monkeypatch.setattr(hf_constants, "AGENT_HARNESSES_PATH", str(own_hf_home / ".agent_harnesses.json"))
         yield hub
+
+
+# ---------------------------------------------------------------------------------------------
+# demo_run: the README's main command, run once for the tests that read its files or its output.
+# ---------------------------------------------------------------------------------------------
+@_fh_pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`accelerate launch train_sadm.py --config configs/demo.yaml`, shortened to 3 steps and a 1-image final grid:
+    the bundled base on builtin digits, offline. test_demo_recipe checks what it exports, test_quiet what it
+    prints. Returns (output folder, CompletedProcess)."""
+    from launch import ROOT, accelerate_launch, offline_env
+
+    tmp = tmp_path_factory.mktemp("demo_run")
+    out = tmp / "demo"
+    args = ["--config", "configs/demo.yaml", "--output_dir", str(out), "--max_train_steps", "3",
+            "--structure_warmup_steps", "0", "--validation_inference_steps", "2", "--num_validation_images", "1",
+            "--report_to", "none"]
+    assert (ROOT / "configs" / "demo.yaml").is_file()
+    return out, accelerate_launch(args, offline_env(tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# ddp_run: one SADM run on 2 CPU processes (DDP over gloo), for test_distributed and test_fsdp.
+# ---------------------------------------------------------------------------------------------
+@_fh_pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """`accelerate launch --multi_gpu --num_processes 2` (CPU, gloo): 4 SADM steps, validation and a checkpoint
+    every 2 steps, 1 checkpoint kept. test_distributed checks the lockstep; test_fsdp runs FSDP on the same base
+    and data and compares (validation and checkpoints do not change the training: the FSDP run has them too)."""
+    from types import SimpleNamespace
+
+    from launch import accelerate_launch, offline_env, tiny_run_args
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    tmp = tmp_path_factory.mktemp("ddp_run")
+    base = build_tiny_dit_pipeline(tmp / "base", num_classes=2)
+    data = build_image_folder(tmp / "data", per_class=6)
+    out = tmp / "out"
+    args = tiny_run_args(base, data, out, steps=4) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+                                                      "--validation_steps", "2", "--report_to", "none"]
+    proc = accelerate_launch(args, offline_env(tmp), num_processes=2)
+    return SimpleNamespace(base=base, data=data, out=out, proc=proc, text=proc.stdout + proc.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# stock_diffusers: loads exports in a process that never imports sadm_finetune (tests/stock_diffusers.py).
+# ---------------------------------------------------------------------------------------------
+@_fh_pytest.fixture(scope="session")
+def stock_diffusers(tmp_path_factory):
+    """One stock-diffusers process for the session (its imports are paid once): `.load(path, class_labels=None)`."""
+    from launch import offline_env
+    from stock_diffusers import StockDiffusers
+
+    worker = StockDiffusers(offline_env(tmp_path_factory.mktemp("stock_diffusers")))
+    yield worker
+    worker.close()

@@ -1,7 +1,10 @@
-"""Run the trainer the way users do: `accelerate launch train_sadm.py ...` in a subprocess."""
+"""Run the trainer the way users do (`accelerate launch train_sadm.py ...` in a subprocess), or in this
+process through the same CLI entry point when the test needs no process boundary."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -28,6 +31,73 @@ def accelerate_launch(args: list[str], env: dict[str, str], num_processes: int =
         launcher += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=1: several CPU processes over gloo
     cmd = [*launcher, str(ROOT / "train_sadm.py"), *args]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons (as accelerate's own AccelerateTestCase does after each test)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def _captured(stdout: io.StringIO, stderr: io.StringIO):
+    """sys.stdout / sys.stderr into the buffers, and with them every logging handler that writes to the streams
+    (diffusers, transformers and huggingface_hub bind theirs to sys.stderr once, on import): what the run prints
+    is what a subprocess's pipes would hold. Handlers created during the run are pointed back afterwards."""
+    import logging
+
+    def stream_handlers():
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        return [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                and not isinstance(getattr(type(h), "stream", None), property)]  # lastResort follows sys.stderr
+
+    outer = {id(sys.stdout): stdout, id(sys.__stdout__): stdout, id(sys.stderr): stderr, id(sys.__stderr__): stderr}
+    back = {id(stdout): sys.stdout, id(stderr): sys.stderr}
+    moved = [(h, h.stream) for h in stream_handlers() if id(h.stream) in outer]
+    for handler, stream in moved:
+        handler.setStream(outer[id(stream)])
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            yield
+    finally:
+        for handler, stream in moved:
+            handler.setStream(stream)
+        for handler in stream_handlers():
+            if id(handler.stream) in back:
+                handler.setStream(back[id(handler.stream)])
+
+
+def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`sadm-train ARGS` in this process: `sadm_finetune.cli.main`, the function behind the console script and
+    train_sadm.py, on one CPU process (what `accelerate launch --num_processes 1` gives), without the two
+    interpreters (launcher and child) that import torch, diffusers and transformers again for every run.
+
+    Returns what `accelerate_launch` returns: the exit status and the run's stdout and stderr (prints, progress
+    bars, warnings and log records). An exception that escapes `main` (a crash, not a user error) propagates
+    to the test. accelerate's singletons are reset before and after, so no state is carried from one run to
+    the next."""
+    from sadm_finetune.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_env = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    reset_accelerate_state()
+    try:
+        with _captured(stdout, stderr):
+            code = main([str(a) for a in args])
+    except BaseException:
+        sys.stderr.write(stderr.getvalue()[-3000:])  # shown with the failing test
+        raise
+    finally:
+        reset_accelerate_state()
+        if saved_env is None:
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = saved_env
+    return subprocess.CompletedProcess(["sadm-train", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
 
 
 def tiny_run_args(pretrained: Path, data: Path, out: Path, steps: int = 4) -> list[str]:

@@ -1,14 +1,10 @@
 """DiffFit (--trainable difffit): the parameter set, the scale factors, and their exact fold into stock weights."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import tiny_run_args, train_in_process
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 from sadm_finetune.models.difffit import SCALE_NAME, attach_difffit, folded_copy
 
@@ -76,13 +72,12 @@ def test_gradients_reach_only_the_difffit_set():
 
 
 @pytest.mark.slow
-def test_difffit_run_exports_a_stock_pipeline_with_only_folded_changes(tmp_path):
+def test_difffit_run_exports_a_stock_pipeline_with_only_folded_changes(tmp_path, stock_diffusers):
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
     out = tmp_path / "out"
-    proc = accelerate_launch(tiny_run_args(base, data, out, steps=3) + ["--trainable", "difffit",
-                                                                        "--learning_rate", "5e-2"],
-                             offline_env(tmp_path))
+    proc = train_in_process(tiny_run_args(base, data, out, steps=3) + ["--trainable", "difffit",
+                                                                       "--learning_rate", "5e-2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
     after = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -96,9 +91,5 @@ def test_difffit_run_exports_a_stock_pipeline_with_only_folded_changes(tmp_path)
     key = next(k for k in changed if k.endswith("attn1.to_out.0.weight"))
     ratio = after[key] / before[key]
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=1e-4)
-    reload = subprocess.run(
-        [sys.executable, "-c", "import sys, json; from diffusers import DiffusionPipeline; "
-         "p = DiffusionPipeline.from_pretrained(sys.argv[1]); print(json.dumps(type(p).__name__)); "
-         "assert 'sadm_finetune' not in sys.modules", str(out)],
-        capture_output=True, text=True, timeout=120, env=offline_env(tmp_path))
-    assert reload.returncode == 0 and json.loads(reload.stdout.strip().splitlines()[-1]) == "DiTPipeline"
+    assert stock_diffusers.load(out) == {"cls": "DiTPipeline", "labels": {"class_0": 0, "class_1": 1},
+                                         "sadm_finetune_imported": False}

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers import DDPMScheduler
 
-from launch import ROOT, accelerate_launch, offline_env, tiny_run_args
+from launch import ROOT, offline_env, tiny_run_args
 from sadm_finetune.config import SADMConfig
 from sadm_finetune.models.discriminator import StructureDiscriminator
 from sadm_finetune.sadm import SADMObjective
@@ -43,6 +43,8 @@ def _objective():
 
 
 def _rank_main(rank, world, port, queue):
+    """One rank of the 2-process group that both tests below read: the structure loss of its half of the
+    global batch, then the replica comparison."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     disc, latents, x0_hat, t = _inputs()
@@ -50,38 +52,68 @@ def _rank_main(rank, world, port, queue):
     x_local = x0_hat[part].clone().requires_grad_()
     loss, logs = _objective().generator_loss(disc, latents[part], x_local, t[part], None)
     loss.backward()
-    queue.put((rank, logs["structure_loss_g"].item(), loss.item(), x_local.grad.numpy().copy()))
+    queue.put(("structure_loss", rank, (logs["structure_loss_g"].item(), loss.item(), x_local.grad.numpy().copy())))
+    dist.barrier()
+    queue.put(("replicas", rank, _replica_differences(rank)))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_two_process_structure_loss_equals_the_one_process_value():
+@pytest.fixture(scope="module")
+def two_ranks():
+    """Results of `_rank_main` on 2 spawned processes: {"structure_loss": {rank: ...}, "replicas": {rank: ...}}."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_rank_main, args=(2, _free_port(), queue), nprocs=2, join=True, start_method="spawn")
+    results = {"structure_loss": {}, "replicas": {}}
+    for _ in range(4):
+        kind, rank, value = queue.get(timeout=60)
+        results[kind][rank] = value
+    return results
+
+
+def test_two_process_structure_loss_equals_the_one_process_value(two_ranks):
     disc, latents, x0_hat, t = _inputs()
     x_full = x0_hat.clone().requires_grad_()
     loss, _ = _objective().generator_loss(disc, latents, x_full, t, None)
     loss.backward()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_rank_main, args=(2, _free_port(), queue), nprocs=2, join=True, start_method="spawn")
-    results = sorted(queue.get(timeout=60) for _ in range(2))
-    for rank, value, scaled, grad in results:
+    assert sorted(two_ranks["structure_loss"]) == [0, 1]
+    for rank, (value, scaled, grad) in two_ranks["structure_loss"].items():
         assert value == pytest.approx(loss.item(), rel=1e-5)  # the relation matrix covers the global batch
         assert scaled == pytest.approx(2 * loss.item(), rel=1e-5)  # undoes DDP's average over 2 ranks
         # Each rank's gradient reaches only its own samples; after DDP's 1/2 average it is the true one.
         assert torch.allclose(torch.from_numpy(grad) / 2, x_full.grad[rank * 4:rank * 4 + 4], atol=1e-6)
 
 
+def _replica_differences(rank):
+    """Inside `_rank_main`'s process group: rank 1 holds a swapped and a one-ulp-nudged copy."""
+    from sadm_finetune.distributed import replica_differences
+
+    torch.manual_seed(0)
+    same, swapped, nudged = (torch.nn.Linear(4, 3) for _ in range(3))
+    if rank == 1:
+        with torch.no_grad():
+            w = swapped.weight.view(-1)
+            w[0], w[1] = w[1].clone(), w[0].clone()  # same sum and sum of squares: a float fingerprint misses it
+            nudged.bias[2] = torch.nextafter(nudged.bias[2], torch.tensor(10.0))  # one ulp
+    return replica_differences({"same": same, "swapped": swapped, "nudged": nudged})
+
+
+def test_replica_comparison_is_exact(two_ranks):
+    results = two_ranks["replicas"]
+    assert sorted(results) == [0, 1]
+    assert results[0] == results[1]  # every rank gets the same verdict
+    diffs = results[0]
+    assert diffs["same"] == (0, 0.0)
+    assert diffs["swapped"][0] == 2 and diffs["swapped"][1] > 0
+    assert diffs["nudged"][0] == 1 and 0 < diffs["nudged"][1] < 1e-6
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_train_in_lockstep(tmp_path):
-    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
-    data = build_image_folder(tmp_path / "data", per_class=6)
-    out = tmp_path / "out"
-    args = tiny_run_args(base, data, out, steps=4) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
-                                                      "--validation_steps", "2", "--report_to", "none"]
-    proc = accelerate_launch(args, offline_env(tmp_path), num_processes=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    text = proc.stdout + proc.stderr
+def test_two_cpu_processes_train_in_lockstep(ddp_run):
+    out, text = ddp_run.out, ddp_run.text  # conftest.py: accelerate launch --multi_gpu --num_processes 2
+    assert ddp_run.proc.returncode == 0, ddp_run.proc.stderr[-4000:]
     assert "2 processes" in text
     assert "replica check: denoiser, discriminator bit-identical on all 2 processes" in text
     assert (out / "model_index.json").is_file() and (out / "samples" / "step-2.png").is_file()
@@ -157,32 +189,3 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     assert json.loads((ckpt / "train_state.json").read_text())["global_step"] == step
     assert len(list(ckpt.glob("random_states_*.pkl"))) == 2  # both ranks wrote their part at that step
     assert not (out / "model_index.json").exists()
-
-
-def _replica_main(rank, world, port, queue):
-    from sadm_finetune.distributed import replica_differences
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    same, swapped, nudged = (torch.nn.Linear(4, 3) for _ in range(3))
-    if rank == 1:
-        with torch.no_grad():
-            w = swapped.weight.view(-1)
-            w[0], w[1] = w[1].clone(), w[0].clone()  # same sum and sum of squares: a float fingerprint misses it
-            nudged.bias[2] = torch.nextafter(nudged.bias[2], torch.tensor(10.0))  # one ulp
-    queue.put((rank, replica_differences({"same": same, "swapped": swapped, "nudged": nudged})))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def test_replica_comparison_is_exact():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_replica_main, args=(2, _free_port(), queue), nprocs=2, join=True, start_method="spawn")
-    results = dict(queue.get(timeout=60) for _ in range(2))
-    assert results[0] == results[1]  # every rank gets the same verdict
-    diffs = results[0]
-    assert diffs["same"] == (0, 0.0)
-    assert diffs["swapped"][0] == 2 and diffs["swapped"][1] > 0
-    assert diffs["nudged"][0] == 1 and 0 < diffs["nudged"][1] < 1e-6

@@ -16,7 +16,6 @@ from launch import ROOT, offline_env, tiny_run_args
 from sadm_finetune.config import RunConfig
 from sadm_finetune.errors import ConfigError
 from sadm_finetune.training import _check_distributed_type
-from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 
 def _config(**training) -> RunConfig:
@@ -70,12 +69,11 @@ def _weights(out: Path, sub: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
+def fsdp_run(ddp_run, tmp_path_factory):
     """One FSDP2 SADM run on 2 CPU processes with configs/accelerate/fsdp.yaml (validation and a checkpoint at
-    step 2), shared by the tests below."""
+    step 2), shared by the tests below; base, data and flags of conftest.py's DDP run `ddp_run`."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    base = build_tiny_dit_pipeline(tmp / "base", num_classes=2)
-    data = build_image_folder(tmp / "data", per_class=6)
+    base, data = ddp_run.base, ddp_run.data
     env = offline_env(tmp, OMP_NUM_THREADS="1")
     flags = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]  # shipped: 8 -> 2, bf16 -> no
     extra = ["--report_to", "none", "--validation_steps", "2", "--checkpointing_steps", "2"]
@@ -99,16 +97,13 @@ def test_fsdp2_sadm_run_exports_a_stock_pipeline(fsdp_run):
 
 
 @pytest.mark.slow
-def test_fsdp2_sadm_run_matches_the_ddp_run(fsdp_run):
+def test_fsdp2_sadm_run_matches_the_ddp_run(fsdp_run, ddp_run):
     assert fsdp_run.proc.returncode == 0, fsdp_run.text[-3000:]
-    ddp_out = fsdp_run.tmp / "ddp"
-    ddp = _launch("train_sadm.py", ["--multi_gpu"], tiny_run_args(fsdp_run.base, fsdp_run.data, ddp_out)
-                  + ["--report_to", "none"], fsdp_run.env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    fsdp_losses, ddp_losses = _losses(fsdp_run.text), _losses(ddp.stdout + ddp.stderr)
+    assert ddp_run.proc.returncode == 0, ddp_run.proc.stderr[-3000:]
+    fsdp_losses, ddp_losses = _losses(fsdp_run.text), _losses(ddp_run.text)
     assert len(fsdp_losses) == 4 and fsdp_losses == pytest.approx(ddp_losses, abs=2e-4)
     for sub in ("transformer", "structure_discriminator"):
-        a, b = _weights(ddp_out, sub), _weights(fsdp_run.out, sub)
+        a, b = _weights(ddp_run.out, sub), _weights(fsdp_run.out, sub)
         assert a.keys() == b.keys()
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5, sub
 

@@ -12,7 +12,7 @@ from diffusers.loaders import PeftAdapterMixin
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import tiny_run_args, train_in_process
 from sadm_finetune.config import ModelConfig, build_config
 from sadm_finetune.errors import ConfigError
 from sadm_finetune.models import lora
@@ -133,7 +133,7 @@ def test_sd_lora_file_loads_into_the_base_and_matches_the_fused_export(tmp_path)
     args = tiny_run_args(base, data, out, steps=3) + [
         "--trainable", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--gradient_checkpointing",
         "--use_ema", "--ema_decay", "0.9", "--checkpointing_steps", "3", "--report_to", "none"]
-    proc = accelerate_launch(args, offline_env(tmp_path))
+    proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
@@ -174,8 +174,7 @@ def test_dit_lora_merged_export_and_resume(tiny_dit, tmp_path):
         "--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "3",
         "--cache_latents", "--center_crop", "--random_flip", "--latent_cache_dir", str(tmp_path / "cache"),
         "--report_to", "none"]
-    env = offline_env(tmp_path)
-    proc = accelerate_launch(args, env)
+    proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "latent cache: encoding" in proc.stdout
 
@@ -198,10 +197,10 @@ def test_dit_lora_merged_export_and_resume(tiny_dit, tmp_path):
     assert changed > 1e-3, changed
     assert "load_lora_adapter" in (out / "README.md").read_text()
 
-    # Resuming the final checkpoint restores the LoRA (and D): the re-export, merged again in another
-    # process, matches to float tolerance (the merge is arithmetic: not a bitwise claim across processes).
+    # Resuming the final checkpoint restores the LoRA (and D): the re-export, merged again from the files,
+    # matches to float tolerance (the merge is arithmetic: not a bitwise claim).
     first = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
-    proc = accelerate_launch(args + ["--resume_from_checkpoint", "latest"], env)
+    proc = train_in_process(args + ["--resume_from_checkpoint", "latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "latent cache: hit" in proc.stdout
     assert "checkpoint-3 at step 3" in proc.stdout  # resumed, not retrained from step 0 (which replays the same noise)

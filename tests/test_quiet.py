@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 
-from launch import ROOT, offline_env
+import pytest
 
 from sadm_finetune.quiet import DROPPED, DropMessages
 
@@ -17,12 +15,9 @@ NOISE = [
 ]
 
 
-def test_a_demo_run_prints_no_known_third_party_noise(tmp_path):
-    out = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_sadm.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-         "--output_dir", str(out), "--max_train_steps", "2", "--report_to", "none"],
-        env=offline_env(tmp_path, OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.slow
+def test_a_demo_run_prints_no_known_third_party_noise(demo_run):
+    _, proc = demo_run  # conftest.py: the README's command in fresh processes, so import-time lines count too
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in NOISE:
         assert line not in proc.stderr, proc.stderr[-3000:]

@@ -1,4 +1,8 @@
-"""Checkpoints: exact resume, rotation, atomic writes, preemption by signal."""
+"""Checkpoints: exact resume, rotation, atomic writes, preemption by signal.
+
+Runs go through `sadm_finetune.cli.main` in this process (tests/launch.py `train_in_process`), each resumed
+run reading its checkpoint from disk; the signal tests need a process to signal and stay subprocesses. A
+resume in a fresh set of processes is tested by test_fsdp.py."""
 
 import json
 import re
@@ -11,7 +15,7 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
-from launch import ROOT, accelerate_launch, offline_env, tiny_run_args
+from launch import ROOT, offline_env, tiny_run_args, train_in_process
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 pytestmark = pytest.mark.slow
@@ -53,7 +57,6 @@ def _resumed_step(text):
 def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", per_class=5)  # 10 images, batch 4: epochs of 2 steps
-    env = offline_env(tmp_path)
     extra = ["--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--random_flip", "--disc_weight_decay", "0.01",
              "--report_to", "none"]
     if ema:
@@ -61,7 +64,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
     if lora:
         extra += ["--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2"]
     full = tmp_path / "full"
-    proc = accelerate_launch(tiny_run_args(base, data, full, steps=7) + extra, env)
+    proc = train_in_process(tiny_run_args(base, data, full, steps=7) + extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     ckpt = full / "checkpoints" / "checkpoint-3"
@@ -74,8 +77,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, resumed / "checkpoints" / "checkpoint-3")
-    proc = accelerate_launch(tiny_run_args(base, data, resumed, steps=7) + extra +
-                             ["--resume_from_checkpoint", "latest"], env)
+    proc = train_in_process(tiny_run_args(base, data, resumed, steps=7) + extra +
+                            ["--resume_from_checkpoint", "latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _resumed_step(proc.stdout + proc.stderr) == 3  # not a silent restart from step 0
     assert _max_diff(_weights(full / "transformer"), _weights(resumed / "transformer")) <= 1e-6
@@ -94,8 +97,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
     (nudged / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, nudged / "checkpoints" / "checkpoint-3")
     key = _nudge_checkpoint(nudged / "checkpoints" / "checkpoint-3", lora)
-    proc = accelerate_launch(tiny_run_args(base, data, nudged, steps=7) + extra +
-                             ["--resume_from_checkpoint", "latest"], env)
+    proc = train_in_process(tiny_run_args(base, data, nudged, steps=7) + extra +
+                            ["--resume_from_checkpoint", "latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _resumed_step(proc.stdout + proc.stderr) == 3
     if lora:  # the exported adapter file (EMA weights), keys without peft's adapter name
@@ -115,12 +118,12 @@ def test_checkpoint_rotation_and_missing_resume_checkpoint(tmp_path):
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=5) + ["--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
                                                       "--report_to", "none", "--structure_weight", "0"]
-    proc = accelerate_launch(args, offline_env(tmp_path))
+    proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
 
-    proc = accelerate_launch(args + ["--resume_from_checkpoint", "checkpoint-77"], offline_env(tmp_path), quiet=True)
-    assert proc.returncode != 0 and "resume_from_checkpoint: checkpoint-77 not found" in proc.stderr
+    proc = train_in_process(args + ["--resume_from_checkpoint", "checkpoint-77"])
+    assert proc.returncode == 2 and "resume_from_checkpoint: checkpoint-77 not found" in proc.stderr
 
 
 def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path):
@@ -172,7 +175,7 @@ def _snapshot(folder):
 
 def _error_line(proc):
     lines = [ln for ln in proc.stderr.splitlines() if "sadm-train: error:" in ln]
-    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return lines[0]
 
 
@@ -183,17 +186,16 @@ def test_latest_without_a_checkpoint_never_overwrites_a_finished_run(tmp_path):
     data = build_image_folder(tmp_path / "data")
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=2) + ["--report_to", "none"]
-    proc = accelerate_launch(args, offline_env(tmp_path))
+    proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model_index.json").is_file() and not (out / "checkpoints").exists()
     before = _snapshot(out)
 
     # Occupied folder, no checkpoint: the error does not suggest resuming.
-    line = _error_line(accelerate_launch(args, offline_env(tmp_path), quiet=True))
+    line = _error_line(train_in_process(args))
     assert "--overwrite_output_dir" in line and "--resume_from_checkpoint" not in line
 
-    line = _error_line(accelerate_launch(args + ["--resume_from_checkpoint", "latest"], offline_env(tmp_path),
-                                         quiet=True))
+    line = _error_line(train_in_process(args + ["--resume_from_checkpoint", "latest"]))
     assert "no checkpoint found" in line and "--overwrite_output_dir" in line
     assert _snapshot(out) == before  # the export is untouched, byte for byte
 

@@ -137,7 +137,7 @@ def test_structure_term_is_fp32_under_bf16_autocast_and_matches_the_fp32_gradien
 def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from launch import accelerate_launch, offline_env, tiny_run_args
+    from launch import tiny_run_args, train_in_process
     from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
@@ -145,7 +145,7 @@ def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_pat
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=3) + ["--structure_weight", "0.1", "--disc_renoise", "0.5",
                                                      "--disc_real_lowpass", "--disc_pool", "2"]
-    proc = accelerate_launch(args, offline_env(tmp_path))
+    proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
     events.Reload()

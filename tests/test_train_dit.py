@@ -1,41 +1,44 @@
-"""End to end through `accelerate launch`: tiny DiT pipelines on a tiny image folder."""
+"""End to end: tiny DiT pipelines on a tiny image folder, through the CLI entry point in process (the README's
+`accelerate launch` command itself runs in test_demo_recipe.py; the refusal below goes through it too)."""
 
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 pytestmark = pytest.mark.slow
 
-RELOAD = """
-import sys, json, numpy as np, torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-out = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
-assert "sadm_finetune" not in sys.modules
-print(json.dumps({"cls": type(pipe).__name__, "shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
-                  "labels": pipe.labels}))
-"""
+CASES = {"learned-sigma-sadm": (True, "0.05"), "plain": (False, "0")}  # learned_sigma, structure_weight
 
 
 def _tensors(folder):
     return load_file(str(next(folder.glob("*.safetensors"))))
 
 
-@pytest.mark.parametrize("learned_sigma, structure_weight", [(True, "0.05"), (False, "0")])
-def test_fine_tune_exports_a_stock_pipeline(tmp_path, learned_sigma, structure_weight):
-    base = build_tiny_dit_pipeline(tmp_path / "base", learned_sigma=learned_sigma, num_classes=2)
-    data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
-    out = tmp_path / "out"
-    proc = accelerate_launch(tiny_run_args(base, data, out) + ["--structure_weight", structure_weight],
-                             offline_env(tmp_path))
+@pytest.fixture(scope="module")
+def fine_tunes(tmp_path_factory):
+    """Each case fine-tuned once (the tests below read the files)."""
+    tmp = tmp_path_factory.mktemp("train_dit")
+    data = build_image_folder(tmp / "data", classes=("cat", "dog"), per_class=4)
+    runs = {}
+    for name, (learned_sigma, structure_weight) in CASES.items():
+        base = build_tiny_dit_pipeline(tmp / name / "base", learned_sigma=learned_sigma, num_classes=2)
+        out = tmp / name / "out"
+        args = tiny_run_args(base, data, out) + ["--structure_weight", structure_weight]
+        runs[name] = SimpleNamespace(base=base, out=out, proc=train_in_process(args), structure_weight=structure_weight)
+    return runs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fine_tune_exports_a_stock_pipeline(fine_tunes, stock_diffusers, case):
+    run = fine_tunes[case]
+    base, out, proc, structure_weight = run.base, run.out, run.proc, run.structure_weight
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     for name in ("model_index.json", "README.md", "training_config.yaml", "samples/final.png",
@@ -47,12 +50,9 @@ def test_fine_tune_exports_a_stock_pipeline(tmp_path, learned_sigma, structure_w
     assert list((out / "logs").rglob("events.out.tfevents*"))
 
     # Stock diffusers, in a process that never imports sadm_finetune, loads and samples it.
-    reload = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=120,
-                            env=offline_env(tmp_path))
-    assert reload.returncode == 0, reload.stderr[-2000:]
-    info = json.loads(reload.stdout.strip().splitlines()[-1])
-    assert info == {"cls": "DiTPipeline", "shape": [2, 32, 32, 3], "finite": True,
-                    "labels": {"class_0": 0, "class_1": 1}}
+    assert stock_diffusers.load(out, class_labels=[0, 1]) == {
+        "cls": "DiTPipeline", "shape": [2, 32, 32, 3], "finite": True, "labels": {"class_0": 0, "class_1": 1},
+        "sadm_finetune_imported": False}
 
     # The VAE is frozen: its tensors are copied, never computed, so bit-identical to the base; the
     # transformer did train (by more than rounding: 4 AdamW steps at lr 1e-3 move weights by ~1e-3).
@@ -97,11 +97,9 @@ def test_push_to_hub_reaches_the_loopback_server_and_never_writes_the_token(tmp_
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    env = offline_env(tmp_path, **fake_hub.env())
-    env["HF_HUB_OFFLINE"] = "0"
-    env["TRANSFORMERS_OFFLINE"] = "0"
-    proc = accelerate_launch(tiny_run_args(base, data, out, steps=2) + ["--push_to_hub", "--hub_model_id",
-                                                                        "org/sadm-tiny"], env)
+    # In process: the fixture points this process's huggingface_hub at the fake Hub and puts the token in HF_TOKEN.
+    proc = train_in_process(tiny_run_args(base, data, out, steps=2) + ["--push_to_hub", "--hub_model_id",
+                                                                       "org/sadm-tiny"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = fake_hub.repo_files("org/sadm-tiny")
     assert "model_index.json" in stored and "transformer/diffusion_pytorch_model.safetensors" in stored
