@@ -30,7 +30,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 # The latest small collectives' work handles (with their tensors), kept alive from Python on purpose: if a
 # gloo worker thread dropped the last reference, it would need the GIL to free tensors created in Python,
-# which deadlocks when the main thread is destroying the process group at that moment (training._end_training).
+# which deadlocks when the main thread is destroying the process group at that moment (finish.end_training).
 # A replaced entry is released here, on the main thread.
 _RECENT_WORK: dict[str, Any] = {}
 
