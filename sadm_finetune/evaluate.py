@@ -284,9 +284,9 @@ def update_model_card(folder: str, result: dict) -> Path:
 
 
 def format_table(result: dict) -> str:
-    columns = [("pipeline", result["metrics"])]
+    columns = [("pipeline", {**result["metrics"], "probe": result.get("probe")})]
     if "compare_with" in result:
-        columns.append(("compare_with", result["compare_with"]["metrics"]))
+        columns.append(("compare_with", {**result["compare_with"]["metrics"], "probe": result["compare_with"].get("probe")}))
     rows = [("FID", lambda m: f"{m['fid']:.3f}"), ("KID", lambda m: f"{m['kid_mean']:.4g} ± {m['kid_std']:.2g}"),
             ("precision", lambda m: f"{m['precision']:.3f}"), ("recall", lambda m: f"{m['recall']:.3f}"),
             ("structure gap", lambda m: f"{m['structure_gap']:.4f}")]
@@ -298,8 +298,8 @@ def format_table(result: dict) -> str:
              f"features {result['features']}",
              "| metric | " + " | ".join(name for name, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
-    if "probe" in result["metrics"]:
-        timesteps = result["metrics"]["probe"]["timesteps"]
+    if result.get("probe"):
+        timesteps = result["probe"]["timesteps"]
         for i, t in enumerate(timesteps):
             rows.append((f"structure gap, fixed encoder, t={t}",
                          lambda m, i=i: f"{m['probe']['structure_gap_fixed'][i]:.3g}"))
@@ -365,10 +365,8 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
         if sampled.predictions is not None:
             results[key]["label_accuracy"] = float((sampled.predictions == np.asarray(class_labels)).mean())
 
-    if config.probe_images > 0:
-        for key, pipe in pipelines.items():
-            results[key]["probe"] = _structure_probe(pipe, getattr(config, key), reference, names, prompts is not None,
-                                                     config, device)
+    probes = {key: _structure_probe(pipe, getattr(config, key), reference, names, prompts is not None, config, device)
+              for key, pipe in pipelines.items()} if config.probe_images > 0 else {}
 
     result = {
         "pipeline": config.pipeline, "conditioning": "class_labels" if prompts is None else "prompt",
@@ -378,8 +376,12 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
         "num_reference_images": len(stats.features), "num_inference_steps": config.num_inference_steps,
         "guidance_scale": config.guidance_scale, "seed": config.seed, "metrics": results["pipeline"],
     }
+    if probes:  # by noise level, beside the scalar metrics
+        result["probe"] = probes["pipeline"]
     if config.compare_with:
         result["compare_with"] = {"pipeline": config.compare_with, "metrics": results["compare_with"]}
+        if probes:
+            result["compare_with"]["probe"] = probes["compare_with"]
     _write_outputs(config, result, samples)
     return result
 

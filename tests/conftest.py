@@ -122,6 +122,37 @@ def ddp_run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
+# repa_sddit_ddp_run: SADM, REPA and SD-DiT on together on 2 CPU processes, for test_repa and test_sddit.
+# ---------------------------------------------------------------------------------------------
+@_fh_pytest.fixture(scope="session")
+def repa_sddit_ddp_run(tmp_path_factory):
+    """`accelerate launch --multi_gpu --num_processes 2` (CPU, gloo): 2 steps with REPA (its projector trained with
+    the denoiser) and SD-DiT (masked student pass, EMA teacher, centre all-reduced) beside SADM's discriminator.
+    Each test asserts its own modules in the replica check's line. `identical`: the modules that line names bit-
+    identical on all 2 processes ([] when there is no such line)."""
+    import re
+    from types import SimpleNamespace
+
+    from launch import accelerate_launch, offline_env, tiny_run_args
+    from test_repa import build_tiny_encoder, repa_args
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    tmp = tmp_path_factory.mktemp("repa_sddit_ddp_run")
+    base = build_tiny_dit_pipeline(tmp / "base", num_classes=2, num_layers=2)
+    data = build_image_folder(tmp / "data", per_class=4)
+    encoder = build_tiny_encoder(tmp / "enc")
+    sddit = ["--sddit_weight", "0.1", "--sddit_encoder_depth", "1", "--sddit_head_dim", "32",
+             "--sddit_head_hidden_dim", "32", "--sddit_mask_ratio", "0.5"]
+    args = tiny_run_args(base, data, tmp / "out", steps=2) + repa_args(encoder) + sddit + [
+        "--report_to", "none", "--train_batch_size", "2"]
+    proc = accelerate_launch(args, offline_env(tmp), num_processes=2)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    lines = re.findall(r"^replica check: (.+) bit-identical on all 2 processes$", text, flags=re.M)
+    return SimpleNamespace(proc=proc, text=text, identical=lines[0].split(", ") if len(lines) == 1 else [])
+
+
+# ---------------------------------------------------------------------------------------------
 # stock_diffusers: loads exports in a process that never imports sadm_finetune (tests/stock_diffusers.py).
 # ---------------------------------------------------------------------------------------------
 @_fh_pytest.fixture(scope="session")

@@ -5,15 +5,13 @@ The tiny base is 32 px (latents 8x8, patch 2: a 4x4 token grid); the runs here t
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, Transformer2DModel
 
-from launch import offline_env
+from launch import train_in_process
 from sadm_finetune.cli import main
 from sadm_finetune.config import ModelConfig
 from sadm_finetune.models import lora
@@ -151,34 +149,23 @@ def test_lora_export_and_model_card_code_rebuild_the_model_at_the_new_size(adapt
     torch.testing.assert_close(forward(merged, NEW_GRID), forward(trained, NEW_GRID), rtol=1e-4, atol=1e-5)
 
 
-RELOAD = """
-import sys, json, numpy as np, torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-out = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
-assert "sadm_finetune" not in sys.modules
-print(json.dumps({"shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
-                  "sample_size": pipe.transformer.config.sample_size}))
-"""
-
-
-@pytest.mark.slow  # the reload runs in a fresh process (importing torch and diffusers again)
-def test_cli_run_at_twice_the_base_resolution_exports_a_stock_pipeline_of_that_size(base, tmp_path, capsys):
+@pytest.mark.slow  # a training run, through the CLI in this process
+def test_cli_run_at_twice_the_base_resolution_exports_a_stock_pipeline_of_that_size(base, tmp_path, stock_diffusers):
     data = build_image_folder(tmp_path / "data", per_class=2, size=40)
     out = tmp_path / "out"
     args = ["--pretrained", str(base), "--train_data_dir", str(data), "--output_dir", str(out), "--resolution", "64",
             "--pos_embed_transfer", "extend", "--max_train_steps", "2", "--train_batch_size", "2",
             "--structure_weight", "0", "--num_validation_images", "1", "--validation_inference_steps", "1",
             "--report_to", "none"]
-    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    proc = train_in_process(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "transformer" / "config.json").read_text())["sample_size"] == 16
 
-    # Stock diffusers, in a process that never imports sadm_finetune, samples at the trained size.
-    reload = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=120,
-                            env=offline_env(tmp_path))
-    assert reload.returncode == 0, reload.stderr[-2000:]
-    assert json.loads(reload.stdout.strip().splitlines()[-1]) == {"shape": [2, 64, 64, 3], "finite": True,
-                                                                  "sample_size": 16}
+    # Stock diffusers, in a process that never imports sadm_finetune, samples at the trained size: DiTPipeline
+    # draws latents of the loaded transformer's sample_size, so 64 px images mean it loaded sample_size 16.
+    assert stock_diffusers.load(out, class_labels=[0, 1]) == {
+        "cls": "DiTPipeline", "shape": [2, 64, 64, 3], "finite": True, "labels": {"class_0": 0, "class_1": 1},
+        "sadm_finetune_imported": False}
 
 
 @pytest.mark.parametrize("pipeline_class, value, expected", [

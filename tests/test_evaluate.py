@@ -68,6 +68,9 @@ def test_sadm_eval_end_to_end(tiny_dit, digits_dir, tmp_path, capsys):
     assert (result["num_inference_steps"], result["guidance_scale"], result["seed"]) == (2, 1.0, 3)
     # Same pipeline, same seeds and labels: the comparison column must be identical.
     assert result["compare_with"]["metrics"] == metrics
+    # The structure probe by noise level (no structure_discriminator/ in this folder: no D column).
+    assert result["probe"]["timesteps"] == [100, 300, 500, 700, 900] and result["probe"]["d_pair_cos"] is None
+    assert all(v >= 0 for v in result["probe"]["structure_gap_fixed"]) and result["compare_with"]["probe"] == result["probe"]
 
     with Image.open(grid) as image:  # 10 class rows; 2 base + gap + 2 tuned columns of 32x32 tiles, labelled
         pixels = np.asarray(image.convert("RGB"))

@@ -5,7 +5,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import tiny_run_args, train_in_process
 from sadm_finetune.cli import main
 from sadm_finetune.config import ModelConfig, build_config
 from sadm_finetune.data import GEOMETRY_KEYS, open_train_data
@@ -145,7 +145,7 @@ def test_sd_trains_on_buckets_with_cached_latents_and_text_embeddings(tmp_path):
         "--train_batch_size", "2", "--aspect_ratio_buckets", "--cache_latents", "--center_crop", "--random_flip",
         "--latent_cache_dir", str(tmp_path / "latents"), "--cache_text_embeddings", "--text_cache_dir", str(text_cache),
         "--validation_steps", "1", "--validation_prompts", "img-0", "a prompt of no caption"]
-    proc = accelerate_launch(args, offline_env(tmp_path))
+    proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aspect-ratio buckets (h x w: images): 32x32: 4, 48x24: 4, 24x48: 4" in proc.stdout
     # 12 captions, the empty prompt and the validation prompt that is no caption

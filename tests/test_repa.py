@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
-from launch import accelerate_launch, offline_env, tiny_run_args
+from launch import tiny_run_args, train_in_process
 from sadm_finetune.errors import ConfigError, InputError
 from sadm_finetune.terms.repa import (FEATURES_KEY, RepaTerm, VisionEncoder, denoiser_tokens, match_grid,
                                       repa_loss)
@@ -387,27 +387,14 @@ def test_feature_cache_is_keyed_on_the_encoder_and_reused(tmp_path):
     assert set(load_file(str(first / "shard-00000.safetensors"))) == {"features.32x32"}  # no flip: one orientation
 
 
-# -- end to end through accelerate launch ----------------------------------------------------------------------
+# -- end to end through the CLI ---------------------------------------------------------------------------------
 def _tensors(folder):
     return load_file(str(next(folder.glob("*.safetensors"))))
 
 
-RELOAD = """
-import sys, json, torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-out = pipe(class_labels=[0], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
-assert "sadm_finetune" not in sys.modules
-print(json.dumps({"cls": type(pipe).__name__, "shape": list(out.shape)}))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", [False, True], ids=["pixels", "cached-latents"])
-def test_cli_run_with_repa_logs_the_cosine_and_exports_a_stock_pipeline(tmp_path, cache):
-    import subprocess
-    import sys
-
+def test_cli_run_with_repa_logs_the_cosine_and_exports_a_stock_pipeline(tmp_path, stock_diffusers, cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
@@ -416,8 +403,7 @@ def test_cli_run_with_repa_logs_the_cosine_and_exports_a_stock_pipeline(tmp_path
     out = tmp_path / "out"
     extra = ["--cache_latents", "--center_crop", "--random_flip", "--latent_cache_dir", str(tmp_path / "cache")] \
         if cache else []
-    proc = accelerate_launch(tiny_run_args(base, data, out, steps=3) + repa_args(encoder) + extra,
-                             offline_env(tmp_path))
+    proc = train_in_process(tiny_run_args(base, data, out, steps=3) + repa_args(encoder) + extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = re.findall(r"REPA: lambda 0.5, block 1, encoder .* at 42 px, projector .*", proc.stdout)
     assert len(summary) == 1 and summary[0].endswith("(features cached)") == cache, proc.stdout[-2000:]
@@ -433,10 +419,9 @@ def test_cli_run_with_repa_logs_the_cosine_and_exports_a_stock_pipeline(tmp_path
     base_tr, new_tr = _tensors(base / "transformer"), _tensors(out / "transformer")
     assert base_tr.keys() == new_tr.keys()  # no projector in the export
     assert not any("projector" in p.name for p in out.rglob("*"))
-    reload = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=120,
-                            env=offline_env(tmp_path))
-    assert reload.returncode == 0, reload.stderr[-2000:]
-    assert json.loads(reload.stdout.strip().splitlines()[-1]) == {"cls": "DiTPipeline", "shape": [1, 32, 32, 3]}
+    assert stock_diffusers.load(out, class_labels=[0]) == {
+        "cls": "DiTPipeline", "shape": [1, 32, 32, 3], "finite": True, "labels": {"class_0": 0, "class_1": 1},
+        "sadm_finetune_imported": False}
 
 
 def _resumed_step(text):
@@ -450,7 +435,6 @@ def test_resume_with_repa_continues_the_checkpoints_projector(tmp_path):
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", per_class=5)
     encoder = build_tiny_encoder(tmp_path / "enc")
-    env = offline_env(tmp_path)
     extra = repa_args(encoder) + ["--checkpointing_steps", "3", "--random_flip", "--report_to", "none",
                                   "--structure_weight", "0"]
 
@@ -461,7 +445,7 @@ def test_resume_with_repa_continues_the_checkpoints_projector(tmp_path):
             extra_resume = ["--resume_from_checkpoint", "latest"]
         else:
             extra_resume = []
-        proc = accelerate_launch(tiny_run_args(base, data, out, steps=6) + extra + extra_resume, env)
+        proc = train_in_process(tiny_run_args(base, data, out, steps=6) + extra + extra_resume)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if checkpoint is not None:
             assert _resumed_step(proc.stdout + proc.stderr) == 3
@@ -490,13 +474,8 @@ def test_resume_with_repa_continues_the_checkpoints_projector(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_keep_the_projector_identical(tmp_path):
-    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
-    data = build_image_folder(tmp_path / "data", per_class=4)
-    encoder = build_tiny_encoder(tmp_path / "enc")
-    args = tiny_run_args(base, data, tmp_path / "out", steps=2) + repa_args(encoder) + ["--report_to", "none",
-                                                                                         "--train_batch_size", "2"]
-    proc = accelerate_launch(args, offline_env(tmp_path), num_processes=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "replica check: denoiser, repa.projector, discriminator bit-identical on all 2 processes" in \
-        proc.stdout + proc.stderr
+def test_two_processes_keep_the_projector_identical(repa_sddit_ddp_run):
+    """The projector trained by the denoiser's optimizer stays in step under DDP (the 2-process run is shared with
+    test_sddit: REPA and SD-DiT on together, conftest.py)."""
+    assert {"denoiser", "repa.projector", "discriminator"} <= set(repa_sddit_ddp_run.identical), \
+        repa_sddit_ddp_run.text[-3000:]

@@ -1,13 +1,12 @@
 """SD-DiT's discriminative term (terms/sddit.py): the partial DiT forward, the EMA teacher, the DINO and
-cosine losses, the centre, masking; end to end through `accelerate launch` (marked slow)."""
+cosine losses, the centre, masking; end to end (marked slow) through the CLI in this process, and on 2 processes
+through `accelerate launch` (one run shared with test_repa, conftest.py `repa_sddit_ddp_run`)."""
 
 import contextlib
 import copy
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -250,15 +249,6 @@ def test_stable_diffusion_is_refused_before_loading():
 SDDIT = ["--sddit_weight", "0.1", "--sddit_encoder_depth", "1", "--sddit_head_dim", "32",
          "--sddit_head_hidden_dim", "32", "--structure_weight", "0"]
 
-RELOAD = """
-import sys, numpy as np, torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-out = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
-assert "sadm_finetune" not in sys.modules and np.isfinite(out).all()
-print(type(pipe).__name__)
-"""
-
 
 def _scalars(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -269,18 +259,16 @@ def _scalars(out):
 
 
 @pytest.mark.slow
-def test_a_run_with_sddit_logs_and_exports_a_stock_pipeline(tmp_path):
-    from launch import accelerate_launch, offline_env, tiny_run_args
+def test_a_run_with_sddit_logs_and_exports_a_stock_pipeline(tmp_path, stock_diffusers):
+    from launch import tiny_run_args, train_in_process
     from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2, num_layers=2)
     data = build_image_folder(tmp_path / "data")
-    env = offline_env(tmp_path)
     runs = {}
     for ratio, steps in (("0.5", 2), ("0", 1)):
         out = tmp_path / f"mask-{ratio}"
-        proc = accelerate_launch(tiny_run_args(base, data, out, steps=steps) + SDDIT + ["--sddit_mask_ratio", ratio],
-                                 env)
+        proc = train_in_process(tiny_run_args(base, data, out, steps=steps) + SDDIT + ["--sddit_mask_ratio", ratio])
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[ratio] = _scalars(out)
     out = tmp_path / "mask-0.5"
@@ -295,9 +283,9 @@ def test_a_run_with_sddit_logs_and_exports_a_stock_pipeline(tmp_path):
     base_keys = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors")).keys()
     assert load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")).keys() == base_keys
     assert not any("sddit" in p.name or "teacher" in p.name for p in out.rglob("*") if p.is_file())
-    reload = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=120,
-                            env=env)
-    assert reload.returncode == 0 and reload.stdout.strip().endswith("DiTPipeline"), reload.stderr[-2000:]
+    assert stock_diffusers.load(out, class_labels=[0, 1]) == {
+        "cls": "DiTPipeline", "shape": [2, 32, 32, 3], "finite": True, "labels": {"class_0": 0, "class_1": 1},
+        "sadm_finetune_imported": False}
 
 
 def _state_names(path):
@@ -325,13 +313,12 @@ def _state_tensor(out, name, key):
 
 @pytest.mark.slow
 def test_resume_restores_the_teacher_and_the_centre(tmp_path):
-    from launch import accelerate_launch, offline_env, tiny_run_args
+    from launch import tiny_run_args, train_in_process
     from test_resume import _max_diff, _resumed_step, _weights
     from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2, num_layers=2)
     data = build_image_folder(tmp_path / "data", per_class=5)  # 10 images, batch 4: epochs of 2 steps
-    env = offline_env(tmp_path)
     extra = SDDIT + ["--checkpointing_steps", "2", "--report_to", "none", "--sddit_ema_decay", "0.5"]
 
     def run(name, checkpoint=None, nudge=None):
@@ -342,7 +329,7 @@ def test_resume_restores_the_teacher_and_the_centre(tmp_path):
             if nudge:
                 nudge(out / "checkpoints" / checkpoint.name)
         args = tiny_run_args(base, data, out, steps=4) + extra
-        proc = accelerate_launch(args + (["--resume_from_checkpoint", "latest"] if checkpoint else []), env)
+        proc = train_in_process(args + (["--resume_from_checkpoint", "latest"] if checkpoint else []))
         assert proc.returncode == 0, proc.stderr[-3000:]
         if checkpoint is not None:
             assert _resumed_step(proc.stdout + proc.stderr) == 2
@@ -378,28 +365,22 @@ def test_resume_restores_the_teacher_and_the_centre(tmp_path):
 
 @pytest.mark.slow
 def test_stable_diffusion_with_sddit_fails_in_one_line(tmp_path):
-    from launch import accelerate_launch, offline_env, tiny_run_args
+    """Through the CLI: the adapter's check (test_stable_diffusion_is_refused_before_loading) reaches the user as
+    sadm-train's one-line usage error, exit status 2."""
+    from launch import tiny_run_args, train_in_process
     from tiny_sd import build_captioned_folder, build_tiny_sd_pipeline
 
     base = build_tiny_sd_pipeline(tmp_path / "base")
     data = build_captioned_folder(tmp_path / "data")
-    proc = accelerate_launch(tiny_run_args(base, data, tmp_path / "out") + SDDIT, offline_env(tmp_path), quiet=True)
+    proc = train_in_process(tiny_run_args(base, data, tmp_path / "out") + SDDIT)
     lines = [ln for ln in proc.stderr.splitlines() if "sadm-train: error:" in ln]
-    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "sddit_weight: SD-DiT needs a DiT-style transformer" in lines[0] and "--sddit_weight" in lines[0]
 
 
 @pytest.mark.slow
-def test_two_processes_keep_the_head_and_teacher_in_step(tmp_path):
-    """DDP with the masked student pass outside the wrapped forward, and the centre all-reduced."""
-    from launch import accelerate_launch, offline_env, tiny_run_args
-    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
-
-    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2, num_layers=2)
-    data = build_image_folder(tmp_path / "data", per_class=6)
-    args = tiny_run_args(base, data, tmp_path / "out", steps=2) + SDDIT + ["--sddit_mask_ratio", "0.5",
-                                                                            "--report_to", "none"]
-    proc = accelerate_launch(args, offline_env(tmp_path), num_processes=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert ("replica check: denoiser, sddit_teacher, sddit.head bit-identical on all 2 processes"
-            in proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
+def test_two_processes_keep_the_head_and_teacher_in_step(repa_sddit_ddp_run):
+    """DDP with the masked student pass outside the wrapped forward, and the centre all-reduced (the 2-process run
+    is shared with test_repa: REPA and SD-DiT on together, conftest.py)."""
+    assert {"denoiser", "sddit.head", "sddit_teacher"} <= set(repa_sddit_ddp_run.identical), \
+        repa_sddit_ddp_run.text[-3000:]

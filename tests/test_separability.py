@@ -56,12 +56,12 @@ def test_discriminator_and_its_training_options_are_read_from_the_run_folder(tmp
 
 
 def test_the_eval_table_labels_the_probe_rows():
-    metrics = {"fid": 1.0, "kid_mean": 0.0, "kid_std": 0.0, "precision": 1.0, "recall": 1.0, "structure_gap": 0.1,
-               "probe": {"timesteps": [100, 900], "structure_gap_fixed": [0.001, 0.1], "d_pair_cos": [0.99, 0.5]}}
-    result = {"metrics": metrics, "num_samples": 10, "samples_per_class": 1, "num_classes": 10,
+    metrics = {"fid": 1.0, "kid_mean": 0.0, "kid_std": 0.0, "precision": 1.0, "recall": 1.0, "structure_gap": 0.1}
+    probe = {"timesteps": [100, 900], "structure_gap_fixed": [0.001, 0.1], "d_pair_cos": [0.99, 0.5]}
+    result = {"metrics": metrics, "probe": probe, "num_samples": 10, "samples_per_class": 1, "num_classes": 10,
               "num_inference_steps": 5, "guidance_scale": 1.0, "seed": 0, "reference_name": "digits",
               "num_reference_images": 10, "features": "digits",
-              "compare_with": {"metrics": {**metrics, "probe": {**metrics["probe"], "d_pair_cos": None}}}}
+              "compare_with": {"metrics": metrics, "probe": {**probe, "d_pair_cos": None}}}
     table = format_table(result)
     assert "| structure gap, fixed encoder, t=900 | 0.1 | 0.1 |" in table
     assert "| D pair cosine (1: D cannot tell), t=100 | 0.990 | no D |" in table
