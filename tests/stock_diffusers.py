@@ -2,7 +2,8 @@
 pipelines the way a user of the export does: `DiffusionPipeline.from_pretrained`, sadm_finetune never imported.
 
 Run as a script it serves requests, one JSON line each on stdin ({"path": ..., "class_labels": [...] or null,
-"prompts": [...] or null, "lora": a LoRA folder or null}), answering one JSON line each on stdout. `StockDiffusers` is the test side (conftest.py fixture `stock_diffusers`).
+"prompts": [...] or null, "lora": a LoRA folder or null}), answering one JSON line each on stdout.
+`StockDiffusers` is the test side (conftest.py fixture `stock_diffusers`).
 """
 
 from __future__ import annotations

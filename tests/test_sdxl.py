@@ -1,6 +1,7 @@
 """Stable Diffusion XL family: two text encoders, pooled embeddings, micro-conditioning from the batch's geometry,
 cached validation negatives, and full and LoRA fine-tunes with SADM end to end (stock diffusers reloads them)."""
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -53,6 +54,8 @@ def test_add_time_ids_are_each_samples_geometry(adapter):
             tuple(batch["target_sizes"][i].tolist()), torch.float32, text_encoder_projection_dim=32)
         torch.testing.assert_close(cond["time_ids"][i:i + 1], expected, rtol=0, atol=0)
     assert not torch.equal(cond["time_ids"][0], cond["time_ids"][1])
+    odd = {**batch, "original_sizes": torch.tensor([[1365, 2047]] * 2)}  # not representable in bf16
+    assert adapter.conditioning(odd, CPU, torch.bfloat16, drop=False)["time_ids"][0, :2].tolist() == [1365, 2047]
     # ... and the UNet reads them: same latents, timestep and text, different crops -> different predictions.
     noisy = torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1)
     pred = adapter.predict(adapter.denoiser, noisy, torch.tensor([500, 500]), cond).model_pred
@@ -154,7 +157,7 @@ def test_lora_file_loads_with_stock_load_lora_weights(tiny_sdxl, tmp_path, stock
     out = tmp_path / "out"
     args = tiny_run_args(tiny_sdxl, data, out, steps=2) + [
         "--trainable", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
-        "--random_flip", "--report_to", "none"]
+        "--random_flip", "--use_ema", "--ema_decay", "0.9", "--report_to", "none"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: lambda 0.01" in proc.stdout
@@ -163,6 +166,16 @@ def test_lora_file_loads_with_stock_load_lora_weights(tiny_sdxl, tmp_path, stock
     assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)
     assert _changed(out, tiny_sdxl) > 1e-4  # the merged export carries the trained LoRA
     assert "pipe.load_lora_weights" in (out / "README.md").read_text()
+
+    # The merged export and the base with the LoRA file applied by stock diffusers sample the same images.
+    fused = StableDiffusionXLPipeline.from_pretrained(out)
+    with_lora = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    with_lora.load_lora_weights(out)
+    for pipe in (fused, with_lora):
+        pipe.set_progress_bar_config(disable=True)
+    images = [pipe(["a red square"], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+              for pipe in (fused, with_lora)]
+    np.testing.assert_allclose(images[0], images[1], atol=1e-4)
 
     seen = stock_diffusers.load(tiny_sdxl, prompts=["a red square"], lora=out)
     assert seen.get("error") is None, seen["error"]

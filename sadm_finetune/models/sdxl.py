@@ -24,10 +24,13 @@ from .family import ModelOutput
 from .sd import StableDiffusionAdapter
 
 
-def add_time_ids(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 6) SDXL micro-conditioning per sample: original (h, w), crop top-left (y, x), target (h, w)."""
+def add_time_ids(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """(B, 6) SDXL micro-conditioning per sample: original (h, w), crop top-left (y, x), target (h, w).
+
+    fp32 whatever the weight dtype: bf16 holds integers above 256 only approximately (1365 -> 1368), and the
+    UNet embeds the values in fp32 anyway (`get_timestep_embedding`)."""
     parts = [batch[key] for key in ("original_sizes", "crop_top_lefts", "target_sizes")]  # (B, 2) int64 each
-    return torch.cat(parts, dim=1).to(device=device, dtype=dtype)
+    return torch.cat(parts, dim=1).to(device=device, dtype=torch.float32)
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
@@ -62,7 +65,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         embeds = self.dropped_text_embeddings(batch, device, drop, generator)
         return {"encoder_hidden_states": embeds["prompt_embeds"], "text_embeds": embeds["pooled_prompt_embeds"],
-                "time_ids": add_time_ids(batch, device, weight_dtype)}
+                "time_ids": add_time_ids(batch, device)}
 
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> ModelOutput:
