@@ -165,7 +165,10 @@ def test_lora_file_loads_with_stock_load_lora_weights(tiny_sdxl, tmp_path, stock
         keys = list(f.keys())
     assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)
     assert _changed(out, tiny_sdxl) > 1e-4  # the merged export carries the trained LoRA
-    assert "pipe.load_lora_weights" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert {"stable-diffusion-xl", "stable-diffusion-xl-diffusers", "lora"} <= set(
+        yaml.safe_load(card.split("---")[1])["tags"])
+    assert "pipe = StableDiffusionXLPipeline.from_pretrained(" in card and "pipe.load_lora_weights(" in card
 
     # The merged export and the base with the LoRA file applied by stock diffusers sample the same images.
     fused = StableDiffusionXLPipeline.from_pretrained(out)

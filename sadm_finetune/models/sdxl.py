@@ -79,3 +79,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         components = {**self.pipeline.components, "vae": self.vae, "unet": denoiser}
         return StableDiffusionXLPipeline(
             **components, force_zeros_for_empty_prompt=self.pipeline.config.force_zeros_for_empty_prompt)
+
+    def card_tags(self) -> list[str]:
+        return [*super().card_tags(), "stable-diffusion-xl-diffusers"]  # the tags of diffusers' SDXL scripts
