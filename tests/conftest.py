@@ -157,7 +157,8 @@ def repa_sddit_ddp_run(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 @_fh_pytest.fixture(scope="session")
 def stock_diffusers(tmp_path_factory):
-    """One stock-diffusers process for the session (its imports are paid once): `.load(path, class_labels=None)`."""
+    """One stock-diffusers process for the session (its imports are paid once):
+    `.load(path, class_labels=None, prompts=None, lora=None)`."""
     from launch import offline_env
     from stock_diffusers import StockDiffusers
 

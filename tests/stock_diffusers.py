@@ -1,8 +1,9 @@
 """A process with stock diffusers only, started once per test session, that loads (and samples) exported
 pipelines the way a user of the export does: `DiffusionPipeline.from_pretrained`, sadm_finetune never imported.
 
-Run as a script it serves requests, one JSON line each on stdin ({"path": ..., "class_labels": [...] or null}),
-answering one JSON line each on stdout. `StockDiffusers` is the test side (conftest.py fixture `stock_diffusers`).
+Run as a script it serves requests, one JSON line each on stdin ({"path": ..., "class_labels": [...] or null,
+"prompts": [...] or null, "lora": a LoRA folder or null}), answering one JSON line each on stdout.
+`StockDiffusers` is the test side (conftest.py fixture `stock_diffusers`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,22 @@ def _serve() -> None:
         try:
             pipe = DiffusionPipeline.from_pretrained(request["path"])
             answer = {"cls": type(pipe).__name__, "labels": getattr(pipe, "labels", None)}
+            pipe.set_progress_bar_config(disable=True)
             if request.get("class_labels") is not None:
-                pipe.set_progress_bar_config(disable=True)
-                images = pipe(class_labels=request["class_labels"], num_inference_steps=2,
-                              generator=torch.manual_seed(0), output_type="np").images
+                conditions = {"class_labels": request["class_labels"]}
+            elif request.get("prompts") is not None:
+                conditions = {"prompt": request["prompts"]}
+            else:
+                conditions = None
+            if conditions is not None:
+                images = pipe(**conditions, num_inference_steps=2, generator=torch.manual_seed(0),
+                              output_type="np").images
                 answer.update(shape=list(images.shape), finite=bool(np.isfinite(images).all()))
+                if request.get("lora") is not None:
+                    pipe.load_lora_weights(request["lora"])
+                    with_lora = pipe(**conditions, num_inference_steps=2, generator=torch.manual_seed(0),
+                                     output_type="np").images
+                    answer["lora_change"] = float(np.abs(with_lora - images).max())
         except Exception:  # noqa: BLE001 - the test shows it
             answer = {"error": traceback.format_exc()}
         answer["sadm_finetune_imported"] = "sadm_finetune" in sys.modules
@@ -48,10 +60,14 @@ class StockDiffusers:
         self._proc = subprocess.Popen([sys.executable, __file__], env=env, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._stderr, text=True)
 
-    def load(self, path: str | Path, class_labels: list[int] | None = None) -> dict:
-        """What the stock process saw: class name, labels, sadm_finetune_imported, and with `class_labels` the
-        sampled images' shape and finiteness; or {"error": traceback}."""
-        self._proc.stdin.write(json.dumps({"path": str(path), "class_labels": class_labels}) + "\n")
+    def load(self, path: str | Path, class_labels: list[int] | None = None, prompts: list[str] | None = None,
+             lora: str | Path | None = None) -> dict:
+        """What the stock process saw: class name, labels, sadm_finetune_imported, and with `class_labels` or
+        `prompts` the sampled images' shape and finiteness; with `lora` too, `lora_change`: the largest pixel
+        change once `pipe.load_lora_weights(lora)` is applied; or {"error": traceback}."""
+        request = {"path": str(path), "class_labels": class_labels, "prompts": prompts,
+                   "lora": None if lora is None else str(lora)}
+        self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
         with selectors.DefaultSelector() as selector:
             selector.register(self._proc.stdout, selectors.EVENT_READ)

@@ -17,7 +17,7 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
-    assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml"} <= names
+    assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -42,7 +42,12 @@ def test_recipe_intent():
     sd = load_yaml(ROOT / "configs" / "sd15-lora.yaml")
     assert sd["pretrained_model_name_or_path"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert sd["trainable"] == "lora" and sd["resolution"] == 512
-    for recipe in (dit, dit_lora, sd):  # precision belongs to `accelerate launch`, not to a recipe
+    sdxl = load_yaml(ROOT / "configs" / "sdxl-lora.yaml")
+    assert sdxl["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert sdxl["trainable"] == "lora" and sdxl["resolution"] == 1024 and 16 <= sdxl["lora_rank"] <= 32
+    assert sdxl["cache_latents"] and sdxl["cache_text_embeddings"] and sdxl["aspect_ratio_buckets"]
+    assert sdxl["gradient_checkpointing"] and 0 < sdxl["structure_weight"] <= 0.05
+    for recipe in (dit, dit_lora, sd, sdxl):  # precision belongs to `accelerate launch`, not to a recipe
         assert "mixed_precision" not in recipe
 
 

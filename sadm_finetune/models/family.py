@@ -163,7 +163,7 @@ class FamilyAdapter(ABC):
     def cached_text_inputs(self, prompt: str, num_images: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Pipeline kwargs for `num_images` images of `prompt` from the text cache (the encoders are gone): its
         embeddings, and the empty prompt's as the negative ones, which is what the SD pipeline encodes for
-        guidance when given no negative prompt (SDXL's `force_zeros_for_empty_prompt` would override this)."""
+        guidance when given no negative prompt (SDXL's adapter overrides this for `force_zeros_for_empty_prompt`)."""
         def repeat(embeds: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
             return {prefix + name: v.to(device).expand(num_images, *v.shape[1:]) for name, v in embeds.items()}
 

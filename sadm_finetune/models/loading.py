@@ -10,8 +10,9 @@ from ..errors import InputError, first_line
 from .dit import DiTAdapter
 from .family import FamilyAdapter
 from .sd import StableDiffusionAdapter
+from .sdxl import StableDiffusionXLAdapter
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter)
 
 
 def _supported() -> str:

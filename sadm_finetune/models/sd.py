@@ -26,6 +26,7 @@ NUM_DEFAULT_PROMPTS = 4
 class StableDiffusionAdapter(FamilyAdapter):
     family = "stable-diffusion"
     pipeline_classes = ("StableDiffusionPipeline",)
+    pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline  # exported; its LoRA loader reads our file
     denoiser_name = "unet"
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention projections
     # The safety checker (1.2 GB) plays no part in training, and the export is saved without it.
@@ -86,7 +87,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         return self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in (self.vae, self.text_encoder) if m is not None]
+        return [self.vae, *self.text_encoders().values()]
 
     def prepare_training(self) -> None:
         """Nothing to switch off: caption dropout happens in `conditioning`, the text encoder stays frozen."""
@@ -99,14 +100,21 @@ class StableDiffusionAdapter(FamilyAdapter):
                                    truncation=True, return_tensors="pt").input_ids
         return {"prompt_embeds": self.text_encoder(input_ids.to(device))[0]}
 
-    def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
-                     drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        # The batch's geometry (original size, crop) plays no part: SD 1.x / 2.x has no micro-conditioning.
-        embeds, empty = self.text_embeddings(batch, device)  # (B, tokens, dim) each; the empty prompt's (1, ...)
+    def dropped_text_embeddings(self, batch: dict[str, Any], device: torch.device, drop: bool,
+                                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The batch's `encode_text` outputs (B, ...), the empty prompt's in place of a caption with probability
+        `caption_dropout_prob` when `drop`."""
+        embeds, empty = self.text_embeddings(batch, device)  # (B, ...) each; the empty prompt's (1, ...)
         p = self.config.caption_dropout_prob
         if drop and p > 0:
             dropped = torch.rand(batch_size(batch), device=device, generator=generator) < p
             embeds = drop_to_empty(embeds, empty, dropped)
+        return embeds
+
+    def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
+                     drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        # The batch's geometry (original size, crop) plays no part: SD 1.x / 2.x has no micro-conditioning.
+        embeds = self.dropped_text_embeddings(batch, device, drop, generator)
         return {"encoder_hidden_states": embeds["prompt_embeds"]}
 
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
@@ -139,18 +147,19 @@ class StableDiffusionAdapter(FamilyAdapter):
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
                           adapter_metadata: dict[str, Any]) -> None:
-        """The stock SD LoRA file: `StableDiffusionPipeline.load_lora_weights(output_dir)` reads it."""
+        """The stock LoRA file of `pipeline_class`: its `load_lora_weights(output_dir)` reads it."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        StableDiffusionPipeline.save_lora_weights(
+        self.pipeline_class.save_lora_weights(
             str(output_dir), unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict),
             unet_lora_adapter_metadata=adapter_metadata, safe_serialization=True,
         )
 
     def lora_usage(self, base: str, repo: str) -> str:
-        return f"""from diffusers import StableDiffusionPipeline
+        name = self.pipeline_class.__name__
+        return f"""from diffusers import {name}
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe = {name}.from_pretrained("{base}")
 pipe.load_lora_weights("{repo}")"""
 
     def card_tags(self) -> list[str]:
