@@ -11,13 +11,22 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from .errors import ConfigError
 from .losses import diffusion_target, predicted_original_sample
+
+UNSUPPORTED_SCHEDULERS = ("FlowMatch", "EDM", "CMStochastic")  # scheduler class-name prefixes
 
 
 class DDPMProcess:
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps over the pipeline's own discrete schedule."""
 
     def __init__(self, scheduler_config, device: torch.device | str) -> None:
+        name = dict(scheduler_config).get("_class_name", "")
+        if name.startswith(UNSUPPORTED_SCHEDULERS):
+            # Their noise process is not the DDPM one: training it as DDPM would silently learn the wrong target.
+            raise ConfigError("pretrained_model_name_or_path", f"the pipeline's {name} uses a noise process this "
+                              "toolkit does not train yet (flow matching or EDM)", "fine-tune a DDPM-family pipeline "
+                              "(DiT, Stable Diffusion 1.x/2.x, SDXL)")
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         self.prediction_type = self.scheduler.config.prediction_type
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps

@@ -208,3 +208,26 @@ def test_gradients_are_finite_for_every_option(relation, distance):
     loss, _ = StructureLoss(relation, distance)(real, fake, torch.rand(6))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(fake.grad).all() and fake.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "EDMDPMSolverMultistepScheduler"])
+def test_a_non_ddpm_noise_process_is_refused_in_one_line(name):
+    from sadm_finetune.errors import ConfigError
+    from sadm_finetune.noise import DDPMProcess
+
+    config = {**DDPMScheduler().config, "_class_name": name}
+    with pytest.raises(ConfigError, match=f"pretrained_model_name_or_path: .*{name}.*flow matching or EDM") as e:
+        DDPMProcess(config, "cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_the_ddpm_process_reads_the_pipelines_own_schedule():
+    from sadm_finetune.noise import DDPMProcess
+
+    process = DDPMProcess(DDPMScheduler(beta_schedule="linear", prediction_type="v_prediction").config, "cpu")
+    t = torch.tensor([0, 500, 999])
+    assert process.prediction_type == "v_prediction"
+    assert torch.allclose(process.snr(t), snr(t, process.alphas_cumprod), rtol=1e-5)
+    z0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    x_t = process.add_noise(z0, eps, t)
+    assert torch.allclose(process.x0_hat(process.target(z0, eps, t), x_t, t), z0, atol=1e-4)
