@@ -228,13 +228,18 @@ def t_interval(diffs: list[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "diffs": diffs}
 
 
+PROTOCOL_SEEDS = 5  # a verdict on fewer paired seeds is marked preliminary
+
+
 def verdict(metric: str, ci: dict) -> str:
     if ci["n"] < 2 or math.isnan(ci["low"]):
         return "too few seeds"
     if ci["low"] <= 0 <= ci["high"]:
-        return "no measurable difference"
-    better = (ci["high"] < 0) if metric in LOWER_IS_BETTER else (ci["low"] > 0)
-    return "better" if better else "worse"
+        word = "no measurable difference"
+    else:
+        better = (ci["high"] < 0) if metric in LOWER_IS_BETTER else (ci["low"] > 0)
+        word = "better" if better else "worse"
+    return word if ci["n"] >= PROTOCOL_SEEDS else f"{word} (preliminary: {ci['n']} seeds)"
 
 
 def summarise(runs: dict, bases: dict, arms: dict) -> dict:
