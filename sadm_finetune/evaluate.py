@@ -194,28 +194,6 @@ def compute_metrics(reference_features: np.ndarray, mu: np.ndarray, sigma: np.nd
             "structure_gap": structure_gap(reference_features, features)}
 
 
-def _structure_probe(pipe, source: str, reference: Reference, names: dict[int, str], text: bool,
-                     config: EvalConfig, device: str) -> dict:
-    """separability.probe on a fixed subset of the reference images of the sampled classes."""
-    from .separability import load_discriminator, native_resolution, probe
-
-    indices = np.arange(reference.num_images)
-    if reference.labels is not None:
-        indices = indices[np.isin(reference.labels, list(names))]
-    rng = np.random.default_rng(0)  # apart from --seed: the same images whatever the sampling seed
-    indices = np.sort(rng.choice(indices, min(config.probe_images, len(indices)), replace=False))
-    labels = None if reference.labels is None else [int(c) for c in reference.labels[indices]]
-    prompts = [config.prompt_template.format(label=names[c]) for c in labels] if text and labels else None
-    if text and prompts is None:
-        prompts = [""] * len(indices)
-    if labels is None and not text:
-        labels = [1000] * len(indices)  # unlabelled reference: DiT's null class
-    disc, options = load_discriminator(source, device)
-    images = reference.load(indices, native_resolution(pipe))
-    return probe(pipe, images, None if text else labels, prompts, tuple(config.probe_timesteps), disc, options,
-                 seed=config.seed, batch_size=config.batch_size)
-
-
 def _reference_stats(reference: Reference, extractor, resolution: int, config: EvalConfig):
     from .metrics import ReferenceStats, feature_statistics, load_reference_stats, save_reference_stats
 
@@ -365,8 +343,12 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
         if sampled.predictions is not None:
             results[key]["label_accuracy"] = float((sampled.predictions == np.asarray(class_labels)).mean())
 
-    probes = {key: _structure_probe(pipe, getattr(config, key), reference, names, prompts is not None, config, device)
-              for key, pipe in pipelines.items()} if config.probe_images > 0 else {}
+    probes = {}
+    if config.probe_images > 0:
+        from .separability import probe_reference
+
+        probes = {key: probe_reference(pipe, getattr(config, key), reference, names, prompts is not None, config, device)
+                  for key, pipe in pipelines.items()}
 
     result = {
         "pipeline": config.pipeline, "conditioning": "class_labels" if prompts is None else "prompt",

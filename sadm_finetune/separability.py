@@ -99,3 +99,23 @@ def probe(pipe, images: np.ndarray, class_labels: list[int] | None, prompts: lis
     if disc is None:
         result["d_pair_cos"] = None
     return result
+
+
+def probe_reference(pipe, source: str, reference, names: dict[int, str], text: bool, config, device: str) -> dict:
+    """`probe` on a fixed subset (`config.probe_images`) of the reference images of the sampled classes, with
+    the discriminator saved beside `source` if there is one. `config`: sadm-eval's EvalConfig."""
+    indices = np.arange(reference.num_images)
+    if reference.labels is not None:
+        indices = indices[np.isin(reference.labels, list(names))]
+    rng = np.random.default_rng(0)  # apart from --seed: the same images whatever the sampling seed
+    indices = np.sort(rng.choice(indices, min(config.probe_images, len(indices)), replace=False))
+    labels = None if reference.labels is None else [int(c) for c in reference.labels[indices]]
+    prompts = None
+    if text:
+        prompts = [config.prompt_template.format(label=names[c]) for c in labels] if labels else [""] * len(indices)
+    elif labels is None:
+        labels = [1000] * len(indices)  # an unlabelled reference: DiT's null class
+    disc, options = load_discriminator(source, device)
+    images = reference.load(indices, native_resolution(pipe))
+    return probe(pipe, images, None if text else labels, prompts, tuple(config.probe_timesteps), disc, options,
+                 seed=config.seed, batch_size=config.batch_size)
