@@ -102,7 +102,7 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
         for name, (module, opt, sched) in modules.items():
             if sharded:
                 modules[name] = (replicate_outside_fsdp(accelerator, module), opt, sched)
-                for suffix, obj in (("", extract(module)), ("_optimizer", opt), ("_scheduler", sched)):
+                for suffix, obj in (("", module), ("_optimizer", opt), ("_scheduler", sched)):
                     saved.add(_saved_name(name, suffix), obj)
             else:
                 to_prepare += [module, opt, sched]
@@ -138,12 +138,6 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
         terms=terms, joint_modules=joint, ema=ema, weight_dtype=weight_dtype,
     )
     return run, prepared[-1], saved
-
-
-def extract(module: torch.nn.Module) -> torch.nn.Module:
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(module)
 
 
 def _saved_name(name: str, suffix: str) -> str:
