@@ -93,6 +93,22 @@ PRIORITY: list[dict[tuple[str, str], tuple[list[str], str | None]]] = [
         ("converged", "sadm"): ([], "plain"),
     },
 ]
+# The related papers' terms (--terms; results in their own file): each paired with plain, in the continue regime.
+# REPA at the paper's lambda 0.5 against the offline digits encoder (scripts/make_digits_encoder.py) after 2
+# of the 4 blocks; SD-DiT's encoder = the first 2 blocks, lambda 0.1 (DINO's cross-entropy starts near
+# log(256) = 5.5, some 20x the diffusion loss); heads sized for the 1.9 M-parameter DiT. One setting each.
+DIGITS_ENCODER = ROOT / "runs" / "digits-encoder"
+REPA = ["--repa_weight", "0.5", "--repa_encoder", str(DIGITS_ENCODER), "--repa_depth", "2",
+        "--repa_projector_dim", "256", "--repa_encoder_resolution", "32"]
+SDDIT = ["--sddit_weight", "0.1", "--sddit_encoder_depth", "2", "--sddit_head_dim", "256",
+         "--sddit_head_hidden_dim", "256"]
+TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("continue", "plain"): (PLAIN, None),
+    ("continue", "sadm"): ([], "plain"),
+    ("continue", "repa"): (REPA + PLAIN, "plain"),
+    ("continue", "sddit"): (SDDIT + PLAIN, "plain"),
+    ("continue", "sadm+repa"): (REPA, "plain"),
+}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -364,13 +380,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="every priority block plus the extra variants and leads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--terms", action="store_true",
+                        help="the loss terms' arms (REPA, SD-DiT, SADM + REPA, each paired with plain) instead; "
+                             "results in benchmarks/results/terms_study; needs scripts/make_digits_encoder.py first")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--report_only", action="store_true", help="summarise finished runs, train nothing")
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "study"))
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "sadm_study"))
+    parser.add_argument("--output", default=None, help="results path without suffix (default: "
+                        "benchmarks/results/sadm_study, or terms_study with --terms)")
     args = parser.parse_args()
     arms = {**ARMS, **FULL_ARMS} if args.full else dict(REDUCED_ARMS)
+    if args.terms:
+        arms = dict(TERMS_ARMS)
+        if not (DIGITS_ENCODER / "config.json").is_file():
+            raise SystemExit(f"--terms: REPA's encoder {DIGITS_ENCODER} is missing; build it with "
+                             f"python scripts/make_digits_encoder.py --output_dir {DIGITS_ENCODER}")
+    args.output = args.output or str(ROOT / "benchmarks" / "results" / ("terms_study" if args.terms else "sadm_study"))
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {f"{r}/{a}" for r, a in arms}
@@ -390,6 +416,8 @@ def main() -> None:
     for regime, setup in setups.items():
         base_metrics(regime, setup, work)
     def block(arm: tuple[str, str]) -> int:
+        if args.terms:  # one block: seed by seed
+            return 0
         return next((i for i, b in enumerate(PRIORITY) if arm in b), len(PRIORITY))
 
     jobs.sort(key=lambda j: (block(j[:2]), j[3], list(arms).index(j[:2])))

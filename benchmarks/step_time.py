@@ -52,6 +52,16 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 MODES = ("bare", "plain", "sadm")
+# --terms: the related papers' terms on the tiny model, each as one more column (settings of the terms study,
+# benchmarks/sadm_study.py --terms). REPA reads cached encoder features (the --cache_latents batch), so the
+# column times the projector and its loss, not the frozen encoder.
+TERM_MODES = ("repa", "sddit", "sadm+repa")
+REPA_ENCODER = Path(__file__).resolve().parents[1] / "runs" / "digits-encoder"
+TERM_OVERRIDES = {
+    "repa": dict(repa_weight=0.5, repa_encoder=str(REPA_ENCODER), repa_depth=2, repa_projector_dim=256,
+                 repa_encoder_resolution=32, cache_latents=True, center_crop=True),
+    "sddit": dict(sddit_weight=0.1, sddit_encoder_depth=2, sddit_head_dim=256, sddit_head_hidden_dim=256),
+}
 
 # DiTTransformer2DModel kwargs. tiny: the demo DiT (learned sigma, as scripts/make_demo_base.py builds it);
 # dit-s: DiT-S/2 (hidden 384 = 6 heads x 64, depth 12, patch 2) on 4x32x32 latents (256 px), learned sigma.
@@ -199,7 +209,7 @@ class ToolkitRun:
         assert not stopped and self.state.global_step == self.run.config.training.max_train_steps
 
 
-def _toolkit_run(model: str, batch_size: int, sadm: bool, workdir: Path, steps: int) -> ToolkitRun:
+def _toolkit_run(model: str, batch_size: int, mode: str, workdir: Path, steps: int) -> ToolkitRun:
     """`builders.build_run` on a DiT pipeline of `model`, fed a fixed cached-posterior batch, for `steps` steps."""
     import torch
     from accelerate.utils import set_seed
@@ -213,11 +223,14 @@ def _toolkit_run(model: str, batch_size: int, sadm: bool, workdir: Path, steps: 
     overrides = dict(pretrained_model_name_or_path=str(workdir / "unused"), dataset_name="builtin:digits",
                      train_batch_size=batch_size, report_to="none", output_dir=str(workdir / "out"),
                      max_train_steps=steps)
-    if sadm:
+    if "sadm" in mode:
         if model == "tiny":
             overrides.update(DEMO_SADM)
     else:
         overrides["structure_weight"] = 0.0
+    for term in ("repa", "sddit"):
+        if term in mode.split("+"):
+            overrides.update(TERM_OVERRIDES[term])
     config = build_config(overrides)
     t, s = config.training, config.sadm
     accelerator = builders.make_accelerator(config, workdir / "out")
@@ -237,7 +250,14 @@ def _toolkit_run(model: str, batch_size: int, sadm: bool, workdir: Path, steps: 
         module.to(accelerator.device, dtype=weight_dtype)
         module.eval()
     mean, std, class_labels = _batch(model, batch_size, accelerator.device)
-    data = FixedBatches({"latent_mean": mean, "latent_std": std, "class_labels": class_labels})
+    batch = {"latent_mean": mean, "latent_std": std, "class_labels": class_labels}
+    if config.repa.enabled:  # cached encoder features, (B, E, 8, 8): what the latent cache's REPA shards give
+        from sadm_finetune.terms.repa import FEATURES_KEY, load_encoder_config
+
+        width = load_encoder_config(config.repa.repa_encoder).hidden_size
+        batch[FEATURES_KEY] = torch.randn(batch_size, width, 8, 8, generator=torch.Generator().manual_seed(2)).to(
+            accelerator.device)
+    data = FixedBatches(batch)
     run, dataloader, _ = builders.build_run(config, accelerator, adapter, data)
     info = {"denoiser_params": sum(p.numel() for p in run.unwrapped_denoiser.parameters()), "logs": {}}
     sadm_term = next((term for term in run.terms if term.name == "sadm"), None)
@@ -259,7 +279,7 @@ def worker(model: str, mode: str, batch_size: int, warmup: int, steps: int, thre
         if mode == "bare":
             step, device, info = _bare_stepper(model, batch_size)
         else:
-            toolkit = _toolkit_run(model, batch_size, mode == "sadm", Path(tmp), warmup + steps)
+            toolkit = _toolkit_run(model, batch_size, mode, Path(tmp), warmup + steps)
             device, info = toolkit.run.accelerator.device, toolkit.info
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         memory = _Memory(device)
@@ -313,7 +333,7 @@ def summarise(runs: list[dict]) -> dict:
     summary: dict = {}
     for model in dict.fromkeys(r["model"] for r in runs):
         per_mode = {}
-        for mode in MODES:
+        for mode in MODES + TERM_MODES:
             rs = [r for r in runs if r["model"] == model and r["mode"] == mode]
             if not rs:
                 continue
@@ -328,7 +348,8 @@ def summarise(runs: list[dict]) -> dict:
                 "base_mb": statistics.median(r["base_mb"] for r in rs),
             }
         ratios = {}
-        for num, den in (("plain", "bare"), ("sadm", "plain"), ("sadm", "bare")):
+        for num, den in (("plain", "bare"), ("sadm", "plain"), ("sadm", "bare"),
+                         *((term, "plain") for term in TERM_MODES)):
             if num in per_mode and den in per_mode:
                 a, b = per_mode[num], per_mode[den]
                 ratios[f"{num}/{den}"] = {
@@ -342,19 +363,19 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def print_table(summary: dict, batch_size: int) -> None:
-    head = (f"{'model':<7} {'column':<6} {'median s/step':>13} {'IQR':>17} {'min..max':>17} {'n':>3} "
+    head = (f"{'model':<7} {'column':<9} {'median s/step':>13} {'IQR':>17} {'min..max':>17} {'n':>3} "
             f"{'CPU s/step':>10} {'base MB':>8} {'peak MB':>8} {'step MB':>8}")
     print(f"\nbatch {batch_size}, fp32\n" + head + "\n" + "-" * len(head))
     for model, s in summary.items():
         for mode, m in s["modes"].items():
             t = m["time_s"]
-            print(f"{model:<7} {mode:<6} {t['median']:>13.4f} {t['q1']:>8.4f}-{t['q3']:<8.4f} "
+            print(f"{model:<7} {mode:<9} {t['median']:>13.4f} {t['q1']:>8.4f}-{t['q3']:<8.4f} "
                   f"{t['min']:>8.4f}-{t['max']:<8.4f} {t['n']:>3} {m['cpu_s']['median']:>10.4f} {m['base_mb']:>8.0f} "
                   f"{m['peak_mb']:>8.0f} {m['step_mem_mb']:>8.0f}")
     print("\nratios (median time; step memory = peak - base; peak = absolute peak RSS)")
     for model, s in summary.items():
         for name, r in s["ratios"].items():
-            print(f"{model:<7} {name:<11} time {r['time']:.3f}  CPU time {r['cpu_time']:.3f}  "
+            print(f"{model:<7} {name:<15} time {r['time']:.3f}  CPU time {r['cpu_time']:.3f}  "
                   f"step memory {r['step_mem']:.3f}  peak {r['peak_mem']:.3f}")
 
 
@@ -375,6 +396,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"JSON results file (default {RESULTS.relative_to(RESULTS.parents[2])}; --quick: *_quick.json)")
     p.add_argument("--quick", action="store_true",
                    help="smoke check: tiny model only, 1 round, 2 warm-up + 5 timed steps")
+    p.add_argument("--terms", action="store_true",
+                   help=f"also time the loss terms' columns ({', '.join(TERM_MODES)}) on the tiny model; REPA needs "
+                        "scripts/make_digits_encoder.py --output_dir runs/digits-encoder first")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -402,7 +426,8 @@ def main(argv=None) -> None:
     for model in models:
         warmup, steps = plan[model]
         for r in range(args.rounds):
-            order = MODES[r % 3:] + MODES[:r % 3]  # rotate which column goes first
+            modes = MODES + (TERM_MODES if args.terms and model == "tiny" else ())
+            order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate which column goes first
             for mode in order:
                 t0 = time.time()
                 run = _spawn(model, mode, args.batch_size, warmup, steps, args.threads)
@@ -422,7 +447,9 @@ def main(argv=None) -> None:
                         "plain": "loop.train_loop step (between on_update calls), structure_weight=0, "
                                  "cached-posterior batch (no VAE)",
                         "sadm": "loop.train_loop step (between on_update calls), SADM on (1 D update per step), "
-                                "cached-posterior batch"}}
+                                "cached-posterior batch",
+                        **{term: f"as plain, with {term} on ({TERM_OVERRIDES.get(term, 'SADM and REPA as in their columns')}); "
+                                 "REPA from cached features" for term in TERM_MODES}}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
     print(f"\nwrote {args.output} ({meta['wall_s']:.0f} s; load average before {load_before[0]:.2f}, "

@@ -190,6 +190,12 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
         lines.append(f"REPA: lambda {r.repa_weight}, block {r.repa_depth}, encoder {r.repa_encoder} at "
                      f"{r.repa_encoder_resolution} px, projector {count(repa.unwrapped_projector) / 1e6:.3f} M "
                      "parameters" + (" (features cached)" if repa.encoder is None else ""))
+    sddit = next((term for term in run.terms if term.name == "sddit"), None)
+    if sddit is not None:
+        d = config.sddit
+        lines.append(f"SD-DiT: lambda {d.sddit_weight}, encoder = the first {d.sddit_encoder_depth} blocks, "
+                     f"{d.sddit_loss} loss, head {count(sddit.student_head) / 1e6:.3f} M parameters, teacher EMA "
+                     f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else ""))
     for line in lines:
         logger.info(line, main_process_only=True)
         accelerator.print(line)
