@@ -4,6 +4,7 @@ and full and LoRA fine-tunes with SADM end to end (stock diffusers reloads and s
 import pytest
 import torch
 import yaml
+from PIL import Image
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
 from safetensors import safe_open
@@ -141,6 +142,8 @@ def test_full_fine_tune_with_sadm_on_buckets_exports_a_stock_pipeline(tiny_pixar
         a, b = load_file(str(out / frozen)), load_file(str(tiny_pixart / frozen))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {"step-2.png", "final.png"} <= {p.name for p in (out / "samples").iterdir()}
+    with Image.open(out / "samples" / "final.png") as grid:  # 2 prompts x 1 image at the trained 32 px, no binning
+        assert grid.size == (32, 64)
     card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert {"pixart-sigma", "text-to-image", "sadm"} <= set(card["tags"])
 
