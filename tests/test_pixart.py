@@ -4,6 +4,7 @@ and full and LoRA fine-tunes with SADM end to end (stock diffusers reloads and s
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from PIL import Image
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
@@ -16,6 +17,7 @@ from sadm_finetune.config import ModelConfig
 from sadm_finetune.errors import ConfigError
 from sadm_finetune.models.loading import load_family
 from sadm_finetune.models.pixart import PixArtAdapter
+from sadm_finetune.text_cache import build_text_cache
 from tiny_pixart import build_tiny_pixart_pipeline
 from tiny_sd import CAPTIONS, build_captioned_folder, build_mixed_aspect_folder
 
@@ -112,6 +114,26 @@ def test_alpha_micro_conditioning_is_each_samples_training_size(tmp_path):
     assert isinstance(alpha.export_pipeline(alpha.denoiser), PixArtAlphaPipeline)
 
 
+def test_cached_validation_grid_is_the_pipelines_own(tiny_pixart, tmp_path):
+    """With the encoder released, a grid from cached embeddings and masks (the empty prompt's as the negative) is
+    the grid the pipeline samples from the prompt with its own negative prompt ""."""
+    prompts = ["a red square"]
+    with_encoder, cached = (load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_pixart))) for _ in range(2))
+    data = type("Data", (), {"text_cache_dir": str(tmp_path / "text")})()
+    build_text_cache(Accelerator(cpu=True), cached, ["", *prompts], data, torch.float32, batch_size=2)
+    assert cached.pipeline.text_encoder is None
+
+    def grid(a):
+        a.set_resolution(32)
+        pipeline = a.export_pipeline(a.denoiser)
+        pipeline.set_progress_bar_config(disable=True)
+        return torch.from_numpy(a.sample_grid(pipeline, 1, 2, 4.5, 0, prompts))
+
+    expected = grid(with_encoder)
+    assert expected.shape == (1, 1, 32, 32, 3)
+    torch.testing.assert_close(grid(cached), expected, rtol=0, atol=1e-4)
+
+
 def test_class_and_kohya_options_are_refused_in_one_line(tiny_pixart, tmp_path, capsys):
     args = ["--pretrained", str(tiny_pixart), "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]
     for flags, field in ((["--disc_class_conditional"], "disc_class_conditional"),
@@ -160,10 +182,11 @@ def test_lora_with_ema_and_caches_merged_export_equals_base_plus_adapter(tiny_pi
         "--resolution", "32", "--trainable", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
         "--use_ema", "--ema_decay", "0.9", "--cache_latents", "--center_crop", "--cache_text_embeddings",
         "--latent_cache_dir", str(tmp_path / "latents"), "--text_cache_dir", str(tmp_path / "text"),
-        "--validation_prompts", "a red square", "--report_to", "none"]
+        "--validation_prompts", "a red square", "--validation_steps", "2", "--report_to", "none"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "latent cache: encoding" in proc.stdout and "text cache: 0 of 5 prompts cached" in proc.stdout
+    assert (out / "samples" / "step-2.png").is_file()  # sampled from the cached embeddings, the encoder released
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in keys)

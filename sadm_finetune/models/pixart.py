@@ -131,6 +131,10 @@ class PixArtAdapter(FamilyAdapter):
         return {"prompt_embeds": encoder(inputs.input_ids.to(device), attention_mask=mask)[0],
                 "prompt_attention_mask": mask}
 
+    def cached_text_inputs(self, prompt: str, num_images: int, device: torch.device) -> dict[str, torch.Tensor]:
+        # The PixArt pipelines default `negative_prompt` to "" and refuse it beside `negative_prompt_embeds`.
+        return {**super().cached_text_inputs(prompt, num_images, device), "negative_prompt": None}
+
     def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         embeds, empty = self.text_embeddings(batch, device)  # (B, ...) each; the empty prompt's (1, ...)
