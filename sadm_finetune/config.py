@@ -80,6 +80,9 @@ class ModelConfig:
     lora_target_modules: list[str] | None = _f(
         None, "Module names (or name suffixes) that get LoRA (default: the family's attention projections)."
     )
+    lora_export_format: Literal["diffusers", "kohya"] = _f(
+        "diffusers", "LoRA file formats: diffusers; kohya also writes pytorch_lora_weights_kohya.safetensors (lora_unet_ "
+        "keys with .alpha: ComfyUI, A1111, kohya's scripts). SD 1.x/2.x and SDXL only.")
     pos_embed_transfer: Literal["extend", "interpolate"] | None = _f(
         None,
         "DiT at a --resolution other than the base's: how its fixed sin-cos positional embedding covers the new "
@@ -96,6 +99,9 @@ class ModelConfig:
         _positive(self, "lora_rank", "lora_alpha")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "is an empty list", "name at least one module, or leave it unset")
+        if self.lora_export_format == "kohya" and not self.use_lora:
+            raise ConfigError("lora_export_format", "kohya is a LoRA file format and this run is not a LoRA run",
+                              "add --trainable lora, or drop --lora_export_format")
 
     @property
     def use_lora(self) -> bool:

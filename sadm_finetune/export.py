@@ -120,6 +120,8 @@ def write_model_card(
     """The README: `lora_usage` (code that applies the LoRA file to the base model) marks a LoRA run."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .models.kohya import KOHYA_WEIGHT_NAME
+
     paths = local_paths([config.to_dict(), str(output_dir), list(sys.argv[1:] if argv is None else argv)])
     base = public_name(config.model.pretrained_model_name_or_path)
     card_data = ModelCardData(
@@ -136,6 +138,11 @@ def write_model_card(
         "weights." if config.training.use_ema else "The exported weights are the final trained weights (no EMA)."
     )
     repo = config.training.hub_model_id or output_dir.name
+    kohya = "" if config.model.lora_export_format != "kohya" else f"""
+- `{KOHYA_WEIGHT_NAME}`, the same LoRA in the kohya key format (`lora_unet_...lora_down.weight`,
+  `lora_up.weight`, `.alpha`) for ComfyUI, AUTOMATIC1111 / Forge and kohya's scripts; diffusers reads it too:
+  `pipe.load_lora_weights("{repo}", weight_name="{KOHYA_WEIGHT_NAME}")`.
+"""
     lora_section = "" if lora_usage is None else f"""
 ## LoRA
 
@@ -151,7 +158,7 @@ base model's denoiser. This folder holds the result twice, for two uses:
 ```python
 {lora_usage}
 ```
-"""
+{kohya}"""
     mode = "structure loss off (plain fine-tune baseline)" if not config.sadm.enabled else (
         f"structure weight lambda = {config.sadm.structure_weight}")
     content = f"""---

@@ -2,7 +2,8 @@
 pipelines the way a user of the export does: `DiffusionPipeline.from_pretrained`, sadm_finetune never imported.
 
 Run as a script it serves requests, one JSON line each on stdin ({"path": ..., "class_labels": [...] or null,
-"prompts": [...] or null, "lora": a LoRA folder or null}), answering one JSON line each on stdout.
+"prompts": [...] or null, "lora": a LoRA folder or null, "lora_weight_names": [...] or null}), answering one JSON
+line each on stdout.
 `StockDiffusers` is the test side (conftest.py fixture `stock_diffusers`).
 """
 
@@ -40,11 +41,18 @@ def _serve() -> None:
                 images = pipe(**conditions, num_inference_steps=2, generator=torch.manual_seed(0),
                               output_type="np").images
                 answer.update(shape=list(images.shape), finite=bool(np.isfinite(images).all()))
-                if request.get("lora") is not None:
+                if request.get("lora") is not None and not request.get("lora_weight_names"):
                     pipe.load_lora_weights(request["lora"])
                     with_lora = pipe(**conditions, num_inference_steps=2, generator=torch.manual_seed(0),
                                      output_type="np").images
                     answer["lora_change"] = float(np.abs(with_lora - images).max())
+                    pipe.unload_lora_weights()
+                for name in request.get("lora_weight_names") or []:  # each file of the folder alone on the base
+                    pipe.load_lora_weights(request["lora"], weight_name=name)
+                    answer.setdefault("lora_images", {})[name] = pipe(
+                        **conditions, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np"
+                    ).images.tolist()
+                    pipe.unload_lora_weights()
         except Exception:  # noqa: BLE001 - the test shows it
             answer = {"error": traceback.format_exc()}
         answer["sadm_finetune_imported"] = "sadm_finetune" in sys.modules
@@ -61,12 +69,14 @@ class StockDiffusers:
                                       stdout=subprocess.PIPE, stderr=self._stderr, text=True)
 
     def load(self, path: str | Path, class_labels: list[int] | None = None, prompts: list[str] | None = None,
-             lora: str | Path | None = None) -> dict:
+             lora: str | Path | None = None, lora_weight_names: list[str] | None = None) -> dict:
         """What the stock process saw: class name, labels, sadm_finetune_imported, and with `class_labels` or
         `prompts` the sampled images' shape and finiteness; with `lora` too, `lora_change`: the largest pixel
-        change once `pipe.load_lora_weights(lora)` is applied; or {"error": traceback}."""
+        change once `pipe.load_lora_weights(lora)` is applied, or with `lora_weight_names`, `lora_images`: for
+        each file name, the images (nested lists) sampled with `pipe.load_lora_weights(lora, weight_name=name)`
+        alone; or {"error": traceback}."""
         request = {"path": str(path), "class_labels": class_labels, "prompts": prompts,
-                   "lora": None if lora is None else str(lora)}
+                   "lora": None if lora is None else str(lora), "lora_weight_names": lora_weight_names}
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
         with selectors.DefaultSelector() as selector:

@@ -17,7 +17,8 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
-    assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml"} <= names
+    assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml",
+            "pixart-sigma-lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -47,7 +48,13 @@ def test_recipe_intent():
     assert sdxl["trainable"] == "lora" and sdxl["resolution"] == 1024 and 16 <= sdxl["lora_rank"] <= 32
     assert sdxl["cache_latents"] and sdxl["cache_text_embeddings"] and sdxl["aspect_ratio_buckets"]
     assert sdxl["gradient_checkpointing"] and 0 < sdxl["structure_weight"] <= 0.05
-    for recipe in (dit, dit_lora, sd, sdxl):  # precision belongs to `accelerate launch`, not to a recipe
+    pixart = load_yaml(ROOT / "configs" / "pixart-sigma-lora.yaml")
+    assert pixart["pretrained_model_name_or_path"] == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    assert pixart["trainable"] == "lora" and pixart["resolution"] == 1024 and 16 <= pixart["lora_rank"] <= 32
+    assert pixart["cache_latents"] and pixart["cache_text_embeddings"] and pixart["aspect_ratio_buckets"]
+    assert pixart["gradient_checkpointing"] and pixart["learned_sigma_loss"] == "vlb"
+    assert pixart["learning_rate"] == 1e-4 and 0 < pixart["structure_weight"] <= 0.05
+    for recipe in (dit, dit_lora, sd, sdxl, pixart):  # precision belongs to `accelerate launch`, not to a recipe
         assert "mixed_precision" not in recipe
 
 

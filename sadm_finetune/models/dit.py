@@ -50,6 +50,7 @@ class DiTAdapter(FamilyAdapter):
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
+        super().check_config(config)
         if config.training.validation_prompts is not None:
             raise ConfigError("validation_prompts", "DiT is class-conditional and takes no prompts",
                               "use --validation_class_labels instead")

@@ -80,9 +80,16 @@ class FamilyAdapter(ABC):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    kohya_lora: bool = False  # whether `save_lora_weights` can also write the kohya format (--lora_export_format)
+
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
-        """Raise ConfigError for options this family cannot honour; runs before any weights load."""
+        """Raise ConfigError for options this family cannot honour; runs before any weights load. Subclasses
+        call this first."""
+        if config.model.lora_export_format == "kohya" and not cls.kohya_lora:
+            raise ConfigError("lora_export_format", f"kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL "
+                              f"UNets, not for {', '.join(cls.pipeline_classes)}",
+                              "drop --lora_export_format (the diffusers-format file is written)")
 
     def check_data(self, data: Any) -> None:
         """Raise if the data (a `data.TrainData`) cannot train this model; may remember validation defaults."""

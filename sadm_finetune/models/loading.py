@@ -9,10 +9,12 @@ from ..config import ModelConfig
 from ..errors import InputError, first_line
 from .dit import DiTAdapter
 from .family import FamilyAdapter
+from .pixart import PixArtAdapter
 from .sd import StableDiffusionAdapter
 from .sdxl import StableDiffusionXLAdapter
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter,
+                                              PixArtAdapter)
 
 
 def _supported() -> str:

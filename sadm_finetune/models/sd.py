@@ -33,6 +33,7 @@ class StableDiffusionAdapter(FamilyAdapter):
     load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
+    kohya_lora = True
     default_prompts: list[str] | None = None
 
     @property
@@ -46,6 +47,7 @@ class StableDiffusionAdapter(FamilyAdapter):
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
+        super().check_config(config)
         if config.sadm.disc_class_conditional:
             raise ConfigError("disc_class_conditional", "Stable Diffusion is text-conditioned and has no class labels",
                               "drop --disc_class_conditional")
@@ -147,13 +149,18 @@ class StableDiffusionAdapter(FamilyAdapter):
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
                           adapter_metadata: dict[str, Any]) -> None:
-        """The stock LoRA file of `pipeline_class`: its `load_lora_weights(output_dir)` reads it."""
+        """The stock LoRA file of `pipeline_class`: its `load_lora_weights(output_dir)` reads it; with
+        --lora_export_format kohya, the same LoRA in the kohya key format beside it (models/kohya.py)."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
         self.pipeline_class.save_lora_weights(
             str(output_dir), unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict),
             unet_lora_adapter_metadata=adapter_metadata, safe_serialization=True,
         )
+        if self.config.lora_export_format == "kohya":
+            from .kohya import save_kohya_lora
+
+            save_kohya_lora(output_dir, lora_state_dict, adapter_metadata)
 
     def lora_usage(self, base: str, repo: str) -> str:
         name = self.pipeline_class.__name__
