@@ -17,7 +17,8 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
-    assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml"} <= names
+    assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml",
+            "sd35-medium-lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -47,7 +48,13 @@ def test_recipe_intent():
     assert sdxl["trainable"] == "lora" and sdxl["resolution"] == 1024 and 16 <= sdxl["lora_rank"] <= 32
     assert sdxl["cache_latents"] and sdxl["cache_text_embeddings"] and sdxl["aspect_ratio_buckets"]
     assert sdxl["gradient_checkpointing"] and 0 < sdxl["structure_weight"] <= 0.05
-    for recipe in (dit, dit_lora, sd, sdxl):  # precision belongs to `accelerate launch`, not to a recipe
+    sd35 = load_yaml(ROOT / "configs" / "sd35-medium-lora.yaml")
+    assert sd35["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
+    assert sd35["trainable"] == "lora" and sd35["resolution"] in (512, 1024) and 16 <= sd35["lora_rank"] <= 64
+    assert sd35["learning_rate"] == 1e-4 and sd35["lr_scheduler"] == "constant"
+    assert sd35["weighting_scheme"] == "logit_normal" and "snr_gamma" not in sd35  # flow matching, not DDPM
+    assert sd35["cache_latents"] and sd35["cache_text_embeddings"] and sd35["gradient_checkpointing"]
+    for recipe in (dit, dit_lora, sd, sdxl, sd35):  # precision belongs to `accelerate launch`, not to a recipe
         assert "mixed_precision" not in recipe
 
 
