@@ -14,10 +14,10 @@ from .checkpointing import CheckpointState
 from .config import RunConfig
 from .distributed import is_fsdp, replicate_outside_fsdp
 from .errors import ConfigError
-from .losses import DiffusionLoss, LearnedSigmaVLB
+from .losses import LearnedSigmaVLB
 from .loop import Run
 from .models import lora
-from .noise import DDPMProcess
+from .noise import make_process
 from .terms import build_terms
 
 logger = get_logger(__name__)
@@ -78,7 +78,7 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     t = config.training
     weight_dtype = weight_dtype_of(accelerator)
     denoiser = prepare_denoiser(config, adapter, accelerator.device, weight_dtype)
-    process = DDPMProcess(adapter.pipeline.scheduler.config, accelerator.device)
+    process = make_process(adapter.pipeline.scheduler.config, accelerator.device, config.flow_matching)
     terms = build_terms(config, adapter, process, accelerator.autocast)
     joint = {f"{term.name}.{name}": module for term in terms for name, module in term.joint_modules().items()}
     sharded = is_fsdp(accelerator)
@@ -133,7 +133,7 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     run = Run(
         config=config, accelerator=accelerator, adapter=adapter, process=process, denoiser=denoiser,
         optimizer=optimizer, lr_scheduler=scheduler,
-        diffusion_loss=DiffusionLoss(process.prediction_type, t.snr_gamma),
+        diffusion_loss=process.diffusion_loss(t),
         vlb=LearnedSigmaVLB(process.betas, device=accelerator.device) if use_vlb else None,
         terms=terms, joint_modules=joint, ema=ema, weight_dtype=weight_dtype,
     )

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .fields import coerce, describe, help_field, index_fields, is_optional, read_yaml  # noqa: F401 (public here too)
+from .flow_config import FlowMatchingConfig
 from .term_config import RepaConfig, SDDiTConfig
 
 LR_SCHEDULERS = (
@@ -308,6 +309,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "training": TrainingConfig,
+    "flow_matching": FlowMatchingConfig,
     "sadm": SADMConfig,
     "repa": RepaConfig,
     "sddit": SDDiTConfig,
@@ -319,6 +321,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     sadm: SADMConfig = field(default_factory=SADMConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     sddit: SDDiTConfig = field(default_factory=SDDiTConfig)

@@ -25,8 +25,8 @@ from .checkpointing import TrainState
 from .config import RunConfig
 from .distributed import any_rank
 from .latents import clean_latents
-from .losses import DiffusionLoss, LearnedSigmaVLB
-from .noise import DDPMProcess
+from .losses import LearnedSigmaVLB
+from .noise import DDPMProcess, FlowMatchProcess, TimestepLoss
 from .terms import StepContext, Term, UpdateResult
 
 
@@ -37,11 +37,11 @@ class Run:
     config: RunConfig
     accelerator: Accelerator
     adapter: Any  # models.family.FamilyAdapter
-    process: DDPMProcess
+    process: DDPMProcess | FlowMatchProcess  # noise.make_process: one interface, no branching here
     denoiser: torch.nn.Module  # prepared (DDP/FSDP-wrapped where launched so)
     optimizer: torch.optim.Optimizer  # the denoiser's and the terms' joint modules'
     lr_scheduler: Any
-    diffusion_loss: DiffusionLoss
+    diffusion_loss: TimestepLoss  # (pred, target, timesteps) -> (B,), the process's own weighting
     vlb: LearnedSigmaVLB | None
     terms: list[Term] = field(default_factory=list)
     joint_modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # prepared
@@ -170,7 +170,7 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
 
                     # 3. L = L_diff (+ DiT's variational bound) + sum_k lambda_k(step) L_k
                     loss_diffusion = run.diffusion_loss(model_pred, process.target(latents, noise, timesteps),
-                                                        process.snr(timesteps)).mean()
+                                                        timesteps).mean()
                     loss = loss_diffusion
                     logs: dict[str, Any] = {"loss_diffusion": loss_diffusion.detach()}
                     if run.vlb is not None:

@@ -6,7 +6,7 @@ No backward, no optimizer and no logging in here; the training step reduces and 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -152,18 +152,27 @@ class LearnedSigmaVLB:
 # SADM structure loss (docs/design.md §1 steps 6-8)
 
 
+def structure_weights(
+    sample_snr: Callable[[torch.Tensor], torch.Tensor], timesteps: torch.Tensor,
+    mode: Literal["min_snr", "none", "cutoff"], gamma: float = 5.0, t_cutoff: int = 300,
+) -> torch.Tensor:
+    """w_i per sample, (B,), for any noise process (`sample_snr`: timesteps -> SNR). min_snr:
+    min(SNR(t_i), gamma) / gamma, which tames d x0_hat / d eps_hat = -1/sqrt(SNR); cutoff: t_i < t_cutoff."""
+    if mode == "none":
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    if mode == "min_snr":
+        return torch.clamp(sample_snr(timesteps), max=gamma) / gamma
+    if mode == "cutoff":
+        return (timesteps < t_cutoff).float()
+    raise ValueError(f"unknown timestep weighting {mode!r}")
+
+
 def structure_sample_weights(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, mode: Literal["min_snr", "none", "cutoff"],
     gamma: float = 5.0, t_cutoff: int = 300,
 ) -> torch.Tensor:
-    """w_i per sample, (B,). min_snr: min(SNR(t_i), gamma) / gamma, which tames d x0_hat / d eps_hat = -1/sqrt(SNR)."""
-    if mode == "none":
-        return torch.ones(timesteps.shape, device=timesteps.device)
-    if mode == "min_snr":
-        return torch.clamp(snr(timesteps, alphas_cumprod), max=gamma) / gamma
-    if mode == "cutoff":
-        return (timesteps < t_cutoff).float()
-    raise ValueError(f"unknown timestep weighting {mode!r}")
+    """`structure_weights` over a DDPM schedule."""
+    return structure_weights(lambda t: snr(t, alphas_cumprod), timesteps, mode, gamma, t_cutoff)
 
 
 def off_diagonal_mean(matrix: torch.Tensor) -> torch.Tensor:

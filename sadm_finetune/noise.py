@@ -1,20 +1,64 @@
 """The noise process the denoiser was trained with: how to noise, what to predict, how to read x0_hat.
 
-One object per process, chosen from the pipeline's scheduler config, so the training loop and the loss
-terms never branch on it. Today: the DDPM family (epsilon, v-prediction, sample), the process of DiT
-and Stable Diffusion 1.x/2.x. A flow-matching process (SD3) is one more class with the same methods.
+One object per process, chosen from the pipeline's scheduler config (`make_process`), so the training loop
+and the loss terms never branch on it. Both processes answer the same calls:
+
+- `sample_timesteps(B, generator, device)`: the step's timesteps, drawn from the step's seeded generator;
+- `add_noise(z0, eps, t)`, `target(z0, eps, t)`, `x0_hat(pred, x_t, t)`;
+- `snr(t)`: the signal-to-noise ratio of each sample's noise level (SADM's noise-level weighting and
+  Wiener filter);
+- `renoise(real, fake, t, factor, generator)`: both sides re-noised to the level `factor` of t with one
+  noise draw (SADM's instance noise), returning the timesteps of that level;
+- `diffusion_loss(training)`: the per-sample diffusion loss, a callable `(pred, target, t) -> (B,)`.
+
+DDPMProcess: DiT and Stable Diffusion 1.x/2.x/XL (epsilon, v-prediction, sample). FlowMatchProcess:
+Stable Diffusion 3 / 3.5 (rectified flow, velocity target), the recipe of diffusers' train_dreambooth_lora_sd3.py.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import (compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3,
+                                      compute_snr)
 
 from .errors import ConfigError
-from .losses import diffusion_target, predicted_original_sample
+from .losses import DiffusionLoss, _per_t, diffusion_target, predicted_original_sample, snr
 
-UNSUPPORTED_SCHEDULERS = ("FlowMatch", "EDM", "CMStochastic")  # scheduler class-name prefixes
+UNSUPPORTED_SCHEDULERS = ("EDM", "CMStochastic")  # scheduler class-name prefixes
+FLOW_MATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def check_supported(name: str) -> None:
+    """One line for a scheduler whose noise process is neither of ours (training it as one would silently learn
+    the wrong target)."""
+    if name.startswith(UNSUPPORTED_SCHEDULERS) or (name.startswith("FlowMatch") and name not in FLOW_MATCH_SCHEDULERS):
+        raise ConfigError("pretrained_model_name_or_path", f"the pipeline's {name} uses a noise process this toolkit "
+                          "does not train (EDM, or flow matching other than FlowMatchEulerDiscreteScheduler's)",
+                          "fine-tune a DDPM-family pipeline (DiT, Stable Diffusion 1.x/2.x, SDXL) or a "
+                          "FlowMatchEulerDiscreteScheduler one (Stable Diffusion 3 / 3.5)")
+
+
+def make_process(scheduler_config, device: torch.device | str, flow_options=None) -> "DDPMProcess | FlowMatchProcess":
+    """The process of the pipeline's scheduler. `flow_options`: the run's FlowMatchingConfig (defaults if None)."""
+    name = dict(scheduler_config).get("_class_name", "")
+    check_supported(name)
+    if name in FLOW_MATCH_SCHEDULERS:
+        return FlowMatchProcess(scheduler_config, device, flow_options)
+    return DDPMProcess(scheduler_config, device)
+
+
+class TimestepLoss:
+    """A per-sample loss fed from the timesteps: `loss(pred, target, read(t))`, where `read` gives what the
+    weighting needs (DDPM: the SNR, flow matching: sigma)."""
+
+    def __init__(self, loss: Callable, read: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.loss, self.read = loss, read
+
+    def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.loss(model_pred, target, self.read(timesteps))
 
 
 class DDPMProcess:
@@ -22,11 +66,10 @@ class DDPMProcess:
 
     def __init__(self, scheduler_config, device: torch.device | str) -> None:
         name = dict(scheduler_config).get("_class_name", "")
-        if name.startswith(UNSUPPORTED_SCHEDULERS):
-            # Their noise process is not the DDPM one: training it as DDPM would silently learn the wrong target.
-            raise ConfigError("pretrained_model_name_or_path", f"the pipeline's {name} uses a noise process this "
-                              "toolkit does not train yet (flow matching or EDM)", "fine-tune a DDPM-family pipeline "
-                              "(DiT, Stable Diffusion 1.x/2.x, SDXL)")
+        check_supported(name)
+        if name in FLOW_MATCH_SCHEDULERS:
+            raise ConfigError("pretrained_model_name_or_path", f"the pipeline's {name} is a flow-matching scheduler, "
+                              "not a DDPM one", "build the process with noise.make_process (FlowMatchProcess)")
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         self.prediction_type = self.scheduler.config.prediction_type
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
@@ -48,5 +91,93 @@ class DDPMProcess:
                                          self.prediction_type)
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """ab_t / (1 - ab_t), diffusers' `compute_snr`."""
-        return compute_snr(self.scheduler, timesteps)
+        """ab_t / (1 - ab_t), (B,) fp32."""
+        return snr(timesteps, self.alphas_cumprod)
+
+    def renoise(self, real: torch.Tensor, fake: torch.Tensor, timesteps: torch.Tensor, factor: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both sides at s = floor(factor * t), one shared noise draw."""
+        t_disc = torch.floor(timesteps.float() * factor).long()
+        ab = _per_t(self.alphas_cumprod, t_disc, real.ndim)
+        noise = torch.randn(real.shape, generator=generator, device=real.device, dtype=torch.float32)
+        out = [(ab.sqrt() * x.float() + (1 - ab).sqrt() * noise).to(real.dtype) for x in (real, fake)]
+        return out[0], out[1], t_disc
+
+    def diffusion_loss(self, training) -> TimestepLoss:
+        """MSE to the target, min-SNR-gamma weighted with --snr_gamma (diffusers' `compute_snr`)."""
+        return TimestepLoss(DiffusionLoss(self.prediction_type, training.snr_gamma),
+                            lambda t: compute_snr(self.scheduler, t))
+
+
+class FlowMatchProcess:
+    """Rectified flow (SD3): x_t = (1 - sigma) x0 + sigma eps, the denoiser predicts the velocity eps - x0.
+
+    Timesteps are the scheduler's own training timesteps (`scheduler.timesteps`, sigma * 1000 after the
+    config's `shift`), drawn as diffusers' SD3 scripts draw them: u from `compute_density_for_timestep_sampling`
+    (--weighting_scheme, --logit_mean, --logit_std, --mode_scale), index = int(u * N)."""
+
+    prediction_type = "flow_matching"
+    betas = None  # no variance schedule: DiT's learned-sigma bound does not apply
+
+    def __init__(self, scheduler_config, device: torch.device | str, options=None) -> None:
+        from .flow_config import FlowMatchingConfig
+
+        self.options = options or FlowMatchingConfig()
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.timesteps = self.scheduler.timesteps.to(device)  # (N,) descending, float32
+        self.sigmas = self.scheduler.sigmas[:self.num_train_timesteps].to(device)  # sigmas[i] <-> timesteps[i]
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        o = self.options
+        u = compute_density_for_timestep_sampling(o.weighting_scheme, batch_size, o.logit_mean, o.logit_std,
+                                                  o.mode_scale, device=device, generator=generator)
+        # u = 1 (possible under "mode") would index past the end: clamp to the last timestep.
+        indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
+        return self.timesteps.to(device)[indices]
+
+    def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) sigma of each timestep, looked up in the schedule (no host sync; exact for its own timesteps)."""
+        schedule = self.timesteps.to(timesteps.device)
+        index = (schedule[None, :] == timesteps.float()[:, None]).int().argmax(dim=1)
+        return self.sigmas.to(timesteps.device)[index]
+
+    def _sigma(self, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
+        return self.sigma(timesteps).reshape(-1, *([1] * (ndim - 1)))
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        s = self._sigma(timesteps, latents.ndim)
+        return (1.0 - s) * latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def x0_hat(self, model_pred: torch.Tensor, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t - sigma v_hat: the Euler step from sigma to 0, differentiable in `model_pred`."""
+        return noisy_latents - self._sigma(timesteps, noisy_latents.ndim) * model_pred
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """((1 - sigma) / sigma)^2, (B,) fp32."""
+        s = self.sigma(timesteps).float()
+        return ((1.0 - s) / s).pow(2)
+
+    def renoise(self, real: torch.Tensor, fake: torch.Tensor, timesteps: torch.Tensor, factor: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both sides at sigma_s = factor * sigma_t, one shared noise draw; D's timesteps sigma_s * N."""
+        s = self._sigma(timesteps, real.ndim) * factor
+        noise = torch.randn(real.shape, generator=generator, device=real.device, dtype=torch.float32)
+        out = [((1.0 - s) * x.float() + s * noise).to(real.dtype) for x in (real, fake)]
+        return out[0], out[1], s.flatten() * self.num_train_timesteps
+
+    def diffusion_loss(self, training) -> TimestepLoss:
+        """MSE to the velocity, each sample weighted by `compute_loss_weighting_for_sd3(scheme, sigma)`."""
+        if training.snr_gamma is not None:
+            raise ConfigError("snr_gamma", "min-SNR weighting is defined for the DDPM targets, not flow matching",
+                              "drop --snr_gamma (flow matching weights samples with --weighting_scheme)")
+        scheme = self.options.weighting_scheme
+
+        def loss(model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+            per_sample = (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
+            return per_sample * compute_loss_weighting_for_sd3(scheme, sigmas.float())
+
+        return TimestepLoss(loss, self.sigma)

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from .config import SADMConfig
 from .distributed import gather_with_grad, world_size
-from .losses import StructureLoss, _per_t, snr, structure_sample_weights
+from .losses import StructureLoss, structure_weights
 
 
 @contextlib.contextmanager
@@ -56,13 +56,13 @@ def fixed_structure_gap(latents: torch.Tensor, x0_hat: torch.Tensor, weights: to
 
 class SADMObjective:
     def __init__(
-        self, config: SADMConfig, alphas_cumprod: torch.Tensor,
-        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        self, config: SADMConfig, process, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     ) -> None:
-        """`autocast`: the context D's forward runs in (accelerate's `autocast`); the relations and
+        """`process`: the run's noise process (noise.py), which gives each timestep's SNR and re-noises D's
+        inputs; `autocast`: the context D's forward runs in (accelerate's `autocast`); the relations and
         L_S are always computed in fp32 outside it."""
         self.config = config
-        self.alphas_cumprod = alphas_cumprod
+        self.process = process
         self.autocast = autocast
         self.structure = StructureLoss(config.relation, config.distance, config.kl_temperature)
 
@@ -92,8 +92,8 @@ class SADMObjective:
 
     def sample_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return structure_sample_weights(timesteps, self.alphas_cumprod, c.timestep_weighting, c.structure_snr_gamma,
-                                        c.structure_t_cutoff)
+        return structure_weights(self.process.snr, timesteps, c.timestep_weighting, c.structure_snr_gamma,
+                                 c.structure_t_cutoff)
 
     def _loss(self, emb_real: torch.Tensor, emb_fake: torch.Tensor, timesteps: torch.Tensor):
         # fp32 whatever the caller's autocast: relations of unit vectors differ by ~1e-5 late in training,
@@ -112,13 +112,9 @@ class SADMObjective:
         c = self.config
         real, fake, t_disc = latents, x0_hat.to(latents.dtype), timesteps
         if c.disc_real_lowpass:
-            real = wiener_lowpass(real, snr(timesteps, self.alphas_cumprod))
+            real = wiener_lowpass(real, self.process.snr(timesteps))
         if c.disc_renoise > 0:
-            t_disc = torch.floor(timesteps.float() * c.disc_renoise).long()
-            ab = _per_t(self.alphas_cumprod, t_disc, real.ndim)
-            noise = torch.randn(real.shape, generator=generator, device=real.device, dtype=torch.float32)
-            real = (ab.sqrt() * real.float() + (1 - ab).sqrt() * noise).to(latents.dtype)
-            fake = (ab.sqrt() * fake.float() + (1 - ab).sqrt() * noise).to(latents.dtype)
+            real, fake, t_disc = self.process.renoise(real, fake, timesteps, c.disc_renoise, generator)
         if c.disc_pool > 1:
             real, fake = F.avg_pool2d(real, c.disc_pool), F.avg_pool2d(fake, c.disc_pool)
         return real, fake, t_disc

@@ -71,7 +71,7 @@ def probe(pipe, images: np.ndarray, class_labels: list[int] | None, prompts: lis
 
     device = pipe.vae.device
     process = DDPMProcess(pipe.scheduler.config, device)
-    objective = SADMObjective(sadm_options, process.alphas_cumprod) if disc is not None else None
+    objective = SADMObjective(sadm_options, process) if disc is not None else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     z0 = torch.cat([encode(pipe.vae, pixels[i:i + batch_size].to(device), generator=gen)

@@ -66,7 +66,9 @@ class RunSummary:
 def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     t = config.training
     output_dir = check_output_dir(config)
-    family_class(config.model).check_config(config)  # reads model_index.json only
+    family = family_class(config.model)  # reads model_index.json only
+    family.check_config(config)
+    family.check_process_options(config)
     data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
     accelerator = make_accelerator(config, output_dir)
     if t.allow_tf32 and torch.cuda.is_available():

@@ -39,7 +39,9 @@ def _inputs():
 
 
 def _objective():
-    return SADMObjective(SADMConfig(), DDPMScheduler(beta_schedule="linear").alphas_cumprod)
+    from sadm_finetune.noise import DDPMProcess
+
+    return SADMObjective(SADMConfig(), DDPMProcess(DDPMScheduler(beta_schedule="linear").config, "cpu"))
 
 
 def _rank_main(rank, world, port, queue):

@@ -16,6 +16,7 @@ from sadm_finetune.losses import (
     structure_sample_weights,
 )
 from sadm_finetune.models.discriminator import StructureDiscriminator
+from sadm_finetune.noise import DDPMProcess
 from sadm_finetune.sadm import SADMObjective
 
 
@@ -132,7 +133,7 @@ def _tiny_disc():
 def _objective(**kw):
     sched = DDPMScheduler(beta_schedule="linear")
     cfg = SADMConfig(timestep_weighting="none", **kw)
-    return SADMObjective(cfg, sched.alphas_cumprod)
+    return SADMObjective(cfg, DDPMProcess(sched.config, "cpu"))
 
 
 def test_generator_gradient_reaches_the_denoiser_only_through_x0_hat():
@@ -210,14 +211,14 @@ def test_gradients_are_finite_for_every_option(relation, distance):
     assert torch.isfinite(loss) and torch.isfinite(fake.grad).all() and fake.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "EDMDPMSolverMultistepScheduler"])
-def test_a_non_ddpm_noise_process_is_refused_in_one_line(name):
+@pytest.mark.parametrize("name", ["EDMDPMSolverMultistepScheduler", "FlowMatchHeunDiscreteScheduler"])
+def test_an_unsupported_noise_process_is_refused_in_one_line(name):
     from sadm_finetune.errors import ConfigError
-    from sadm_finetune.noise import DDPMProcess
+    from sadm_finetune.noise import make_process
 
     config = {**DDPMScheduler().config, "_class_name": name}
-    with pytest.raises(ConfigError, match=f"pretrained_model_name_or_path: .*{name}.*flow matching or EDM") as e:
-        DDPMProcess(config, "cpu")
+    with pytest.raises(ConfigError, match=f"pretrained_model_name_or_path: .*{name}.*EDM, or flow matching") as e:
+        make_process(config, "cpu")
     assert "\n" not in str(e.value)
 
 

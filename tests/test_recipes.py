@@ -18,7 +18,7 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
     assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml",
-            "pixart-sigma-lora.yaml"} <= names
+            "pixart-sigma-lora.yaml", "sd35-medium-lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -54,7 +54,13 @@ def test_recipe_intent():
     assert pixart["cache_latents"] and pixart["cache_text_embeddings"] and pixart["aspect_ratio_buckets"]
     assert pixart["gradient_checkpointing"] and pixart["learned_sigma_loss"] == "vlb"
     assert pixart["learning_rate"] == 1e-4 and 0 < pixart["structure_weight"] <= 0.05
-    for recipe in (dit, dit_lora, sd, sdxl, pixart):  # precision belongs to `accelerate launch`, not to a recipe
+    sd35 = load_yaml(ROOT / "configs" / "sd35-medium-lora.yaml")
+    assert sd35["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
+    assert sd35["trainable"] == "lora" and sd35["resolution"] in (512, 1024) and 16 <= sd35["lora_rank"] <= 64
+    assert sd35["learning_rate"] == 1e-4 and sd35["lr_scheduler"] == "constant"
+    assert sd35["weighting_scheme"] == "logit_normal" and "snr_gamma" not in sd35  # flow matching, not DDPM
+    assert sd35["cache_latents"] and sd35["cache_text_embeddings"] and sd35["gradient_checkpointing"]
+    for recipe in (dit, dit_lora, sd, sdxl, pixart, sd35):  # precision belongs to `accelerate launch`, not to a recipe
         assert "mixed_precision" not in recipe
 
 

@@ -6,10 +6,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from sadm_finetune.config import SADMConfig
+from sadm_finetune.noise import DDPMProcess
 from sadm_finetune.models.discriminator import StructureDiscriminator
 from sadm_finetune.sadm import SADMObjective, fixed_structure_gap, wiener_lowpass
 
-ALPHAS = DDPMScheduler(beta_schedule="linear").alphas_cumprod
+PROCESS = DDPMProcess(DDPMScheduler(beta_schedule="linear").config, "cpu")
+ALPHAS = PROCESS.alphas_cumprod
 
 
 def _disc(**kw):
@@ -18,7 +20,7 @@ def _disc(**kw):
 
 
 def _objective(**kw):
-    return SADMObjective(SADMConfig(**kw), ALPHAS)
+    return SADMObjective(SADMConfig(**kw), PROCESS)
 
 
 def test_wiener_lowpass_keeps_everything_at_high_snr_and_nothing_at_zero_snr():
@@ -121,7 +123,7 @@ def test_structure_term_is_fp32_under_bf16_autocast_and_matches_the_fp32_gradien
     latents = torch.randn(16, 4, 8, 8)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     grads = []
-    for objective in (SADMObjective(obj.config, ALPHAS), SADMObjective(obj.config, ALPHAS, autocast=bf16)):
+    for objective in (SADMObjective(obj.config, PROCESS), SADMObjective(obj.config, PROCESS, autocast=bf16)):
         x = (latents + torch.randn_like(latents)).requires_grad_(True)
         torch.manual_seed(1)
         x = (latents + torch.randn_like(latents)).requires_grad_(True)

@@ -59,6 +59,8 @@ class FamilyAdapter(ABC):
     text_encoder_names: tuple[str, ...] = ()
     tokenizer_names: tuple[str, ...] = ()
     encode_text_version: int = 1  # part of the text-cache key: bump it when `encode_text` returns something else
+    flow_matching: bool = False  # trained with flow matching (noise.FlowMatchProcess), not the DDPM process
+    hidden_output_index: int = 0  # which element of a feature block's tuple output is the image's hidden states
 
     def __init__(self, pipeline: DiffusionPipeline, config: ModelConfig) -> None:
         self.pipeline = pipeline
@@ -90,6 +92,14 @@ class FamilyAdapter(ABC):
             raise ConfigError("lora_export_format", f"kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL "
                               f"UNets, not for {', '.join(cls.pipeline_classes)}",
                               "drop --lora_export_format (the diffusers-format file is written)")
+
+    @classmethod
+    def check_process_options(cls, config: RunConfig) -> None:
+        """The flow-matching options need a flow-matching family (checked before any weights load)."""
+        scheme = config.flow_matching.weighting_scheme
+        if not cls.flow_matching and scheme != "none":
+            raise ConfigError("weighting_scheme", f"{scheme} is a flow-matching option and the {cls.family} family "
+                              "trains with the DDPM process", "drop --weighting_scheme (DDPM: --snr_gamma)")
 
     def check_data(self, data: Any) -> None:
         """Raise if the data (a `data.TrainData`) cannot train this model; may remember validation defaults."""
@@ -136,7 +146,8 @@ class FamilyAdapter(ABC):
                 if (module := getattr(self.pipeline, name, None)) is not None}
 
     def tokenizers(self) -> dict[str, Any]:
-        return {name: getattr(self.pipeline, name) for name in self.tokenizer_names}
+        return {name: tokenizer for name in self.tokenizer_names
+                if (tokenizer := getattr(self.pipeline, name, None)) is not None}
 
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Prompts -> the denoiser's text inputs, each (B, ...), named as the pipeline's `__call__` takes them
@@ -197,7 +208,7 @@ class FamilyAdapter(ABC):
 
         def hook(index: int):
             def store(module, args, output):
-                captured[index] = output[0] if isinstance(output, (tuple, list)) else output
+                captured[index] = output[self.hidden_output_index] if isinstance(output, (tuple, list)) else output
             return store
 
         handles = [blocks[i].register_forward_hook(hook(i)) for i in indices]

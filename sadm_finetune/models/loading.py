@@ -11,10 +11,11 @@ from .dit import DiTAdapter
 from .family import FamilyAdapter
 from .pixart import PixArtAdapter
 from .sd import StableDiffusionAdapter
+from .sd3 import StableDiffusion3Adapter
 from .sdxl import StableDiffusionXLAdapter
 
 FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter,
-                                              PixArtAdapter)
+                                              PixArtAdapter, StableDiffusion3Adapter)
 
 
 def _supported() -> str:
@@ -108,6 +109,13 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> str:
                          "your network") from None
 
 
+def saved_as_null(index: dict) -> dict[str, None]:
+    """Components the pipeline was saved without (`[null, null]` in model_index.json, e.g. SD3's T5 dropped):
+    passed as None, as `from_pretrained` wants them named."""
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value and value[0] is None}
+
+
 def family_class(config: ModelConfig) -> type[FamilyAdapter]:
     """The adapter class for the pretrained pipeline, from its model_index.json alone (no weights)."""
     return _adapter_class(read_pipeline_index(config)["_class_name"], config.pretrained_model_name_or_path)
@@ -126,7 +134,7 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
             revision=config.revision,
             variant=config.variant,
             use_safetensors=None if config.allow_pickle_weights else True,
-            **adapter_class.load_kwargs,
+            **{**saved_as_null(index), **adapter_class.load_kwargs},
         )
     except (OSError, ValueError, EnvironmentError) as e:
         text = first_line(e)

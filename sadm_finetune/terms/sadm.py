@@ -36,12 +36,12 @@ class SADMTerm(Term):
     name = "sadm"
     weight_key = "structure_weight"
 
-    def __init__(self, config: RunConfig, adapter, alphas_cumprod: torch.Tensor, autocast, adam_epsilon: float) -> None:
+    def __init__(self, config: RunConfig, adapter, process, autocast, adam_epsilon: float) -> None:
         from diffusers.optimization import get_scheduler
 
         s = self.config = config.sadm
         self.adapter = adapter
-        self.objective = SADMObjective(s, alphas_cumprod, autocast=autocast)
+        self.objective = SADMObjective(s, process, autocast=autocast)
         self.disc = build_discriminator(config, adapter)
         self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=s.disc_learning_rate,
                                            betas=(s.disc_adam_beta1, s.disc_adam_beta2),

@@ -1,0 +1,30 @@
+"""Config section of the flow-matching noise process (Stable Diffusion 3 / 3.5): how training timesteps are
+drawn and how the per-sample loss is weighted, the options of diffusers' train_dreambooth_lora_sd3.py with
+its defaults. Flags derive from these fields like every other (flags.py); DDPM families refuse them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ConfigError
+from .fields import help_field as _f
+
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+@dataclass
+class FlowMatchingConfig:
+    weighting_scheme: Literal[WEIGHTING_SCHEMES] = _f(
+        "none", "Flow matching (SD3): timestep density and loss weighting (diffusers' compute_density_for_timestep_"
+        "sampling / compute_loss_weighting_for_sd3). none: uniform timesteps, unweighted loss (diffusers' default); "
+        "logit_normal / mode: timesteps drawn from that density (SD3 paper); sigma_sqrt / cosmap: uniform timesteps, "
+        "loss weighted per sample.",
+    )
+    logit_mean: float = _f(0.0, "Mean of the logit-normal timestep density (weighting_scheme logit_normal).")
+    logit_std: float = _f(1.0, "Std of the logit-normal timestep density (weighting_scheme logit_normal).")
+    mode_scale: float = _f(1.29, "Scale of the mode timestep density (weighting_scheme mode).")
+
+    def __post_init__(self) -> None:
+        if self.logit_std <= 0:
+            raise ConfigError("logit_std", f"must be > 0, got {self.logit_std}", "use e.g. 1.0")
