@@ -73,6 +73,7 @@ def main() -> None:
     from sadm_finetune.config import SADMConfig
     from sadm_finetune.demo_data import load_digits_images
     from sadm_finetune.losses import predicted_original_sample
+    from sadm_finetune.noise import DDPMProcess
     from sadm_finetune.sadm import SADMObjective
 
     pipe = DiffusionPipeline.from_pretrained(args.pretrained, use_safetensors=True)
@@ -99,7 +100,7 @@ def main() -> None:
             for i in range(0, len(z0), 256)])
         row = {}
         for name, options in VARIANTS.items():
-            objective = SADMObjective(SADMConfig(**options), alphas)
+            objective = SADMObjective(SADMConfig(**options), DDPMProcess(pipe.scheduler.config, "cpu"))
             real, fake, _ = objective.disc_inputs(z0, x0_hat, t, torch.Generator().manual_seed(t_value))
             row[name] = probe_accuracy(band_energies(real), band_energies(fake))
         row["fake_to_real_energy_ratio"] = float(x0_hat.pow(2).mean() / z0.pow(2).mean())

@@ -52,6 +52,7 @@ def _probe(rank: int, world: int, port: int, queue) -> None:
 
     from sadm_finetune.config import SADMConfig
     from sadm_finetune.models.discriminator import StructureDiscriminator
+    from sadm_finetune.noise import DDPMProcess
     from sadm_finetune.sadm import SADMObjective
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -85,8 +86,8 @@ def _probe(rank: int, world: int, port: int, queue) -> None:
         torch.manual_seed(0)
         disc = FSDP(StructureDiscriminator(in_channels=4, base_channels=8, num_blocks=2, embed_dim=16), **kwargs)
         disc(x, t).sum().backward()
-        alphas_cumprod = DDPMScheduler(beta_schedule="linear").alphas_cumprod
-        objective = SADMObjective(SADMConfig(structure_gather=False), alphas_cumprod)
+        process = DDPMProcess(DDPMScheduler(beta_schedule="linear").config, "cpu")
+        objective = SADMObjective(SADMConfig(structure_gather=False), process)
         x0_hat = torch.randn(2, 4, 8, 8, requires_grad=True)
         try:
             loss, _ = objective.generator_loss(extract_model_from_parallel(disc), x, x0_hat, t, None)

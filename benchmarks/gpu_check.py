@@ -45,6 +45,7 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
     from sadm_finetune.config import SADMConfig
     from sadm_finetune.losses import DiffusionLoss, LearnedSigmaVLB, predicted_original_sample
     from sadm_finetune.models.discriminator import StructureDiscriminator
+    from sadm_finetune.noise import DDPMProcess
     from sadm_finetune.sadm import SADMObjective
 
     device = torch.device(device)
@@ -71,7 +72,7 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
                                       embed_dim=cfg.disc_embed_dim).to(device)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_learning_rate,
                                   betas=(cfg.disc_adam_beta1, cfg.disc_adam_beta2), weight_decay=cfg.disc_weight_decay)
-        objective = SADMObjective(cfg, alphas_cumprod, autocast=autocast)
+        objective = SADMObjective(cfg, DDPMProcess(scheduler.config, device), autocast=autocast)
     times, losses = [], []
     gen = torch.Generator(device=device).manual_seed(0)
     for _ in range(steps):

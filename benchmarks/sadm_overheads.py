@@ -45,6 +45,7 @@ from step_time import DEMO_SADM, _proc_status_kb  # noqa: E402
 from sadm_finetune.config import SADMConfig  # noqa: E402
 from sadm_finetune.losses import StructureLoss, structure_sample_weights  # noqa: E402
 from sadm_finetune.models.discriminator import StructureDiscriminator  # noqa: E402
+from sadm_finetune.noise import DDPMProcess  # noqa: E402
 from sadm_finetune.sadm import SADMObjective  # noqa: E402
 
 from diffusers import DDPMScheduler  # noqa: E402
@@ -83,8 +84,7 @@ def _setup(model: str, batch_size: int):
     disc = StructureDiscriminator(in_channels=4, base_channels=cfg.disc_width, num_blocks=cfg.disc_depth,
                                   embed_dim=cfg.disc_embed_dim, spectral_norm=cfg.disc_spectral_norm).train()
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_learning_rate, betas=(0.5, 0.999), weight_decay=1e-4)
-    ac = DDPMScheduler(beta_schedule="linear").alphas_cumprod
-    objective = SADMObjective(cfg, ac)
+    objective = SADMObjective(cfg, DDPMProcess(DDPMScheduler(beta_schedule="linear").config, "cpu"))
     latents = torch.randn(batch_size, 4, size, size)
     model_pred = torch.randn(batch_size, 4, size, size, requires_grad=True)  # stands in for the denoiser output
     timesteps = torch.randint(0, 1000, (batch_size,))
