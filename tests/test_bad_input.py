@@ -141,3 +141,16 @@ def test_the_table_holds_distinct_errors_of_a_working_run(world, tmp_path, capsy
     assert all(mutate(world, base) != base for _, mutate, _ in CASES)
     assert main(base) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_an_unsupported_pipeline_class_names_every_supported_one():
+    from sadm_finetune.errors import InputError
+    from sadm_finetune.models.loading import _adapter_class
+
+    with pytest.raises(InputError) as e:
+        _adapter_class("FluxPipeline", "black-forest-labs/FLUX.1-dev")
+    message = str(e.value)
+    assert "\n" not in message and "FluxPipeline, which this toolkit cannot fine-tune" in message
+    for supported in ("DiTPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                      "StableDiffusion3Pipeline", "PixArtSigmaPipeline"):
+        assert supported in message.split("use one of:")[1]

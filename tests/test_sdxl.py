@@ -10,7 +10,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from launch import tiny_run_args, train_in_process
+from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
 from sadm_finetune.config import ModelConfig
 from sadm_finetune.models.loading import load_family
@@ -134,7 +134,7 @@ def test_full_fine_tune_on_buckets_with_caches_exports_a_stock_pipeline(tmp_path
         "--train_batch_size", "2", "--aspect_ratio_buckets", "--cache_latents", "--center_crop", "--random_flip",
         "--latent_cache_dir", str(tmp_path / "latents"), "--cache_text_embeddings", "--text_cache_dir", str(text_cache),
         "--gradient_checkpointing", "--validation_steps", "2", "--validation_prompts", "img-0", "an unseen prompt"]
-    proc = train_in_process(args)
+    proc = accelerate_launch(args, offline_env(tmp_path))  # the way users run it: one CLI run per family
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: lambda 0.01" in proc.stdout and "aspect-ratio buckets" in proc.stdout
     assert _changed(out, base) > 1e-4  # trained, beyond rounding
