@@ -217,7 +217,7 @@ def test_lora_without_sadm_loads_with_stock_load_lora_weights(tiny_sd3, tmp_path
     out = tmp_path / "out"
     args = tiny_run_args(tiny_sd3, data, out, steps=2) + [
         "--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2", "--structure_weight", "0",
-        "--weighting_scheme", "sigma_sqrt", "--report_to", "none"]
+        "--weighting_scheme", "sigma_sqrt", "--gradient_checkpointing", "--report_to", "none"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: off" in proc.stdout
