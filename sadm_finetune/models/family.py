@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig, RunConfig, TrainingConfig
 from ..data import caption_text
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 
 @dataclass
@@ -49,8 +49,25 @@ def drop_to_empty(embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor
             for name, value in embeds.items()}
 
 
+NUM_DEFAULT_PROMPTS = 4  # validation-grid rows of a text family when --validation_prompts is not given
+
+
+def caption_prompts(data: Any, who: str) -> list[str]:
+    """A text family's data check: `data` (a `data.TrainData`) must carry one caption per image. Returns the
+    first distinct captions of its first 64 samples, the validation grid's default prompts."""
+    if data.caption_column is None:
+        raise InputError(
+            f"caption_column: {data.description} has no caption column; {who} needs one caption per image: add "
+            "metadata.jsonl (file_name, text) to the image folder, or pass --caption_column <name>"
+        )
+    head = data.dataset.select(range(min(64, len(data.dataset))))[data.caption_column]
+    prompts = list(dict.fromkeys(caption_text(c) for c in head if caption_text(c)))
+    return prompts[:NUM_DEFAULT_PROMPTS] or [""]
+
+
 class FamilyAdapter(ABC):
     family: str  # model-card tag, e.g. "dit"
+    display_name: str = ""  # the family in messages, e.g. "Stable Diffusion XL"
     pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s this adapter accepts
     denoiser_name: str  # pipeline component that trains, e.g. "transformer"
     lora_target_modules: tuple[str, ...]  # default LoRA targets (module names or name suffixes)

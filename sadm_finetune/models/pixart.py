@@ -28,11 +28,9 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ..config import RunConfig, TrainingConfig
-from ..data import caption_text
-from ..errors import ConfigError, InputError
-from .family import FamilyAdapter, ModelOutput, batch_size, drop_to_empty
+from ..errors import ConfigError
+from .family import FamilyAdapter, ModelOutput, batch_size, caption_prompts, drop_to_empty
 
-NUM_DEFAULT_PROMPTS = 4
 
 
 def micro_conditions(target_sizes: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -44,6 +42,7 @@ def micro_conditions(target_sizes: torch.Tensor, device: torch.device) -> dict[s
 
 class PixArtAdapter(FamilyAdapter):
     family = "pixart-sigma"
+    display_name = "PixArt"
     pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     denoiser_name = "transformer"
     # Self- and cross-attention projections and the MLP of every block (not adaLN-single, which carries the time).
@@ -85,14 +84,7 @@ class PixArtAdapter(FamilyAdapter):
                 raise ConfigError(field, why, fix)
 
     def check_data(self, data) -> None:
-        if data.caption_column is None:
-            raise InputError(
-                f"caption_column: {data.description} has no caption column; PixArt needs one caption per image: add "
-                "metadata.jsonl (file_name, text) to the image folder, or pass --caption_column <name>"
-            )
-        head = data.dataset.select(range(min(64, len(data.dataset))))[data.caption_column]
-        prompts = list(dict.fromkeys(caption_text(c) for c in head if caption_text(c)))
-        self.default_prompts = prompts[:NUM_DEFAULT_PROMPTS] or [""]
+        self.default_prompts = caption_prompts(data, self.display_name)
 
     def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
         return training.validation_prompts or self.default_prompts

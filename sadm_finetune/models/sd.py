@@ -16,15 +16,14 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
 from ..config import RunConfig, TrainingConfig
-from ..data import caption_text
-from ..errors import ConfigError, InputError
-from .family import FamilyAdapter, ModelOutput, batch_size, drop_to_empty
+from ..errors import ConfigError
+from .family import FamilyAdapter, ModelOutput, batch_size, caption_prompts, drop_to_empty
 
-NUM_DEFAULT_PROMPTS = 4
 
 
 class StableDiffusionAdapter(FamilyAdapter):
     family = "stable-diffusion"
+    display_name = "Stable Diffusion"
     pipeline_classes = ("StableDiffusionPipeline",)
     pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline  # exported; its LoRA loader reads our file
     denoiser_name = "unet"
@@ -62,14 +61,7 @@ class StableDiffusionAdapter(FamilyAdapter):
                               "drop --sddit_weight or fine-tune a DiT pipeline")
 
     def check_data(self, data) -> None:
-        if data.caption_column is None:
-            raise InputError(
-                f"caption_column: {data.description} has no caption column; Stable Diffusion needs one caption per "
-                "image: add metadata.jsonl (file_name, text) to the image folder, or pass --caption_column <name>"
-            )
-        head = data.dataset.select(range(min(64, len(data.dataset))))[data.caption_column]
-        prompts = list(dict.fromkeys(caption_text(c) for c in head if caption_text(c)))
-        self.default_prompts = prompts[:NUM_DEFAULT_PROMPTS] or [""]
+        self.default_prompts = caption_prompts(data, self.display_name)
 
     def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
         return training.validation_prompts or self.default_prompts

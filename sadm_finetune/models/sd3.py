@@ -30,6 +30,7 @@ from .sd import StableDiffusionAdapter
 
 class StableDiffusion3Adapter(StableDiffusionAdapter):
     family = "stable-diffusion-3"
+    display_name = "Stable Diffusion 3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     pipeline_class = StableDiffusion3Pipeline
     denoiser_name = "transformer"

@@ -35,6 +35,7 @@ def add_time_ids(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     family = "stable-diffusion-xl"
+    display_name = "Stable Diffusion XL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     pipeline_class = StableDiffusionXLPipeline
     load_kwargs: dict[str, Any] = {}  # no safety checker to skip
