@@ -9,6 +9,10 @@
     python benchmarks/sadm_study.py --full          # + block 4 (LoRA, low-t, no-SN, low-pass, pool, the converged
                                                     # control) and the extra leads: about 2.5 h more
     python benchmarks/sadm_study.py --full --report_only   # summarise every run that is done
+    python scripts/make_digits_encoder.py --output_dir runs/digits-encoder --steps 400 --num_threads 1   # ~2 min
+    python benchmarks/sadm_study.py --terms         # the related papers' terms in the continue regime: plain, SADM,
+                                                    # REPA, SD-DiT, SADM + REPA (5 arms x 5 seeds = 25 runs, about
+                                                    # 50 min on 2 free cores); results in benchmarks/results/terms_study
 
 Regimes (all offline, built by the project's own scripts; each base shares the bundled demo VAE):
 - continue: an under-trained base (scripts/make_demo_base.py, 1,500 steps at a constant 1e-3, no EMA)
