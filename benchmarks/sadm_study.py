@@ -11,8 +11,10 @@
     python benchmarks/sadm_study.py --full --report_only   # summarise every run that is done
     python scripts/make_digits_encoder.py --output_dir runs/digits-encoder --steps 400 --num_threads 1   # ~2 min
     python benchmarks/sadm_study.py --terms         # the related papers' terms in the continue regime: plain, SADM,
-                                                    # REPA, SD-DiT, SADM + REPA (5 arms x 5 seeds = 25 runs, about
-                                                    # 50 min on 2 free cores); results in benchmarks/results/terms_study
+                                                    # REPA, SD-DiT, SADM + REPA, then REPA at lambda 0.1 and SD-DiT at
+                                                    # 0.5 (7 arms x 5 seeds = 35 runs, measured 3-4 min each, 2 at a
+                                                    # time: about 1 h on 2 free cores); results in
+                                                    # benchmarks/results/terms_study
 
 Regimes (all offline, built by the project's own scripts; each base shares the bundled demo VAE):
 - continue: an under-trained base (scripts/make_demo_base.py, 1,500 steps at a constant 1e-3, no EMA)
@@ -112,7 +114,12 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "repa"): (REPA + PLAIN, "plain"),
     ("continue", "sddit"): (SDDIT + PLAIN, "plain"),
     ("continue", "sadm+repa"): (REPA, "plain"),
+    # One other weight each, after the first five arms: does the verdict hinge on lambda?
+    ("continue", "repa-0.1"): (REPA[:1] + ["0.1"] + REPA[2:] + PLAIN, "plain"),
+    ("continue", "sddit-0.5"): (SDDIT[:1] + ["0.5"] + SDDIT[2:] + PLAIN, "plain"),
 }
+# Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
+ALSO_PAIRED = {("continue", "sadm+repa"): "sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -262,6 +269,17 @@ def verdict(metric: str, ci: dict) -> str:
     return word if ci["n"] >= PROTOCOL_SEEDS else f"{word} (preliminary: {ci['n']} seeds)"
 
 
+def paired(seeds: dict, other: dict) -> dict:
+    """Per metric: the mean paired difference (this arm minus `other`, over their common seeds), CI and verdict."""
+    common = sorted(set(seeds) & set(other), key=int)
+    out = {}
+    for m in METRICS:
+        ci = t_interval([seeds[s][m] - other[s][m] for s in common])
+        ci["verdict"] = verdict(m, ci)
+        out[m] = ci
+    return out
+
+
 def summarise(runs: dict, bases: dict, arms: dict) -> dict:
     summary: dict = {}
     for (regime, arm), (_, paired_with) in arms.items():
@@ -275,13 +293,10 @@ def summarise(runs: dict, bases: dict, arms: dict) -> dict:
         if regime in bases:
             entry["minus_base"] = {m: entry["mean"][m] - bases[regime][m] for m in METRICS}
         if paired_with:
-            other = runs.get(regime, {}).get(paired_with, {})
-            common = sorted(set(seeds) & set(other), key=int)
-            entry["paired"] = {}
-            for m in METRICS:
-                ci = t_interval([seeds[s][m] - other[s][m] for s in common])
-                ci["verdict"] = verdict(m, ci)
-                entry["paired"][m] = ci
+            entry["paired"] = paired(seeds, runs.get(regime, {}).get(paired_with, {}))
+        also = ALSO_PAIRED.get((regime, arm))
+        if also and runs.get(regime, {}).get(also):
+            entry["also_paired"] = {also: paired(seeds, runs[regime][also])}
         summary.setdefault(regime, {})[arm] = entry
     return summary
 
@@ -352,6 +367,9 @@ def print_table(result: dict) -> None:
                 ci = e["paired"]["fid"]
                 line += (f"  paired ΔFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] "
                          f"{ci['verdict']}")
+            for other, p in e.get("also_paired", {}).items():
+                ci = p["fid"]
+                line += f"; vs {other} {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] {ci['verdict']}"
             print(line)
 
 
@@ -420,8 +438,8 @@ def main() -> None:
     for regime, setup in setups.items():
         base_metrics(regime, setup, work)
     def block(arm: tuple[str, str]) -> int:
-        if args.terms:  # one block: seed by seed
-            return 0
+        if args.terms:  # the first five arms seed by seed, then the other weights
+            return 0 if arm[1] in ("plain", "sadm", "repa", "sddit", "sadm+repa") else 1
         return next((i for i, b in enumerate(PRIORITY) if arm in b), len(PRIORITY))
 
     jobs.sort(key=lambda j: (block(j[:2]), j[3], list(arms).index(j[:2])))
