@@ -11,10 +11,10 @@
     python benchmarks/sadm_study.py --full --report_only   # summarise every run that is done
     python scripts/make_digits_encoder.py --output_dir runs/digits-encoder --steps 400 --num_threads 1   # ~2 min
     python benchmarks/sadm_study.py --terms         # the related papers' terms in the continue regime: plain, SADM,
-                                                    # REPA, SD-DiT, SADM + REPA, then REPA at lambda 0.1 and SD-DiT at
-                                                    # 0.5 (7 arms x 5 seeds = 35 runs, measured 3-4 min each, 2 at a
-                                                    # time: about 1 h on 2 free cores); results in
-                                                    # benchmarks/results/terms_study
+                                                    # REPA, SD-DiT, SADM + REPA, then REPA at lambda 0.1, SD-DiT at
+                                                    # 0.5 and 1.0, SADM + SD-DiT 0.5 (9 arms x 5 seeds = 45 runs,
+                                                    # measured 2-3 min each, 2 at a time: about 1 h on 2 free
+                                                    # cores); results in benchmarks/results/terms_study
 
 Regimes (all offline, built by the project's own scripts; each base shares the bundled demo VAE):
 - continue: an under-trained base (scripts/make_demo_base.py, 1,500 steps at a constant 1e-3, no EMA)
@@ -117,9 +117,12 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # One other weight each, after the first five arms: does the verdict hinge on lambda?
     ("continue", "repa-0.1"): (REPA[:1] + ["0.1"] + REPA[2:] + PLAIN, "plain"),
     ("continue", "sddit-0.5"): (SDDIT[:1] + ["0.5"] + SDDIT[2:] + PLAIN, "plain"),
+    # SD-DiT at 0.5 beat 0.1 on the first seeds: one weight higher, and with SADM.
+    ("continue", "sddit-1.0"): (SDDIT[:1] + ["1.0"] + SDDIT[2:] + PLAIN, "plain"),
+    ("continue", "sadm+sddit-0.5"): (SDDIT[:1] + ["0.5"] + SDDIT[2:], "plain"),
 }
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
-ALSO_PAIRED = {("continue", "sadm+repa"): "sadm"}
+ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -438,8 +441,9 @@ def main() -> None:
     for regime, setup in setups.items():
         base_metrics(regime, setup, work)
     def block(arm: tuple[str, str]) -> int:
-        if args.terms:  # the first five arms seed by seed, then the other weights
-            return 0 if arm[1] in ("plain", "sadm", "repa", "sddit", "sadm+repa") else 1
+        if args.terms:  # the first five arms seed by seed, then the other weights, then SD-DiT's follow-ups
+            first = ("plain", "sadm", "repa", "sddit", "sadm+repa")
+            return 0 if arm[1] in first else 1 if arm[1] in ("repa-0.1", "sddit-0.5") else 2
         return next((i for i, b in enumerate(PRIORITY) if arm in b), len(PRIORITY))
 
     jobs.sort(key=lambda j: (block(j[:2]), j[3], list(arms).index(j[:2])))
