@@ -12,7 +12,7 @@
     python scripts/make_digits_encoder.py --output_dir runs/digits-encoder --steps 400 --num_threads 1   # ~2 min
     python benchmarks/sadm_study.py --terms         # the related papers' terms in the continue regime: plain, SADM,
                                                     # REPA, SD-DiT, SADM + REPA, then REPA at lambda 0.1, SD-DiT at
-                                                    # 0.5 and 1.0, SADM + SD-DiT 0.5 (9 arms x 5 seeds = 45 runs,
+                                                    # 0.5, 1.0 and 2.0, SADM + SD-DiT 0.5 (10 arms x 5 seeds = 50 runs,
                                                     # measured 2-3 min each, 2 at a time: about 1 h on 2 free
                                                     # cores); results in benchmarks/results/terms_study
 
@@ -120,6 +120,7 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # SD-DiT at 0.5 beat 0.1 on the first seeds: one weight higher, and with SADM.
     ("continue", "sddit-1.0"): (SDDIT[:1] + ["1.0"] + SDDIT[2:] + PLAIN, "plain"),
     ("continue", "sadm+sddit-0.5"): (SDDIT[:1] + ["0.5"] + SDDIT[2:], "plain"),
+    ("continue", "sddit-2.0"): (SDDIT[:1] + ["2.0"] + SDDIT[2:] + PLAIN, "plain"),  # 1.0 beat 0.5: where does it turn?
 }
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5"}
@@ -443,7 +444,7 @@ def main() -> None:
     def block(arm: tuple[str, str]) -> int:
         if args.terms:  # the first five arms seed by seed, then the other weights, then SD-DiT's follow-ups
             first = ("plain", "sadm", "repa", "sddit", "sadm+repa")
-            return 0 if arm[1] in first else 1 if arm[1] in ("repa-0.1", "sddit-0.5") else 2
+            return 0 if arm[1] in first else 1 if arm[1] in ("repa-0.1", "sddit-0.5") else 2 if arm[1] != "sddit-2.0" else 3
         return next((i for i, b in enumerate(PRIORITY) if arm in b), len(PRIORITY))
 
     jobs.sort(key=lambda j: (block(j[:2]), j[3], list(arms).index(j[:2])))
