@@ -55,12 +55,12 @@ MODES = ("bare", "plain", "sadm")
 # --terms: the related papers' terms on the tiny model, each as one more column (settings of the terms study,
 # benchmarks/sadm_study.py --terms). REPA reads cached encoder features (the --cache_latents batch), so the
 # column times the projector and its loss, not the frozen encoder.
-TERM_MODES = ("repa", "sddit", "sadm+repa")
+TERM_MODES = ("repa", "sddit", "sadm+repa", "sadm+sddit")
 REPA_ENCODER = Path(__file__).resolve().parents[1] / "runs" / "digits-encoder"
 TERM_OVERRIDES = {
     "repa": dict(repa_weight=0.5, repa_encoder=str(REPA_ENCODER), repa_depth=2, repa_projector_dim=256,
                  repa_encoder_resolution=32, cache_latents=True, center_crop=True),
-    "sddit": dict(sddit_weight=0.1, sddit_encoder_depth=2, sddit_head_dim=256, sddit_head_hidden_dim=256),
+    "sddit": dict(sddit_weight=0.5, sddit_encoder_depth=2, sddit_head_dim=256, sddit_head_hidden_dim=256),
 }
 
 # DiTTransformer2DModel kwargs. tiny: the demo DiT (learned sigma, as scripts/make_demo_base.py builds it);
@@ -448,7 +448,7 @@ def main(argv=None) -> None:
                                  "cached-posterior batch (no VAE)",
                         "sadm": "loop.train_loop step (between on_update calls), SADM on (1 D update per step), "
                                 "cached-posterior batch",
-                        **{term: f"as plain, with {term} on ({TERM_OVERRIDES.get(term, 'SADM and REPA as in their columns')}); "
+                        **{term: f"as plain, with {term} on ({TERM_OVERRIDES.get(term, 'SADM and the term as in their columns')}); "
                                  "REPA from cached features" for term in TERM_MODES}}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
