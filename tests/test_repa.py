@@ -479,3 +479,35 @@ def test_two_processes_keep_the_projector_identical(repa_sddit_ddp_run):
     test_sddit: REPA and SD-DiT on together, conftest.py)."""
     assert {"denoiser", "repa.projector", "discriminator"} <= set(repa_sddit_ddp_run.identical), \
         repa_sddit_ddp_run.text[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_repa_with_sadm_trains_the_text_transformer_families(tmp_path, family):
+    """The terms read hidden states through the family adapter's hooks, so REPA (beside SADM) runs on SD3's MMDiT
+    (image tokens of a joint block) and PixArt's transformer as on DiT; the export keeps the base's keys."""
+    from tiny_sd import build_captioned_folder
+
+    if family == "sd3":
+        from tiny_sd3 import build_tiny_sd3_pipeline as build
+        extra = []
+    else:
+        from tiny_pixart import build_tiny_pixart_pipeline as build
+        extra = ["--resolution", "32"]  # the tiny PixArt's stock default is 256 px; it trains at 32
+    base = build(tmp_path / "base")
+    data = build_captioned_folder(tmp_path / "data")
+    encoder = build_tiny_encoder(tmp_path / "enc")
+    out = tmp_path / "out"
+    proc = train_in_process(tiny_run_args(base, data, out, steps=2) + repa_args(encoder) + extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"REPA: lambda 0.5, block 1, encoder .* at 42 px", proc.stdout), proc.stdout[-2000:]
+    assert "SADM: lambda 0.01" in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    cosines = [e.value for e in events.Scalars("repa_cosine")]
+    assert len(cosines) == 2 and all(-1 <= c <= 1 for c in cosines)  # the term ran on every step
+    base_tr, new_tr = _tensors(base / "transformer"), _tensors(out / "transformer")
+    assert base_tr.keys() == new_tr.keys()  # no projector in the export
+    assert max((base_tr[k] - new_tr[k]).abs().max().item() for k in base_tr) > 0  # and it trained
