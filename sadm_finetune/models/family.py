@@ -52,6 +52,13 @@ def drop_to_empty(embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor
 NUM_DEFAULT_PROMPTS = 4  # validation-grid rows of a text family when --validation_prompts is not given
 
 
+def refuse_options(*rows: tuple[bool, str, str, str]) -> None:
+    """`check_config`'s table: ConfigError(field, why, fix) for the first (refused, field, why, fix) row that holds."""
+    for refused, field, why, fix in rows:
+        if refused:
+            raise ConfigError(field, why, fix)
+
+
 def caption_prompts(data: Any, who: str) -> list[str]:
     """A text family's data check: `data` (a `data.TrainData`) must carry one caption per image. Returns the
     first distinct captions of its first 64 samples, the validation grid's default prompts."""
@@ -317,3 +324,17 @@ pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name})"""
 
     def card_tags(self) -> list[str]:
         return [self.family]
+
+
+class CaptionedFamily:
+    """For text-to-image adapters (before FamilyAdapter in the bases): the data must carry captions, and its
+    first distinct captions are the validation grid's prompts unless --validation_prompts names some."""
+
+    default_prompts: list[str] | None = None
+    display_name: str
+
+    def check_data(self, data: Any) -> None:
+        self.default_prompts = caption_prompts(data, self.display_name)
+
+    def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
+        return training.validation_prompts or self.default_prompts

@@ -27,9 +27,9 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from ..config import RunConfig, TrainingConfig
+from ..config import RunConfig
 from ..errors import ConfigError
-from .family import FamilyAdapter, ModelOutput, batch_size, caption_prompts, drop_to_empty
+from .family import CaptionedFamily, FamilyAdapter, ModelOutput, batch_size, drop_to_empty, refuse_options
 
 
 
@@ -40,7 +40,7 @@ def micro_conditions(target_sizes: torch.Tensor, device: torch.device) -> dict[s
     return {"resolution": sizes, "aspect_ratio": (sizes[:, 0] / sizes[:, 1]).unsqueeze(1)}
 
 
-class PixArtAdapter(FamilyAdapter):
+class PixArtAdapter(CaptionedFamily, FamilyAdapter):
     family = "pixart-sigma"
     display_name = "PixArt"
     pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
@@ -49,7 +49,6 @@ class PixArtAdapter(FamilyAdapter):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
-    default_prompts: list[str] | None = None
     resolution: int | None = None  # set by set_resolution: validation grids sample at it
 
     @property
@@ -68,7 +67,7 @@ class PixArtAdapter(FamilyAdapter):
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
-        refused = (
+        refuse_options(
             (config.sadm.disc_class_conditional, "disc_class_conditional",
              "PixArt is text-conditioned and has no class labels", "drop --disc_class_conditional"),
             (config.training.validation_class_labels is not None, "validation_class_labels",
@@ -79,15 +78,6 @@ class PixArtAdapter(FamilyAdapter):
             (config.sddit.enabled, "sddit_weight", "SD-DiT's student takes class labels and PixArt is text-conditioned",
              "drop --sddit_weight or fine-tune a DiT pipeline"),
         )
-        for bad, field, why, fix in refused:
-            if bad:
-                raise ConfigError(field, why, fix)
-
-    def check_data(self, data) -> None:
-        self.default_prompts = caption_prompts(data, self.display_name)
-
-    def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
-        return training.validation_prompts or self.default_prompts
 
     def default_resolution(self) -> int:
         return self.denoiser.config.sample_size * self.vae_scale_factor

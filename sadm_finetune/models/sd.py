@@ -15,13 +15,13 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
-from ..config import RunConfig, TrainingConfig
+from ..config import RunConfig
 from ..errors import ConfigError
-from .family import FamilyAdapter, ModelOutput, batch_size, caption_prompts, drop_to_empty
+from .family import CaptionedFamily, FamilyAdapter, ModelOutput, batch_size, drop_to_empty, refuse_options
 
 
 
-class StableDiffusionAdapter(FamilyAdapter):
+class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
     family = "stable-diffusion"
     display_name = "Stable Diffusion"
     pipeline_classes = ("StableDiffusionPipeline",)
@@ -33,7 +33,6 @@ class StableDiffusionAdapter(FamilyAdapter):
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
     kohya_lora = True
-    default_prompts: list[str] | None = None
 
     @property
     def text_encoder(self) -> nn.Module | None:
@@ -47,24 +46,17 @@ class StableDiffusionAdapter(FamilyAdapter):
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
-        if config.sadm.disc_class_conditional:
-            raise ConfigError("disc_class_conditional", "Stable Diffusion is text-conditioned and has no class labels",
-                              "drop --disc_class_conditional")
-        if config.training.validation_class_labels is not None:
-            raise ConfigError("validation_class_labels", "Stable Diffusion takes prompts, not class ids",
-                              "use --validation_prompts instead")
-        if config.model.pos_embed_transfer is not None:
-            raise ConfigError("pos_embed_transfer", "Stable Diffusion's UNet has no positional embedding to transfer",
-                              "drop --pos_embed_transfer (--resolution alone sets its training size)")
-        if config.sddit.enabled:
-            raise ConfigError("sddit_weight", "SD-DiT needs a DiT-style transformer and Stable Diffusion has a UNet",
-                              "drop --sddit_weight or fine-tune a DiT pipeline")
-
-    def check_data(self, data) -> None:
-        self.default_prompts = caption_prompts(data, self.display_name)
-
-    def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
-        return training.validation_prompts or self.default_prompts
+        refuse_options(
+            (config.sadm.disc_class_conditional, "disc_class_conditional",
+             "Stable Diffusion is text-conditioned and has no class labels", "drop --disc_class_conditional"),
+            (config.training.validation_class_labels is not None, "validation_class_labels",
+             "Stable Diffusion takes prompts, not class ids", "use --validation_prompts instead"),
+            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
+             "Stable Diffusion's UNet has no positional embedding to transfer",
+             "drop --pos_embed_transfer (--resolution alone sets its training size)"),
+            (config.sddit.enabled, "sddit_weight", "SD-DiT needs a DiT-style transformer and Stable Diffusion has a UNet",
+             "drop --sddit_weight or fine-tune a DiT pipeline"),
+        )
 
     def default_resolution(self) -> int:
         return self.denoiser.config.sample_size * self.vae_scale_factor

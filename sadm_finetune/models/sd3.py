@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from .family import ModelOutput
+from .family import ModelOutput, refuse_options
 from .sd import StableDiffusionAdapter
 
 
@@ -47,7 +47,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
         super(StableDiffusionAdapter, cls).check_config(config)  # the family-wide checks, not SD's wording
-        refusals = (
+        refuse_options(
             (config.sadm.disc_class_conditional, "disc_class_conditional",
              "Stable Diffusion 3 is text-conditioned and has no class labels", "drop --disc_class_conditional"),
             (config.training.validation_class_labels is not None, "validation_class_labels",
@@ -62,9 +62,6 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
             (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",
              "use --trainable full or lora"),
         )
-        for refused, field, why, fix in refusals:
-            if refused:
-                raise ConfigError(field, why, fix)
 
     @property
     def text_encoder(self) -> nn.Module | None:
