@@ -333,6 +333,16 @@ class CaptionedFamily:
     default_prompts: list[str] | None = None
     display_name: str
 
+    @classmethod
+    def text_refusals(cls, config: RunConfig) -> tuple[tuple[bool, str, str, str], ...]:
+        """The `refuse_options` rows every text family shares: nothing class-conditional."""
+        return (
+            (config.sadm.disc_class_conditional, "disc_class_conditional",
+             f"{cls.display_name} is text-conditioned and has no class labels", "drop --disc_class_conditional"),
+            (config.training.validation_class_labels is not None, "validation_class_labels",
+             f"{cls.display_name} takes prompts, not class ids", "use --validation_prompts instead"),
+        )
+
     def check_data(self, data: Any) -> None:
         self.default_prompts = caption_prompts(data, self.display_name)
 

@@ -68,10 +68,7 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
         refuse_options(
-            (config.sadm.disc_class_conditional, "disc_class_conditional",
-             "PixArt is text-conditioned and has no class labels", "drop --disc_class_conditional"),
-            (config.training.validation_class_labels is not None, "validation_class_labels",
-             "PixArt takes prompts, not class ids", "use --validation_prompts instead"),
+            *cls.text_refusals(config),
             (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
              "PixArt's positional embedding already follows the token grid around the base's size",
              "drop --pos_embed_transfer (--resolution alone sets its training size)"),

@@ -47,10 +47,7 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
         refuse_options(
-            (config.sadm.disc_class_conditional, "disc_class_conditional",
-             "Stable Diffusion is text-conditioned and has no class labels", "drop --disc_class_conditional"),
-            (config.training.validation_class_labels is not None, "validation_class_labels",
-             "Stable Diffusion takes prompts, not class ids", "use --validation_prompts instead"),
+            *cls.text_refusals(config),
             (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
              "Stable Diffusion's UNet has no positional embedding to transfer",
              "drop --pos_embed_transfer (--resolution alone sets its training size)"),

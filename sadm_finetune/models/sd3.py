@@ -48,10 +48,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     def check_config(cls, config: RunConfig) -> None:
         super(StableDiffusionAdapter, cls).check_config(config)  # the family-wide checks, not SD's wording
         refuse_options(
-            (config.sadm.disc_class_conditional, "disc_class_conditional",
-             "Stable Diffusion 3 is text-conditioned and has no class labels", "drop --disc_class_conditional"),
-            (config.training.validation_class_labels is not None, "validation_class_labels",
-             "Stable Diffusion 3 takes prompts, not class ids", "use --validation_prompts instead"),
+            *cls.text_refusals(config),
             (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
              "SD3's transformer crops its own positional embedding to the image size",
              "drop --pos_embed_transfer (--resolution alone sets the training size)"),
