@@ -146,7 +146,7 @@ class FlowMatchProcess:
         return self.sigma(timesteps).reshape(-1, *([1] * (ndim - 1)))
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        s = self._sigma(timesteps, latents.ndim)
+        s = self._sigma(timesteps, latents.ndim).to(latents.dtype)  # as diffusers' SD3 script: the latents' dtype
         return (1.0 - s) * latents + s * noise
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
