@@ -92,9 +92,6 @@ class DiTAdapter(FamilyAdapter):
         id2label = getattr(self.pipeline.config, "id2label", None)
         return {int(k): v for k, v in id2label.items()} if id2label else None
 
-    def default_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
-
     def check_resolution(self, resolution: int) -> None:
         multiple = self.vae_scale_factor * self.denoiser.config.patch_size
         if resolution % multiple:

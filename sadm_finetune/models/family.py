@@ -132,8 +132,9 @@ class FamilyAdapter(ABC):
         """The rows of a validation grid (class ids, prompts), as `sample_grid` takes them."""
         return None
 
-    @abstractmethod
-    def default_resolution(self) -> int: ...
+    def default_resolution(self) -> int:
+        """The base's native image size: the denoiser's `sample_size` latents times the VAE factor."""
+        return self.denoiser.config.sample_size * self.vae_scale_factor
 
     @abstractmethod
     def check_resolution(self, resolution: int) -> None:

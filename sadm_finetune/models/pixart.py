@@ -76,9 +76,6 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
              "drop --sddit_weight or fine-tune a DiT pipeline"),
         )
 
-    def default_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
-
     def check_resolution(self, resolution: int) -> None:
         if resolution % self.patch_multiple:
             raise ConfigError(

@@ -55,9 +55,6 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
              "drop --sddit_weight or fine-tune a DiT pipeline"),
         )
 
-    def default_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
-
     def check_resolution(self, resolution: int) -> None:
         # StableDiffusionPipeline's own rule: the UNet forwards upsample sizes, so any whole latent size works.
         if resolution % self.vae_scale_factor:

@@ -69,9 +69,6 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
         """Pixels per transformer patch side: image sides must be multiples of it."""
         return self.vae_scale_factor * self.denoiser.config.patch_size
 
-    def default_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
-
     def check_resolution(self, resolution: int) -> None:
         m = self.patch_multiple
         if resolution % m:
