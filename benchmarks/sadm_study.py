@@ -15,6 +15,10 @@
                                                     # 0.5, 1.0 and 2.0, SADM + SD-DiT 0.5 (10 arms x 5 seeds = 50 runs,
                                                     # measured 2-3 min each, 2 at a time: about 1 h on 2 free
                                                     # cores); results in benchmarks/results/terms_study
+    python benchmarks/sadm_study.py --mechanism --work_dir runs/study   # the mechanism controls (frozen D,
+                                                    # per-sample GAN, plain at equal compute), min pair weights and
+                                                    # the recipe arms (no EMA, constant LR): 8 arms x 5 seeds;
+                                                    # results in benchmarks/results/mechanism_study
 
 Regimes (all offline, built by the project's own scripts; each base shares the bundled demo VAE):
 - continue: an under-trained base (scripts/make_demo_base.py, 1,500 steps at a constant 1e-3, no EMA)
@@ -122,8 +126,29 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "sadm+sddit-0.5"): (SDDIT[:1] + ["0.5"] + SDDIT[2:], "plain"),
     ("continue", "sddit-2.0"): (SDDIT[:1] + ["2.0"] + SDDIT[2:] + PLAIN, "plain"),  # 1.0 beat 0.5: where does it turn?
 }
+# The mechanism study (--mechanism; results in benchmarks/results/mechanism_study): what does SADM do, and at what
+# cost? Each arm paired with plain in the continue regime (the regime where fine-tuning helps). Controls: D frozen
+# at its random initialisation (no adversary); a per-sample non-saturating GAN loss on D's scores (no structure;
+# lambda 0.01 as SADM's: at initialisation its gradient on the denoiser's output is 0.84x SADM's, measured on
+# the continue base, 3 batches of 32); plain given SADM's measured step-time ratio in extra steps (x1.39 ->
+# 695 steps; the cosine schedule stretches with it). Formulation: min pair weights. Recipe: SADM and plain
+# without EMA and with a constant learning rate (the toolkit's old defaults).
+EQUAL_COMPUTE_STEPS = 695  # 500 x 1.39, SADM's step-time ratio on the demo DiT (benchmarks/results/step_time.json)
+NO_RECIPE = ["--no_use_ema", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
+MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("continue", "plain"): (PLAIN, None),
+    ("continue", "sadm"): ([], "plain"),
+    ("continue", "sadm-frozen-d"): (["--disc_frozen"], "plain"),
+    ("continue", "per-sample-gan"): (["--adversarial_loss", "per_sample_ns"], "plain"),
+    ("continue", "plain-equal-compute"): (PLAIN + ["--max_train_steps", str(EQUAL_COMPUTE_STEPS)], "plain"),
+    ("continue", "sadm-min-pairs"): (["--pair_weighting", "min"], "plain"),
+    ("continue", "plain-no-recipe"): (PLAIN + NO_RECIPE, None),
+    ("continue", "sadm-no-recipe"): (NO_RECIPE, "plain-no-recipe"),
+}
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
-ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5"}
+ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
+               ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
+               ("continue", "per-sample-gan"): "sadm", ("continue", "sadm-min-pairs"): "sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -409,6 +434,9 @@ def main() -> None:
     parser.add_argument("--terms", action="store_true",
                         help="the loss terms' arms (REPA, SD-DiT, SADM + REPA, each paired with plain) instead; "
                              "results in benchmarks/results/terms_study; needs scripts/make_digits_encoder.py first")
+    parser.add_argument("--mechanism", action="store_true",
+                        help="the mechanism study's controls (frozen D, per-sample GAN, equal compute), min pair "
+                             "weights and the recipe arms; results in benchmarks/results/mechanism_study")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--report_only", action="store_true", help="summarise finished runs, train nothing")
@@ -422,7 +450,10 @@ def main() -> None:
         if not (DIGITS_ENCODER / "config.json").is_file():
             raise SystemExit(f"--terms: REPA's encoder {DIGITS_ENCODER} is missing; build it with "
                              f"python scripts/make_digits_encoder.py --output_dir {DIGITS_ENCODER}")
-    args.output = args.output or str(ROOT / "benchmarks" / "results" / ("terms_study" if args.terms else "sadm_study"))
+    if args.mechanism:
+        arms = dict(MECHANISM_ARMS)
+    name = "terms_study" if args.terms else "mechanism_study" if args.mechanism else "sadm_study"
+    args.output = args.output or str(ROOT / "benchmarks" / "results" / name)
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {f"{r}/{a}" for r, a in arms}
@@ -445,6 +476,8 @@ def main() -> None:
         if args.terms:  # the first five arms seed by seed, then the other weights, then SD-DiT's follow-ups
             first = ("plain", "sadm", "repa", "sddit", "sadm+repa")
             return 0 if arm[1] in first else 1 if arm[1] in ("repa-0.1", "sddit-0.5") else 2 if arm[1] != "sddit-2.0" else 3
+        if args.mechanism:  # the controls first, then the formulation and the recipe arms
+            return 0 if arm[1] in ("plain", "sadm", "sadm-frozen-d", "per-sample-gan", "plain-equal-compute") else 1
         return next((i for i, b in enumerate(PRIORITY) if arm in b), len(PRIORITY))
 
     jobs.sort(key=lambda j: (block(j[:2]), j[3], list(arms).index(j[:2])))

@@ -251,6 +251,25 @@ class SADMConfig:
     )
     structure_snr_gamma: float = _f(5.0, "gamma of the min-SNR structure weighting: w = min(SNR, gamma) / gamma.")
     structure_t_cutoff: int = _f(300, "With timestep_weighting=cutoff: only timesteps below this count.")
+    pair_weighting: Literal["geometric", "min"] = _f(
+        "geometric", "Weight of the pair (i, j) in L_S from the samples' noise-level weights: geometric, "
+        "sqrt(w_i w_j) (a noisy sample paired with a clean one keeps a constant push on its noise prediction); "
+        "min, min(w_i, w_j) (the noisy sample's push shrinks with its SNR). Relation distances mse/l1 only.",
+    )
+    adversarial_loss: Literal["relations", "per_sample_ns", "per_sample_hinge"] = _f(
+        "relations", "What D and the denoiser play: relations (SADM: distance of the pairwise relation matrices); "
+        "per_sample_ns / per_sample_hinge (a control without structure: D scores each sample real or fake, "
+        "non-saturating or hinge GAN loss, the same D, noise-level weights and schedule).",
+    )
+    disc_frozen: bool = _f(
+        False, "Never update D: it stays at its random initialisation and L_S is a fixed random-feature "
+        "regulariser (a control without an adversary).",
+    )
+    structure_grad_bands: int = _f(
+        0, "Log the per-sample gradient norm of lambda * L_S and of the unweighted denoising MSE with respect to "
+        "the denoiser's output, averaged in this many equal timestep bands (0: off; costs one extra backward "
+        "through D).",
+    )
     structure_gather: bool = _f(True, "Relations over the global batch (gather embeddings across processes).")
     disc_learning_rate: float = _f(1e-4, "Structure discriminator learning rate (AdamW).")
     disc_adam_beta1: float = _f(0.5, "AdamW beta1 of the discriminator optimizer.")
@@ -283,7 +302,10 @@ class SADMConfig:
 
     def __post_init__(self) -> None:
         _non_negative(self, "structure_weight", "structure_warmup_steps", "disc_gradient_penalty", "disc_warmup_steps")
-        _non_negative(self, "disc_weight_decay")
+        _non_negative(self, "disc_weight_decay", "structure_grad_bands")
+        if self.pair_weighting != "geometric" and self.distance == "kl":
+            raise ConfigError("pair_weighting", "applies to the mse/l1 distances (kl weights each row by w_i)",
+                              "drop --pair_weighting or use --distance mse")
         _positive(self, "disc_max_grad_norm", "disc_pool")
         if not 0.0 <= self.disc_renoise <= 1.0:
             raise ConfigError("disc_renoise", f"must be in [0, 1], got {self.disc_renoise}", "use e.g. 0.5, or 0 for off")

@@ -201,15 +201,23 @@ def relation_matrix(embeddings: torch.Tensor, kind: Literal["cosine", "euclidean
 
 class StructureLoss:
     """L_S: distance between the real and fake relation matrices over off-diagonal pairs, each pair
-    weighted by sqrt(w_i w_j). The denoiser minimises it, the discriminator maximises it."""
+    weighted by sqrt(w_i w_j) (`pair_weighting="geometric"`) or min(w_i, w_j) ("min"). The denoiser minimises
+    it, the discriminator maximises it.
+
+    With geometric weights a pair of a noisy sample i (w_i = SNR_i / gamma) and a clean one (w_j = 1) pushes
+    x0_hat_i with weight sqrt(SNR_i / gamma); since d x0_hat / d eps_hat = -1 / sqrt(SNR) (epsilon models),
+    the push on the noise prediction is the constant 1 / sqrt(gamma) however noisy the sample. With min
+    weights it is sqrt(SNR_i) / gamma: it vanishes at high noise (tests/test_losses.py measures both)."""
 
     def __init__(
         self, relation: Literal["cosine", "euclidean", "rbf"] = "cosine",
         distance: Literal["mse", "l1", "kl"] = "mse", kl_temperature: float = 0.1,
+        pair_weighting: Literal["geometric", "min"] = "geometric",
     ) -> None:
         self.relation = relation
         self.distance = distance
         self.kl_temperature = kl_temperature
+        self.pair_weighting = pair_weighting
 
     def __call__(
         self, real_embeddings: torch.Tensor, fake_embeddings: torch.Tensor, sample_weights: torch.Tensor
@@ -234,10 +242,38 @@ class StructureLoss:
         else:
             diff = r_real - r_fake
             per_pair = diff.pow(2) if self.distance == "mse" else diff.abs()
-            pair_w = torch.sqrt(w[:, None] * w[None, :])
+            if self.pair_weighting == "min":
+                pair_w = torch.minimum(w[:, None], w[None, :])
+            else:
+                pair_w = torch.sqrt(w[:, None] * w[None, :])
             loss = off_diagonal_mean(pair_w * per_pair)
         logs = {
             "relation_real_mean": off_diagonal_mean(r_real).detach(),
             "relation_fake_mean": off_diagonal_mean(r_fake).detach(),
         }
         return loss, logs
+
+
+class PerSampleAdversarialLoss:
+    """The control without structure: a per-sample GAN loss on D's scores of z0 (real) and x0_hat (fake),
+    each sample weighted by its noise-level weight w_i (the weights SADM's pairs are built from).
+
+    ns (non-saturating): L_D = softplus(-s_real) + softplus(s_fake), L_G = softplus(-s_fake);
+    hinge: L_D = relu(1 - s_real) + relu(1 + s_fake), L_G = -s_fake. Returned as the "structure" value the
+    SADM objective maximises for D and minimises for the denoiser: `generator(...)` and `discriminator(...)`."""
+
+    def __init__(self, kind: Literal["ns", "hinge"] = "ns") -> None:
+        self.kind = kind
+
+    def generator(self, score_fake: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+        per = F.softplus(-score_fake.float()) if self.kind == "ns" else -score_fake.float()
+        return (sample_weights.float() * per).mean()
+
+    def discriminator(self, score_real: torch.Tensor, score_fake: torch.Tensor, sample_weights: torch.Tensor
+                      ) -> torch.Tensor:
+        real, fake = score_real.float(), score_fake.float()
+        if self.kind == "ns":
+            per = F.softplus(-real) + F.softplus(fake)
+        else:
+            per = F.relu(1.0 - real) + F.relu(1.0 + fake)
+        return (sample_weights.float() * per).mean()

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ from torch.func import functional_call
 
 from .config import SADMConfig
 from .distributed import gather_with_grad, world_size
-from .losses import StructureLoss, structure_weights
+from .losses import PerSampleAdversarialLoss, StructureLoss, structure_weights
 
 
 @contextlib.contextmanager
@@ -55,16 +54,19 @@ def fixed_structure_gap(latents: torch.Tensor, x0_hat: torch.Tensor, weights: to
 
 
 class SADMObjective:
-    def __init__(
-        self, config: SADMConfig, process, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-    ) -> None:
+    def __init__(self, config: SADMConfig, process) -> None:
         """`process`: the run's noise process (noise.py), which gives each timestep's SNR and re-noises D's
-        inputs; `autocast`: the context D's forward runs in (accelerate's `autocast`); the relations and
-        L_S are always computed in fp32 outside it."""
+        inputs. D computes in fp32 whatever autocast surrounds it (models/discriminator.py), and so do the
+        relations and L_S.
+
+        `config.adversarial_loss` other than "relations" swaps L_S for a per-sample GAN loss on D's scores
+        (the control without structure): same D body, inputs, weights and schedule."""
         self.config = config
         self.process = process
-        self.autocast = autocast
-        self.structure = StructureLoss(config.relation, config.distance, config.kl_temperature)
+        self.structure = StructureLoss(config.relation, config.distance, config.kl_temperature,
+                                       config.pair_weighting)
+        kind = config.adversarial_loss
+        self.per_sample = None if kind == "relations" else PerSampleAdversarialLoss(kind.removeprefix("per_sample_"))
 
     # -- schedule ---------------------------------------------------------------------------------
     def structure_weight(self, step: int) -> float:
@@ -84,7 +86,7 @@ class SADMObjective:
     def backward_scale(self) -> float:
         """Each rank backpropagates the global L_S into its own samples and DDP averages the
         gradients over ranks; multiplying by the world size restores the gradient of L_S itself."""
-        return float(world_size()) if self.config.structure_gather else 1.0
+        return float(world_size()) if self.config.structure_gather and self.per_sample is None else 1.0
 
     # -- pieces -----------------------------------------------------------------------------------
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -125,9 +127,8 @@ class SADMObjective:
         both = torch.cat([real, fake], dim=0)
         t = torch.cat([t, t], dim=0)
         y = None if class_labels is None else torch.cat([class_labels, class_labels], dim=0)
-        with self.autocast():
-            emb = disc_call(both, t, y)
-        return emb.float().chunk(2, dim=0)
+        out = disc_call(both, t, y)  # embeddings (2B, d), or scores (2B,) for the per-sample control
+        return out.float().chunk(2, dim=0)
 
     def diagnostics(self, latents: torch.Tensor, x0_hat: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logged every step, with or without the structure term: the gap a fixed encoder sees."""
@@ -145,12 +146,17 @@ class SADMObjective:
         not involved), in eval mode (no power-iteration update), so the gradient flows into the
         denoiser through x0_hat only."""
         params = {name: p.detach() for name, p in disc.named_parameters()}
+        scores = self.per_sample is not None
 
         def call(z, t, y):
-            return functional_call(disc, params, (z, t), {"class_labels": y})
+            return functional_call(disc, params, (z, t), {"class_labels": y, "return_score": scores})
 
         with _eval_mode(disc):
             emb_real, emb_fake = self._embed(call, latents.detach(), x0_hat, timesteps, class_labels, generator)
+        if scores:
+            loss = self.per_sample.generator(emb_fake, self.sample_weights(timesteps))
+            logs = {"d_score_real": emb_real.mean().detach(), "d_score_fake": emb_fake.mean().detach()}
+            return loss, {"structure_loss_g": loss.detach(), **logs}
         loss, logs = self._loss(emb_real.detach(), emb_fake, timesteps)
         # D's separability: 1 = D maps each x0_hat where it maps its own z0; lower = D tells them apart.
         logs["d_pair_cos"] = (emb_real * emb_fake).sum(dim=1).mean().detach()
@@ -160,22 +166,33 @@ class SADMObjective:
         self, disc: nn.Module, latents: torch.Tensor, x0_hat: torch.Tensor, timesteps: torch.Tensor,
         class_labels: torch.Tensor | None, generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_D = -L_S(D(z0), D(x0_hat.detach())) (+ gradient penalty). `disc` may be DDP-wrapped."""
+        """L_D = -L_S(D(z0), D(x0_hat.detach())) (+ gradient penalty), or D's per-sample GAN loss for the
+        control. `disc` may be DDP-wrapped."""
         latents = latents.detach()
         penalty_weight = self.config.disc_gradient_penalty
         if penalty_weight > 0:
             latents = latents.requires_grad_(True)
+        scores = self.per_sample is not None
         emb_real, emb_fake = self._embed(
-            lambda z, t, y: disc(z, t, class_labels=y), latents, x0_hat.detach(), timesteps, class_labels, generator
+            lambda z, t, y: disc(z, t, class_labels=y, return_score=scores), latents, x0_hat.detach(), timesteps,
+            class_labels, generator,
         )
-        structure, logs = self._loss(emb_real, emb_fake, timesteps)
-        loss = -structure * self.backward_scale
-        logs = {"structure_loss_d": structure.detach(), **{f"d_{k}": v for k, v in logs.items()}}
+        if scores:  # D minimises its GAN loss (the per-sample control)
+            loss = self.per_sample.discriminator(emb_real, emb_fake, self.sample_weights(timesteps))
+            logs = {"structure_loss_d": loss.detach(), "d_score_gap": (emb_real - emb_fake).mean().detach()}
+        else:
+            structure, logs = self._loss(emb_real, emb_fake, timesteps)
+            loss = -structure * self.backward_scale
+            logs = {"structure_loss_d": structure.detach(), **{f"d_{k}": v for k, v in logs.items()}}
         if penalty_weight > 0:
             # R1-style penalty on real latents: |J^T v|^2 for a random unit v, an unbiased estimate
             # (up to scale) of the squared Frobenius norm of D's Jacobian.
-            v = torch.randn(emb_real.shape, device=emb_real.device, generator=generator)
-            v = v / v.norm(dim=1, keepdim=True)
+            # With scores (the per-sample control) it is R1 itself: |grad of s_real|^2.
+            if scores:
+                v = torch.ones_like(emb_real)
+            else:
+                v = torch.randn(emb_real.shape, device=emb_real.device, generator=generator)
+                v = v / v.norm(dim=1, keepdim=True)
             (grad,) = torch.autograd.grad((emb_real * v).sum(), latents, create_graph=True)
             penalty = grad.float().pow(2).sum(dim=tuple(range(1, grad.ndim))).mean()
             loss = loss + penalty_weight * penalty

@@ -116,23 +116,46 @@ def test_structure_term_is_fp32_under_bf16_autocast_and_matches_the_fp32_gradien
     assert loss.dtype == torch.float32 and 1e-7 < ref_loss.item() < 1e-3
     assert torch.allclose(loss, ref_loss, rtol=1e-6) and torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-12)
 
-    # end to end: D runs in bf16 (its own rounding is the only difference), the loss comes back fp32
+    # end to end: D itself computes in fp32 under bf16 autocast too (test_d_in_fp32_... bounds the error)
     disc = _disc(spectral_norm=False)
     seen = []
     disc.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     latents = torch.randn(16, 4, 8, 8)
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    grads = []
-    for objective in (SADMObjective(obj.config, PROCESS), SADMObjective(obj.config, PROCESS, autocast=bf16)):
-        x = (latents + torch.randn_like(latents)).requires_grad_(True)
-        torch.manual_seed(1)
-        x = (latents + torch.randn_like(latents)).requires_grad_(True)
-        loss, _ = objective.generator_loss(disc, latents, x, t, None)
+    x = (latents + torch.randn_like(latents)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = SADMObjective(obj.config, PROCESS).generator_loss(disc, latents, x, t, None)
+    loss.backward()
+    assert loss.dtype == torch.float32 and seen == [torch.float32]
+
+
+def _structure_grad(disc, latents, x0_hat, t, autocast):
+    """d L_S / d x0_hat with D called the way a prepared model is: its forward wrapped in `autocast`
+    (accelerate's convert_outputs_to_fp32(autocast(forward)))."""
+    forward = disc.forward
+    disc.forward = lambda *a, **k: autocast()(forward)(*a, **k)
+    try:
+        x = x0_hat.clone().requires_grad_(True)
+        loss, _ = SADMObjective(SADMConfig(timestep_weighting="none"), PROCESS).generator_loss(
+            disc, latents, x, t, None)
         loss.backward()
-        assert loss.dtype == torch.float32
-        grads.append(x.grad)
-    assert seen == [torch.float32, torch.bfloat16]
-    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.2
+        return x.grad
+    finally:
+        del disc.forward
+
+
+@pytest.mark.parametrize("noise", [1.0, 0.1, 0.01])
+def test_d_in_fp32_keeps_the_structure_gradient_exact_under_bf16_autocast(noise):
+    """The issue: with D's forward in bf16 the structure gradient w.r.t. x0_hat was off by 15-22% at
+    x0_hat = z0 + 0.1 n and 100-200% at 0.01 n. D computes in fp32 now: <= 1% at every noise level."""
+    t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        disc = StructureDiscriminator(in_channels=4, base_channels=16, num_blocks=2, embed_dim=32)
+        latents = torch.randn(16, 4, 8, 8)
+        x0_hat = latents + noise * torch.randn_like(latents)
+        ref = _structure_grad(disc, latents, x0_hat, t, lambda: torch.autocast("cpu", enabled=False))
+        bf16 = _structure_grad(disc, latents, x0_hat, t, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        assert ((bf16 - ref).norm() / ref.norm()).item() <= 0.01
 
 
 @pytest.mark.slow
@@ -146,7 +169,8 @@ def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_pat
     data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=3) + ["--structure_weight", "0.1", "--disc_renoise", "0.5",
-                                                     "--disc_real_lowpass", "--disc_pool", "2"]
+                                                     "--disc_real_lowpass", "--disc_pool", "2",
+                                                     "--pair_weighting", "min", "--structure_grad_bands", "2"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
@@ -154,3 +178,170 @@ def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_pat
     tags = set(events.Tags()["scalars"])
     assert {"structure_gap_fixed", "d_pair_cos", "structure_loss_g", "structure_loss_d"} <= tags, tags
     assert len(events.Scalars("d_pair_cos")) == 3
+    assert {"grad_sadm_band0", "grad_mse_band1", "grad_share_sadm_band1"} <= tags, tags
+
+    # the control without structure trains through the CLI too; its D (with the score head) is saved
+    out2 = tmp_path / "out2"
+    proc = train_in_process(tiny_run_args(base, data, out2, steps=2) + ["--structure_weight", "0.1",
+                                                                      "--adversarial_loss", "per_sample_ns"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    disc = StructureDiscriminator.from_pretrained(out2 / "structure_discriminator", use_safetensors=True)
+    assert disc.score is not None
+
+
+# -- the mechanism study's controls and pair weights (issue: what does SADM do?) --------------------------
+
+
+def _eps_push(pair_weighting: str, t_noisy: int) -> float:
+    """|d L_S / d eps_hat| of one noisy sample in a batch of clean ones (epsilon model), D fixed."""
+    torch.manual_seed(0)
+    disc = _disc(spectral_norm=False)
+    obj = _objective(pair_weighting=pair_weighting, structure_snr_gamma=5.0)
+    latents = torch.randn(8, 4, 8, 8)
+    t = torch.tensor([t_noisy] + [10] * 7)
+    noise = torch.randn_like(latents)
+    noisy = PROCESS.add_noise(latents, noise, t)
+    # the noise prediction whose x0_hat is z0 + 0.1 n: the same error in latent space at every level
+    ab = PROCESS.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x0_target = latents + 0.1 * torch.randn_like(latents)
+    eps_hat = ((noisy - ab.sqrt() * x0_target) / (1 - ab).sqrt()).requires_grad_(True)
+    loss, _ = obj.generator_loss(disc, latents, PROCESS.x0_hat(eps_hat, noisy, t), t, None)
+    loss.backward()
+    return eps_hat.grad[0].norm().item()
+
+
+def test_min_pair_weights_bound_the_noisy_samples_push_where_geometric_ones_do_not():
+    """Geometric weights sqrt(w_i w_j) give a noisy sample's noise prediction a push that does not shrink with
+    its noise level (1/sqrt(gamma) from the weights); min(w_i, w_j) makes it vanish as SNR -> 0."""
+    for t in (300, 500, 700, 900):
+        w = min(PROCESS.snr(torch.tensor([t])).item(), 5.0) / 5.0
+        # every pair of the noisy sample has a clean partner (w_j = 1): min / geometric = w_i / sqrt(w_i)
+        assert _eps_push("min", t) / _eps_push("geometric", t) == pytest.approx(w ** 0.5, rel=1e-3)
+    # so the push under min weights falls with the noise level far faster than under geometric ones
+    geo, low = [_eps_push("geometric", t) for t in (300, 700)], [_eps_push("min", t) for t in (300, 700)]
+    assert low[1] / low[0] < 0.2 * geo[1] / geo[0]
+
+
+def test_per_sample_control_has_no_pairs_and_plays_the_gan_game():
+    """adversarial_loss=per_sample_*: sample i's gradient does not depend on any other sample (no structure),
+    D's step lowers its GAN loss and the denoiser's step raises D's score of x0_hat."""
+    for kind in ("per_sample_ns", "per_sample_hinge"):
+        torch.manual_seed(0)
+        disc = _disc(score_head=True)
+        obj = _objective(adversarial_loss=kind, timestep_weighting="none")
+        latents, t = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,))
+        fake = torch.randn(6, 4, 8, 8)
+
+        def grad_of_first(x):
+            x = x.clone().requires_grad_(True)
+            obj.generator_loss(disc, latents, x, t, None)[0].backward()
+            return x.grad[0]
+
+        other = fake.clone()
+        other[1:] = torch.randn(5, 4, 8, 8)
+        assert torch.allclose(grad_of_first(fake), grad_of_first(other), atol=1e-7)
+
+        opt = torch.optim.SGD(disc.parameters(), lr=0.1)
+        before, _ = obj.discriminator_loss(disc, latents, fake, t, None)
+        before.backward()
+        opt.step()
+        after, logs = obj.discriminator_loss(disc, latents, fake, t, None)
+        assert after.item() < before.item() and "d_score_gap" in logs
+
+        x = fake.clone().requires_grad_(True)
+        loss, logs = obj.generator_loss(disc, latents, x, t, None)
+        loss.backward()
+        with torch.no_grad():
+            moved = x - 0.5 * x.grad / x.grad.norm()
+            assert obj.generator_loss(disc, latents, moved, t, None)[1]["d_score_fake"] > logs["d_score_fake"]
+
+
+def test_relations_couple_the_samples_unlike_the_per_sample_control():
+    torch.manual_seed(0)
+    disc, obj = _disc(), _objective(timestep_weighting="none")
+    latents, t, fake = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,)), torch.randn(6, 4, 8, 8)
+    grads = []
+    for x in (fake, torch.cat([fake[:1], torch.randn(5, 4, 8, 8)])):
+        x = x.clone().requires_grad_(True)
+        obj.generator_loss(disc, latents, x, t, None)[0].backward()
+        grads.append(x.grad[0])
+    assert not torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_the_score_head_leaves_the_default_discriminator_bit_identical():
+    torch.manual_seed(0)
+    plain = StructureDiscriminator(in_channels=4, base_channels=8, num_blocks=2, embed_dim=16)
+    torch.manual_seed(0)
+    scored = StructureDiscriminator(in_channels=4, base_channels=8, num_blocks=2, embed_dim=16, score_head=True)
+    shared = plain.state_dict()
+    assert all(torch.equal(v, scored.state_dict()[k]) for k, v in shared.items())
+    assert set(scored.state_dict()) - set(shared) and plain.score is None
+    with pytest.raises(ValueError, match="score head"):
+        plain(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), return_score=True)
+
+
+def _term(**sadm):
+    from types import SimpleNamespace
+
+    from sadm_finetune.config import RunConfig
+    from sadm_finetune.terms.sadm import SADMTerm
+
+    config = RunConfig(sadm=SADMConfig(disc_width=8, disc_depth=2, disc_embed_dim=16, structure_warmup_steps=0,
+                                       **sadm))
+    adapter = SimpleNamespace(latent_channels=4, num_classes=0)
+    torch.manual_seed(0)
+    return SADMTerm(config, adapter, PROCESS, 1e-8)
+
+
+def _ctx(step=0, batch=8):
+    from sadm_finetune.terms import StepContext
+
+    g = torch.Generator().manual_seed(3)
+    latents, noise = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.arange(batch) * (1000 // batch)
+    noisy = PROCESS.add_noise(latents, noise, t)
+    pred = (noise + 0.2 * torch.randn(noise.shape, generator=g)).requires_grad_(True)
+    return StepContext(step, {}, latents, noise, t, noisy, {}, pred, PROCESS.x0_hat(pred, noisy, t), g)
+
+
+def _sgd_update(optimizer, scheduler, loss, params, max_norm):
+    from sadm_finetune.terms import UpdateResult
+
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return UpdateResult(True, False, torch.tensor(0.0))
+
+
+def test_a_frozen_discriminator_never_moves_and_a_live_one_does():
+    for frozen in (True, False):
+        term = _term(disc_frozen=frozen)
+        before = {k: v.clone() for k, v in term.disc.state_dict().items()}
+        for step in range(3):
+            ctx = _ctx(step)
+            value, _ = term.loss(ctx)
+            logs, result = term.phase(ctx, _sgd_update)
+            assert (result is None) == frozen
+        same = all(torch.equal(v, term.disc.state_dict()[k]) for k, v in before.items())
+        assert same == frozen
+
+
+def test_gradient_bands_split_the_push_by_noise_level():
+    term = _term(structure_grad_bands=4, structure_weight=0.5)
+    ctx = _ctx(batch=8)
+    value, logs = term.loss(ctx)
+    keys = {f"grad_{w}_band{k}" for w in ("sadm", "mse", "share_sadm") for k in range(4)}
+    assert keys <= set(logs)
+    # band k holds timesteps [250k, 250(k+1)): the MSE gradient per band equals the hand computation
+    target = ctx.noise
+    g = 2 * (ctx.model_pred.detach() - target) / ctx.model_pred.numel()
+    norms = g.flatten(1).norm(dim=1)
+    for k in range(4):
+        assert logs[f"grad_mse_band{k}"].item() == pytest.approx(norms[2 * k: 2 * k + 2].mean().item(), rel=1e-5)
+        share = logs[f"grad_share_sadm_band{k}"].item()
+        assert 0 < share < 1
+    # lambda scales the structure part linearly
+    half = _term(structure_grad_bands=4, structure_weight=0.25).loss(_ctx(batch=8))[1]
+    assert half["grad_sadm_band0"].item() == pytest.approx(0.5 * logs["grad_sadm_band0"].item(), rel=1e-4)
+    value.backward()  # the diagnostic kept the graph: the denoiser's backward still works
+    assert ctx.model_pred.grad is not None

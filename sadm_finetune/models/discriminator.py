@@ -30,7 +30,14 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
     """D_phi(z, t[, class]) -> unit-norm embedding (B, embed_dim).
 
     The output is L2-normalised so that the discriminator cannot grow the structure distance by
-    scaling; spectral normalisation bounds its Lipschitz constant.
+    scaling; spectral normalisation bounds its Lipschitz constant. `score_head` adds a per-sample real/fake
+    logit (the per-sample adversarial control, `forward(..., return_score=True)`), built after every other
+    layer so the default D initialises exactly as without it.
+
+    The forward always runs in fp32 (autocast disabled inside it, which also overrides the autocast that
+    accelerate wraps a prepared model's forward in): relations of unit embeddings of a nearly perfect
+    x0_hat differ from the real ones by less than bf16 resolves (tests/test_discriminator.py bounds the
+    structure gradient's error under bf16 autocast).
     """
 
     @register_to_config
@@ -42,6 +49,7 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         embed_dim: int = 128,
         num_classes: int = 0,
         spectral_norm: bool = True,
+        score_head: bool = False,
     ) -> None:
         super().__init__()
         temb_dim = base_channels * 4
@@ -59,11 +67,17 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
             _Block(channels[i], channels[i + 1], temb_dim, spectral_norm) for i in range(num_blocks)
         )
         self.head = _maybe_sn(nn.Linear(channels[-1], embed_dim), spectral_norm)
+        self.score = _maybe_sn(nn.Linear(channels[-1], 1), spectral_norm) if score_head else None
 
     def forward(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+        self, latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None,
+        return_score: bool = False,
     ) -> torch.Tensor:
-        # latents: (B, C, H, W); timesteps: (B,) -> (B, embed_dim), unit norm, fp32
+        # latents: (B, C, H, W); timesteps: (B,) -> (B, embed_dim), unit norm, fp32; or (B,) logits
+        with torch.autocast(latents.device.type, enabled=False):
+            return self._forward(latents, timesteps, class_labels, return_score)
+
+    def _forward(self, latents, timesteps, class_labels, return_score: bool) -> torch.Tensor:
         dtype = self.dtype
         temb = self.time_embed(self.time_proj(timesteps).to(dtype))
         if self.class_embed is not None:
@@ -75,5 +89,10 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
         h = F.silu(self.stem(latents.to(dtype)))
         for block in self.blocks:
             h = block(h, temb)
-        embedding = self.head(h.mean(dim=(2, 3)))
+        pooled = h.mean(dim=(2, 3))
+        if return_score:
+            if self.score is None:
+                raise ValueError("this discriminator has no score head (build it with score_head=True)")
+            return self.score(pooled).float().squeeze(-1)
+        embedding = self.head(pooled)
         return F.normalize(embedding.float(), dim=-1)

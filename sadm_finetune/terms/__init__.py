@@ -15,7 +15,7 @@ def build_terms(config, adapter, process, autocast) -> list[Term]:
 
     terms: list[Term] = []
     if config.sadm.enabled:
-        terms.append(SADMTerm(config, adapter, process, autocast, config.training.adam_epsilon))
+        terms.append(SADMTerm(config, adapter, process, config.training.adam_epsilon))
     if config.sadm.structure_diagnostics:
         terms.append(StructureProbe(SADMObjective(config.sadm, process)))
     if config.repa.enabled:

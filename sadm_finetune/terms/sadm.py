@@ -27,6 +27,7 @@ def build_discriminator(config: RunConfig, adapter) -> StructureDiscriminator:
     return StructureDiscriminator(
         in_channels=adapter.latent_channels, base_channels=s.disc_width, num_blocks=s.disc_depth,
         embed_dim=s.disc_embed_dim, num_classes=num_classes, spectral_norm=s.disc_spectral_norm,
+        score_head=s.adversarial_loss != "relations",
     )
 
 
@@ -36,13 +37,17 @@ class SADMTerm(Term):
     name = "sadm"
     weight_key = "structure_weight"
 
-    def __init__(self, config: RunConfig, adapter, process, autocast, adam_epsilon: float) -> None:
+    def __init__(self, config: RunConfig, adapter, process, adam_epsilon: float) -> None:
         from diffusers.optimization import get_scheduler
 
         s = self.config = config.sadm
         self.adapter = adapter
-        self.objective = SADMObjective(s, process, autocast=autocast)
+        self.objective = SADMObjective(s, process)
+        self.process = process
         self.disc = build_discriminator(config, adapter)
+        if s.adversarial_loss != "relations" and self.disc.score is None:
+            raise InputError(f"disc_resume_from: {s.disc_resume_from} has no score head, which --adversarial_loss "
+                             f"{s.adversarial_loss} needs; start D afresh (drop --disc_resume_from)")
         self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=s.disc_learning_rate,
                                            betas=(s.disc_adam_beta1, s.disc_adam_beta2),
                                            weight_decay=s.disc_weight_decay, eps=adam_epsilon)
@@ -65,16 +70,43 @@ class SADMTerm(Term):
         return self.objective.structure_weight(step)
 
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # D's forward runs under autocast inside the objective; L_S itself is fp32. D enters frozen
-        # (detached parameters), so the gradient reaches the denoiser through x0_hat only.
-        return self.objective.generator_loss(self.unwrapped_disc, ctx.latents, ctx.x0_hat, ctx.timesteps,
-                                             self._class_labels(ctx), ctx.generator)
+        # D and L_S compute in fp32. D enters frozen (detached parameters), so the gradient reaches the
+        # denoiser through x0_hat only.
+        value, logs = self.objective.generator_loss(self.unwrapped_disc, ctx.latents, ctx.x0_hat, ctx.timesteps,
+                                                    self._class_labels(ctx), ctx.generator)
+        if self.config.structure_grad_bands:
+            logs.update(self.gradient_bands(ctx, value))
+        return value, logs
+
+    def gradient_bands(self, ctx: StepContext, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per noise band (equal timestep ranges, band 0 the cleanest): the mean per-sample norm of
+        d(lambda L_S)/d(model output) (`grad_sadm_band{k}`) and of the unweighted denoising MSE's
+        (`grad_mse_band{k}`, 2 (pred - target) / numel), and the first's share of their sum. NaN where a band
+        holds no sample of this batch; the tracker averages over steps."""
+        lam = self.weight(ctx.step)
+        (g_s,) = torch.autograd.grad(value, ctx.model_pred, retain_graph=True)
+        target = self.process.target(ctx.latents, ctx.noise, ctx.timesteps)
+        g_d = 2.0 * (ctx.model_pred.detach() - target.float()) / ctx.model_pred.numel()
+        norm_s = lam * g_s.flatten(1).norm(dim=1)
+        norm_d = g_d.flatten(1).norm(dim=1)
+        bands = self.config.structure_grad_bands
+        band = (ctx.timesteps.float() * bands / self.process.num_train_timesteps).long().clamp(0, bands - 1)
+        logs = {}
+        for k in range(bands):
+            m = (band == k).float()
+            n = m.sum()
+            s_k = (norm_s * m).sum() / n  # NaN for an empty band
+            d_k = (norm_d * m).sum() / n
+            logs[f"grad_sadm_band{k}"] = s_k.detach()
+            logs[f"grad_mse_band{k}"] = d_k.detach()
+            logs[f"grad_share_sadm_band{k}"] = (s_k / (s_k + d_k)).detach()
+        return logs
 
     def phase(self, ctx: StepContext, update: Update) -> tuple[dict[str, torch.Tensor], UpdateResult | None]:
         """`disc_steps` updates of D on this batch (x0_hat detached) on D's turn; stops at a non-finite one."""
         logs: dict[str, torch.Tensor] = {}
         result = None
-        if not self.objective.is_disc_turn(ctx.step):
+        if self.config.disc_frozen or not self.objective.is_disc_turn(ctx.step):
             return logs, result
         for _ in range(self.config.disc_steps):
             loss_d, d_logs = self.objective.discriminator_loss(self.disc, ctx.latents, ctx.x0_hat.detach(),
