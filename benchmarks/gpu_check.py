@@ -72,7 +72,7 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
                                       embed_dim=cfg.disc_embed_dim).to(device)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_learning_rate,
                                   betas=(cfg.disc_adam_beta1, cfg.disc_adam_beta2), weight_decay=cfg.disc_weight_decay)
-        objective = SADMObjective(cfg, DDPMProcess(scheduler.config, device), autocast=autocast)
+        objective = SADMObjective(cfg, DDPMProcess(scheduler.config, device))  # D computes in fp32 itself
     times, losses = [], []
     gen = torch.Generator(device=device).manual_seed(0)
     for _ in range(steps):
