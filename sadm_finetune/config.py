@@ -170,8 +170,12 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
     max_train_steps: int = _f(1000, "Number of denoiser updates.")
     learning_rate: float = _f(1e-4, "Denoiser learning rate (AdamW).")
-    lr_scheduler: Literal[LR_SCHEDULERS] = _f("constant", "Learning-rate schedule (diffusers get_scheduler).")
-    lr_warmup_steps: int = _f(0, "Linear learning-rate warm-up steps.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = _f(
+        "cosine", "Learning-rate schedule (diffusers get_scheduler). The default decays to 0 over the run: with "
+        "EMA, the recipe under which SADM helps (README, Does SADM help?).")
+    lr_warmup_steps: int | None = _f(
+        None, "Linear learning-rate warm-up steps (default: 5% of max_train_steps, at most 500; a fresh AdamW "
+        "state on a trained model eases into the full rate).")
     adam_beta1: float = _f(0.9, "AdamW beta1 of the denoiser optimizer.")
     adam_beta2: float = _f(0.999, "AdamW beta2 of the denoiser optimizer.")
     adam_weight_decay: float = _f(0.0, "AdamW weight decay of the denoiser optimizer.")
@@ -181,8 +185,13 @@ class TrainingConfig:
         None, "Override accelerate's mixed precision (default: accelerate config / launch flag)."
     )
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
-    use_ema: bool = _f(False, "Keep an EMA of the trainable weights; the exported pipeline uses it.")
-    ema_decay: float = _f(0.9999, "EMA decay per update.")
+    use_ema: bool | None = _f(
+        None, "Keep an EMA of the trainable weights; the exported pipeline uses it. Default: on (off under FSDP, "
+        "which cannot gather it); --no_use_ema turns it off.")
+    ema_decay: float = _f(
+        0.9999, "Largest EMA decay. The decay at update s is min(ema_decay, (1 + s) / (10 + s)) (diffusers' "
+        "EMAModel), so a run of N updates averages about its last N/10 until 1 - 9/N reaches ema_decay (N ~ 90k "
+        "for 0.9999): the default suits short fine-tunes and long ones.")
     checkpointing_steps: int | None = _f(None, "Save a resumable checkpoint every N steps (and on SIGTERM/SIGINT).")
     checkpoints_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = _f(None, "Resume from `latest` or a checkpoint folder.")
@@ -222,6 +231,8 @@ class TrainingConfig:
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("ema_decay", f"must be in (0, 1), got {self.ema_decay}", "use e.g. 0.9999")
         _non_negative(self, "lr_warmup_steps", "adam_weight_decay", "noise_offset")
+        if self.lr_warmup_steps is None:
+            self.lr_warmup_steps = min(500, self.max_train_steps // 20)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.9 / 0.999")

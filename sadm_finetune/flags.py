@@ -56,6 +56,8 @@ def _default_text(f: dataclasses.Field, nullable: bool, inner: Any) -> str:
     if value is dataclasses.MISSING:
         return "(required)"
     if inner is bool:
+        if value is None:  # decided at run time; the help text says how
+            return f"(default: auto; --{f.name} / --no_{f.name} decide)"
         return f"(default: on; --no_{f.name} turns it off)" if value else "(default: off)"
     if value is None:
         return "(default: none)"

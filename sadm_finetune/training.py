@@ -173,6 +173,11 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
         if config.training.use_ema:
             raise ConfigError("use_ema", "EMA is not supported under FSDP (it would average local shards, which the "
                               "export does not gather)", f"drop --use_ema, or {fix}")
+        if config.training.use_ema is None:
+            accelerator.print("EMA: off under FSDP (the default is on elsewhere; FSDP cannot gather it)")
+            config.training.use_ema = False
+    if config.training.use_ema is None:  # the default: on
+        config.training.use_ema = True
         if config.sadm.enabled and accelerator.mixed_precision == "fp16":
             raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
                               "discriminator has no gradient scaler)", "use bf16")
