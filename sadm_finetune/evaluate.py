@@ -57,6 +57,10 @@ class EvalConfig:
                                        metadata={"help": "Noise levels (training timesteps) the probe measures."})
     device: str | None = _f(None, "torch device (default: cuda when available, else cpu).")
     dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "Pipeline weight dtype.")
+    sampler: Literal["pipeline", "euler", "ddpm"] = _f(
+        "pipeline", "Sampler: the pipeline's own scheduler, or Euler (EulerDiscreteScheduler, deterministic) or DDPM "
+        "(ancestral; its step noise seeded from --seed per batch) built from its config: a second sampler shows "
+        "whether a FID difference holds beyond one sampler.")
 
     def __post_init__(self) -> None:
         if not self.pipeline:
@@ -103,6 +107,17 @@ def load_pipeline(source: str, flag: str, device: str, dtype: str):
     return pipe.to(device)
 
 
+def use_sampler(pipe, name: str):
+    """Swap the pipeline's scheduler for `name` (built from the scheduler's own config: same betas)."""
+    if name == "pipeline":
+        return pipe
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    cls = {"euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}[name]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def pipeline_class_names(pipe) -> dict[int, str] | None:
     """Class id -> name from the pipeline's id2label (DiTPipeline keeps it as ``labels``: name -> id)."""
     id2label = pipe.config.get("id2label") if hasattr(pipe.config, "get") else None
@@ -123,6 +138,8 @@ def generate(pipe, class_labels: list[int], prompts: list[str] | None, config: E
     for batch_index, start in enumerate(tqdm(starts, desc="sampling", leave=False)):
         stop = start + config.batch_size
         condition = {"class_labels": class_labels[start:stop]} if prompts is None else {"prompt": prompts[start:stop]}
+        if config.sampler == "ddpm":  # DiTPipeline does not pass its generator to the scheduler's step noise
+            torch.manual_seed(config.seed + batch_index)
         images = pipe(**condition, num_inference_steps=config.num_inference_steps,
                       guidance_scale=config.guidance_scale, output_type="np",
                       generator=torch.Generator("cpu").manual_seed(config.seed + batch_index)).images
@@ -332,6 +349,7 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
     pipelines = {"pipeline": load_pipeline(config.pipeline, "--pipeline", device, config.dtype)}
     if config.compare_with:
         pipelines["compare_with"] = load_pipeline(config.compare_with, "--compare_with", device, config.dtype)
+    pipelines = {key: use_sampler(pipe, config.sampler) for key, pipe in pipelines.items()}
 
     class_labels, prompts, names = _conditions(pipelines["pipeline"], reference, config)
     samples = {key: sample_features(pipe, class_labels, prompts, config, extractor, classifier)
@@ -356,7 +374,8 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
         "features": extractor.name, "classifier": None if classifier is None else classifier.name,
         "num_samples": len(class_labels), "samples_per_class": config.samples_per_class, "num_classes": len(names),
         "num_reference_images": len(stats.features), "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale, "seed": config.seed, "metrics": results["pipeline"],
+        "guidance_scale": config.guidance_scale, "seed": config.seed, "sampler": config.sampler,
+        "metrics": results["pipeline"],
     }
     if probes:  # by noise level, beside the scalar metrics
         result["probe"] = probes["pipeline"]
