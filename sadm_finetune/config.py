@@ -276,6 +276,12 @@ class SADMConfig:
         False, "Never update D: it stays at its random initialisation and L_S is a fixed random-feature "
         "regulariser (a control without an adversary).",
     )
+    adaptive_weight: bool = _f(
+        False, "Scale lambda each step by ||dL_diff/d out|| / ||dL_S/d out|| at the denoiser's output (VQGAN's "
+        "adaptive GAN weight, taken at the output rather than the last layer so that it holds for every family "
+        "and LoRA): structure_weight is then the structure gradient's size relative to the denoising one.",
+    )
+    adaptive_weight_max: float = _f(1e4, "Upper clamp of the adaptive factor (VQGAN: 1e4).")
     structure_grad_bands: int = _f(
         0, "Log the per-sample gradient norm of lambda * L_S and of the unweighted denoising MSE with respect to "
         "the denoiser's output, averaged in this many equal timestep bands (0: off; costs one extra backward "
@@ -314,6 +320,7 @@ class SADMConfig:
     def __post_init__(self) -> None:
         _non_negative(self, "structure_weight", "structure_warmup_steps", "disc_gradient_penalty", "disc_warmup_steps")
         _non_negative(self, "disc_weight_decay", "structure_grad_bands")
+        _positive(self, "adaptive_weight_max")
         if self.pair_weighting != "geometric" and self.distance == "kl":
             raise ConfigError("pair_weighting", "applies to the mse/l1 distances (kl weights each row by w_i)",
                               "drop --pair_weighting or use --distance mse")

@@ -171,7 +171,7 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
                     # 3. L = L_diff (+ DiT's variational bound) + sum_k lambda_k(step) L_k
                     loss_diffusion = run.diffusion_loss(model_pred, process.target(latents, noise, timesteps),
                                                         timesteps).mean()
-                    loss = loss_diffusion
+                    loss = ctx.loss_diffusion = loss_diffusion
                     logs: dict[str, Any] = {"loss_diffusion": loss_diffusion.detach()}
                     if run.vlb is not None:
                         loss_vlb = run.vlb(model_pred, out.variance, latents, noisy_latents, timesteps).mean()

@@ -170,7 +170,8 @@ def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_pat
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=3) + ["--structure_weight", "0.1", "--disc_renoise", "0.5",
                                                      "--disc_real_lowpass", "--disc_pool", "2",
-                                                     "--pair_weighting", "min", "--structure_grad_bands", "2"]
+                                                     "--pair_weighting", "min", "--structure_grad_bands", "2",
+                                                     "--adaptive_weight"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
@@ -178,7 +179,7 @@ def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_pat
     tags = set(events.Tags()["scalars"])
     assert {"structure_gap_fixed", "d_pair_cos", "structure_loss_g", "structure_loss_d"} <= tags, tags
     assert len(events.Scalars("d_pair_cos")) == 3
-    assert {"grad_sadm_band0", "grad_mse_band1", "grad_share_sadm_band1"} <= tags, tags
+    assert {"grad_sadm_band0", "grad_mse_band1", "grad_share_sadm_band1", "structure_adaptive_factor"} <= tags, tags
 
     # the control without structure trains through the CLI too; its D (with the score head) is saved
     out2 = tmp_path / "out2"
@@ -345,3 +346,19 @@ def test_gradient_bands_split_the_push_by_noise_level():
     assert half["grad_sadm_band0"].item() == pytest.approx(0.5 * logs["grad_sadm_band0"].item(), rel=1e-4)
     value.backward()  # the diagnostic kept the graph: the denoiser's backward still works
     assert ctx.model_pred.grad is not None
+
+
+def test_the_adaptive_weight_makes_the_structure_gradient_a_fixed_fraction_of_the_denoising_one():
+    """adaptive_weight: lambda * L_S's gradient at the denoiser's output has norm lambda * ||dL_diff/d out||."""
+    term = _term(adaptive_weight=True, structure_weight=0.05)
+    ctx = _ctx(batch=8)
+    ctx.loss_diffusion = (ctx.model_pred - ctx.noise).pow(2).mean()
+    value, logs = term.loss(ctx)
+    assert logs["structure_adaptive_factor"].item() > 0
+    (g_s,) = torch.autograd.grad(0.05 * value, ctx.model_pred, retain_graph=True)
+    (g_d,) = torch.autograd.grad(ctx.loss_diffusion, ctx.model_pred, retain_graph=True)
+    assert g_s.norm().item() == pytest.approx(0.05 * g_d.norm().item(), rel=1e-4)
+    clamped = _term(adaptive_weight=True, adaptive_weight_max=1e-3)
+    ctx2 = _ctx(batch=8)
+    ctx2.loss_diffusion = (ctx2.model_pred - ctx2.noise).pow(2).mean()
+    assert clamped.loss(ctx2)[1]["structure_adaptive_factor"].item() == pytest.approx(1e-3)

@@ -40,6 +40,7 @@ class StepContext:
     generator: torch.Generator  # seeded by (seed, rank, epoch, batch): reproducible on resume
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> hidden states, with graph
     class_labels: torch.Tensor | None = None  # the samples' class ids (not dropped), None if unlabelled
+    loss_diffusion: torch.Tensor | None = None  # the batch's denoising loss (scalar, with graph)
 
 
 @dataclass

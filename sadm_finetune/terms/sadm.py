@@ -74,9 +74,23 @@ class SADMTerm(Term):
         # denoiser through x0_hat only.
         value, logs = self.objective.generator_loss(self.unwrapped_disc, ctx.latents, ctx.x0_hat, ctx.timesteps,
                                                     self._class_labels(ctx), ctx.generator)
+        if self.config.adaptive_weight:
+            factor = self.adaptive_factor(ctx, value)
+            logs["structure_adaptive_factor"] = factor
+            value = value * factor
         if self.config.structure_grad_bands:
             logs.update(self.gradient_bands(ctx, value))
         return value, logs
+
+    def adaptive_factor(self, ctx: StepContext, value: torch.Tensor) -> torch.Tensor:
+        """||dL_diff/d out|| / (||dL_S/d out|| + 1e-8), clamped to [0, adaptive_weight_max] and detached (VQGAN's
+        rule at the denoiser's output)."""
+        if ctx.loss_diffusion is None:
+            raise RuntimeError("adaptive_weight needs the step's denoising loss in the StepContext")
+        (g_s,) = torch.autograd.grad(value, ctx.model_pred, retain_graph=True)
+        (g_d,) = torch.autograd.grad(ctx.loss_diffusion, ctx.model_pred, retain_graph=True)
+        factor = g_d.norm() / (g_s.norm() + 1e-8)
+        return factor.clamp(0.0, self.config.adaptive_weight_max).detach()
 
     def gradient_bands(self, ctx: StepContext, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per noise band (equal timestep ranges, band 0 the cleanest): the mean per-sample norm of
