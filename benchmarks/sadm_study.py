@@ -19,6 +19,8 @@
                                                     # per-sample GAN, plain at equal compute), min pair weights and
                                                     # the recipe arms (no EMA, constant LR): 8 arms x 5 seeds;
                                                     # results in benchmarks/results/mechanism_study
+    python benchmarks/sadm_study.py --scale --work_dir runs/study   # plain vs SADM with a 6.4 M DiT (continue
+                                                    # regime, 5 seeds); results in benchmarks/results/scale_study
 
 Regimes (all offline, built by the project's own scripts; each base shares the bundled demo VAE):
 - continue: an under-trained base (scripts/make_demo_base.py, 1,500 steps at a constant 1e-3, no EMA)
@@ -59,6 +61,8 @@ LOWER_IS_BETTER = {"fid", "kid_mean", "structure_gap"}
 BASES = {  # name -> make_demo_base.py flags
     "continue": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0"],
     "transfer": ["--dit_steps", "3000", "--classes", "0", "1", "2", "3", "4"],
+    # the scale study: the continue base at 3.3x the parameters (8 heads: 6.4 M), trained the same way
+    "continue-6m": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0", "--dit_heads", "8"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
@@ -72,6 +76,7 @@ REGIMES = {
     "continue": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
     "transfer": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
     "converged": {"steps": 400, "samples_per_class": 100, "recipe": []},
+    "continue-6m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
 }
 LORA = ["--trainable", "lora", "--lora_rank", "8", "--learning_rate", "1e-3"]
 DIFFFIT = ["--trainable", "difffit", "--learning_rate", "1e-3"]  # DiffFit's 10x learning rate
@@ -145,6 +150,13 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "plain-no-recipe"): (PLAIN + NO_RECIPE, None),
     ("continue", "sadm-no-recipe"): (NO_RECIPE, "plain-no-recipe"),
 }
+# The scale study (--scale; results in benchmarks/results/scale_study): SADM vs plain on the continue regime with a
+# 3.3x larger DiT (6.4 M parameters, same data, latents, base recipe and fine-tuning recipe); the 1.9 M point is
+# the mechanism study's plain/sadm pair.
+SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("continue-6m", "plain"): (PLAIN, None),
+    ("continue-6m", "sadm"): ([], "plain"),
+}
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
@@ -216,8 +228,8 @@ def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int 
 def regime_setup(regime: str, work: Path) -> dict:
     if regime == "converged":
         return {"base": DEMO_BASE, "train": "builtin:digits", "reference": "builtin:digits"}
-    if regime == "continue":
-        return {"base": build_base("continue", work), "train": "builtin:digits", "reference": "builtin:digits"}
+    if regime.startswith("continue"):
+        return {"base": build_base(regime, work), "train": "builtin:digits", "reference": "builtin:digits"}
     return {
         "base": build_base("transfer", work),
         "train": str(write_digits_dataset(work / "data" / "digits-5-9-few", TRANSFER_CLASSES, TRANSFER_PER_CLASS)),
@@ -437,6 +449,9 @@ def main() -> None:
     parser.add_argument("--mechanism", action="store_true",
                         help="the mechanism study's controls (frozen D, per-sample GAN, equal compute), min pair "
                              "weights and the recipe arms; results in benchmarks/results/mechanism_study")
+    parser.add_argument("--scale", action="store_true",
+                        help="SADM vs plain with a 3.3x larger DiT (continue regime); results in "
+                             "benchmarks/results/scale_study")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--report_only", action="store_true", help="summarise finished runs, train nothing")
@@ -452,7 +467,10 @@ def main() -> None:
                              f"python scripts/make_digits_encoder.py --output_dir {DIGITS_ENCODER}")
     if args.mechanism:
         arms = dict(MECHANISM_ARMS)
-    name = "terms_study" if args.terms else "mechanism_study" if args.mechanism else "sadm_study"
+    if args.scale:
+        arms = dict(SCALE_ARMS)
+    name = ("terms_study" if args.terms else "mechanism_study" if args.mechanism else "scale_study" if args.scale
+            else "sadm_study")
     args.output = args.output or str(ROOT / "benchmarks" / "results" / name)
     if args.only:
         wanted = set(args.only.split(","))

@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64, help="DiT batch size")
     p.add_argument("--dit_lr", type=float, default=1e-3)
     p.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA of DiT weights")
+    p.add_argument("--dit_heads", type=int, default=4, help="DiT attention heads (width = heads x 32)")
+    p.add_argument("--dit_layers", type=int, default=4, help="DiT blocks")
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=1.5)
     p.add_argument("--lr_schedule", choices=("cosine", "constant"), default="cosine",
@@ -128,15 +130,16 @@ def build_vae():
     )
 
 
-def build_transformer(latent_channels: int, latent_size: int):
+def build_transformer(latent_channels: int, latent_size: int, heads: int = 4, layers: int = 4):
+    """The bundled demo DiT: 4 heads x 32, 4 blocks (1.94 M parameters); larger ones for the scale study."""
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
-        num_attention_heads=4,
+        num_attention_heads=heads,
         attention_head_dim=32,
         in_channels=latent_channels,
         out_channels=2 * latent_channels,  # learned sigma, as in facebook/DiT-XL-2-256
-        num_layers=4,
+        num_layers=layers,
         sample_size=latent_size,
         patch_size=2,
         num_embeds_ada_norm=1000,  # DiTPipeline's null class id is 1000
@@ -345,7 +348,7 @@ def main(argv=None) -> None:
     )
 
     # 3. DiT
-    transformer = build_transformer(lat_mean.shape[1], lat_mean.shape[-1])
+    transformer = build_transformer(lat_mean.shape[1], lat_mean.shape[-1], args.dit_heads, args.dit_layers)
     print(f"dit params: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M", flush=True)
     dit_losses, ema = train_dit(transformer, lat_mean, lat_std, labels, scaling, args, gen)
     if ema is not None:

@@ -27,7 +27,8 @@ def _config(**training) -> RunConfig:
 
 
 def _accelerator(kind: str, mixed_precision: str = "no"):
-    return SimpleNamespace(distributed_type=f"DistributedType.{kind}", mixed_precision=mixed_precision)
+    return SimpleNamespace(distributed_type=f"DistributedType.{kind}", mixed_precision=mixed_precision,
+                           print=lambda *a, **k: None)
 
 
 def test_fsdp_with_sadm_is_accepted_and_its_unwired_options_refused():
