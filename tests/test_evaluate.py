@@ -213,3 +213,22 @@ def test_a_second_sampler_gives_other_samples_reproducibly(tiny_dit, digits_dir,
     assert len({own, euler, ddpm}) == 3
     assert fid("ddpm") == ddpm and fid("euler") == euler
     assert fid("ddpm", seed=4) != ddpm
+
+
+def test_the_paper_protocol_script_runs_the_evaluation_it_describes(tiny_dit, digits_dir, tmp_path):
+    """benchmarks/paper_eval.py at toy size: N samples over the classes, DDPM sampler, guidance, its JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_eval.py"
+    spec = importlib.util.spec_from_file_location("paper_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "paper.json"
+    assert module.main(["--pipeline", str(tiny_dit), "--reference_dir", str(digits_dir), "--num_samples", "20",
+                        "--num_classes", "10", "--steps", "2", "--batch_size", "10", "--dtype", "float32",
+                        "--features", "digits", "--output_json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 20 and result["sampler"] == "ddpm" and result["num_inference_steps"] == 2
+    assert result["guidance_scale"] == 1.5 and math.isfinite(result["metrics"]["fid"])
+    assert module.analytic_hours(50_000, 250, True) == pytest.approx(2.08, abs=0.05)
