@@ -19,6 +19,8 @@
                                                     # per-sample GAN, plain at equal compute), min pair weights and
                                                     # the recipe arms (no EMA, constant LR): 8 arms x 5 seeds;
                                                     # results in benchmarks/results/mechanism_study
+    python benchmarks/sadm_study.py --recommend --work_dir runs/study   # SADM + SD-DiT, SD-DiT, SADM vs plain in
+                                                    # the transfer regime (4 arms x 5 seeds)
     python benchmarks/sadm_study.py --scale --work_dir runs/study   # plain vs SADM with a 6.4 M DiT (continue
                                                     # regime, 5 seeds); results in benchmarks/results/scale_study
 
@@ -150,6 +152,16 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "plain-no-recipe"): (PLAIN + NO_RECIPE, None),
     ("continue", "sadm-no-recipe"): (NO_RECIPE, "plain-no-recipe"),
 }
+# The recommendation (--recommend; results in benchmarks/results/recommend_study): SADM + SD-DiT (lambda 0.5), the
+# best arm of the continue regime (confirmed on fresh seeds, terms_confirm.json), measured in the transfer regime
+# (full fine-tune) beside SD-DiT alone and SADM alone, each paired with plain.
+SDDIT_05 = SDDIT[:1] + ["0.5"] + SDDIT[2:]
+RECOMMEND_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("transfer", "full-plain"): (PLAIN, None),
+    ("transfer", "full-sadm"): ([], "full-plain"),
+    ("transfer", "full-sddit-0.5"): (SDDIT_05 + PLAIN, "full-plain"),
+    ("transfer", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
+}
 # The scale study (--scale; results in benchmarks/results/scale_study): SADM vs plain on the continue regime with a
 # 3.3x larger DiT (6.4 M parameters, same data, latents, base recipe and fine-tuning recipe); the 1.9 M point is
 # the mechanism study's plain/sadm pair.
@@ -160,7 +172,8 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
-               ("continue", "per-sample-gan"): "sadm", ("continue", "sadm-min-pairs"): "sadm"}
+               ("continue", "per-sample-gan"): "sadm", ("continue", "sadm-min-pairs"): "sadm",
+               ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -449,6 +462,9 @@ def main() -> None:
     parser.add_argument("--mechanism", action="store_true",
                         help="the mechanism study's controls (frozen D, per-sample GAN, equal compute), min pair "
                              "weights and the recipe arms; results in benchmarks/results/mechanism_study")
+    parser.add_argument("--recommend", action="store_true",
+                        help="SADM + SD-DiT 0.5, SD-DiT 0.5 and SADM vs plain in the transfer regime (full fine-tune); "
+                             "results in benchmarks/results/recommend_study")
     parser.add_argument("--scale", action="store_true",
                         help="SADM vs plain with a 3.3x larger DiT (continue regime); results in "
                              "benchmarks/results/scale_study")
@@ -469,8 +485,10 @@ def main() -> None:
         arms = dict(MECHANISM_ARMS)
     if args.scale:
         arms = dict(SCALE_ARMS)
+    if args.recommend:
+        arms = dict(RECOMMEND_ARMS)
     name = ("terms_study" if args.terms else "mechanism_study" if args.mechanism else "scale_study" if args.scale
-            else "sadm_study")
+            else "recommend_study" if args.recommend else "sadm_study")
     args.output = args.output or str(ROOT / "benchmarks" / "results" / name)
     if args.only:
         wanted = set(args.only.split(","))
