@@ -173,14 +173,14 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
         if config.training.use_ema:
             raise ConfigError("use_ema", "EMA is not supported under FSDP (it would average local shards, which the "
                               "export does not gather)", f"drop --use_ema, or {fix}")
+        if config.sadm.enabled and accelerator.mixed_precision == "fp16":
+            raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
+                              "discriminator has no gradient scaler)", "use bf16")
         if config.training.use_ema is None:
             accelerator.print("EMA: off under FSDP (the default is on elsewhere; FSDP cannot gather it)")
             config.training.use_ema = False
     if config.training.use_ema is None:  # the default: on
         config.training.use_ema = True
-        if config.sadm.enabled and accelerator.mixed_precision == "fp16":
-            raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
-                              "discriminator has no gradient scaler)", "use bf16")
     if config.sadm.enabled and kind == "DEEPSPEED":
         raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate prepares one "
                           "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's "

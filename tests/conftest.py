@@ -115,8 +115,9 @@ def ddp_run(tmp_path_factory):
     base = build_tiny_dit_pipeline(tmp / "base", num_classes=2)
     data = build_image_folder(tmp / "data", per_class=6)
     out = tmp / "out"
+    # no EMA: test_fsdp compares this run's export with the FSDP run's, which has none
     args = tiny_run_args(base, data, out, steps=4) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
-                                                      "--validation_steps", "2", "--report_to", "none"]
+                                                      "--validation_steps", "2", "--report_to", "none", "--no_use_ema"]
     proc = accelerate_launch(args, offline_env(tmp), num_processes=2)
     return SimpleNamespace(base=base, data=data, out=out, proc=proc, text=proc.stdout + proc.stderr)
 

@@ -150,9 +150,9 @@ def test_unknown_or_abbreviated_flag_is_one_line_naming_the_closest(argv, sugges
 def test_sadm_eval_refuses_abbreviations_and_suggests(capsys):
     from sadm_finetune.evaluate import main as eval_main
 
-    assert eval_main(["--pipeline", "x", "--reference_dir", "y", "--samples_per", "3"]) == 2
+    assert eval_main(["--pipeline", "x", "--reference_dir", "y", "--samples_per_cl", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--samples_per: unrecognized argument" in err
+    assert err.count("\n") == 0 and "--samples_per_cl: unrecognized argument" in err
     assert "did you mean --samples_per_class?" in err
     assert eval_main(["--pipelin", "x", "--reference_dir", "y"]) == 2  # the typo is named, not "--pipeline missing"
     assert "did you mean --pipeline?" in capsys.readouterr().err

@@ -59,8 +59,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
     data = build_image_folder(tmp_path / "data", per_class=5)  # 10 images, batch 4: epochs of 2 steps
     extra = ["--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--random_flip", "--disc_weight_decay", "0.01",
              "--report_to", "none"]
-    if ema:
-        extra += ["--use_ema", "--ema_decay", "0.9"]
+    extra += ["--use_ema", "--ema_decay", "0.9"] if ema else ["--no_use_ema"]
     if lora:
         extra += ["--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2"]
     full = tmp_path / "full"
