@@ -115,10 +115,10 @@ def _files_section(output_dir: Path, config: RunConfig, facts: CardFacts, repo: 
         lines.append(f"- `model_index.json` and the component folders: the full pipeline{merged}; "
                      f"`DiffusionPipeline.from_pretrained(\"{repo}\")` loads it.")
     if "diffusers" in facts.lora_files:
-        loader = "`pipe.load_lora_weights(...)` on the base" if facts.stock_lora_loader \
-            else "diffusers' `PeftAdapterMixin` on the base's denoiser (diffusers has no LoRA loader for this pipeline)"
+        loader = "with `pipe.load_lora_weights`" if facts.stock_lora_loader else \
+            "through diffusers' `PeftAdapterMixin` on its denoiser (diffusers has no LoRA loader for this pipeline)"
         lines.append(f"- `{LORA_WEIGHT_NAME}`: the LoRA for **diffusers** (peft keys, its configuration in the file's "
-                     f"metadata): {loader} `{base}`.")
+                     f"metadata), applied to the base `{base}` {loader} as below.")
     if "kohya" in facts.lora_files:
         lines.append(f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA for **ComfyUI** (copy it to `models/loras/`, load it with "
                      "a LoraLoader node), **AUTOMATIC1111 / Forge** (`models/Lora/`, then `<lora:pytorch_lora_weights_"

@@ -185,7 +185,7 @@ def write_card(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
         "Skipped non-finite updates": state.nonfinite_total,
     }
     repo = t.hub_model_id or str(output_dir)
-    call = adapter.example_call(conditions[0], t.validation_inference_steps, t.validation_guidance_scale)
+    call = adapter.example_call(conditions[0], t.validation_inference_steps, t.validation_guidance_scale, t.seed or 0)
     usages = []
     if lora_files:
         weight_name = lora_files.get("diffusers") or lora_files["kohya"]

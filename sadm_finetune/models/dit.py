@@ -188,9 +188,9 @@ class DiTAdapter(FamilyAdapter):
         name = (self.id2label or {}).get(class_label)
         return f"class {class_label}" + (f" ({name})" if name else "")
 
-    def example_call(self, class_label: int, num_inference_steps: int, guidance_scale: float) -> str:
+    def example_call(self, class_label: int, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
         return (f"image = pipe(class_labels=[{class_label}], num_inference_steps={num_inference_steps}, "
-                f"guidance_scale={guidance_scale}).images[0]")
+                f"guidance_scale={guidance_scale}, generator=torch.manual_seed({seed})).images[0]")
 
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, class_labels: list[int] | None) -> np.ndarray:

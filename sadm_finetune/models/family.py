@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -330,8 +331,9 @@ class FamilyAdapter(ABC):
         """A grid row's condition in words (the model card's widget caption): the prompt, or the class."""
         return str(condition)
 
-    def example_call(self, condition: Any, num_inference_steps: int, guidance_scale: float) -> str:
-        """Code that makes one image `image` from `pipe` for `condition` (the model card's usage code)."""
+    def example_call(self, condition: Any, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
+        """Code that makes one image `image` from `pipe` for `condition` (the model card's usage code): the first image
+        of the final samples' row, with the same seed."""
         raise NotImplementedError(f"{type(self).__name__} has no example call")
 
     def base_load_options(self) -> str:
@@ -415,6 +417,6 @@ class CaptionedFamily:
     def resolved_conditions(self, conditions: list[str] | None) -> list[str]:
         return list(conditions or self.default_prompts or [""])
 
-    def example_call(self, condition: str, num_inference_steps: int, guidance_scale: float) -> str:
-        return (f"image = pipe({condition!r}, num_inference_steps={num_inference_steps}, "
-                f"guidance_scale={guidance_scale}).images[0]")
+    def example_call(self, condition: str, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
+        return (f"image = pipe({json.dumps(condition, ensure_ascii=False)}, num_inference_steps={num_inference_steps}, "
+                f"guidance_scale={guidance_scale}, generator=torch.manual_seed({seed})).images[0]")
