@@ -120,11 +120,12 @@ def _files_section(output_dir: Path, config: RunConfig, facts: CardFacts, repo: 
         lines.append(f"- `{LORA_WEIGHT_NAME}`: the LoRA for **diffusers** (peft keys, its configuration in the file's "
                      f"metadata), applied to the base `{base}` {loader} as below.")
     if "kohya" in facts.lora_files:
-        lines.append(f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA for **ComfyUI** (copy it to `models/loras/`, load it with "
-                     "a LoraLoader node), **AUTOMATIC1111 / Forge** (`models/Lora/`, then `<lora:pytorch_lora_weights_"
-                     "kohya:1>` in the prompt) and **kohya's scripts**: kohya key format (`lora_unet_...lora_down/"
+        lines.append(f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA for **ComfyUI** (copy it to `models/loras/`, load it "
+                     "with a LoraLoader node), **AUTOMATIC1111 / Forge** (`models/Lora/`, then "
+                     "`<lora:pytorch_lora_weights_kohya:1>` in the prompt) and **kohya's scripts**: kohya key format (`lora_unet_...lora_down/"
                      "lora_up.weight`, `.alpha`) and metadata (`ss_base_model_version`, `modelspec.architecture`); "
-                     f"diffusers reads it too: `pipe.load_lora_weights(\"{repo}\", weight_name=\"{KOHYA_WEIGHT_NAME}\")`.")
+                     f"diffusers reads it too: `pipe.load_lora_weights(\"{repo}\", "
+                     f"weight_name=\"{KOHYA_WEIGHT_NAME}\")`.")
     disc = "`structure_discriminator/` (SADM's discriminator, to continue with `--disc_resume_from`), " \
         if (output_dir / "structure_discriminator").is_dir() else ""
     lines.append(f"- {disc}`training_config.yaml` (the resolved configuration), `samples/` (the final samples, made "
@@ -165,7 +166,8 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
         prompts = f"\n## Trigger words\n\nUse `{trigger}` in the prompt to trigger what this model learned.\n"
     elif facts.prompts:
         listed = "\n".join(f"- `{p}`" for p in facts.prompts)
-        prompts = f"\n## Prompts\n\nThe samples above were made with these prompts (no trigger words set):\n\n{listed}\n"
+        prompts = (f"\n## Prompts\n\nThe samples above were made with these prompts (no trigger words set):\n\n"
+                   f"{listed}\n")
     else:
         prompts = ""
     in_folder = "with the resolved configuration saved beside the weights"

@@ -166,7 +166,8 @@ def kohya_labels(config: RunConfig, output_dir: Path, resolution: int) -> dict[s
         "ss_learning_rate": t.learning_rate, "ss_max_train_steps": t.max_train_steps, "ss_seed": t.seed,
         "ss_training_comment": f"sadm-finetune, SADM structure weight {config.sadm.structure_weight}",
     }
-    labels.update({"modelspec.resolution": f"{resolution}x{resolution}", "ss_resolution": f"({resolution}, {resolution})"})
+    labels.update({"modelspec.resolution": f"{resolution}x{resolution}",
+                   "ss_resolution": f"({resolution}, {resolution})"})
     return labels
 
 
@@ -193,7 +194,8 @@ def write_card(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
         usages.append((f"The LoRA on the base model (`{weight_name}`):", lora_code))
     if with_pipeline:
         heading = "The full pipeline (the LoRA merged):" if lora_files else "The fine-tuned pipeline:"
-        usages.insert(0 if not adapter.stock_lora_loader else len(usages), (heading, adapter.pipeline_usage(repo, call)))
+        where = len(usages) if adapter.stock_lora_loader else 0  # the LoRA file first where diffusers loads it
+        usages.insert(where, (heading, adapter.pipeline_usage(repo, call)))
     facts = CardFacts(
         family_tags=adapter.card_tags(), data_description=data.description, summary=summary, usages=usages,
         lora_files=lora_files, pipeline=with_pipeline, stock_lora_loader=adapter.stock_lora_loader, widget=widget,

@@ -51,7 +51,7 @@ def test_lora_file_options_per_family():
             if kohya:
                 family.check_config(config)
             else:
-                with pytest.raises(ConfigError, match="lora_export_format: kohya LoRA files exist for Stable Diffusion"):
+                with pytest.raises(ConfigError, match="lora_export_format: kohya LoRA files exist for Stable Diff"):
                     family.check_config(config)
 
 

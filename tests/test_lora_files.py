@@ -151,7 +151,8 @@ def test_the_exports_own_check_refuses_a_file_the_loader_applies_in_part(bases, 
     from diffusers.utils import convert_state_dict_to_diffusers
 
     adapter, _, state, _ = _trained(bases["sd"], "sd", tmp_path, lora_export_format="diffusers")
-    StableDiffusionPipeline.save_lora_weights(tmp_path / "mixed", unet_lora_layers=convert_state_dict_to_diffusers(state))
+    mixed = convert_state_dict_to_diffusers(state)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "mixed", unet_lora_layers=mixed)
     with pytest.raises(RuntimeError, match="left 64 of its 80 LoRA tensors unused"):
         adapter.lora_pipeline(tmp_path / "mixed", lora.LORA_WEIGHT_NAME)
     assert adapter.lora_pipeline(tmp_path, lora.LORA_WEIGHT_NAME).unet is not adapter.denoiser
@@ -174,6 +175,7 @@ def test_export_dtype_defaults_to_the_bases_own_and_reaches_both_files(bases, tm
         adapter.save_lora_weights(out, lora.cast_state(state, dtypes["unet"]),
                                   lora.lora_metadata(lora.make_lora_config(config.model, ("to_q",))))
         for name in (lora.LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
-            header = json.loads((out / name).read_bytes()[8:8 + int.from_bytes((out / name).read_bytes()[:8], "little")])
+            raw = (out / name).read_bytes()
+            header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
             kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
             assert kinds == {{torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}[expected]}, name

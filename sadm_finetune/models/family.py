@@ -322,7 +322,7 @@ class FamilyAdapter(ABC):
         `set_resolution`): what `from_pretrained` of the base must be given to rebuild the trained model."""
         return {}
 
-    # -- what the model card shows (export.card) ----------------------------------------------------------------
+    # -- what the model card shows (card.py) ---------------------------------------------------------------------
     def resolved_conditions(self, conditions: list | None) -> list:
         """The rows a validation grid samples when given `conditions` (None: the family's defaults)."""
         return list(conditions or [])

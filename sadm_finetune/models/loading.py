@@ -196,5 +196,6 @@ def stored_dtype(config: ModelConfig, component: str):
     with files[0].open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    counts = Counter(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
+    counts = Counter(v["dtype"] for k, v in header.items()
+                     if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
     return getattr(torch, SAFETENSORS_DTYPES[counts.most_common(1)[0][0]]) if counts else None
