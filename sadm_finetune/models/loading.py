@@ -1,4 +1,5 @@
-"""Load a pretrained pipeline (Hub id or folder) and pick its family adapter; clear errors first."""
+"""Load a pretrained pipeline (Hub id or folder) and pick its family adapter; clear errors first. Also where the
+base lives on this machine and the dtype its weights are stored in (read without loading them)."""
 
 from __future__ import annotations
 
