@@ -81,9 +81,18 @@ class ModelConfig:
     lora_target_modules: list[str] | None = _f(
         None, "Module names (or name suffixes) that get LoRA (default: the family's attention projections)."
     )
-    lora_export_format: Literal["diffusers", "kohya"] = _f(
-        "diffusers", "LoRA file formats: diffusers; kohya also writes pytorch_lora_weights_kohya.safetensors (lora_unet_ "
-        "keys with .alpha: ComfyUI, A1111, kohya's scripts). SD 1.x/2.x and SDXL only.")
+    lora_export_format: Literal["diffusers", "kohya", "both"] | None = _f(
+        None, "LoRA files a LoRA run writes: diffusers (pytorch_lora_weights.safetensors, for diffusers' "
+        "load_lora_weights), kohya (pytorch_lora_weights_kohya.safetensors: lora_unet_ keys, .alpha and kohya's "
+        "metadata, for ComfyUI, A1111/Forge and kohya's scripts; SD 1.x/2.x and SDXL only) or both. Default: both "
+        "for SD 1.x/2.x and SDXL, diffusers for the other families.")
+    export_merged: bool = _f(
+        False, "LoRA runs of families with a stock diffusers LoRA loader (SD 1.x/2.x, SDXL, SD3): also write the full "
+        "pipeline with the LoRA merged into its weights (DiT and PixArt LoRA runs always write it; without this flag "
+        "the output is the LoRA file(s), card, samples, config and discriminator).")
+    export_dtype: Literal["fp16", "bf16", "fp32"] | None = _f(
+        None, "dtype of the exported weights (the full pipeline and the LoRA files). Default: the base's own, as "
+        "stored in each component's weight files.")
     pos_embed_transfer: Literal["extend", "interpolate"] | None = _f(
         None,
         "DiT at a --resolution other than the base's: how its fixed sin-cos positional embedding covers the new "
@@ -100,9 +109,12 @@ class ModelConfig:
         _positive(self, "lora_rank", "lora_alpha")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "is an empty list", "name at least one module, or leave it unset")
-        if self.lora_export_format == "kohya" and not self.use_lora:
-            raise ConfigError("lora_export_format", "kohya is a LoRA file format and this run is not a LoRA run",
-                              "add --trainable lora, or drop --lora_export_format")
+        if self.lora_export_format is not None and not self.use_lora:
+            raise ConfigError("lora_export_format", f"{self.lora_export_format} is a LoRA file format and this run is "
+                              "not a LoRA run", "add --trainable lora, or drop --lora_export_format")
+        if self.export_merged and not self.use_lora:
+            raise ConfigError("export_merged", f"is a LoRA option and --trainable {self.trainable} always writes the "
+                              "full pipeline", "drop --export_merged")
 
     @property
     def use_lora(self) -> bool:

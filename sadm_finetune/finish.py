@@ -1,5 +1,6 @@
-"""The end of a run: replicas checked, the stock pipeline exported (main process), sampled from its
-reloaded copy, the model card written and pushed; then the trackers and process group closed."""
+"""The end of a run: replicas checked, the outputs exported (main process): the stock pipeline, or for a LoRA run of a
+family with a stock LoRA loader the LoRA file(s) alone; samples made from what was written, the model card written and
+pushed; then the trackers and process group closed."""
 
 from __future__ import annotations
 
@@ -57,39 +58,126 @@ def check_replicas(run: Run) -> None:
                           "processes" + ("; denoiser sharded (FSDP), one copy" if sharded else ""))
 
 
-def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[str] | None, gathered=None) -> None:
-    """Main process only: export the stock pipeline, sample from the reloaded export, card, push.
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-    `gathered`: under FSDP, a stock copy of the denoiser holding the gathered full weights (exported instead
-    of the sharded module). The terms' modules are saved beside the pipeline (e.g. the structure
-    discriminator, to resume from), never as pipeline components."""
+
+def export_dtypes(config: RunConfig, adapter) -> dict[str, torch.dtype]:
+    """Component name -> the dtype it is written in: --export_dtype for all, else each component's own dtype as the
+    base stores it (fp32 where its files are not on this machine)."""
+    from .models.loading import stored_dtype
+
+    chosen = config.model.export_dtype
+    names = [name for name, module in adapter.pipeline.components.items() if isinstance(module, torch.nn.Module)]
+    names += [name for name in adapter.released_text_encoders if name not in names]
+    if chosen is not None:
+        return {name: EXPORT_DTYPES[chosen] for name in names}
+    return {name: stored_dtype(config.model, name) or torch.float32 for name in names}
+
+
+def cast_components(pipeline, dtypes: dict[str, torch.dtype]) -> None:
+    """Each module of the pipeline in its export dtype (in place: the run is over)."""
+    for name, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module) and name in dtypes and module.dtype != dtypes[name]:
+            module.to(dtypes[name])
+
+
+def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[str] | None, gathered=None) -> None:
+    """Main process only: export, sample from what was exported, card, push.
+
+    A LoRA run of a family with a stock LoRA loader (SD, SDXL, SD3) writes the LoRA file(s) and samples the base
+    pipeline with the written file applied by that loader; other runs (and those with --export_merged) write the
+    stock pipeline (a LoRA merged into a fresh base) and sample its reloaded copy. `gathered`: under FSDP, a stock
+    copy of the denoiser holding the gathered full weights (exported instead of the sharded module). The terms'
+    modules are saved beside the output (e.g. the structure discriminator, to resume from), never as pipeline
+    components."""
     config, accelerator, adapter = run.config, run.accelerator, run.adapter
-    t = config.training
+    t, m = config.training, config.model
     if run.weight_dtype != torch.float32 or adapter.released_text_encoders:
         adapter.reload_frozen_fp32()
     extra = {"structure_discriminator": term.unwrapped_disc for term in run.terms if term.name == "sadm"}
-    lora_state = None
+    dtypes = export_dtypes(config, adapter)
+    with_pipeline = adapter.exports_pipeline(m)
+    lora_state = lora_config = None
     with inference_pipeline(run, gathered) as pipeline:
-        if config.model.use_lora:  # merge into a fresh fp32 base: stock loaders, base weights bit for bit
+        if m.use_lora:
             model = run.unwrapped_denoiser
+            lora_config = model.peft_config[lora.ADAPTER_NAME]
             lora_state = lora.lora_state_dict(model)
-            base = adapter.load_component(adapter.denoiser_name)
-            pipeline = adapter.export_pipeline(lora.merge_lora(base, model.peft_config[lora.ADAPTER_NAME], lora_state))
-        elif config.model.trainable == "difffit":  # scale factors folded into the weights: a stock model
+            if with_pipeline:  # merged into a fresh base: stock loaders, the base's keys
+                base = adapter.load_component(adapter.denoiser_name)
+                pipeline = adapter.export_pipeline(lora.merge_lora(base, lora_config, lora_state))
+        elif m.trainable == "difffit":  # scale factors folded into the weights: a stock model
             from .models.difffit import folded_copy
 
             pipeline = adapter.export_pipeline(folded_copy(run.unwrapped_denoiser))
-        export.save_pipeline_atomically(pipeline, output_dir, extra)
+        if with_pipeline:
+            cast_components(pipeline, dtypes)
+            export.save_pipeline_atomically(pipeline, output_dir, extra)
+        else:
+            export.save_models_atomically(output_dir, extra)
+        del pipeline
+    lora_files: dict[str, str] = {}
     if lora_state is not None:
-        adapter.save_lora_weights(output_dir, lora_state, lora.lora_metadata(model.peft_config[lora.ADAPTER_NAME]))
-    from diffusers import DiffusionPipeline
+        state_out = lora.cast_state(lora_state, dtypes[adapter.denoiser_name])
+        lora_files = adapter.save_lora_weights(output_dir, state_out, lora.lora_metadata(lora_config),
+                                               kohya_labels(config, output_dir, adapter.default_resolution()))
+    # The final samples come from what was written: the reloaded pipeline, or the base with the LoRA file applied.
+    if with_pipeline:
+        from diffusers import DiffusionPipeline
 
-    reloaded = DiffusionPipeline.from_pretrained(output_dir, use_safetensors=True).to(accelerator.device)
-    reloaded.set_progress_bar_config(disable=True)
-    grid = adapter.sample_grid(reloaded, t.num_validation_images, t.validation_inference_steps,
-                               t.validation_guidance_scale, t.seed or 0, adapter.validation_conditions(t))
+        sampler = DiffusionPipeline.from_pretrained(output_dir, use_safetensors=True, dtype=torch.float32)
+    else:
+        sampler = adapter.lora_pipeline(output_dir, lora_files.get("diffusers") or lora_files["kohya"])
+    sampler.to(accelerator.device).set_progress_bar_config(disable=True)
+    conditions = adapter.resolved_conditions(adapter.validation_conditions(t))
+    with torch.no_grad():
+        grid = adapter.sample_grid(sampler, t.num_validation_images, t.validation_inference_steps,
+                                   t.validation_guidance_scale, t.seed or 0, conditions)
     export.save_grid(grid, output_dir / "samples" / "final.png")
-    del reloaded
+    widget = []
+    for i, condition in enumerate(conditions):  # one image per row: the card's gallery
+        path = export.save_grid(grid[i:i + 1, :1], output_dir / "samples" / f"final-{i}.png")
+        widget.append((adapter.condition_text(condition), path.relative_to(output_dir).as_posix()))
+    del sampler
+    write_card(run, data, output_dir, state, argv, lora_files, with_pipeline, conditions, widget)
+    if t.push_to_hub:
+        url = export.push_to_hub(output_dir, t.hub_model_id, t.hub_private)
+        accelerator.print(f"Pushed to {url}")
+    what = "the fine-tuned pipeline" if with_pipeline else f"the LoRA ({', '.join(lora_files.values())})"
+    accelerator.print(f"Saved {what} to {output_dir}")
+
+
+def kohya_labels(config: RunConfig, output_dir: Path, resolution: int) -> dict[str, str]:
+    """What the kohya file records about the run besides the network and the base (kohya's `ss_*` / `modelspec.*`
+    names): title, resolution, date, licence, trigger phrase and the training settings kohya records."""
+    import datetime
+
+    from .card import inherited_license, trigger_words
+    from .export import public_name
+
+    m, t = config.model, config.training
+    resolution = config.data.resolution or resolution
+    licence = inherited_license(m)
+    labels = {
+        "modelspec.title": output_dir.name, "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.license": licence.get("license_name") or licence.get("license"),
+        "modelspec.trigger_phrase": trigger_words(config),
+        "ss_sd_model_name": public_name(m.pretrained_model_name_or_path), "ss_output_name": output_dir.name,
+        "ss_learning_rate": t.learning_rate, "ss_max_train_steps": t.max_train_steps, "ss_seed": t.seed,
+        "ss_training_comment": f"sadm-finetune, SADM structure weight {config.sadm.structure_weight}",
+    }
+    labels.update({"modelspec.resolution": f"{resolution}x{resolution}",
+                   "ss_resolution": f"({resolution}, {resolution})"})
+    return labels
+
+
+def write_card(run: Run, data, output_dir: Path, state: TrainState, argv: list[str] | None, lora_files: dict[str, str],
+               with_pipeline: bool, conditions: list, widget: list[tuple[str, str]]) -> None:
+    """The model card: what the folder holds, code that uses it, the run's settings."""
+    from .card import CardFacts, write_model_card
+
+    config, accelerator, adapter = run.config, run.accelerator, run.adapter
+    t, m = config.training, config.model
     summary = {
         "Training steps": state.global_step,
         "Global batch size": t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps,
@@ -97,14 +185,24 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
         "Mixed precision": accelerator.mixed_precision,
         "Skipped non-finite updates": state.nonfinite_total,
     }
-    lora_usage = None
-    if config.model.use_lora:
-        lora_usage = adapter.lora_usage(config.model.pretrained_model_name_or_path, t.hub_model_id or str(output_dir))
-    export.write_model_card(output_dir, config, adapter.card_tags(), data.description, summary, argv, lora_usage)
-    if t.push_to_hub:
-        url = export.push_to_hub(output_dir, t.hub_model_id, t.hub_private)
-        accelerator.print(f"Pushed to {url}")
-    accelerator.print(f"Saved the fine-tuned pipeline to {output_dir}")
+    repo = t.hub_model_id or str(output_dir)
+    call = adapter.example_call(conditions[0], t.validation_inference_steps, t.validation_guidance_scale, t.seed or 0)
+    usages = []
+    if lora_files:
+        weight_name = lora_files.get("diffusers") or lora_files["kohya"]
+        lora_code = adapter.lora_usage(m.pretrained_model_name_or_path, repo, weight_name, call)
+        usages.append((f"The LoRA on the base model (`{weight_name}`):", lora_code))
+    if with_pipeline:
+        heading = "The full pipeline (the LoRA merged):" if lora_files else "The fine-tuned pipeline:"
+        where = len(usages) if adapter.stock_lora_loader else 0  # the LoRA file first where diffusers loads it
+        usages.insert(where, (heading, adapter.pipeline_usage(repo, call)))
+    facts = CardFacts(
+        family_tags=adapter.card_tags(), data_description=data.description, summary=summary, usages=usages,
+        lora_files=lora_files, pipeline=with_pipeline, stock_lora_loader=adapter.stock_lora_loader, widget=widget,
+        prompts=[c for c in conditions if isinstance(c, str)], num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision, argv=argv,
+    )
+    write_model_card(output_dir, config, facts)
 
 
 def end_training(accelerator: Accelerator) -> None:

@@ -121,7 +121,7 @@ def test_stock_diffusers_cannot_hold_interpolate_at_the_new_sample_size(tmp_path
     assert torch.allclose(added_embedding(reloaded, NEW_GRID), sincos(np.arange(NEW_GRID)), atol=1e-6)
 
 
-def test_lora_export_and_model_card_code_rebuild_the_model_at_the_new_size(adapter, tmp_path):
+def test_lora_export_and_model_card_code_rebuild_the_model_at_the_new_size(adapter, tmp_path, monkeypatch):
     """A LoRA run's two outputs: the merge into a fresh base (load_component) and the model card's code that applies
     the LoRA file to the base from the Hub; both must give the model trained at the new size."""
     fresh = adapter.load_component("transformer")
@@ -139,12 +139,15 @@ def test_lora_export_and_model_card_code_rebuild_the_model_at_the_new_size(adapt
     adapter.save_lora_weights(tmp_path, state, lora.lora_metadata(lora_config))
     merged = lora.merge_lora(fresh, lora_config, state).eval()
 
-    code = adapter.lora_usage(adapter.config.pretrained_model_name_or_path, str(tmp_path))
-    assert 'subfolder="transformer", sample_size=16)' in code
+    code = adapter.lora_usage(adapter.config.pretrained_model_name_or_path, str(tmp_path), lora.LORA_WEIGHT_NAME,
+                              adapter.example_call(1, 1, 1.0, 0))
+    assert 'subfolder="transformer", sample_size=16, dtype=dtype)' in code
     scope: dict = {}
+    monkeypatch.chdir(tmp_path)  # it saves sample.png
     exec(code, scope)  # the card's code, as a user runs it
     card_model, pipe = scope["transformer"].eval(), scope["pipe"]
     assert card_model.config.sample_size == 16 and pipe.transformer is card_model
+    assert scope["image"].size == (64, 64) and (tmp_path / "sample.png").is_file()  # the card's pipe(...) call
     torch.testing.assert_close(forward(card_model, NEW_GRID), forward(trained, NEW_GRID), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(forward(merged, NEW_GRID), forward(trained, NEW_GRID), rtol=1e-4, atol=1e-5)
 

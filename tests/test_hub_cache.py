@@ -82,6 +82,9 @@ def test_dit_hub_id_offline_honours_revision_and_variant(hub_cache, tmp_path, ca
         out = tmp_path / f"out-{name}-{len(extra[1]) if extra else 0}"
         assert main(["--pretrained", DIT_ID, *run_args(data, out, *extra)]) == 0, capsys.readouterr().err[-3000:]
         vae, transformer = weights(out, "vae"), weights(out, "transformer")
+        stored = {load_file(str(out / c / "diffusion_pytorch_model.safetensors"))["proj_out_2.bias" if c ==
+                  "transformer" else "encoder.conv_in.weight"].dtype for c in ("transformer", "vae")}
+        assert stored == {torch.float16 if name == "fp16" else torch.float32}, (name, stored)  # the base's own dtype
         for other, components in expected.items():
             if other == name:
                 assert max_diff(vae, components["vae"]) == 0, (name, extra)  # the frozen VAE, bit for bit

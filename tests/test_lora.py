@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiTTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import PeftAdapterMixin
+from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -119,36 +121,66 @@ def test_checkpoints_hold_only_the_lora_and_restore_it(tiny_dit, tmp_path):
     assert restored.keys() == expected.keys() and all(torch.equal(restored[k], expected[k]) for k in expected)
 
 
-def _images(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(["a red square", "a blue circle"], num_inference_steps=3, generator=torch.manual_seed(0),
-                output_type="np").images
+def _python_blocks(markdown):
+    return [block.split("```", 1)[0] for block in markdown.split("```python\n")[1:]]
 
 
 @pytest.mark.slow
-def test_sd_lora_file_loads_into_the_base_and_matches_the_fused_export(tmp_path):
+def test_sd_lora_run_writes_lean_outputs_that_stock_tools_load_whole(tmp_path, stock_diffusers, monkeypatch):
+    """A LoRA run on SD with non-default targets: the LoRA files (diffusers and kohya), card, samples, config and D,
+    no merged pipeline; the final samples are the base with the written file applied; the card's code runs."""
     base = build_tiny_sd_pipeline(tmp_path / "base")
     data = build_captioned_folder(tmp_path / "data")
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=3) + [
         "--trainable", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--gradient_checkpointing",
+        "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
         "--use_ema", "--ema_decay", "0.9", "--checkpointing_steps", "3", "--report_to", "none"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    kohya = "pytorch_lora_weights_kohya.safetensors"
+    assert {p.name for p in out.iterdir()} == {"pytorch_lora_weights.safetensors", kohya, "README.md", "samples",
+                                              "training_config.yaml", "structure_discriminator", "checkpoints"}
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
-        assert all(k.startswith("unet.") for k in f.keys())
+        keys = list(f.keys())
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)  # one key style
+    assert any(".proj_in.lora_A." in k for k in keys) and any(".attn2.to_q.lora_A." in k for k in keys)
     assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 8
-    fused = DiffusionPipeline.from_pretrained(out)
-    assert isinstance(fused, StableDiffusionPipeline)
+
+    # The final samples are the base pipeline with the written file applied by stock load_lora_weights.
     original = StableDiffusionPipeline.from_pretrained(base)
-    assert fused.unet.state_dict().keys() == original.unet.state_dict().keys()
-    before = _images(original)
-    original.load_lora_weights(out)  # stock diffusers, onto a fresh base pipeline
-    with_lora, from_fused = _images(original), _images(fused)
-    np.testing.assert_allclose(with_lora, from_fused, atol=1e-4)
-    assert np.abs(with_lora - before).max() > 1e-3
+    original.set_progress_bar_config(disable=True)
+    before = original(["a red square"], num_inference_steps=2, guidance_scale=1.5, generator=torch.manual_seed(0),
+                      output_type="np").images[0]
+    original.load_lora_weights(out)
+    after = original(["a red square"], num_inference_steps=2, guidance_scale=1.5, generator=torch.manual_seed(0),
+                     output_type="np").images[0]
+    first = np.asarray(Image.open(out / "samples" / "final-0.png"), dtype=np.float64) / 255
+    np.testing.assert_allclose(first, after, atol=1 / 255 + 1e-6)
+    assert np.abs(after - before).max() > 1e-3
+
+    # The card: the Hub's LoRA metadata, and its usage code runs as written (the local folders for the names).
+    card = ModelCard.load(out / "README.md")
+    assert {"lora", "template:sd-lora", "diffusers-training", "stable-diffusion"} <= set(card.data.tags)
+    assert card.data.widget[0] == {"text": "a red square", "output": {"url": "samples/final-0.png"}}
+    assert all((out / w["output"]["url"]).is_file() for w in card.data.widget)
+    assert kohya in card.text and "ComfyUI" in card.text and "model_index.json" not in card.text
+    code = _python_blocks(card.text)[0]
+    assert 'from_pretrained("base"' in code and 'load_lora_weights("out"' in code and "pipe(" in code
+    monkeypatch.chdir(tmp_path)  # "base" and "out" are the folders' names: they resolve here, as the Hub ids would
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    np.testing.assert_allclose(np.asarray(namespace["image"], dtype=np.float64) / 255, after, atol=1 / 255 + 1e-6)
+    assert (tmp_path / "sample.png").is_file()
+
+    # Stock diffusers (no sadm_finetune) loads each file onto the base: the same images.
+    seen = stock_diffusers.load(base, prompts=["a red square"], lora=out,
+                                lora_weight_names=["pytorch_lora_weights.safetensors", kohya])
+    assert seen.get("error") is None and not seen["sadm_finetune_imported"], seen.get("error")
+    images = {name: np.asarray(value) for name, value in seen["lora_images"].items()}
+    np.testing.assert_allclose(images[kohya], images["pytorch_lora_weights.safetensors"], atol=1e-5)
 
     # The export is the EMA of the LoRA weights, not the raw ones; the checkpoint holds both, LoRA only.
     ckpt = out / "checkpoints" / "checkpoint-3"

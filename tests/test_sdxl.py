@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
 from sadm_finetune.config import ModelConfig
+from sadm_finetune.models.kohya import KOHYA_WEIGHT_NAME
 from sadm_finetune.models.loading import load_family
 from sadm_finetune.models.sdxl import StableDiffusionXLAdapter
 from sadm_finetune.text_cache import build_text_cache
@@ -152,23 +153,28 @@ def test_full_fine_tune_on_buckets_with_caches_exports_a_stock_pipeline(tmp_path
 
 
 @pytest.mark.slow
-def test_lora_file_loads_with_stock_load_lora_weights(tiny_sdxl, tmp_path, stock_diffusers):
+def test_lora_with_export_merged_writes_both_files_and_the_merged_pipeline(tiny_sdxl, tmp_path, stock_diffusers):
     data = build_captioned_folder(tmp_path / "data")
     out = tmp_path / "out"
     args = tiny_run_args(tiny_sdxl, data, out, steps=2) + [
         "--trainable", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
-        "--random_flip", "--use_ema", "--ema_decay", "0.9", "--report_to", "none"]
+        "--random_flip", "--use_ema", "--ema_decay", "0.9", "--export_merged", "--report_to", "none"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: lambda 0.01" in proc.stdout
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)
+    with safe_open(str(out / KOHYA_WEIGHT_NAME), "pt") as f:  # by default too, labelled SDXL for A1111 / Forge
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert _changed(out, tiny_sdxl) > 1e-4  # the merged export carries the trained LoRA
     card = (out / "README.md").read_text()
     assert {"stable-diffusion-xl", "stable-diffusion-xl-diffusers", "lora"} <= set(
         yaml.safe_load(card.split("---")[1])["tags"])
     assert "pipe = StableDiffusionXLPipeline.from_pretrained(" in card and "pipe.load_lora_weights(" in card
+    assert "DiffusionPipeline.from_pretrained(\"out\"" in card and KOHYA_WEIGHT_NAME in card
 
     # The merged export and the base with the LoRA file applied by stock diffusers sample the same images.
     fused = StableDiffusionXLPipeline.from_pretrained(out)
@@ -184,3 +190,9 @@ def test_lora_file_loads_with_stock_load_lora_weights(tiny_sdxl, tmp_path, stock
     assert seen.get("error") is None, seen["error"]
     assert seen["cls"] == "StableDiffusionXLPipeline" and not seen["sadm_finetune_imported"]
     assert seen["lora_change"] > 1e-3
+    # diffusers' own kohya loader reproduces the diffusers-format file's images
+    seen = stock_diffusers.load(tiny_sdxl, prompts=["a red square"], lora=out,
+                                lora_weight_names=["pytorch_lora_weights.safetensors", KOHYA_WEIGHT_NAME])
+    assert seen.get("error") is None, seen["error"]
+    np.testing.assert_allclose(np.asarray(seen["lora_images"][KOHYA_WEIGHT_NAME]),
+                               np.asarray(seen["lora_images"]["pytorch_lora_weights.safetensors"]), atol=1e-5)

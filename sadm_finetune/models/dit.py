@@ -178,10 +178,21 @@ class DiTAdapter(FamilyAdapter):
             pipeline.register_to_config(id2label=self.id2label)  # not saved unless registered
         return pipeline
 
-    def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
-                    guidance_scale: float, seed: int, class_labels: list[int] | None) -> np.ndarray:
+    def resolved_conditions(self, class_labels: list[int] | None) -> list[int]:
         if class_labels is None:
             known = sorted(self.id2label) if self.id2label else list(range(self.num_classes))
-            class_labels = known[:10]
-        rows = [{"class_labels": [label] * num_per_row} for label in class_labels]
+            return known[:10]
+        return list(class_labels)
+
+    def condition_text(self, class_label: int) -> str:
+        name = (self.id2label or {}).get(class_label)
+        return f"class {class_label}" + (f" ({name})" if name else "")
+
+    def example_call(self, class_label: int, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
+        return (f"image = pipe(class_labels=[{class_label}], num_inference_steps={num_inference_steps}, "
+                f"guidance_scale={guidance_scale}, generator=torch.manual_seed({seed})).images[0]")
+
+    def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
+                    guidance_scale: float, seed: int, class_labels: list[int] | None) -> np.ndarray:
+        rows = [{"class_labels": [label] * num_per_row} for label in self.resolved_conditions(class_labels)]
         return self._sample_rows(pipeline, rows, num_inference_steps, guidance_scale, seed)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,12 +109,28 @@ class FamilyAdapter(ABC):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     kohya_lora: bool = False  # whether `save_lora_weights` can also write the kohya format (--lora_export_format)
+    # Whether the pipeline class's own `load_lora_weights` reads the diffusers-format LoRA file: then a LoRA run's
+    # output is the LoRA file(s) alone (no merged pipeline unless --export_merged), sampled through that loader.
+    stock_lora_loader: bool = False
+
+    @classmethod
+    def lora_formats(cls, model: ModelConfig) -> tuple[str, ...]:
+        """The LoRA files a LoRA run writes ("diffusers", "kohya"): --lora_export_format, by default both where the
+        family has the kohya format (ComfyUI and A1111 cannot read diffusers' SD/SDXL file), else diffusers."""
+        chosen = model.lora_export_format or ("both" if cls.kohya_lora else "diffusers")
+        return ("diffusers", "kohya") if chosen == "both" else (chosen,)
+
+    @classmethod
+    def exports_pipeline(cls, model: ModelConfig) -> bool:
+        """Whether the run writes the full pipeline: full and DiffFit runs always; LoRA runs of a family without a
+        stock LoRA loader too (the merged pipeline is their plain way to use the LoRA); others with --export_merged."""
+        return not model.use_lora or not cls.stock_lora_loader or model.export_merged
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
         """Raise ConfigError for options this family cannot honour; runs before any weights load. Subclasses
         call this first."""
-        if config.model.lora_export_format == "kohya" and not cls.kohya_lora:
+        if config.model.use_lora and "kohya" in cls.lora_formats(config.model) and not cls.kohya_lora:
             raise ConfigError("lora_export_format", f"kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL "
                               f"UNets, not for {', '.join(cls.pipeline_classes)}",
                               "drop --lora_export_format (the diffusers-format file is written)")
@@ -278,39 +296,85 @@ class FamilyAdapter(ABC):
             del self.released_text_encoders[name]
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
-                          adapter_metadata: dict[str, Any]) -> None:
-        """Write `pytorch_lora_weights.safetensors` in the diffusers format (keys `<denoiser_name>.<peft key>`,
-        the LoRA config in the file's metadata), as diffusers' `load_lora_adapter(prefix=...)` reads it."""
+                          adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None
+                          ) -> dict[str, str]:
+        """Write this run's LoRA file(s) (`lora_formats`) into `output_dir`, each atomically; returns format -> file
+        name. The diffusers file: `pytorch_lora_weights.safetensors`, keys `<denoiser_name>.<peft key>` for every
+        target module (`...to_q.lora_A.weight`, `...proj_in.lora_B.weight`), the LoRA config in the file's metadata:
+        what diffusers' pipelines save and their `load_lora_weights` (`load_lora_adapter(prefix=...)`) read whole.
+        `kohya_metadata`: what the kohya file records besides the family's own labels (title, resolution, ...)."""
         from diffusers.loaders.lora_base import LoraBaseMixin
 
-        prefix = self.denoiser_name
+        from .lora import LORA_WEIGHT_NAME
+
+        prefix, path = self.denoiser_name, Path(output_dir) / LORA_WEIGHT_NAME
+        tmp = path.with_name(f".tmp-{path.name}")
         LoraBaseMixin.write_lora_layers(
             state_dict={f"{prefix}.{k}": v for k, v in lora_state_dict.items()}, save_directory=str(output_dir),
-            is_main_process=True, weight_name=None, save_function=None, safe_serialization=True,
+            is_main_process=True, weight_name=tmp.name, save_function=None, safe_serialization=True,
             lora_adapter_metadata={f"{prefix}.{k}": v for k, v in adapter_metadata.items()},
         )
+        os.replace(tmp, path)
+        return {"diffusers": path.name}
 
     def denoiser_config_overrides(self) -> dict[str, Any]:
         """Config values in which the trained denoiser differs from the base's (e.g. a DiT's sample_size after
         `set_resolution`): what `from_pretrained` of the base must be given to rebuild the trained model."""
         return {}
 
-    def lora_usage(self, base: str, repo: str) -> str:
-        """Model-card code that applies the saved LoRA file to the base model (no LoRA loader for this pipeline
-        in diffusers: a subclass with diffusers' PeftAdapterMixin reads it)."""
+    # -- what the model card shows (card.py) ---------------------------------------------------------------------
+    def resolved_conditions(self, conditions: list | None) -> list:
+        """The rows a validation grid samples when given `conditions` (None: the family's defaults)."""
+        return list(conditions or [])
+
+    def condition_text(self, condition: Any) -> str:
+        """A grid row's condition in words (the model card's widget caption): the prompt, or the class."""
+        return str(condition)
+
+    def example_call(self, condition: Any, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
+        """Code that makes one image `image` from `pipe` for `condition` (the model card's usage code): the first image
+        of the final samples' row, with the same seed."""
+        raise NotImplementedError(f"{type(self).__name__} has no example call")
+
+    def base_load_options(self) -> str:
+        """`, revision=..., variant=...` as the run loaded the base, for the card's `from_pretrained(base ...)`."""
+        c = self.config
+        return "".join(f", {name}={value!r}" for name, value in (("revision", c.revision), ("variant", c.variant))
+                       if value is not None)
+
+    def pipeline_usage(self, repo: str, call: str) -> str:
+        """Model-card code that loads the exported pipeline folder (or its Hub repo) and makes an image."""
+        return f"""import torch
+from diffusers import DiffusionPipeline
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+pipe = DiffusionPipeline.from_pretrained("{repo}", dtype=dtype).to(device)
+{call}
+image.save("sample.png")"""
+
+    def lora_usage(self, base: str, repo: str, weight_name: str, call: str) -> str:
+        """Model-card code that applies the saved LoRA file to the base model and makes an image (no LoRA loader for
+        this pipeline in diffusers: a subclass with diffusers' PeftAdapterMixin reads it)."""
         cls, name = type(self.denoiser).__name__, self.denoiser_name
         overrides = "".join(f", {k}={v!r}" for k, v in self.denoiser_config_overrides().items())
         indent = " " * len(f"{name}.load_lora_adapter(")
-        return f"""from diffusers import DiffusionPipeline, {cls}
+        options = self.base_load_options()
+        return f"""import torch
+from diffusers import DiffusionPipeline, {cls}
 from diffusers.loaders import PeftAdapterMixin
 
 class {cls}WithLoRA({cls}, PeftAdapterMixin):
     pass
 
-{name} = {cls}WithLoRA.from_pretrained("{base}", subfolder="{name}"{overrides})
-{name}.load_lora_adapter("{repo}", weight_name="pytorch_lora_weights.safetensors",
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+{name} = {cls}WithLoRA.from_pretrained("{base}", subfolder="{name}"{options}{overrides}, dtype=dtype)
+{name}.load_lora_adapter("{repo}", weight_name="{weight_name}",
 {indent}prefix="{name}", use_safetensors=True)
-pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name})"""
+pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name}{options}, dtype=dtype).to(device)
+{call}
+image.save("sample.png")"""
 
     @staticmethod
     def _sample_rows(pipeline: DiffusionPipeline, rows: list[dict[str, Any]], num_inference_steps: int,
@@ -349,3 +413,10 @@ class CaptionedFamily:
 
     def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
         return training.validation_prompts or self.default_prompts
+
+    def resolved_conditions(self, conditions: list[str] | None) -> list[str]:
+        return list(conditions or self.default_prompts or [""])
+
+    def example_call(self, condition: str, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
+        return (f"image = pipe({json.dumps(condition, ensure_ascii=False)}, num_inference_steps={num_inference_steps}, "
+                f"guidance_scale={guidance_scale}, generator=torch.manual_seed({seed})).images[0]")

@@ -1,4 +1,5 @@
-"""Load a pretrained pipeline (Hub id or folder) and pick its family adapter; clear errors first."""
+"""Load a pretrained pipeline (Hub id or folder) and pick its family adapter; clear errors first. Also where the
+base lives on this machine and the dtype its weights are stored in (read without loading them)."""
 
 from __future__ import annotations
 
@@ -152,3 +153,50 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
     pipeline.register_to_config(**{k: v for k, v in index.items() if not k.startswith("_") and k not in
                                    pipeline.components})  # e.g. DiT's id2label, which loading drops
     return adapter_class(pipeline, config)
+
+
+def base_folder(config: ModelConfig) -> Path | None:
+    """The pretrained pipeline's folder on this machine: the local folder itself, or the Hub id's snapshot in the
+    local Hugging Face cache (looked up, never downloaded); None when neither exists."""
+    path = Path(config.pretrained_model_name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(config.pretrained_model_name_or_path, revision=config.revision,
+                                      local_files_only=True))
+    except Exception:  # not in the cache (or not a Hub id): the caller falls back
+        return None
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """A component folder's safetensors files of `variant` (`model.fp16.safetensors`, `...fp16-00001-of-00002...`),
+    or those without a variant infix when None."""
+    files = sorted(folder.glob("*.safetensors"))
+    if variant:
+        return [f for f in files if f".{variant}." in f.name or f".{variant}-" in f.name]
+    return [f for f in files if f.name.count(".") == 1]
+
+
+def stored_dtype(config: ModelConfig, component: str):
+    """The floating dtype a component's weights are stored in (the most common one in its safetensors header,
+    read without loading a tensor), as a torch.dtype; None when its files are not on this machine."""
+    import struct
+    from collections import Counter
+
+    import torch
+
+    folder = base_folder(config)
+    files = _weight_files(folder / component, config.variant) if folder is not None else []
+    if not files:
+        return None
+    with files[0].open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    counts = Counter(v["dtype"] for k, v in header.items()
+                     if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES)
+    return getattr(torch, SAFETENSORS_DTYPES[counts.most_common(1)[0][0]]) if counts else None

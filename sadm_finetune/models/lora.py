@@ -1,9 +1,10 @@
 """LoRA on the denoiser through peft's functional API (works for models without diffusers' adapter mixin, e.g. DiT).
 
 Layout of a LoRA run (docs/design.md §3): the base denoiser is frozen and may sit in `weight_dtype`; the
-LoRA parameters train in fp32; checkpoints hold the LoRA tensors only; the export merges the LoRA
-into a fresh fp32 copy of the base (state-dict keys identical to the base's) and writes the adapter
-weights beside it in the diffusers format.
+LoRA parameters train in fp32; checkpoints hold the LoRA tensors only; the export writes the adapter weights
+(`FamilyAdapter.save_lora_weights`: the diffusers format, and kohya's for SD/SDXL) and, where the family has no
+stock LoRA loader or with --export_merged, merges the LoRA into a fresh copy of the base (state-dict keys identical
+to the base's).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 
 ADAPTER_NAME = "default"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' own name: load_lora_weights(folder) finds it
 
 
 def make_lora_config(config: ModelConfig, default_targets: tuple[str, ...]) -> LoraConfig:
@@ -52,6 +54,11 @@ def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors in peft's key format (`...to_q.lora_A.weight`), as detached fp32 CPU copies."""
     state = get_peft_model_state_dict(denoiser, adapter_name=ADAPTER_NAME)
     return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The LoRA tensors in `dtype` (the export dtype), as new tensors when they change."""
+    return {k: v.to(dtype) for k, v in state.items()}
 
 
 def lora_metadata(lora_config: LoraConfig) -> dict[str, Any]:

@@ -13,8 +13,8 @@
 - resolution: the positional embedding follows the input's token grid (PatchEmbed recomputes it around the base's
   `sample_size`), so any multiple of VAE factor x patch size trains, aspect-ratio buckets included, and the export
   keeps the base's config; validation grids sample at the trained resolution.
-- LoRA: diffusers has no LoRA loader for PixArt pipelines: the merged export plus the adapter file, applied through
-  `PeftAdapterMixin` as `FamilyAdapter.lora_usage` shows (the DiT recipe).
+- LoRA: diffusers has no LoRA loader for PixArt pipelines: the merged export (always written) plus the adapter file,
+  applied through `PeftAdapterMixin` as `FamilyAdapter.lora_usage` shows (the DiT recipe).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
 
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
-        prompts = conditions or self.default_prompts or [""]
+        prompts = self.resolved_conditions(conditions)
         if pipeline.text_encoder is None:  # released after caching: the cached embeddings stand in for the prompts
             rows = [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
         else:

@@ -33,6 +33,7 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
     kohya_lora = True
+    stock_lora_loader = True
 
     @property
     def text_encoder(self) -> nn.Module | None:
@@ -118,7 +119,7 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
 
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
-        prompts = conditions or self.default_prompts or [""]
+        prompts = self.resolved_conditions(conditions)
         if pipeline.text_encoder is None:  # released after caching: the cached embeddings stand in for the prompts
             rows = [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
         else:
@@ -126,26 +127,79 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
         return self._sample_rows(pipeline, rows, num_inference_steps, guidance_scale, seed)
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
-                          adapter_metadata: dict[str, Any]) -> None:
-        """The stock LoRA file of `pipeline_class`: its `load_lora_weights(output_dir)` reads it; with
-        --lora_export_format kohya, the same LoRA in the kohya key format beside it (models/kohya.py)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+                          adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None
+                          ) -> dict[str, str]:
+        """The stock LoRA file (`FamilyAdapter.save_lora_weights`: peft keys under the `unet.` prefix, which the
+        pipeline's `load_lora_weights` reads whole) and/or the kohya file (models/kohya.py), as `lora_formats` says.
 
-        self.pipeline_class.save_lora_weights(
-            str(output_dir), unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict),
-            unet_lora_adapter_metadata=adapter_metadata, safe_serialization=True,
-        )
-        if self.config.lora_export_format == "kohya":
+        Not diffusers' `convert_state_dict_to_diffusers`: it renames only the modules its table knows (`to_q.lora_A`
+        -> `to_q.lora.down`, not `proj_in`), and a file that mixes the two key styles loses one of them in
+        `load_lora_adapter`, which picks the style from the first key."""
+        formats = self.lora_formats(self.config)
+        written = super().save_lora_weights(output_dir, lora_state_dict, adapter_metadata) if "diffusers" in formats \
+            else {}
+        if "kohya" in formats:
             from .kohya import save_kohya_lora
 
-            save_kohya_lora(output_dir, lora_state_dict, adapter_metadata)
+            labels = {**self.kohya_labels(), **(kohya_metadata or {})}
+            written["kohya"] = save_kohya_lora(output_dir, lora_state_dict, adapter_metadata, labels).name
+        return written
 
-    def lora_usage(self, base: str, repo: str) -> str:
+    def kohya_labels(self) -> dict[str, str]:
+        """What kohya's sd-scripts record about the base in a LoRA file (train_network.py, library/sai_model_spec.py),
+        which A1111 / Forge read to file the LoRA under its model version: SD 2.x when the UNet cross-attends to
+        1024-wide text states (OpenCLIP ViT-H), else SD 1.x; v-prediction from the scheduler."""
+        v2 = self.denoiser.config.cross_attention_dim == 1024
+        v_pred = self.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
+        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")
+        architecture = ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512") if v2 \
+            else "stable-diffusion-v1"
+        return {"ss_base_model_version": version, "ss_v2": str(v2), "modelspec.architecture": f"{architecture}/lora",
+                "modelspec.prediction_type": "v" if v_pred else "epsilon"}
+
+    def lora_pipeline(self, output_dir: Path, weight_name: str) -> DiffusionPipeline:
+        """The base pipeline (a fresh base denoiser beside the frozen components) with the LoRA file `weight_name` of
+        `output_dir` applied by the pipeline's own `load_lora_weights`: what a user of the file samples. Raises unless
+        every LoRA tensor of the file sits in the denoiser (a loader may inject a module and leave the file's
+        tensor for it unread, with only a warning)."""
+        from collections import Counter
+
+        from diffusers.utils import logging as diffusers_logging
+        from safetensors.torch import load_file
+
+        pipeline = self.export_pipeline(self.load_component(self.denoiser_name))
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" and the like: checked below
+        try:
+            pipeline.load_lora_weights(str(output_dir), weight_name=weight_name)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        in_file = {k: v for k, v in load_file(str(Path(output_dir) / weight_name)).items() if not k.endswith(".alpha")}
+        dtype = next(iter(in_file.values())).dtype
+
+        def fingerprints(tensors) -> Counter:  # each tensor's bytes in the file's dtype: a multiset to compare
+            return Counter(t.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy().tobytes()
+                           for t in tensors)
+
+        denoiser = getattr(pipeline, self.denoiser_name)
+        loaded = [p for name, p in denoiser.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+        missing = fingerprints(in_file.values()) - fingerprints(loaded)
+        if missing:
+            raise RuntimeError(f"{weight_name}: diffusers' load_lora_weights left {sum(missing.values())} of its "
+                               f"{len(in_file)} LoRA tensors unused")
+        return pipeline
+
+    def lora_usage(self, base: str, repo: str, weight_name: str, call: str) -> str:
         name = self.pipeline_class.__name__
-        return f"""from diffusers import {name}
+        return f"""import torch
+from diffusers import {name}
 
-pipe = {name}.from_pretrained("{base}")
-pipe.load_lora_weights("{repo}")"""
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+pipe = {name}.from_pretrained("{base}"{self.base_load_options()}, dtype=dtype).to(device)
+pipe.load_lora_weights("{repo}", weight_name="{weight_name}")
+{call}
+image.save("sample.png")"""
 
     def card_tags(self) -> list[str]:
         return [self.family, "text-to-image"]

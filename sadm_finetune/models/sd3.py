@@ -9,12 +9,12 @@ prompts and sampling this reuses):
   hidden states concatenated and zero-padded to T5's width, then T5's tokens (zeros when the pipeline has no
   `text_encoder_3`, as the pipeline itself does), and both CLIPs' pooled projections concatenated;
 - the denoiser is a transformer: its blocks return (text tokens, image tokens), the terms read the image tokens;
-- the LoRA file is SD3's (`transformer.` keys), which `StableDiffusion3Pipeline.load_lora_weights` reads.
+- the LoRA file is SD3's (`transformer.` peft keys, `FamilyAdapter.save_lora_weights`), which
+  `StableDiffusion3Pipeline.load_lora_weights` reads.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,17 +131,6 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
         # Components the base holds (T5 or not, an image encoder for IP-Adapter) travel unchanged.
         return StableDiffusion3Pipeline(**{**self.pipeline.components, "vae": self.vae, "transformer": denoiser})
-
-    def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
-                          adapter_metadata: dict[str, Any]) -> None:
-        """SD3's stock LoRA file (`transformer.` keys in peft's `lora_A` / `lora_B` names, the LoRA config in the
-        metadata), as diffusers' SD3 LoRA script writes it. Not through `convert_state_dict_to_diffusers` (SD's
-        path): it renames only the keys its UNet tables know (`to_k.lora_A` -> `to_k.lora.down`, not `add_k_proj`),
-        and the SD3 loader, seeing `lora_A` first, would then skip every renamed layer."""
-        StableDiffusion3Pipeline.save_lora_weights(
-            str(output_dir), transformer_lora_layers=lora_state_dict,
-            transformer_lora_adapter_metadata=adapter_metadata, safe_serialization=True,
-        )
 
     def card_tags(self) -> list[str]:
         return [self.family, "sd3", "sd3-diffusers", "text-to-image"]  # the tags of diffusers' SD3 scripts

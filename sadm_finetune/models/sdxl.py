@@ -81,5 +81,13 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return StableDiffusionXLPipeline(
             **components, force_zeros_for_empty_prompt=self.pipeline.config.force_zeros_for_empty_prompt)
 
+    def kohya_labels(self) -> dict[str, str]:
+        """kohya's labels for an SDXL LoRA (sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0, sai_model_spec's
+        ARCH_SD_XL_V1_BASE): A1111 / Forge list a LoRA as SDXL by `ss_base_model_version` starting with `sdxl_`."""
+        v_pred = self.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                "modelspec.prediction_type": "v" if v_pred else "epsilon"}
+
     def card_tags(self) -> list[str]:
         return [*super().card_tags(), "stable-diffusion-xl-diffusers"]  # the tags of diffusers' SDXL scripts
