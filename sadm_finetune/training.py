@@ -56,6 +56,15 @@ def check_output_dir(config: RunConfig) -> Path:
     return out
 
 
+def place_frozen_modules(adapter, device: torch.device, weight_dtype: torch.dtype) -> None:
+    """The modules that never train, frozen, in eval mode, on the device in weight_dtype; the VAE fp32 under fp16
+    (`FamilyAdapter.frozen_dtype`, models/vae.py)."""
+    for module in adapter.frozen_modules():
+        module.requires_grad_(False)
+        module.to(device, dtype=adapter.frozen_dtype(module, weight_dtype))
+        module.eval()
+
+
 @dataclass
 class RunSummary:
     output_dir: Path
@@ -97,10 +106,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     # Before the frozen modules move: the text encoders run once over every prompt, then leave memory.
     text_cache = build_text_cache(accelerator, adapter, prompts_to_cache(adapter, data, t), config.data, weight_dtype,
                                   t.train_batch_size) if config.data.cache_text_embeddings else None
-    for module in adapter.frozen_modules():
-        module.requires_grad_(False)
-        module.to(accelerator.device, dtype=weight_dtype)
-        module.eval()
+    place_frozen_modules(adapter, accelerator.device, weight_dtype)
     dataset, dataloader = build_train_dataloader(config, accelerator, adapter, data, resolution, text_cache)
     run, dataloader, saved = build_run(config, accelerator, adapter, dataloader)
     # The project's own checkpoint state: JSON / safetensors files, never accelerate's pickled custom states.
