@@ -254,6 +254,11 @@ def test_full_fine_tune_with_sadm_ema_and_caches_exports_a_stock_pipeline(tiny_s
     proc = accelerate_launch(args, offline_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: lambda 0.01" in proc.stdout
+    # The SD3 script's defaults where the command line is silent (the weighting scheme is given, so it is not listed).
+    assert "family defaults (docs/defaults.md; set them to override): adam_weight_decay 0.0001, precondition_outputs " \
+        "True" in proc.stdout
+    saved = yaml.safe_load((out / "training_config.yaml").read_text())["flow_matching"]
+    assert saved["precondition_outputs"] is True and saved["weighting_scheme"] == "logit_normal"
     assert _changed(out, tiny_sd3) > 1e-5  # trained (EMA-averaged), beyond rounding
     for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # released for the cache, back bit for bit
         a, b = (load_file(str(p / encoder / "model.safetensors")) for p in (out, tiny_sd3))
