@@ -80,6 +80,10 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     family.check_process_options(config)
     data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
     accelerator = make_accelerator(config, output_dir)
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:  # accelerate's fp16 on a CPU
+        raise ConfigError("mixed_precision", f"fp16 on {accelerator.device.type} runs without autocast in accelerate, "
+                          "so the fp16 frozen modules could not feed the fp32 trainable weights",
+                          "use bf16 (or no) on this device; fp16 needs a GPU")
     if t.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
