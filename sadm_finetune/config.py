@@ -333,9 +333,8 @@ class RunConfig:
     sadm: SADMConfig = field(default_factory=SADMConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     sddit: SDDiTConfig = field(default_factory=SDDiTConfig)
-    # Not options: the fields the user set (YAML or flag), and the family defaults build_config filled in for the
-    # others (family_defaults.py; docs/defaults.md). Neither is compared nor saved: the YAML holds every value.
-    explicit: frozenset = field(default_factory=frozenset, compare=False, repr=False)
+    # Not an option: the family defaults build_config filled in for the fields the user did not set
+    # (family_defaults.py; docs/defaults.md), for the run's summary. Neither compared nor saved: the YAML holds them.
     family_defaults: dict = field(default_factory=dict, compare=False, repr=False)
 
     def validate(self) -> None:
@@ -409,7 +408,7 @@ def build_config(overrides: dict[str, Any]) -> RunConfig:
     for key, value in {**family, **overrides}.items():
         per_section[index[key][0]][key] = value
     config = RunConfig(**{name: SECTIONS[name](**values) for name, values in per_section.items()},
-                       explicit=frozenset(overrides), family_defaults=family)
+                       family_defaults=family)
     config.validate()
     return config
 
