@@ -6,12 +6,12 @@ its real shape, bf16, one GPU; about 4-6 minutes on one H200 (estimated: no GPU 
 (`sadm_finetune.cli.main`, what `accelerate launch` runs in its child) on the tiny random pipeline of every family
 (tests/tiny_*.py: DiT, SD, SDXL, SD3, PixArt-Σ), bf16 and fp16, LoRA and full fine-tune, SADM on (the defaults,
 lambda without warm-up), 3 steps each, batch 4: 20 cases; the LoRA cases cache the text embeddings (text
-families), the full ones the latents (through the VAE in its mixed-precision dtype). A case passes when the run exits 0, the final sample grid
-was written from the reloaded export, and every weight file it wrote is finite. Per case: pass/fail, seconds and
-peak GPU memory (`torch.cuda.max_memory_allocated`).
+families), the full ones the latents (through the VAE in its mixed-precision dtype). A case passes when the run
+exits 0, the final sample grid was written from the reloaded export, and every weight file it wrote is finite.
+Per case: pass/fail, seconds and peak GPU memory (`torch.cuda.max_memory_allocated`).
 
-**DiT-XL/2 at its real shape.** Random weights with the exact facebook/DiT-XL-2-256 transformer config (benchmarks/real_shapes.py), latents
-of 4x32x32 (256 px) drawn at random, class labels at random, batch 32, AdamW on fp32 master weights under
+**DiT-XL/2 at its real shape.** Random weights with the exact facebook/DiT-XL-2-256 transformer config
+(benchmarks/real_shapes.py), latents of 4x32x32 (256 px) drawn at random, class labels at random, batch 32, AdamW on fp32 master weights under
 bf16 autocast (what `accelerate --mixed_precision bf16` does). The step is the toolkit's: the diffusion
 loss on epsilon plus DiT's learned-sigma VLB term (`sadm_finetune.losses`), and for SADM the structure
 term of `SADMObjective.generator_loss` on the frozen discriminator, then one D update with

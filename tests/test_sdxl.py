@@ -139,7 +139,7 @@ def _same_weights(module, folder):
 
 
 def test_a_separate_vae_encodes_is_exported_and_keys_the_latent_cache(tiny_sdxl, second_vae, tmp_path):
-    adapter = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl)))  # fresh: the fixture's may be cached
+    adapter = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl)))  # fresh (the fixture's is cached)
     other = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl),
                                     pretrained_vae_model_name_or_path=str(second_vae)))
     assert _same_weights(other.vae, second_vae) and other.pipeline.vae is other.vae
