@@ -11,8 +11,8 @@ exits 0, the final sample grid was written from the reloaded export, and every w
 Per case: pass/fail, seconds and peak GPU memory (`torch.cuda.max_memory_allocated`).
 
 **DiT-XL/2 at its real shape.** Random weights with the exact facebook/DiT-XL-2-256 transformer config
-(benchmarks/real_shapes.py), latents of 4x32x32 (256 px) drawn at random, class labels at random, batch 32, AdamW on fp32 master weights under
-bf16 autocast (what `accelerate --mixed_precision bf16` does). The step is the toolkit's: the diffusion
+(benchmarks/real_shapes.py), latents of 4x32x32 (256 px) drawn at random, class labels at random, batch 32,
+AdamW on fp32 master weights under bf16 autocast (what `accelerate --mixed_precision bf16` does). The step is the toolkit's: the diffusion
 loss on epsilon plus DiT's learned-sigma VLB term (`sadm_finetune.losses`), and for SADM the structure
 term of `SADMObjective.generator_loss` on the frozen discriminator, then one D update with
 `discriminator_loss` (default D, default SADM settings, lambda at its full 0.01). Arms:
