@@ -172,8 +172,12 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
         f"{global_batch * config.training.gradient_accumulation_steps} ({accelerator.num_processes} processes)",
         f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable"
         + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else ""),
-        f"precision: {accelerator.mixed_precision}, device: {accelerator.device}",
+        f"precision: {accelerator.mixed_precision} (VAE in {str(run.adapter.vae.dtype).removeprefix('torch.')}), "
+        f"device: {accelerator.device}",
     ]
+    if config.family_defaults:  # what build_config filled in from the family's upstream script (docs/defaults.md)
+        lines.append("family defaults (docs/defaults.md; set them to override): "
+                     + ", ".join(f"{k} {v}" for k, v in config.family_defaults.items()))
     disc = next((term.unwrapped_disc for term in run.terms if term.name == "sadm"), None)
     if disc is not None:
         ratio = count(disc) / max(1, count(denoiser))

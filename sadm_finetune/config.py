@@ -54,6 +54,11 @@ class ModelConfig:
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the pretrained pipeline.")
     variant: str | None = _f(None, "Weight variant to load, e.g. fp16.")
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "A separate VAE (Hub id or folder with the VAE's config.json, e.g. madebyollin/sdxl-vae-fp16-fix) used "
+        "to encode the training images and exported with the pipeline (default: the pipeline's own vae/).",
+    )
+    vae_revision: str | None = _f(None, "Hub revision of --pretrained_vae_model_name_or_path (default: its main).")
     allow_pickle_weights: bool = _f(
         False, "Allow loading .bin/.ckpt pickle weights when no safetensors exist (runs pickle code: trust the source)."
     )
@@ -109,6 +114,9 @@ class ModelConfig:
         _positive(self, "lora_rank", "lora_alpha")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "is an empty list", "name at least one module, or leave it unset")
+        if self.vae_revision is not None and self.pretrained_vae_model_name_or_path is None:
+            raise ConfigError("vae_revision", "is given without --pretrained_vae_model_name_or_path",
+                              "drop --vae_revision (--revision picks the pipeline's own vae/), or name the VAE")
         if self.lora_export_format is not None and not self.use_lora:
             raise ConfigError("lora_export_format", f"{self.lora_export_format} is a LoRA file format and this run is "
                               "not a LoRA run", "add --trainable lora, or drop --lora_export_format")
@@ -377,6 +385,9 @@ class RunConfig:
     sadm: SADMConfig = field(default_factory=SADMConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     sddit: SDDiTConfig = field(default_factory=SDDiTConfig)
+    # Not an option: the family defaults build_config filled in for the fields the user did not set
+    # (family_defaults.py; docs/defaults.md), for the run's summary. Neither compared nor saved: the YAML holds them.
+    family_defaults: dict = field(default_factory=dict, compare=False, repr=False)
 
     def validate(self) -> None:
         """Checks across sections; per-field checks run when each section is built."""
@@ -433,14 +444,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(overrides: dict[str, Any]) -> RunConfig:
-    """Defaults updated with a flat {field: value} mapping; every section validates as it is built."""
+    """Defaults updated with a flat {field: value} mapping; every section validates as it is built.
+
+    Precedence: dataclass defaults < the pipeline family's own defaults (family_defaults.py: its upstream training
+    script's values, e.g. SD3's logit-normal timesteps) < `overrides` (the YAML recipe and the flags)."""
+    from .family_defaults import defaults_for
+
     index = field_index()
-    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for key, value in overrides.items():
+    for key in overrides:
         if key not in index:
             raise ConfigError(key, "unknown field", "remove it or fix its spelling (see sadm-train --help)")
+    family = {k: v for k, v in defaults_for(overrides.get("pretrained_model_name_or_path"),
+                                              overrides.get("revision")).items() if k not in overrides}
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in {**family, **overrides}.items():
         per_section[index[key][0]][key] = value
-    config = RunConfig(**{name: SECTIONS[name](**values) for name, values in per_section.items()})
+    config = RunConfig(**{name: SECTIONS[name](**values) for name, values in per_section.items()},
+                       family_defaults=family)
     config.validate()
     return config
 

@@ -114,7 +114,13 @@ class FlowMatchProcess:
 
     Timesteps are the scheduler's own training timesteps (`scheduler.timesteps`, sigma * 1000 after the
     config's `shift`), drawn as diffusers' SD3 scripts draw them: u from `compute_density_for_timestep_sampling`
-    (--weighting_scheme, --logit_mean, --logit_std, --mode_scale), index = int(u * N)."""
+    (--weighting_scheme, --logit_mean, --logit_std, --mode_scale), index = int(u * N).
+
+    --precondition_outputs (SD3's family default, as train_dreambooth_lora_sd3.py): the loss compares the
+    prediction converted to clean latents, x0_hat = x_t - sigma v_hat, with the latents. Since
+    x0_hat - x0 = -sigma (v_hat - (eps - x0)), that is the velocity loss weighted by sigma^2, which is how it is
+    computed (the same value without the cancellation x_t - x0 suffers at small sigma); `target` stays the velocity
+    and `x0_hat` means the same in both modes, so the loss terms (SADM) see the same x0_hat either way."""
 
     prediction_type = "flow_matching"
     betas = None  # no variance schedule: DiT's learned-sigma bound does not apply
@@ -170,14 +176,17 @@ class FlowMatchProcess:
         return out[0], out[1], s.flatten() * self.num_train_timesteps
 
     def diffusion_loss(self, training) -> TimestepLoss:
-        """MSE to the velocity, each sample weighted by `compute_loss_weighting_for_sd3(scheme, sigma)`."""
+        """MSE to the velocity, each sample weighted by `compute_loss_weighting_for_sd3(scheme, sigma)`; with
+        --precondition_outputs the MSE of x0_hat to the latents (sigma^2 times the velocity MSE)."""
         if training.snr_gamma is not None:
             raise ConfigError("snr_gamma", "min-SNR weighting is defined for the DDPM targets, not flow matching",
                               "drop --snr_gamma (flow matching weights samples with --weighting_scheme)")
-        scheme = self.options.weighting_scheme
+        scheme, precondition = self.options.weighting_scheme, self.options.precondition_outputs
 
         def loss(model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             per_sample = (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
+            if precondition:
+                per_sample = per_sample * sigmas.float().pow(2)  # |x0_hat - x0|^2 = sigma^2 |v_hat - v|^2
             return per_sample * compute_loss_weighting_for_sd3(scheme, sigmas.float())
 
         return TimestepLoss(loss, self.sigma)

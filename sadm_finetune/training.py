@@ -56,6 +56,15 @@ def check_output_dir(config: RunConfig) -> Path:
     return out
 
 
+def place_frozen_modules(adapter, device: torch.device, weight_dtype: torch.dtype) -> None:
+    """The modules that never train, frozen, in eval mode, on the device in weight_dtype; the VAE fp32 under fp16
+    (`FamilyAdapter.frozen_dtype`, models/vae.py)."""
+    for module in adapter.frozen_modules():
+        module.requires_grad_(False)
+        module.to(device, dtype=adapter.frozen_dtype(module, weight_dtype))
+        module.eval()
+
+
 @dataclass
 class RunSummary:
     output_dir: Path
@@ -71,6 +80,10 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     family.check_process_options(config)
     data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
     accelerator = make_accelerator(config, output_dir)
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:  # accelerate's fp16 on a CPU
+        raise ConfigError("mixed_precision", f"fp16 on {accelerator.device.type} runs without autocast in accelerate, "
+                          "so the fp16 frozen modules could not feed the fp32 trainable weights",
+                          "use bf16 (or no) on this device; fp16 needs a GPU")
     if t.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -97,10 +110,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     # Before the frozen modules move: the text encoders run once over every prompt, then leave memory.
     text_cache = build_text_cache(accelerator, adapter, prompts_to_cache(adapter, data, t), config.data, weight_dtype,
                                   t.train_batch_size) if config.data.cache_text_embeddings else None
-    for module in adapter.frozen_modules():
-        module.requires_grad_(False)
-        module.to(accelerator.device, dtype=weight_dtype)
-        module.eval()
+    place_frozen_modules(adapter, accelerator.device, weight_dtype)
     dataset, dataloader = build_train_dataloader(config, accelerator, adapter, data, resolution, text_cache)
     run, dataloader, saved = build_run(config, accelerator, adapter, dataloader)
     # The project's own checkpoint state: JSON / safetensors files, never accelerate's pickled custom states.

@@ -32,13 +32,31 @@ def inference_pipeline(run: Run, model=None) -> Iterator[Any]:
             run.ema.restore(run.ema_parameters())
 
 
+@contextlib.contextmanager
+def vae_outside_autocast(vae) -> Iterator[None]:
+    """Inside an autocast region, the VAE's `decode` runs in the VAE's own dtype (fp32 under fp16: models/vae.py)
+    instead of autocast's half precision, in which SDXL's VAE overflows; the latents are cast to it."""
+    original = vae.decode
+
+    def decode(z: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return original(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode  # an instance attribute: the pipeline's `self.vae.decode(...)` finds it first
+    try:
+        yield
+    finally:
+        del vae.decode
+
+
 def validate(run: Run, path, step: int, model=None) -> None:
     """Main process only: a fixed grid (fixed labels and seeds), saved and logged to the trackers."""
     from .export import save_grid
 
     t, adapter = run.config.training, run.adapter
     # autocast: under mixed precision the frozen components sit in weight_dtype, the denoiser in fp32.
-    with inference_pipeline(run, model) as pipeline, torch.no_grad(), run.accelerator.autocast():
+    with inference_pipeline(run, model) as pipeline, torch.no_grad(), run.accelerator.autocast(), \
+            vae_outside_autocast(pipeline.vae):
         grid = adapter.sample_grid(pipeline, t.num_validation_images, t.validation_inference_steps,
                                    t.validation_guidance_scale, t.seed or 0, adapter.validation_conditions(t))
     save_grid(grid, path)

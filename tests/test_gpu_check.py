@@ -30,3 +30,31 @@ def test_gpu_check_arm_runs_on_cpu_with_a_tiny_dit(sadm):
     row = _arm(sadm, "sdpa", batch=4, steps=3, device="cpu", dit_config=tiny)
     assert row["all_losses_finite"]
     assert ("structure_loss_g" in row["last_losses"]) == sadm and ("loss_d" in row["last_losses"]) == sadm
+
+
+def test_gpu_check_cli_cases_cover_every_family_precision_and_trainable():
+    from benchmarks.gpu_check import CLI_FAMILIES, cli_cases
+    from sadm_finetune.models.loading import FAMILIES
+
+    cases = cli_cases()
+    assert len(cases) == len({c["name"] for c in cases}) == 20
+    assert {(c["family"], c["precision"], c["trainable"]) for c in cases} == {
+        (f, p, t) for f in ("dit", "sd", "sdxl", "sd3", "pixart") for p in ("bf16", "fp16") for t in ("lora", "full")}
+    assert len(CLI_FAMILIES) == len(FAMILIES)  # a new family needs its tiny pipeline in the check
+
+
+def test_gpu_check_cli_case_runs_on_cpu_in_fp32(tmp_path):
+    """One case through the same runner, CPU and fp32: the sadm-train CLI in process, the result row it reports."""
+    from benchmarks.gpu_check import _all_finite, run_cli_case
+
+    row = run_cli_case({"name": "dit/full/no", "family": "dit", "trainable": "full", "precision": "no"}, tmp_path,
+                       steps=1)
+    assert row["ok"], row
+    assert row["seconds"] > 0 and row["peak_memory_gb"] is None  # no CUDA: no memory figure
+    out = tmp_path / "runs" / "dit-full-no"
+    assert (out / "samples" / "final.png").is_file() and _all_finite(out)
+    if not torch.cuda.is_available():  # accelerate's fp16 on a CPU has no autocast: refused in one line, reported
+        bad = run_cli_case({"name": "dit/lora/fp16", "family": "dit", "trainable": "lora", "precision": "fp16"},
+                           tmp_path)
+        assert not bad["ok"] and bad["error"].startswith(
+            "exit status 2: sadm-train: error: mixed_precision: fp16 on cpu runs without autocast"), bad

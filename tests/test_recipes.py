@@ -59,6 +59,7 @@ def test_recipe_intent():
     assert sd35["trainable"] == "lora" and sd35["resolution"] in (512, 1024) and 16 <= sd35["lora_rank"] <= 64
     assert sd35["learning_rate"] == 1e-4 and sd35["lr_scheduler"] == "constant"
     assert sd35["weighting_scheme"] == "logit_normal" and "snr_gamma" not in sd35  # flow matching, not DDPM
+    assert sd35["precondition_outputs"] is True  # the SD3 script's defaults, written out
     assert sd35["cache_latents"] and sd35["cache_text_embeddings"] and sd35["gradient_checkpointing"]
     for recipe in (dit, dit_lora, sd, sdxl, pixart, sd35):  # precision belongs to `accelerate launch`, not to a recipe
         assert "mixed_precision" not in recipe

@@ -5,14 +5,14 @@
 import pytest
 import torch
 import yaml
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.training_utils import compute_density_for_timestep_sampling
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import ModelConfig, SADMConfig, TrainingConfig
+from sadm_finetune.config import ModelConfig, SADMConfig, TrainingConfig, build_config
 from sadm_finetune.errors import ConfigError
 from sadm_finetune.flow_config import FlowMatchingConfig
 from sadm_finetune.latents import encode
@@ -105,6 +105,58 @@ def test_loss_weighting_renoise_and_refusals():
     torch.testing.assert_close(weights, torch.clamp(process.snr(t), max=5.0) / 5.0)
 
 
+def test_default_timestep_density_is_the_sd3_scripts_logit_normal(tiny_sd3):
+    """build_config gives an SD3 pipeline its script's defaults: timesteps drawn logit-normal (mass in the middle of
+    the schedule), not uniform; `--weighting_scheme none` still gives uniform."""
+    def positions(options):  # where 20,000 drawn timesteps sit in the schedule, 0..999
+        config = build_config({"pretrained_model_name_or_path": str(tiny_sd3), "train_data_dir": "d", **options})
+        process = FlowMatchProcess(FlowMatchEulerDiscreteScheduler(shift=SHIFT).config, "cpu", config.flow_matching)
+        t = process.sample_timesteps(20_000, torch.Generator().manual_seed(0), CPU)
+        return (process.timesteps[None, :] == t[:, None]).int().argmax(dim=1).float()
+
+    default = positions({})
+    middle = ((default >= 333) & (default < 667)).float().mean()
+    assert middle > 0.47, middle  # logit-normal(0, 1): P(|z| < logit(2/3)) = 0.51; uniform: 0.33
+    assert (default < 100).float().mean() < 0.03 and (default >= 900).float().mean() < 0.03  # 0.014 each; uniform 0.1
+    uniform = positions({"weighting_scheme": "none"})
+    assert abs(((uniform >= 333) & (uniform < 667)).float().mean() - 1 / 3) < 0.02
+    assert abs((uniform < 100).float().mean() - 0.1) < 0.01
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "sigma_sqrt"])
+def test_preconditioned_loss_is_the_sd3_scripts_formula(scheme):
+    """train_dreambooth_lora_sd3.py: model_pred = model_pred * (-sigmas) + noisy_model_input, target = model_input,
+    loss = mean(weighting * (model_pred - target)^2) per sample."""
+    process = _process(weighting_scheme=scheme, precondition_outputs=True)
+    t = process.timesteps[torch.tensor([0, 150, 500, 850, 999])]
+    z0, eps, v_hat = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8)
+    x_t = process.add_noise(z0, eps, t)
+    sigmas = process.sigma(t).view(-1, 1, 1, 1)
+    weighting = compute_loss_weighting_for_sd3(scheme, sigmas)
+    hand = (weighting * (v_hat * (-sigmas) + x_t - z0) ** 2).reshape(5, -1).mean(dim=1)
+    ours = process.diffusion_loss(TrainingConfig())(v_hat, process.target(z0, eps, t), t)
+    torch.testing.assert_close(ours, hand, rtol=1e-5, atol=1e-7)
+    plain = _process(weighting_scheme=scheme).diffusion_loss(TrainingConfig())(v_hat, process.target(z0, eps, t), t)
+    torch.testing.assert_close(ours, plain * sigmas.flatten() ** 2)  # the velocity loss weighted by sigma^2
+    # The prediction converted to clean latents is what the loss compares with the latents.
+    x0_hat = process.x0_hat(v_hat, x_t, t)
+    torch.testing.assert_close(ours, (weighting * (x0_hat - z0) ** 2).reshape(5, -1).mean(dim=1), rtol=1e-5,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_a_perfect_prediction_gives_the_latents_and_zero_loss_in_both_modes(precondition):
+    process = _process(weighting_scheme="logit_normal", precondition_outputs=precondition)
+    t = process.sample_timesteps(16, torch.Generator().manual_seed(1), CPU)
+    z0, eps = torch.randn(16, 4, 8, 8), torch.randn(16, 4, 8, 8)
+    x_t, perfect = process.add_noise(z0, eps, t), eps - z0  # the exact velocity
+    torch.testing.assert_close(process.x0_hat(perfect, x_t, t), z0, atol=1e-5, rtol=0)  # SADM's x0_hat: the same
+    assert torch.equal(process.target(z0, eps, t), perfect)
+    loss = process.diffusion_loss(TrainingConfig())
+    assert loss(perfect, process.target(z0, eps, t), t).abs().max() == 0
+    assert (loss(perfect + 0.1, process.target(z0, eps, t), t) > 0).all()
+
+
 # -- the adapter --------------------------------------------------------------------------------------------
 def test_loads_as_the_sd3_family(adapter, tiny_sd3):
     p = adapter.pipeline
@@ -175,9 +227,12 @@ def test_incompatible_options_are_refused_in_one_line_before_loading(tiny_sd3, t
         assert err.startswith(f"sadm-train: error: {field}: ") and len(err.splitlines()) == 1, err
     sd = build_tiny_sd_pipeline(tmp_path / "sd")  # a DDPM family refuses the flow-matching options
     capsys.readouterr()
-    assert main(["--pretrained", str(sd), *args[2:], "--weighting_scheme", "logit_normal"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sadm-train: error: weighting_scheme: ") and len(err.splitlines()) == 1, err
+    for flag, field in ((["--weighting_scheme", "logit_normal"], "weighting_scheme"),
+                        (["--precondition_outputs"], "precondition_outputs")):
+        assert main(["--pretrained", str(sd), *args[2:], *flag]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"sadm-train: error: {field}: ") and f"drop --{field}" in err, err
+        assert len(err.splitlines()) == 1
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
@@ -198,6 +253,11 @@ def test_full_fine_tune_with_sadm_ema_and_caches_exports_a_stock_pipeline(tiny_s
     proc = accelerate_launch(args, offline_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: lambda 0.01" in proc.stdout
+    # The SD3 script's defaults where the command line is silent (the weighting scheme is given, so it is not listed).
+    assert "family defaults (docs/defaults.md; set them to override): adam_weight_decay 0.0001, precondition_outputs " \
+        "True" in proc.stdout
+    saved = yaml.safe_load((out / "training_config.yaml").read_text())["flow_matching"]
+    assert saved["precondition_outputs"] is True and saved["weighting_scheme"] == "logit_normal"
     assert _changed(out, tiny_sd3) > 1e-5  # trained (EMA-averaged), beyond rounding
     for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # released for the cache, back bit for bit
         a, b = (load_file(str(p / encoder / "model.safetensors")) for p in (out, tiny_sd3))

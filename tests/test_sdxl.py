@@ -12,13 +12,21 @@ from safetensors.torch import load_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import ModelConfig
+from sadm_finetune.config import DataConfig, ModelConfig
+from sadm_finetune.data import open_train_data
+from sadm_finetune.errors import InputError
+from sadm_finetune.latent_cache import cache_key
+from sadm_finetune.latents import encode
 from sadm_finetune.models.kohya import KOHYA_WEIGHT_NAME
 from sadm_finetune.models.loading import load_family
+from sadm_finetune.models.sd import StableDiffusionAdapter
 from sadm_finetune.models.sdxl import StableDiffusionXLAdapter
-from sadm_finetune.text_cache import build_text_cache
+from sadm_finetune.models.vae import vae_dtype
+from sadm_finetune.text_cache import build_text_cache, text_fingerprint
+from sadm_finetune.training import place_frozen_modules
+from sadm_finetune.validation import vae_outside_autocast
 from tiny_sd import CAPTIONS, build_captioned_folder, build_mixed_aspect_folder
-from tiny_sdxl import build_tiny_sdxl_pipeline
+from tiny_sdxl import build_tiny_sdxl_pipeline, build_tiny_vae
 
 CPU = torch.device("cpu")
 
@@ -120,6 +128,76 @@ def test_dit_only_options_are_refused_in_one_line(tiny_sdxl, tmp_path, capsys):
         assert len(err.splitlines()) == 1
 
 
+# -- the VAE: a separate one, and its dtype under mixed precision ----------------------------------------------
+@pytest.fixture(scope="module")
+def second_vae(tmp_path_factory):
+    return build_tiny_vae(tmp_path_factory.mktemp("vae") / "vae-fix", seed=1)
+
+
+def _same_weights(module, folder):
+    expected, state = load_file(str(folder / "diffusion_pytorch_model.safetensors")), module.state_dict()
+    return expected.keys() == state.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_a_separate_vae_encodes_is_exported_and_keys_the_latent_cache(tiny_sdxl, second_vae, tmp_path):
+    adapter = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl)))  # fresh (the fixture's is cached)
+    other = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl),
+                                    pretrained_vae_model_name_or_path=str(second_vae)))
+    assert _same_weights(other.vae, second_vae) and other.pipeline.vae is other.vae
+    assert not _same_weights(adapter.vae, second_vae)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    latents = [encode(a.vae, pixels, torch.Generator().manual_seed(0)) for a in (adapter, other)]
+    assert (latents[0] - latents[1]).abs().max() > 1e-2  # the training latents come from the separate VAE
+    data = open_train_data(DataConfig(train_data_dir=str(build_captioned_folder(tmp_path / "data"))))
+    keys = [cache_key(a.vae, data, 32, False) for a in (adapter, other)]
+    assert keys[0]["vae"] != keys[1]["vae"] and {**keys[0], "vae": None} == {**keys[1], "vae": None}
+    # The text caches are keyed on the text encoders, which a separate VAE does not change.
+    assert text_fingerprint(adapter, torch.float32) == text_fingerprint(other, torch.float32)
+    # The export (and its fp32 reload after mixed precision) carries the separate VAE, not the base's vae/.
+    assert _same_weights(other.load_component("vae"), second_vae)
+    assert other.export_pipeline(other.denoiser).vae is other.vae
+    # A pipeline folder works too (its vae/).
+    again = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl),
+                                    pretrained_vae_model_name_or_path=str(tiny_sdxl)))
+    assert _same_weights(again.vae, tiny_sdxl / "vae")
+
+
+def test_an_unusable_separate_vae_is_one_line(tiny_sdxl, tmp_path):
+    wrong = build_tiny_vae(tmp_path / "vae-8ch", latent_channels=8)
+    for source, why in ((wrong, "has 8 latent channels and the pipeline's own VAE 4"),
+                        (tmp_path / "missing", "folder .* not found"), (tmp_path, "has no config.json")):
+        with pytest.raises(InputError, match=f"^pretrained_vae_model_name_or_path: .*{why}") as e:
+            load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl),
+                                    pretrained_vae_model_name_or_path=str(source)))
+        assert "\n" not in str(e.value)
+
+
+def test_the_vae_stays_fp32_under_fp16(tiny_sdxl):
+    fresh = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl)))
+    place_frozen_modules(fresh, CPU, torch.float16)  # what train() does with an fp16 weight_dtype
+    assert fresh.vae.dtype == torch.float32 and not any(p.requires_grad for p in fresh.vae.parameters())
+    assert fresh.pipeline.text_encoder.dtype == fresh.pipeline.text_encoder_2.dtype == torch.float16
+    # bf16: SDXL's script keeps its VAE fp32 under any mixed precision; SD 1.x/2.x's casts it to weight_dtype.
+    assert fresh.frozen_dtype(fresh.vae, torch.bfloat16) == torch.float32
+    assert fresh.frozen_dtype(fresh.pipeline.text_encoder, torch.bfloat16) == torch.bfloat16
+    assert not StableDiffusionAdapter.vae_fp32_under_bf16 and vae_dtype(torch.bfloat16) == torch.bfloat16
+    assert vae_dtype(torch.float16) == vae_dtype(torch.float32) == torch.float32
+
+
+def test_validation_decodes_outside_autocast(adapter):
+    vae, z = adapter.vae, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = vae.decode(z).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = vae.decode(z).sample
+            with vae_outside_autocast(vae):
+                kept = vae.decode(z.bfloat16()).sample
+    assert rounded.dtype == torch.bfloat16 and (rounded.float() - reference).abs().max() > 1e-3
+    assert kept.dtype == torch.float32
+    torch.testing.assert_close(kept, vae.decode(z.bfloat16().float()).sample, rtol=0, atol=0)
+    assert "decode" not in vae.__dict__  # the class's own decode is back
+
+
 def _changed(out, base, name="unet/diffusion_pytorch_model.safetensors"):
     trained, original = load_file(str(out / name)), load_file(str(base / name))
     assert trained.keys() == original.keys()
@@ -131,13 +209,17 @@ def test_full_fine_tune_on_buckets_with_caches_exports_a_stock_pipeline(tmp_path
     base = build_tiny_sdxl_pipeline(tmp_path / "base", prediction_type="v_prediction")
     data, _ = build_mixed_aspect_folder(tmp_path / "data")
     out, text_cache = tmp_path / "out", tmp_path / "text-cache"
+    vae = build_tiny_vae(tmp_path / "vae-fix")  # a separate VAE: encodes the cache, is exported
     args = tiny_run_args(base, data, out, steps=2) + [
         "--train_batch_size", "2", "--aspect_ratio_buckets", "--cache_latents", "--center_crop", "--random_flip",
         "--latent_cache_dir", str(tmp_path / "latents"), "--cache_text_embeddings", "--text_cache_dir", str(text_cache),
-        "--gradient_checkpointing", "--validation_steps", "2", "--validation_prompts", "img-0", "an unseen prompt"]
+        "--gradient_checkpointing", "--validation_steps", "2", "--validation_prompts", "img-0", "an unseen prompt",
+        "--pretrained_vae_model_name_or_path", str(vae)]
     proc = accelerate_launch(args, offline_env(tmp_path))  # the way users run it: one CLI run per family
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: lambda 0.01" in proc.stdout and "aspect-ratio buckets" in proc.stdout
+    assert "family defaults (docs/defaults.md; set them to override): adam_weight_decay 0.01" in proc.stdout
+    assert _same_weights(StableDiffusionXLPipeline.from_pretrained(out).vae, vae)
     assert _changed(out, base) > 1e-4  # trained, beyond rounding
     for encoder in ("text_encoder", "text_encoder_2"):  # released for the cache, back in the export bit for bit
         a, b = (load_file(str(p / encoder / "model.safetensors")) for p in (out, base))

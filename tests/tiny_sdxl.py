@@ -27,11 +27,7 @@ def build_tiny_sdxl_pipeline(path: str | Path, prediction_type: str = "epsilon",
         addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_DIM,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], latent_channels=4,
-        layers_per_block=1, norm_num_groups=8, sample_size=32,
-    )
+    vae = _tiny_vae()
     vocab = _byte_level_vocab()
     text_config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -45,4 +41,22 @@ def build_tiny_sdxl_pipeline(path: str | Path, prediction_type: str = "epsilon",
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def _tiny_vae(latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], latent_channels=latent_channels,
+        layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+
+
+def build_tiny_vae(path: str | Path, seed: int = 1, latent_channels: int = 4) -> Path:
+    """A second VAE for the tiny SDXL (its architecture, other random weights), saved alone: what
+    --pretrained_vae_model_name_or_path takes (e.g. the fp16-fix SDXL VAE)."""
+    torch.manual_seed(seed)
+    _tiny_vae(latent_channels).save_pretrained(path, safe_serialization=True)
     return Path(path)

@@ -29,6 +29,7 @@ from torch import nn
 from ..config import ModelConfig, RunConfig, TrainingConfig
 from ..data import caption_text
 from ..errors import ConfigError, InputError
+from .vae import load_separate_vae, vae_dtype
 
 
 @dataclass
@@ -86,6 +87,7 @@ class FamilyAdapter(ABC):
     tokenizer_names: tuple[str, ...] = ()
     encode_text_version: int = 1  # part of the text-cache key: bump it when `encode_text` returns something else
     flow_matching: bool = False  # trained with flow matching (noise.FlowMatchProcess), not the DDPM process
+    vae_fp32_under_bf16: bool = False  # the family's script keeps the VAE fp32 under bf16 too (vae.vae_dtype)
     hidden_output_index: int = 0  # which element of a feature block's tuple output is the image's hidden states
 
     def __init__(self, pipeline: DiffusionPipeline, config: ModelConfig) -> None:
@@ -142,6 +144,10 @@ class FamilyAdapter(ABC):
         if not cls.flow_matching and scheme != "none":
             raise ConfigError("weighting_scheme", f"{scheme} is a flow-matching option and the {cls.family} family "
                               "trains with the DDPM process", "drop --weighting_scheme (DDPM: --snr_gamma)")
+        if not cls.flow_matching and config.flow_matching.precondition_outputs:
+            raise ConfigError("precondition_outputs", f"is a flow-matching option and the {cls.family} family trains "
+                              "with the DDPM process", "drop --precondition_outputs (DDPM: the scheduler's "
+                              "prediction_type sets the target)")
 
     def check_data(self, data: Any) -> None:
         """Raise if the data (a `data.TrainData`) cannot train this model; may remember validation defaults."""
@@ -165,7 +171,12 @@ class FamilyAdapter(ABC):
 
     @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:
-        """Modules that never train (moved to the device in weight_dtype)."""
+        """Modules that never train (moved to the device in `frozen_dtype`: weight_dtype, the VAE fp32 under fp16)."""
+
+    def frozen_dtype(self, module: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype a frozen module is held in under mixed precision: weight_dtype, except the VAE, which stays fp32
+        under fp16 (and under bf16 where the family's script keeps it so): models/vae.py."""
+        return vae_dtype(weight_dtype, self.vae_fp32_under_bf16) if module is self.vae else weight_dtype
 
     @abstractmethod
     def prepare_training(self) -> None:
@@ -278,6 +289,8 @@ class FamilyAdapter(ABC):
         c = self.config
         module = self.pipeline.components[name]
         cls = type(module) if module is not None else self.released_text_encoders[name]
+        if name == "vae" and c.pretrained_vae_model_name_or_path:
+            return load_separate_vae(c, cls)
         return cls.from_pretrained(c.pretrained_model_name_or_path, subfolder=name, revision=c.revision,
                                    variant=c.variant, use_safetensors=not c.allow_pickle_weights or None)
 

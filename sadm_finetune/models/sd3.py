@@ -40,6 +40,7 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     flow_matching = True
+    vae_fp32_under_bf16 = True  # train_dreambooth_lora_sd3.py keeps the VAE in fp32 under any mixed precision
     kohya_lora = False  # kohya's key format is for SD/SDXL UNets
     hidden_output_index = 1  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
     max_sequence_length = 256  # T5 tokens: the pipeline's __call__ default, so training sees what sampling sees

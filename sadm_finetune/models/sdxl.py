@@ -41,6 +41,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     load_kwargs: dict[str, Any] = {}  # no safety checker to skip
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
+    vae_fp32_under_bf16 = True  # train_text_to_image_lora_sdxl.py: "The VAE is in float32 to avoid NaN losses"
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
