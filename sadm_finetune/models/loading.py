@@ -3,6 +3,9 @@ base lives on this machine and the dtype its weights are stored in (read without
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ..config import ModelConfig
 from ..errors import InputError, first_line
 from .dit import DiTAdapter
