@@ -82,7 +82,8 @@ class EvalConfig:
 # Sampling
 
 
-def load_pipeline(source: str, flag: str, device: str, dtype: str):
+def load_pipeline(source: str, flag: str, device: str, dtype: str, revision: str | None = None,
+                  variant: str | None = None):
     """Stock ``DiffusionPipeline.from_pretrained``: safetensors only, no remote code."""
     import torch
     from diffusers import DiffusionPipeline
@@ -90,13 +91,17 @@ def load_pipeline(source: str, flag: str, device: str, dtype: str):
 
     path = Path(source).expanduser()
     if path.is_dir() and not (path / "model_index.json").is_file():
-        raise InputError(f"{flag}: {source} has no model_index.json; pass a folder saved with save_pretrained")
+        if is_lora_output(path):
+            return load_lora_output(path, flag, device, dtype)
+        raise InputError(f"{flag}: {source} has no model_index.json; pass a folder saved with save_pretrained (or a "
+                         "LoRA run's output folder)")
     if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise InputError(f"{flag}: folder {source} not found; pass a pipeline folder or a Hub id")
     bars_on = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # keep stderr for sampling progress and errors
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True, dtype=getattr(torch, dtype))
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True, dtype=getattr(torch, dtype),
+                                                 revision=revision, variant=variant)
     except Exception as e:  # missing repo, offline, pickle-only weights: one line, not a traceback
         raise InputError(f"{flag}: cannot load {source} ({first_line(e)}); check the id or folder (safetensors "
                          "weights)") from None
@@ -104,6 +109,36 @@ def load_pipeline(source: str, flag: str, device: str, dtype: str):
         if bars_on:
             diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def is_lora_output(path: Path) -> bool:
+    """A LoRA run's lean output: the diffusers LoRA file and the run's config, no pipeline of its own."""
+    from .models.lora import LORA_WEIGHT_NAME
+
+    return (path / LORA_WEIGHT_NAME).is_file() and (path / "training_config.yaml").is_file()
+
+
+def load_lora_output(path: Path, flag: str, device: str, dtype: str):
+    """The base pipeline named in the run's training_config.yaml (its revision, variant and separate VAE), with the
+    run's LoRA file applied by the pipeline's own `load_lora_weights`: what the run's card tells users to do."""
+    import torch
+
+    from .config import build_config, load_yaml
+
+    try:
+        model = build_config(load_yaml(path / "training_config.yaml")).model
+    except Exception as e:
+        raise InputError(f"{flag}: {path}/training_config.yaml cannot be read ({first_line(e)})") from None
+    base = model.pretrained_model_name_or_path
+    pipe = load_pipeline(base, f"{flag} (the LoRA's base {base})", "cpu", dtype, model.revision, model.variant)
+    if model.pretrained_vae_model_name_or_path:
+        from .models.vae import load_separate_vae
+
+        pipe.vae = load_separate_vae(model, type(pipe.vae)).to(getattr(torch, dtype))
+    if not hasattr(pipe, "load_lora_weights"):
+        raise InputError(f"{flag}: {type(pipe).__name__} has no load_lora_weights; evaluate the run's merged export")
+    pipe.load_lora_weights(str(path))
     return pipe.to(device)
 
 

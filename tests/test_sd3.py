@@ -299,3 +299,9 @@ def test_lora_without_sadm_pushes_the_lora_alone_and_stock_load_lora_weights_rea
     assert seen.get("error") is None, seen["error"]
     assert seen["cls"] == "StableDiffusion3Pipeline" and not seen["sadm_finetune_imported"]
     assert seen["lora_change"] > 1e-3
+
+    # sadm-eval takes the lean folder as --pipeline: the base from training_config.yaml plus the LoRA file
+    from sadm_finetune.evaluate import load_pipeline
+
+    pipe = load_pipeline(str(out), "--pipeline", "cpu", "float32")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.get_list_adapters() == {"transformer": ["default_0"]}
