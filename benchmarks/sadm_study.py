@@ -147,6 +147,8 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "sadm"): ([], "plain"),
     ("continue", "sadm-frozen-d"): (["--disc_frozen"], "plain"),
     ("continue", "per-sample-gan"): (["--adversarial_loss", "per_sample_ns"], "plain"),
+    # the control at 10x the weight: is the per-sample loss weak only because its lambda is?
+    ("continue", "per-sample-gan-0.1"): (["--adversarial_loss", "per_sample_ns", "--structure_weight", "0.1"], "plain"),
     ("continue", "plain-equal-compute"): (PLAIN + ["--max_train_steps", str(EQUAL_COMPUTE_STEPS)], "plain"),
     ("continue", "sadm-min-pairs"): (["--pair_weighting", "min"], "plain"),
     ("continue", "plain-no-recipe"): (PLAIN + NO_RECIPE, None),
@@ -173,6 +175,7 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
                ("continue", "per-sample-gan"): "sadm", ("continue", "sadm-min-pairs"): "sadm",
+               ("continue", "per-sample-gan-0.1"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
