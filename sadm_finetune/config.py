@@ -132,7 +132,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_data_dir: str | None = _f(None, "Image folder; subfolders are classes (sorted names -> ids 0..K-1).")
+    train_data_dir: str | None = _f(
+        None, "Image folder: captioned by .txt sidecars, metadata.jsonl, kohya <N>_<name> folders or --instance_prompt; "
+        "else subfolders are classes (sorted names -> ids 0..K-1).")
     dataset_name: str | None = _f(
         None, "A `datasets` name or path (or builtin:digits, scikit-learn's digits, for the offline demo)."
     )

@@ -42,6 +42,7 @@ class TrainData:
     mask_column: str | None = None  # loss masks (images; None values: the whole image trains)
     instance_prompt: str | None = None  # --instance_prompt with its prefix: the validation prompts' default
     repeats: list[int] | None = None  # per row, before open_train_data expands them (kohya folders)
+    kohya: bool = False  # an image folder in kohya's <repeats>_<name> layout
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -84,7 +85,7 @@ def _from_folder(cfg: DataConfig) -> TrainData:
     kind = f"{len(id2label)} classes" if id2label else ("captioned" if caption_column else "unconditional")
     data = TrainData(ds, "image", label_column, caption_column, id2label, describe_folder(root, images, kohya, kind),
                      mask_column=mask_column)
-    data.repeats = [image.repeats for image in images]
+    data.repeats, data.kohya = [image.repeats for image in images], kohya
     return data
 
 

@@ -87,11 +87,20 @@ def generate_class_images(pipeline: Callable[..., Any], folder: Path, prompt: st
     return written
 
 
-def check_prior_preservation(config: RunConfig, family: type) -> None:
-    """Before any weights load: prior preservation needs a text-to-image family (class images come from a prompt)."""
-    if config.dreambooth.with_prior_preservation and not family.text_encoder_names:
-        raise ConfigError("with_prior_preservation", f"needs a text-to-image pipeline and the {family.family} family "
-                          "is class-conditional", "drop --with_prior_preservation")
+def check_personalization(config: RunConfig, family: type, data: TrainData) -> None:
+    """Before any weights load: prior preservation, instance prompts, caption prefixes and kohya's captioned folders
+    need a text-to-image family (a class-conditional one, DiT, would silently ignore them)."""
+    if family.text_encoder_names:
+        return
+    d, why = config.data, f"the {family.family} family is class-conditional and takes no prompts"
+    for name, given in (("with_prior_preservation", config.dreambooth.with_prior_preservation),
+                        ("instance_prompt", d.instance_prompt), ("caption_prefix", d.caption_prefix)):
+        if given:
+            raise ConfigError(name, f"needs a text-to-image pipeline and {why}", f"drop --{name}")
+    if data.kohya:
+        raise InputError(f"train_data_dir: {data.description} is read with kohya's <repeats>_<name> folder convention "
+                         f"(captions and repeats) and {why}; rename the class folders without a leading number and "
+                         "underscore")
 
 
 def ensure_class_images(accelerator, adapter, config: RunConfig) -> None:

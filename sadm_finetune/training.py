@@ -21,7 +21,7 @@ from .errors import ConfigError, InputError, SADMError
 from .finish import check_replicas, end_training, export_run
 from .loop import Run, train_loop
 from .models.loading import family_class, load_family
-from .prior import check_prior_preservation, ensure_class_images, open_class_data
+from .prior import check_personalization, ensure_class_images, open_class_data
 from .loader import build_train_dataloader
 from .terms import check_terms
 from .text_cache import build_text_cache, prompts_to_cache
@@ -79,8 +79,8 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     family = family_class(config.model)  # reads model_index.json only
     family.check_config(config)
     family.check_process_options(config)
-    check_prior_preservation(config, family)
     data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
+    check_personalization(config, family, data)
     accelerator = make_accelerator(config, output_dir)
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:  # accelerate's fp16 on a CPU
         raise ConfigError("mixed_precision", f"fp16 on {accelerator.device.type} runs without autocast in accelerate, "

@@ -123,7 +123,8 @@ def test_a_datasets_set_gets_the_instance_prompt_prefix_repeats_and_its_mask_col
     rows = {"image": [Image.new("RGB", (16, 16), (i * 50, 0, 0)) for i in range(3)],
             "text": ["a red square", None, "a blue square"],
             "mask": [Image.new("L", (16, 16), 255 * (i % 2)) for i in range(3)]}
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"), "mask": datasets.Image()})
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "mask": datasets.Image()})
     (tmp_path / "set").mkdir()
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "set" / "train.parquet"))
     cfg = DataConfig(dataset_name=str(tmp_path / "set"), instance_prompt="sks", caption_prefix="ohwx",
@@ -236,11 +237,24 @@ def test_prior_preservation_options_are_checked_before_any_model_loads():
     with pytest.raises(ConfigError, match="aspect_ratio_buckets: cannot be combined with --with_prior_preservation"):
         build_config({**prior, "aspect_ratio_buckets": True})
     assert build_config({**prior, "train_batch_size": 1}).training.train_batch_size == 1  # 1 + 1: pairs for SADM
-    from sadm_finetune.models.dit import DiTAdapter
-    from sadm_finetune.prior import check_prior_preservation
 
+
+def test_a_class_conditional_family_refuses_prompts_and_kohya_folders(tmp_path):
+    from sadm_finetune.models.dit import DiTAdapter
+    from sadm_finetune.models.sd import StableDiffusionAdapter
+    from sadm_finetune.prior import check_personalization
+
+    _image(tmp_path / "10_sks dog" / "a.png")
+    kohya = open_train_data(DataConfig(train_data_dir=str(tmp_path)))
+    base = {"pretrained_model_name_or_path": "p", "train_data_dir": str(tmp_path)}
+    prior = {**base, "with_prior_preservation": True, "class_prompt": "a dog", "class_data_dir": "c"}
     with pytest.raises(ConfigError, match="with_prior_preservation: needs a text-to-image pipeline"):
-        check_prior_preservation(build_config(prior), DiTAdapter)
+        check_personalization(build_config(prior), DiTAdapter, kohya)
+    with pytest.raises(ConfigError, match="instance_prompt: needs a text-to-image pipeline"):
+        check_personalization(build_config({**base, "instance_prompt": "sks"}), DiTAdapter, kohya)
+    with pytest.raises(InputError, match="kohya's <repeats>_<name> folder convention .* rename the class folders"):
+        check_personalization(build_config(base), DiTAdapter, kohya)
+    check_personalization(build_config(prior), StableDiffusionAdapter, kohya)  # a text family takes all of it
 
 
 # -- masks -----------------------------------------------------------------------------------------------------------
