@@ -332,6 +332,13 @@ def test_masks_are_cropped_and_flipped_with_their_image(tmp_path):
     assert flips == {True, False}
     batch = collate([ds[0], ds[1]])
     assert batch["masks"].shape == (2, 1, 32, 32)
+    # In an aspect-ratio bucket (resized to cover 24 x 40, then cropped) the mask still covers what it covered.
+    bucketed = TrainDataset(data, ImageTransform(32, center_crop=False, random_flip=True), seed=1,
+                            target_sizes=[(24, 40)] * len(data))
+    for i in range(3):
+        sample = bucketed[i]
+        assert sample["masks"].shape == (1, 24, 40)
+        assert (sample["masks"] - (sample["pixel_values"][:1] + 1) / 2).abs().mean() < 0.02  # resampling filters
 
 
 @pytest.fixture(scope="module")
