@@ -477,3 +477,27 @@ def test_dreambooth_lora_with_prior_preservation_on_tiny_sd3(tmp_path):
     card = ModelCard.load(out / "README.md")
     assert card.data.instance_prompt == "a photo of sks dog"
     assert card.data.widget[0]["text"] == "a photo of sks dog"
+
+
+def test_the_personalization_benchmark_plans_resolvable_runs_and_measures(tmp_path):
+    """benchmarks/personalization_digits.py, not the study: its --dry_run builds the data and the untrained base and
+    checks every planned command with sadm-train --dry_run; its metrics on real digits and on the untrained base."""
+    from benchmarks.personalization_digits import classify, evaluate, is_inverted, main
+    from sadm_finetune.demo_data import load_digits_images
+    from sadm_finetune.features import DIGITS_CLASSIFIER_PATH, load_classifier
+
+    out = main(["--dry_run", "--seeds", "0", "1", "--variants", "plain,prior+sadm", "--subject_images", "4",
+                "--base_images", "20", "--work_dir", str(tmp_path)])
+    assert out["plan"] == ["base", "plain/0", "plain/1", "prior+sadm/0", "prior+sadm/1"]
+    subjects = sorted(p.name for p in tmp_path.glob("subject_*"))
+    assert subjects == ["subject_3_4_seed0", "subject_3_4_seed1"]
+    images = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "subject_3_4_seed0").glob("*.png"))])
+    assert len(images) == 4 and is_inverted(images / 255.0).all()
+    digits, labels = load_digits_images(32)
+    real = digits[labels == 3][:20] / 255.0
+    assert not is_inverted(real).any()
+    classifier = load_classifier(DIGITS_CLASSIFIER_PATH)
+    assert (classify(classifier, real) == 3).mean() > 0.9 and (classify(classifier, 1 - (1 - real)) == 3).mean() > 0.9
+    metrics = evaluate(tmp_path / "untrained_base", None, 3, samples=1, steps=2, guidance=1.0)
+    assert set(metrics) == {"subject_style", "subject_digit", "class_drift", "other_accuracy", "style_leak"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
