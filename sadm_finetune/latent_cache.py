@@ -78,7 +78,8 @@ def data_fingerprint(data: TrainData, column: str | None = None) -> str:
     one: "none"); else the `datasets` fingerprint (deterministic for Hub and in-memory sets, and changed by select /
     max_train_samples)."""
     ds, column = data.dataset, column or data.image_column
-    first = next((v for v in ds[column] if v is not None), None) if column != data.image_column else ds[0][column]
+    first = next((v for batch in ds.select_columns([column]).iter(batch_size=256) for v in batch[column]
+                  if v is not None), None)  # a mask column may start with rows without a mask
     if first is not None and (first.get("bytes") is not None or not first.get("path")):
         return f"datasets:{ds._fingerprint}:{column}"
     h = hashlib.sha256()
