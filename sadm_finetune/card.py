@@ -48,10 +48,20 @@ class CardFacts:
 
 def trigger_words(config: RunConfig) -> str | None:
     """The data's instance prompt / trigger words, for the card's `instance_prompt` and the kohya file's
-    `modelspec.trigger_phrase`. The hook for a data field (DreamBooth's `instance_prompt`) that does not exist yet:
-    until it does, the card lists the validation prompts the samples were made with instead."""
-    value = getattr(config.data, "instance_prompt", None)
-    return value or None
+    `modelspec.trigger_phrase`: --instance_prompt with its --caption_prefix, else the prefix alone; None without
+    either (the card then lists the validation prompts the samples were made with)."""
+    from .folder_data import instance_caption
+
+    return instance_caption(config.data) or config.data.caption_prefix or None
+
+
+def _prior_line(config: RunConfig) -> str:
+    """The card's line on DreamBooth's prior preservation, when the run used it."""
+    p = config.dreambooth
+    if not p.with_prior_preservation:
+        return ""
+    return (f"\n- Prior preservation (DreamBooth): {p.num_class_images} class images of `{p.class_prompt}` in every "
+            f"batch beside the instance images, prior loss weight {p.prior_loss_weight}")
 
 
 def inherited_license(model: ModelConfig) -> dict[str, str]:
@@ -163,7 +173,9 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
                if m.use_lora else "")
     usages = "\n\n".join(f"{heading}\n\n```python\n{code}\n```" for heading, code in facts.usages)
     if trigger:
-        prompts = f"\n## Trigger words\n\nUse `{trigger}` in the prompt to trigger what this model learned.\n"
+        listed = "\n".join(f"- `{p}`" for p in facts.prompts)
+        made = f" The samples above were made with:\n\n{listed}\n" if facts.prompts else "\n"
+        prompts = f"\n## Trigger words\n\nUse `{trigger}` in the prompt to trigger what this model learned.{made}"
     elif facts.prompts:
         listed = "\n".join(f"- `{p}`" for p in facts.prompts)
         prompts = (f"\n## Prompts\n\nThe samples above were made with these prompts (no trigger words set):\n\n"
@@ -184,7 +196,7 @@ Fine-tuned from `{base}` {trained}with sadm-finetune using SADM, structure-guide
 training (Yang et al., CVPR 2024, arXiv:2402.17563): besides the denoising loss, a structure discriminator
 compares the pairwise relations of real and predicted clean latents in each batch; {mode}.
 
-- Data: {facts.data_description}
+- Data: {facts.data_description}{_prior_line(config)}
 {stats}
 
 {ema_note}

@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError
 from .fields import coerce, describe, help_field, index_fields, is_optional, read_yaml  # noqa: F401 (public here too)
 from .flow_config import FlowMatchingConfig
+from .prior_config import PriorPreservationConfig
 from .term_config import RepaConfig, SDDiTConfig
 
 LR_SCHEDULERS = (
@@ -131,7 +132,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_data_dir: str | None = _f(None, "Image folder; subfolders are classes (sorted names -> ids 0..K-1).")
+    train_data_dir: str | None = _f(
+        None, "Image folder: captioned by .txt sidecars, metadata.jsonl, kohya <N>_<name> folders or --instance_prompt; "
+        "else subfolders are classes (sorted names -> ids 0..K-1).")
     dataset_name: str | None = _f(
         None, "A `datasets` name or path (or builtin:digits, scikit-learn's digits, for the offline demo)."
     )
@@ -166,14 +169,36 @@ class DataConfig:
         "~/.cache/sadm-finetune/text-embeddings",
         "Where cached text embeddings live; runs with the same text encoders share them, prompt by prompt.",
     )
+    instance_prompt: str | None = _f(
+        None, "One caption for every image without one of its own (DreamBooth's instance prompt, e.g. 'a photo of sks "
+        "dog'); also the default validation prompt and the model card's trigger words. Caption precedence: a "
+        "sidecar .txt, then metadata.jsonl, then a kohya <N>_<name> folder name, then this.",
+    )
+    caption_prefix: str | None = _f(
+        None, "Trigger words put in front of every instance caption, joined by a space (kohya's caption_prefix).")
+    caption_extension: str = _f(
+        ".txt", "Extension of the caption sidecar beside each image (same stem: a.png -> a.txt; kohya's default is "
+        ".caption); its first line is the caption.",
+    )
+    dataset_repeats: int = _f(
+        1, "Repeat every image this many times per epoch (times a kohya <N>_<name> folder's own N).")
+    mask_column: str | None = _f(
+        None, "Column of a `datasets` set holding loss masks (images: white trains, black is ignored). An image "
+        "folder's masks are <stem>_mask.png files beside the images.",
+    )
 
     def __post_init__(self) -> None:
         if self.train_data_dir and self.dataset_name:
             raise ConfigError(
                 "train_data_dir", "given together with dataset_name", "pass only one of --train_data_dir / --dataset_name"
             )
-        _positive(self, "resolution", "max_train_samples")
+        if self.mask_column is not None and self.train_data_dir:
+            raise ConfigError("mask_column", "names a column of a --dataset_name set, and an image folder has none",
+                              "drop --mask_column: put each mask beside its image as <stem>_mask.png")
+        _positive(self, "resolution", "max_train_samples", "dataset_repeats")
         _non_negative(self, "dataloader_num_workers")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            self.caption_extension = "." + self.caption_extension  # as kohya accepts "txt"
         if self.cache_latents and not self.center_crop:
             raise ConfigError(
                 "cache_latents", "needs --center_crop (a cached random crop would be the same crop in every epoch)",
@@ -373,6 +398,7 @@ SECTIONS: dict[str, type] = {
     "sadm": SADMConfig,
     "repa": RepaConfig,
     "sddit": SDDiTConfig,
+    "dreambooth": PriorPreservationConfig,
 }
 
 
@@ -385,6 +411,7 @@ class RunConfig:
     sadm: SADMConfig = field(default_factory=SADMConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     sddit: SDDiTConfig = field(default_factory=SDDiTConfig)
+    dreambooth: PriorPreservationConfig = field(default_factory=PriorPreservationConfig)
     # Not an option: the family defaults build_config filled in for the fields the user did not set
     # (family_defaults.py; docs/defaults.md), for the run's summary. Neither compared nor saved: the YAML holds them.
     family_defaults: dict = field(default_factory=dict, compare=False, repr=False)
@@ -397,7 +424,11 @@ class RunConfig:
             )
         if not (self.data.train_data_dir or self.data.dataset_name):
             raise ConfigError("train_data_dir", "no training data given", "pass --train_data_dir or --dataset_name")
-        if self.sadm.enabled and self.training.train_batch_size < 2:
+        if self.dreambooth.with_prior_preservation and self.data.aspect_ratio_buckets:
+            raise ConfigError("aspect_ratio_buckets", "cannot be combined with --with_prior_preservation (a batch's "
+                              "instance and class halves would need one shared bucket)",
+                              "drop --aspect_ratio_buckets (images train at the square --resolution)")
+        if self.sadm.enabled and self.training.train_batch_size < 2 and not self.dreambooth.with_prior_preservation:
             raise ConfigError(
                 "train_batch_size",
                 "is 1, so a batch has no pairs for the structure loss",

@@ -1,8 +1,9 @@
 """Training data: an image folder, a `datasets` set or the builtin digits -> pixel tensors + conditioning.
 
-Images are read with PIL (no torchvision). An image folder whose images sit in subfolders gets one
-class per subfolder, sorted by name (ids 0..K-1, the ImageNet convention); a flat folder is
-unconditional; a folder with `metadata.jsonl` carries captions (the `datasets` imagefolder format).
+Images are read with PIL (no torchvision). An image folder (folder_data.py) carries captions (sidecar
+`.txt` files, `metadata.jsonl`, kohya `<N>_<name>` folder names or --instance_prompt), else one class
+per subfolder, sorted by name (ids 0..K-1, the ImageNet convention), else nothing (unconditional);
+`<stem>_mask.png` files beside the images are loss masks, taken through each sample's crop and flip.
 
 Each sample carries its conditioning as data (docs/design.md §8): the caption or class id, and the
 geometry of the image it was made from (`SampleGeometry`: original size, crop, flip, target size),
@@ -38,6 +39,10 @@ class TrainData:
     caption_column: str | None
     id2label: dict[int, str] | None
     description: str  # for the model card and the run summary
+    mask_column: str | None = None  # loss masks (images; None values: the whole image trains)
+    instance_prompt: str | None = None  # --instance_prompt with its prefix: the validation prompts' default
+    repeats: list[int] | None = None  # per row, before open_train_data expands them (kohya folders)
+    kohya: bool = False  # an image folder in kohya's <repeats>_<name> layout
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -48,36 +53,40 @@ class TrainData:
         return int(max(self.dataset[self.label_column])) if len(self.dataset) else None
 
 
-def _scan_folder(root: Path) -> tuple[list[Path], bool]:
-    """Image files under root, and whether they all sit one level down (class subfolders)."""
-    if not root.is_dir():
-        raise InputError(f"train_data_dir: folder {root} not found; pass an existing image folder")
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    if not files:
-        raise InputError(
-            f"train_data_dir: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root}; add images, one "
-            "subfolder per class"
-        )
-    depths = {len(p.relative_to(root).parts) for p in files}
-    return files, depths == {2}
-
-
 def _from_folder(cfg: DataConfig) -> TrainData:
+    """An image folder (folder_data.py): captions (sidecars, metadata.jsonl, kohya folder names, --instance_prompt),
+    else class subfolders or none; kohya repeats; `<stem>_mask.png` masks."""
     import datasets
 
+    from .folder_data import describe_folder, read_folder
+
     root = Path(cfg.train_data_dir).expanduser()
-    files, class_subfolders = _scan_folder(root)
-    has_metadata = (root / "metadata.jsonl").is_file()
-    ds = datasets.load_dataset(
-        "imagefolder", data_dir=str(root), split="train", drop_labels=not class_subfolders or has_metadata
-    )
-    label_column = "label" if "label" in ds.column_names else None
-    id2label = None
-    if label_column:
-        id2label = dict(enumerate(ds.features["label"].names))
-    caption_column = cfg.caption_column if cfg.caption_column in ds.column_names else None
+    if not root.is_dir():
+        raise InputError(f"train_data_dir: folder {root} not found; pass an existing image folder")
+    images, kohya, captioned = read_folder(root, cfg, IMAGE_EXTENSIONS)
+    columns: dict[str, list] = {"image": [str(image.path) for image in images]}
+    features = {"image": datasets.Image(decode=False)}
+    caption_column = label_column = mask_column = id2label = None
+    class_subfolders = not kohya and all(len(image.path.relative_to(root).parts) == 2 for image in images)
+    if captioned:
+        caption_column = cfg.caption_column or "text"
+        columns[caption_column] = [image.caption for image in images]
+        features[caption_column] = datasets.Value("string")
+    elif class_subfolders:
+        names = sorted({image.top for image in images})
+        label_column, id2label = "label", dict(enumerate(names))
+        columns["label"] = [names.index(image.top) for image in images]
+        features["label"] = datasets.ClassLabel(names=names)
+    if any(image.mask is not None for image in images):
+        mask_column = "mask"
+        columns["mask"] = [None if image.mask is None else str(image.mask) for image in images]
+        features["mask"] = datasets.Image(decode=False)
+    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     kind = f"{len(id2label)} classes" if id2label else ("captioned" if caption_column else "unconditional")
-    return TrainData(ds, "image", label_column, caption_column, id2label, f"image folder {root} ({kind})")
+    data = TrainData(ds, "image", label_column, caption_column, id2label, describe_folder(root, images, kohya, kind),
+                     mask_column=mask_column)
+    data.repeats, data.kohya = [image.repeats for image in images], kohya
+    return data
 
 
 def _from_digits(cfg: DataConfig) -> TrainData:
@@ -109,16 +118,47 @@ def _from_hub(cfg: DataConfig) -> TrainData:
     if label_column and isinstance(ds.features[label_column], datasets.ClassLabel):
         id2label = dict(enumerate(ds.features[label_column].names))
     caption_column = cfg.caption_column if cfg.caption_column in ds.column_names else None
-    return TrainData(ds, cfg.image_column, label_column, caption_column, id2label, f"dataset {cfg.dataset_name}")
+    mask_column = None
+    if cfg.mask_column is not None:
+        if cfg.mask_column not in ds.column_names:
+            raise ConfigError("mask_column", f"{cfg.mask_column!r} is not a column of {cfg.dataset_name} "
+                              f"({ds.column_names})", "pass --mask_column <name of the mask images' column>")
+        if not isinstance(ds.features[cfg.mask_column], datasets.Image):
+            raise ConfigError("mask_column", f"{cfg.mask_column!r} holds {type(ds.features[cfg.mask_column]).__name__} "
+                              "values, not images", "name a column of mask images (white trains, black is ignored)")
+        mask_column = cfg.mask_column
+    return TrainData(ds, cfg.image_column, label_column, caption_column, id2label, f"dataset {cfg.dataset_name}",
+                     mask_column=mask_column)
+
+
+def _with_caption_rules(data: TrainData, cfg: DataConfig) -> None:
+    """A `datasets` set's captions with --instance_prompt (for rows without one) and --caption_prefix applied; the
+    column is replaced in memory (the images are not copied)."""
+    if not (cfg.instance_prompt or cfg.caption_prefix):
+        return
+    from .folder_data import join_prefix
+
+    ds = data.dataset
+    column = data.caption_column or cfg.caption_column or "text"
+    old = list(ds[column]) if data.caption_column else [None] * len(ds)
+    captions = [join_prefix(cfg.caption_prefix, cfg.instance_prompt if c is None and cfg.instance_prompt
+                            else caption_text(c)) for c in old]
+    if data.caption_column:
+        ds = ds.remove_columns(column)
+    data.dataset, data.caption_column = ds.add_column(column, captions), column
 
 
 def open_train_data(cfg: DataConfig) -> TrainData:
     """Open the data source (cheap: no decoding); fails with one line on a missing or empty source."""
     import datasets
 
+    from .folder_data import instance_caption
+
     if cfg.train_data_dir:
         data = _from_folder(cfg)
     elif cfg.dataset_name == DIGITS_NAME:
+        if cfg.mask_column is not None:
+            raise ConfigError("mask_column", f"{DIGITS_NAME} has no mask column", "drop --mask_column")
         data = _from_digits(cfg)
     else:
         data = _from_hub(cfg)
@@ -128,7 +168,19 @@ def open_train_data(cfg: DataConfig) -> TrainData:
     if len(ds) == 0:
         raise InputError(f"train_data_dir: the data set {data.description} is empty; add images")
     # Decode ourselves, so that an unreadable file can be reported by name or skipped.
-    data.dataset = ds.cast_column(data.image_column, datasets.Image(decode=False))
+    for column in (data.image_column, data.mask_column):
+        if column is not None:
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    data.dataset = ds
+    if not cfg.train_data_dir:
+        _with_caption_rules(data, cfg)
+    data.instance_prompt = instance_caption(cfg) if data.caption_column else None
+    # Repeats are rows (each repeat drawn afresh: crop, flip, noise): a kohya folder's N times --dataset_repeats.
+    counts = np.asarray((data.repeats or [1] * len(data.dataset))[:len(data.dataset)]) * cfg.dataset_repeats
+    if (counts != 1).any():
+        data.dataset = data.dataset.select(np.repeat(np.arange(len(counts)), counts))
+        data.description += f", {len(counts)} images repeated to {len(data.dataset)} samples per epoch"
+    data.repeats = None
     return data
 
 
@@ -213,8 +265,35 @@ def _open_image(value: dict[str, Any]) -> Image.Image:
     return image
 
 
+def load_mask(value: dict[str, Any] | None, geometry: SampleGeometry) -> torch.Tensor:
+    """A loss mask taken through its image's resize, flip and crop (`geometry`): (1, H, W) float32 in [0, 1], the
+    mask's grey level (white 1: trains, black 0: ignored). No mask (None): ones."""
+    th, tw = geometry.target_size
+    if value is None:
+        return torch.ones(1, th, tw)
+    name = value.get("path") or "a mask_column image"
+    try:
+        mask = _open_image(value)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"train_data_dir: cannot read mask {name} ({type(e).__name__}); fix or remove it") from None
+    h, w = geometry.original_size
+    if mask.size != (w, h):
+        raise InputError(f"train_data_dir: mask {name} is {mask.width}x{mask.height} pixels and its image {w}x{h}; "
+                         "make each mask the size of its image")
+    mask = mask.convert("L")
+    rh, rw = geometry.resized_size
+    if (rh, rw) != (h, w):
+        mask = mask.resize((rw, rh), Image.BILINEAR)  # no overshoot: a black region stays exactly 0
+    if geometry.flipped:  # the crop is counted after the flip
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+    y, x = geometry.crop_top_left
+    mask = mask.crop((x, y, x + tw, y + th))
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
 class TrainDataset(torch.utils.data.Dataset):
-    """Map-style dataset of {"pixel_values", geometry (GEOMETRY_KEYS), "class_labels"?, "captions"?} samples.
+    """Map-style dataset of {"pixel_values", geometry (GEOMETRY_KEYS), "class_labels"?, "captions"?, "masks"?}
+    samples.
 
     `target_sizes`: the (h, w) each index trains at (its aspect-ratio bucket); default the square resolution.
     """
@@ -255,6 +334,8 @@ class TrainDataset(torch.utils.data.Dataset):
                 logger.warning("skipping unreadable image %s (%d skipped so far)", name, self.num_skipped)
                 continue
             sample: dict[str, Any] = {"pixel_values": pixels, **geometry.as_sample()}
+            if self.data.mask_column:  # (1, H, W): the loss mask through the same resize, crop and flip
+                sample["masks"] = load_mask(row[self.data.mask_column], geometry)
             if self.data.label_column:
                 sample["class_labels"] = int(row[self.data.label_column])
             if self.data.caption_column:

@@ -19,7 +19,9 @@ rows it holds, in order). Without buckets there is one shape, the square resolut
 
 Key: a hash of the format version, the VAE (config and weights), the encode dtype, resolution,
 crop/flip, the bucket list and the data (local files: path, size and mtime of each; otherwise the
-`datasets` fingerprint). Any change gives a new folder, so the old entry is never served. Layout:
+`datasets` fingerprint), and with loss masks the mask files the same way: the masks are stored on the
+latent grid (`mask.<h>x<w>`, `mask_flipped.<h>x<w>`: area-downsampled, what the pixel path computes). Any
+change gives a new folder, so the old entry is never served. Layout:
 `<latent_cache_dir>/<key>/shard-NNNNN.safetensors` (SHARD_SIZE samples each, written atomically,
 split across processes, reused by an interrupted build) and `manifest.json`, written last. Several
 machines need the folder on a shared filesystem. Stale entries are never deleted: remove old folders
@@ -45,8 +47,9 @@ from tqdm.auto import tqdm
 
 from .buckets import nearest_buckets, read_image_sizes
 from .config import DataConfig
-from .data import GEOMETRY_KEYS, ImageTransform, TrainData, _open_image
+from .data import GEOMETRY_KEYS, ImageTransform, TrainData, _open_image, load_mask
 from .errors import InputError
+from .latents import latent_mask
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +73,21 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(data: TrainData) -> str:
-    """Local image files: their paths, sizes and mtimes, in row order; else the `datasets` fingerprint
-    (deterministic for Hub and in-memory sets, and changed by select / max_train_samples)."""
-    ds = data.dataset
-    first = ds[0][data.image_column]
-    if first.get("bytes") is not None or not first.get("path"):
-        return f"datasets:{ds._fingerprint}"
+def data_fingerprint(data: TrainData, column: str | None = None) -> str:
+    """Local image files of `column` (default the images): their paths, sizes and mtimes, in row order (a row without
+    one: "none"); else the `datasets` fingerprint (deterministic for Hub and in-memory sets, and changed by select /
+    max_train_samples)."""
+    ds, column = data.dataset, column or data.image_column
+    first = next((v for batch in ds.select_columns([column]).iter(batch_size=256) for v in batch[column]
+                  if v is not None), None)  # a mask column may start with rows without a mask
+    if first is not None and (first.get("bytes") is not None or not first.get("path")):
+        return f"datasets:{ds._fingerprint}:{column}"
     h = hashlib.sha256()
-    for batch in ds.select_columns([data.image_column]).iter(batch_size=4096):
-        for value in batch[data.image_column]:
+    for batch in ds.select_columns([column]).iter(batch_size=4096):
+        for value in batch[column]:
+            if value is None:
+                h.update(b"none\n")
+                continue
             path = value["path"]
             try:
                 st = os.stat(path)
@@ -102,6 +110,8 @@ def cache_key(vae: torch.nn.Module, data: TrainData, resolution: int, random_fli
         "buckets": [list(b) for b in buckets] if buckets else None,
         "data": data_fingerprint(data),
         "num_samples": len(data),
+        # Loss masks are cached with the latents (on the latent grid, per orientation): their files are in the key.
+        **({"masks": data_fingerprint(data, data.mask_column)} if data.mask_column else {}),
     }
 
 
@@ -118,7 +128,9 @@ class _PixelRows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        value = self.data.dataset[self.rows[i]][self.data.image_column]
+        row = self.data.dataset[self.rows[i]]
+        value = row[self.data.image_column]
+        masks = {}
         try:
             pixels, geometry = self.transform(_open_image(value), target_size=self.target_size)
         except (OSError, ValueError, SyntaxError) as e:
@@ -127,10 +139,14 @@ class _PixelRows(torch.utils.data.Dataset):
                 raise InputError(f"train_data_dir: cannot read image {name} ({type(e).__name__}); remove it or "
                                  "pass --on_bad_image skip") from None
             blank = torch.zeros(2, dtype=torch.long)
+            if self.data.mask_column:
+                masks = {"masks": torch.ones(1, *self.target_size)}
             return {"pixels": torch.zeros(3, *self.target_size), "valid": False,
-                    **{name: blank for name in _ROW_GEOMETRY}}
+                    **{name: blank for name in _ROW_GEOMETRY}, **masks}
+        if self.data.mask_column:  # the unflipped crop's mask; the flipped one is its mirror image
+            masks = {"masks": load_mask(row[self.data.mask_column], geometry)}
         pairs = (geometry.original_size, geometry.crop_top_left, geometry.flip().crop_top_left)
-        return {"pixels": pixels, "valid": True,
+        return {"pixels": pixels, "valid": True, **masks,
                 **{name: torch.tensor(pair, dtype=torch.long) for name, pair in zip(_ROW_GEOMETRY, pairs)}}
 
 
@@ -166,6 +182,9 @@ def _encode_shard(vae, data: TrainData, cfg: DataConfig, rows: range, target_siz
                 posterior = vae.encode(view).latent_dist
                 parts.setdefault("mean" + suffix, []).append(posterior.mean.cpu())
                 parts.setdefault("std" + suffix, []).append(posterior.std.cpu())
+                if "masks" in item:  # on the latent grid, as latents.latent_loss_mask makes it from the pixels
+                    mask = item["masks"].flip(-1) if suffix else item["masks"]
+                    parts.setdefault("mask" + suffix, []).append(latent_mask(mask, posterior.mean.shape[-2:]))
             for name in ("valid", *_ROW_GEOMETRY):
                 parts.setdefault(name, []).append(item[name])
         index = torch.tensor(positions)
@@ -214,8 +233,8 @@ def build_latent_cache(accelerator: Accelerator, vae, data: TrainData, cfg: Data
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
-    """Map-style dataset of {"latent_mean", "latent_std", geometry (GEOMETRY_KEYS), "class_labels"?, "captions"?}
-    samples from a cache folder.
+    """Map-style dataset of {"latent_mean", "latent_std", geometry (GEOMETRY_KEYS), "class_labels"?, "captions"?,
+    "latent_masks"?} samples from a cache folder.
 
     An unreadable image (with on_bad_image=skip) is replaced by the next readable one of the same target size,
     as in `TrainDataset`.
@@ -228,6 +247,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         self.random_flip, self.seed, self.epoch = random_flip, seed, 0
         self.labels = list(data.dataset[data.label_column]) if data.label_column else None
         self.captions = list(data.dataset[data.caption_column]) if data.caption_column else None
+        self.masks = "masks" in self.manifest  # latent loss masks stored beside the latents
         per_row: dict[str, list[torch.Tensor]] = {}
         shapes: list[str] = []  # "<h>x<w>" of each stacked tensor
         shape_of, position_of = [], []  # per row: index into `shapes`, position in that shard's stacked tensor
@@ -300,6 +320,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             "latent_std": handle.get_slice(f"std{suffix}.{shape}")[position:position + 1][0],
             **dict(zip(GEOMETRY_KEYS, (*(tuple(pair.tolist()) for pair in geometry), flipped))),
         }
+        if self.masks:
+            sample["latent_masks"] = handle.get_slice(f"mask{suffix}.{shape}")[position:position + 1][0]
         for companion in self.companions:
             sample.update(companion.read(index // self.shard_size, shape, position, flipped))
         if self.labels is not None:

@@ -1,9 +1,10 @@
 """VAE encode/decode with the component's own scaling (`scaling_factor`, and `shift_factor` if any); sampling
-from cached posteriors (`latent_cache.py`)."""
+from cached posteriors (`latent_cache.py`); a batch's loss masks on the latent grid."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -43,3 +44,21 @@ def clean_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator | 
     if "latent_mean" in batch:
         return sample_latents(vae, batch["latent_mean"], batch["latent_std"], generator=generator)
     return encode(vae, batch["pixel_values"], generator=generator)
+
+
+def latent_mask(pixel_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, H, W) pixel masks -> (B, 1, h, w) on the latent grid: each latent position gets the mean of the pixels
+    it covers (area interpolation, kohya's apply_masked_loss), so it is 0 exactly where all of them are masked out."""
+    return F.interpolate(pixel_masks.float(), size=tuple(size), mode="area")
+
+
+def latent_loss_mask(batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
+    """The batch's loss mask on the grid of `latents`, (B, 1, h, w) fp32 on their device: cached latent masks
+    (`latent_masks`), else the pixel masks (`masks`) downsampled; None when the batch has no masks."""
+    if "latent_masks" in batch:
+        mask = batch["latent_masks"].float()
+    elif "masks" in batch:
+        mask = latent_mask(batch["masks"].to(latents.device), latents.shape[-2:])
+    else:
+        return None
+    return mask.to(device=latents.device, dtype=torch.float32)

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .checkpointing import TrainState
 from .config import RunConfig
 from .distributed import any_rank
-from .latents import clean_latents
-from .losses import LearnedSigmaVLB
+from .latents import clean_latents, latent_loss_mask
+from .losses import LearnedSigmaVLB, weighted_mean
 from .noise import DDPMProcess, FlowMatchProcess, TimestepLoss
 from .terms import StepContext, Term, UpdateResult
 
@@ -153,6 +153,7 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
                 with acc.accumulate(*models):
                     # 1. z0, the conditioning (with guidance dropout), noise and timesteps, x_t
                     latents = clean_latents(adapter.vae, batch, gen)  # (B, C, h, w) fp32
+                    loss_mask = latent_loss_mask(batch, latents)  # (B, 1, h, w) with loss masks, else None
                     cond = adapter.conditioning(batch, device, run.weight_dtype, drop=True, generator=gen)
                     noise = torch.randn(latents.shape, generator=gen, device=device)
                     if t.noise_offset:
@@ -166,15 +167,20 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
                         out = adapter.predict(run.denoiser, noisy_latents, timesteps, cond)
                     model_pred = out.model_pred.float()
                     ctx = StepContext(state.global_step, batch, latents, noise, timesteps, noisy_latents, cond,
-                                      model_pred, process.x0_hat(model_pred, noisy_latents, timesteps), gen, hidden)
+                                      model_pred, process.x0_hat(model_pred, noisy_latents, timesteps), gen, hidden,
+                                      loss_mask=loss_mask)
 
                     # 3. L = L_diff (+ DiT's variational bound) + sum_k lambda_k(step) L_k
-                    loss_diffusion = run.diffusion_loss(model_pred, process.target(latents, noise, timesteps),
-                                                        timesteps).mean()
+                    # per-sample weights: prior preservation's instance / class halves (prior.py), else a mean
+                    weights = batch.get("loss_weights")
+                    target = process.target(latents, noise, timesteps)
+                    per_sample = run.diffusion_loss(model_pred, target, timesteps, loss_mask)  # (B,)
+                    loss_diffusion = weighted_mean(per_sample, weights)
                     loss = ctx.loss_diffusion = loss_diffusion
                     logs: dict[str, Any] = {"loss_diffusion": loss_diffusion.detach()}
                     if run.vlb is not None:
-                        loss_vlb = run.vlb(model_pred, out.variance, latents, noisy_latents, timesteps).mean()
+                        loss_vlb = weighted_mean(run.vlb(model_pred, out.variance, latents, noisy_latents, timesteps,
+                                                         loss_mask), weights)
                         loss = loss + loss_vlb
                         logs["loss_vlb"] = loss_vlb.detach()
                     for term in run.terms:

@@ -55,6 +55,23 @@ def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ab / (1 - ab)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean over every dimension but the batch's, (B,). `mask` (B, 1, h, w) in [0, 1] weighs each element
+    by the mask at its position and the sum is still divided by the element count, not by the mask's area (kohya's
+    apply_masked_loss and SimpleTuner: a sample masked to a quarter of the image adds about a quarter of its loss)."""
+    if mask is not None:
+        values = values * mask.to(values.dtype)
+    return values.mean(dim=tuple(range(1, values.ndim)))
+
+
+def weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's loss from per-sample values (B,): their mean, each weighted by `weights` (B,) when a batch carries
+    them (prior preservation, prior.py: instance mean + prior_loss_weight * class mean)."""
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights.to(per_sample)).mean()
+
+
 class DiffusionLoss:
     """The pretrained model's own objective: MSE to its target, optionally min-SNR-gamma weighted
     (Hang et al. 2023, eq. 7-9, in the form diffusers' examples use)."""
@@ -63,9 +80,11 @@ class DiffusionLoss:
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
 
-    def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, sample_snr: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss, (B,). `sample_snr`: the noise process's SNR of each sample's timestep."""
-        per_sample = (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))  # (B,)
+    def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, sample_snr: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss, (B,). `sample_snr`: the noise process's SNR of each sample's timestep; `mask`: the latent
+        loss mask (B, 1, h, w), see `masked_mean`."""
+        per_sample = masked_mean((model_pred.float() - target.float()).pow(2), mask)  # (B,)
         if self.snr_gamma is None:
             return per_sample
         s = sample_snr.float()
@@ -124,9 +143,10 @@ class LearnedSigmaVLB:
 
     def __call__(
         self, eps_pred: torch.Tensor, var_pred: torch.Tensor, latents: torch.Tensor, noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
+        timesteps: torch.Tensor, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample bound in bits per dimension, (B,). `eps_pred` is detached here (frozen mean)."""
+        """Per-sample bound in bits per dimension, (B,), each latent position weighted by `mask` (B, 1, h, w) if
+        given (`masked_mean`). `eps_pred` is detached here (frozen mean)."""
         nd = latents.ndim
         x_t, x_0 = noisy_latents.float(), latents.float()
         ab = _per_t(self.alphas_cumprod, timesteps, nd)
@@ -141,10 +161,9 @@ class LearnedSigmaVLB:
         model_mean = c1 * pred_x0 + c2 * x_t
         true_mean = c1 * x_0 + c2 * x_t
 
-        dims = tuple(range(1, nd))
-        kl = _normal_kl(true_mean, min_log, model_mean, model_log_variance).mean(dim=dims) / math.log(2.0)
+        kl = masked_mean(_normal_kl(true_mean, min_log, model_mean, model_log_variance), mask) / math.log(2.0)
         nll = -_discretized_gaussian_log_likelihood(x_0, model_mean, 0.5 * model_log_variance)
-        nll = nll.mean(dim=dims) / math.log(2.0)
+        nll = masked_mean(nll, mask) / math.log(2.0)
         return torch.where(timesteps == 0, nll, kl)
 
 

@@ -25,7 +25,7 @@ from diffusers.training_utils import (compute_density_for_timestep_sampling, com
                                       compute_snr)
 
 from .errors import ConfigError
-from .losses import DiffusionLoss, _per_t, diffusion_target, predicted_original_sample, snr
+from .losses import DiffusionLoss, _per_t, diffusion_target, masked_mean, predicted_original_sample, snr
 
 UNSUPPORTED_SCHEDULERS = ("EDM", "CMStochastic")  # scheduler class-name prefixes
 FLOW_MATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
@@ -57,8 +57,10 @@ class TimestepLoss:
     def __init__(self, loss: Callable, read: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.loss, self.read = loss, read
 
-    def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.loss(model_pred, target, self.read(timesteps))
+    def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,); `mask`: the latent loss mask (B, 1, h, w) of masked training, or None (losses.masked_mean)."""
+        return self.loss(model_pred, target, self.read(timesteps), mask)
 
 
 class DDPMProcess:
@@ -183,8 +185,9 @@ class FlowMatchProcess:
                               "drop --snr_gamma (flow matching weights samples with --weighting_scheme)")
         scheme, precondition = self.options.weighting_scheme, self.options.precondition_outputs
 
-        def loss(model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-            per_sample = (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
+        def loss(model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+            per_sample = masked_mean((model_pred.float() - target.float()).pow(2), mask)
             if precondition:
                 per_sample = per_sample * sigmas.float().pow(2)  # |x0_hat - x0|^2 = sigma^2 |v_hat - v|^2
             return per_sample * compute_loss_weighting_for_sd3(scheme, sigmas.float())

@@ -21,6 +21,7 @@ from .errors import ConfigError, InputError, SADMError
 from .finish import check_replicas, end_training, export_run
 from .loop import Run, train_loop
 from .models.loading import family_class, load_family
+from .prior import check_personalization, ensure_class_images, open_class_data
 from .loader import build_train_dataloader
 from .terms import check_terms
 from .text_cache import build_text_cache, prompts_to_cache
@@ -79,6 +80,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     family.check_config(config)
     family.check_process_options(config)
     data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
+    check_personalization(config, family, data)
     accelerator = make_accelerator(config, output_dir)
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:  # accelerate's fp16 on a CPU
         raise ConfigError("mixed_precision", f"fp16 on {accelerator.device.type} runs without autocast in accelerate, "
@@ -105,13 +107,20 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         accelerator.print(f"resume_from_checkpoint latest: no checkpoint in {checkpoints_dir(output_dir)}; "
                           "starting from step 0")
 
+    class_data = None
+    if config.dreambooth.with_prior_preservation:  # class images from the base pipeline, before anything trains
+        ensure_class_images(accelerator, adapter, config)
+        class_data = open_class_data(config)
+
     adapter.prepare_training()
     weight_dtype = weight_dtype_of(accelerator)
     # Before the frozen modules move: the text encoders run once over every prompt, then leave memory.
-    text_cache = build_text_cache(accelerator, adapter, prompts_to_cache(adapter, data, t), config.data, weight_dtype,
+    prompts = prompts_to_cache(adapter, data, t) + ([config.dreambooth.class_prompt] if class_data else [])
+    text_cache = build_text_cache(accelerator, adapter, prompts, config.data, weight_dtype,
                                   t.train_batch_size) if config.data.cache_text_embeddings else None
     place_frozen_modules(adapter, accelerator.device, weight_dtype)
-    dataset, dataloader = build_train_dataloader(config, accelerator, adapter, data, resolution, text_cache)
+    dataset, dataloader = build_train_dataloader(config, accelerator, adapter, data, resolution, text_cache,
+                                                 class_data)
     run, dataloader, saved = build_run(config, accelerator, adapter, dataloader)
     # The project's own checkpoint state: JSON / safetensors files, never accelerate's pickled custom states.
     state = TrainState()
@@ -125,6 +134,10 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         save_config(config, output_dir / "training_config.yaml")
         accelerator.init_trackers("sadm-finetune", config=tracker_config(config))
     log_summary(accelerator, config, data, run, resolution, global_batch)
+    if class_data is not None:
+        accelerator.print(f"prior preservation: {class_data.description}, prior loss weight "
+                          f"{config.dreambooth.prior_loss_weight}; each batch {t.train_batch_size} instance + "
+                          f"{t.train_batch_size} class samples")
 
     stopped_early = train_loop(run, dataloader, dataset, state, lambda s: _on_update(run, s, saved, output_dir))
     if stopped_early:

@@ -82,13 +82,18 @@ def test_a_hub_bases_licence_comes_from_its_card_in_the_cache(tmp_path, hub_cach
 def test_trigger_words_hook_reaches_the_card_and_the_kohya_labels(tmp_path):
     config = build_config({"pretrained_model_name_or_path": "org/base", "train_data_dir": "d", "trainable": "lora"})
     assert "modelspec.trigger_phrase" not in {k for k, v in kohya_labels(config, tmp_path, 512).items() if v}
-    config.data.instance_prompt = "a photo of sks dog"  # the hook: a data field of that name, when one exists
+    config.data.instance_prompt = "a photo of sks dog"  # --instance_prompt
     card = write_model_card(tmp_path, config, CardFacts(["stable-diffusion"], "d", {}, [], argv=[],
-                                                        prompts=["a red square"]))
+                                                        prompts=["a photo of sks dog in a bucket"]))
     assert ModelCard.load(card).data.instance_prompt == "a photo of sks dog"
     assert "Use `a photo of sks dog` in the prompt" in card.read_text()
+    assert "The samples above were made with:\n\n- `a photo of sks dog in a bucket`" in card.read_text()
     labels = kohya_labels(config, tmp_path, 512)
     assert labels["modelspec.trigger_phrase"] == "a photo of sks dog" and labels["modelspec.resolution"] == "512x512"
+    config.data.caption_prefix = "ohwx"  # the prefix goes in front, as in every caption
+    assert kohya_labels(config, tmp_path, 512)["modelspec.trigger_phrase"] == "ohwx a photo of sks dog"
+    config.data.instance_prompt = None  # trigger words alone
+    assert kohya_labels(config, tmp_path, 512)["modelspec.trigger_phrase"] == "ohwx"
 
 
 def test_reproduce_command_runs_from_the_repository_root(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
     assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml",
-            "pixart-sigma-lora.yaml", "sd35-medium-lora.yaml"} <= names
+            "pixart-sigma-lora.yaml", "sd35-medium-lora.yaml", "sdxl-dreambooth-lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -54,6 +54,12 @@ def test_recipe_intent():
     assert pixart["cache_latents"] and pixart["cache_text_embeddings"] and pixart["aspect_ratio_buckets"]
     assert pixart["gradient_checkpointing"] and pixart["learned_sigma_loss"] == "vlb"
     assert pixart["learning_rate"] == 1e-4 and 0 < pixart["structure_weight"] <= 0.05
+    booth = load_yaml(ROOT / "configs" / "sdxl-dreambooth-lora.yaml")
+    assert booth["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert booth["with_prior_preservation"] and booth["class_prompt"] and booth["class_data_dir"]
+    assert booth["instance_prompt"] == "a photo of sks dog" and booth["trainable"] == "lora"
+    assert booth["num_class_images"] == 100 and booth["prior_loss_weight"] == 1.0 and booth["resolution"] == 1024
+    assert booth["train_batch_size"] >= 2 and booth["cache_latents"] and booth["center_crop"]
     sd35 = load_yaml(ROOT / "configs" / "sd35-medium-lora.yaml")
     assert sd35["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
     assert sd35["trainable"] == "lora" and sd35["resolution"] in (512, 1024) and 16 <= sd35["lora_rank"] <= 64

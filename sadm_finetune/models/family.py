@@ -63,13 +63,17 @@ def refuse_options(*rows: tuple[bool, str, str, str]) -> None:
 
 
 def caption_prompts(data: Any, who: str) -> list[str]:
-    """A text family's data check: `data` (a `data.TrainData`) must carry one caption per image. Returns the
-    first distinct captions of its first 64 samples, the validation grid's default prompts."""
+    """A text family's data check: `data` (a `data.TrainData`) must carry one caption per image. Returns the validation
+    grid's default prompts: the instance prompt (--instance_prompt with its prefix) when given, else the first
+    distinct captions of its first 64 samples."""
     if data.caption_column is None:
         raise InputError(
-            f"caption_column: {data.description} has no caption column; {who} needs one caption per image: add "
-            "metadata.jsonl (file_name, text) to the image folder, or pass --caption_column <name>"
+            f"caption_column: {data.description} has no caption column; {who} needs one caption per image: put "
+            "a .txt file beside each image (a.png -> a.txt), add metadata.jsonl (file_name, text) to the image folder, "
+            "pass --instance_prompt for all of them, or --caption_column <name> for a datasets set"
         )
+    if getattr(data, "instance_prompt", None):
+        return [data.instance_prompt]
     head = data.dataset.select(range(min(64, len(data.dataset))))[data.caption_column]
     prompts = list(dict.fromkeys(caption_text(c) for c in head if caption_text(c)))
     return prompts[:NUM_DEFAULT_PROMPTS] or [""]

@@ -41,6 +41,15 @@ class StepContext:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> hidden states, with graph
     class_labels: torch.Tensor | None = None  # the samples' class ids (not dropped), None if unlabelled
     loss_diffusion: torch.Tensor | None = None  # the batch's denoising loss (scalar, with graph)
+    loss_mask: torch.Tensor | None = None  # (B, 1, h, w) latent loss mask of masked training, None without masks
+
+    def structure_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z0, x0_hat) as the structure terms compare them: both multiplied by the loss mask when the batch has one,
+        so that D sees, and L_S relates, the masked region only (docs/design.md §10); x0_hat keeps its graph."""
+        if self.loss_mask is None:
+            return self.latents, self.x0_hat
+        mask = self.loss_mask.to(self.latents.dtype)
+        return self.latents * mask, self.x0_hat * mask.to(self.x0_hat.dtype)
 
 
 @dataclass

@@ -72,7 +72,8 @@ class SADMTerm(Term):
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # D and L_S compute in fp32. D enters frozen (detached parameters), so the gradient reaches the
         # denoiser through x0_hat only.
-        value, logs = self.objective.generator_loss(self.unwrapped_disc, ctx.latents, ctx.x0_hat, ctx.timesteps,
+        latents, x0_hat = ctx.structure_inputs()  # masked where the batch has loss masks
+        value, logs = self.objective.generator_loss(self.unwrapped_disc, latents, x0_hat, ctx.timesteps,
                                                     self._class_labels(ctx), ctx.generator)
         if self.config.adaptive_weight:
             factor = self.adaptive_factor(ctx, value)
@@ -122,8 +123,9 @@ class SADMTerm(Term):
         result = None
         if self.config.disc_frozen or not self.objective.is_disc_turn(ctx.step):
             return logs, result
+        latents, x0_hat = ctx.structure_inputs()
         for _ in range(self.config.disc_steps):
-            loss_d, d_logs = self.objective.discriminator_loss(self.disc, ctx.latents, ctx.x0_hat.detach(),
+            loss_d, d_logs = self.objective.discriminator_loss(self.disc, latents, x0_hat.detach(),
                                                                ctx.timesteps, self._class_labels(ctx), ctx.generator)
             result = update(self.optimizer, self.scheduler, loss_d, list(self.disc.parameters()),
                             self.config.disc_max_grad_norm)
@@ -147,4 +149,4 @@ class StructureProbe(Term):
         return 0.0
 
     def log(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return self.objective.diagnostics(ctx.latents, ctx.x0_hat, ctx.timesteps)
+        return self.objective.diagnostics(*ctx.structure_inputs(), ctx.timesteps)
