@@ -19,6 +19,9 @@
                                                     # per-sample GAN, plain at equal compute), min pair weights and
                                                     # the recipe arms (no EMA, constant LR): 8 arms x 5 seeds;
                                                     # results in benchmarks/results/mechanism_study
+    python benchmarks/sadm_study.py --mechanism --eval_noise --work_dir runs/study   # plain, SADM and plain at
+                                                    # equal compute evaluated again: 2 more sampling seeds and Euler
+                                                    # 50 steps (45 evaluations); the paired differences per draw
     python benchmarks/sadm_study.py --recommend --work_dir runs/study   # SADM + SD-DiT, SD-DiT, SADM vs plain in
                                                     # the transfer regime (4 arms x 5 seeds)
     python benchmarks/sadm_study.py --scale --work_dir runs/study   # plain vs SADM with a 6.4 M DiT (continue
@@ -292,6 +295,79 @@ def train_and_evaluate(regime: str, arm: str, flags: list[str], seed: int, setup
     return metrics
 
 
+# Evaluation noise (--eval_noise): each checkpoint of these arms evaluated again with other sampling seeds and a
+# second sampler, so the study can say whether a paired difference outlives the evaluation draw.
+EVAL_DRAWS = {  # name -> (sampler, steps, seed); "ddim25-s1234" is every run's own eval.json
+    "ddim25-s1235": ("pipeline", 25, 1235),
+    "ddim25-s1236": ("pipeline", 25, 1236),
+    "euler50-s1234": ("euler", 50, 1234),
+}
+EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"))
+
+
+def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> dict | None:
+    out = work / "runs" / regime / f"{arm}-seed{seed}"
+    result = out / f"eval-{draw}.json"
+    if result.is_file():
+        return json.loads(result.read_text())["metrics"]
+    if not (out / "eval.json").is_file():
+        return None  # not trained yet
+    sampler, steps, sample_seed = EVAL_DRAWS[draw]
+    cmd = [sys.executable, "-m", "sadm_finetune.evaluate", "--pipeline", str(out), "--reference_dataset",
+           "builtin:digits", "--features", "digits", "--classifier", "digits", "--samples_per_class",
+           str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps", str(steps), "--sampler", sampler,
+           "--guidance_scale", "1.0", "--seed", str(sample_seed), "--batch_size", "250", "--probe_images", "0",
+           "--reference_stats_cache", str(work / f"reference-{regime}.npz"), "--output_json", str(result) + ".tmp"]
+    _run(cmd, f"evaluating {out} ({draw})")
+    os.replace(str(result) + ".tmp", result)
+    return json.loads(result.read_text())["metrics"]
+
+
+def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
+    """Per draw: each arm's paired FID difference vs plain; per checkpoint: the FID's spread over the draws."""
+    draws = ["ddim25-s1234", *EVAL_DRAWS]
+    fid: dict[tuple, dict[str, float]] = {}
+    for regime, arm in EVAL_NOISE_ARMS:
+        for seed in seeds:
+            out = work / "runs" / regime / f"{arm}-seed{seed}"
+            for draw in draws:
+                f = out / ("eval.json" if draw == "ddim25-s1234" else f"eval-{draw}.json")
+                if f.is_file():
+                    fid.setdefault((regime, arm, seed), {})[draw] = json.loads(f.read_text())["metrics"]["fid"]
+    result: dict = {"draws": {"ddim25-s1234": ["pipeline", 25, 1234], **{k: list(v) for k, v in EVAL_DRAWS.items()}},
+                    "paired_vs_plain": {}, "checkpoint_spread": {}}
+    for regime, arm in EVAL_NOISE_ARMS:
+        spreads = [statistics.stdev(v.values()) for (r, a, _), v in fid.items() if (r, a) == (regime, arm)
+                   and len(v) == len(draws)]
+        result["checkpoint_spread"][f"{regime}/{arm}"] = {
+            "mean_sd_over_draws": statistics.fmean(spreads) if spreads else math.nan, "checkpoints": len(spreads)}
+        if arm == "plain":
+            continue
+        per_draw = {}
+        for draw in draws:
+            diffs = [fid[(regime, arm, s)][draw] - fid[(regime, "plain", s)][draw] for s in seeds
+                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, "plain", s), {})]
+            per_draw[draw] = t_interval(diffs) if diffs else None
+        # averaged over the draws: each checkpoint's mean FID over all draws, then paired over seeds
+        diffs = [statistics.fmean(fid[(regime, arm, s)].values()) - statistics.fmean(fid[(regime, "plain", s)].values())
+                 for s in seeds if len(fid.get((regime, arm, s), {})) == len(draws)
+                 and len(fid.get((regime, "plain", s), {})) == len(draws)]
+        per_draw["mean_over_draws"] = t_interval(diffs) if diffs else None
+        result["paired_vs_plain"][f"{regime}/{arm}"] = per_draw
+    path = output.with_name(output.name + "_eval_noise.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for key, per_draw in result["paired_vs_plain"].items():
+        print(key)
+        for draw, ci in per_draw.items():
+            if ci:
+                print(f"  {draw:16s} n={ci['n']} dFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]")
+    for key, spread in result["checkpoint_spread"].items():
+        print(f"{key}: FID sd over the {len(draws)} draws, mean over {spread['checkpoints']} checkpoints: "
+              f"{spread['mean_sd_over_draws']:.3f}")
+    print(f"wrote {path}")
+    return result
+
+
 def base_metrics(regime: str, setup: dict, work: Path) -> dict:
     return evaluate(Path(setup["base"]), setup, regime, work, work / f"base-{regime}.json")
 
@@ -465,6 +541,9 @@ def main() -> None:
     parser.add_argument("--mechanism", action="store_true",
                         help="the mechanism study's controls (frozen D, per-sample GAN, equal compute), min pair "
                              "weights and the recipe arms; results in benchmarks/results/mechanism_study")
+    parser.add_argument("--eval_noise", action="store_true",
+                        help="with --mechanism: evaluate plain, sadm and plain-equal-compute again with two more "
+                             "sampling seeds and Euler 50 steps; results in <output>_eval_noise.json")
     parser.add_argument("--recommend", action="store_true",
                         help="SADM + SD-DiT 0.5, SD-DiT 0.5 and SADM vs plain in the transfer regime (full fine-tune); "
                              "results in benchmarks/results/recommend_study")
@@ -499,6 +578,13 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in arms)}")
     work, output = Path(args.work_dir), Path(args.output)
+    if args.eval_noise:
+        if not args.report_only:
+            jobs = [(r, a, s, d) for s in args.seeds for (r, a) in EVAL_NOISE_ARMS for d in EVAL_DRAWS]
+            with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                list(pool.map(lambda j: evaluate_draw(*j, work), jobs))
+        eval_noise_report(work, args.seeds, output)
+        return
     if args.report_only:
         result = write_report(work, arms, args.seeds, output)
         print_table(result)
