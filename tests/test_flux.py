@@ -13,6 +13,7 @@ from safetensors import safe_open
 from launch import tiny_run_args, train_in_process
 from sadm_finetune.cli import main
 from sadm_finetune.config import ModelConfig, build_config
+from sadm_finetune.errors import ConfigError
 from sadm_finetune.latents import encode
 from sadm_finetune.models.flux import FluxAdapter, pack, unpack
 from sadm_finetune.models.loading import load_family
@@ -110,6 +111,21 @@ def test_the_guidance_value_reaches_the_transformer_and_hooks_read_image_tokens(
                            torch.tensor([7.0, 7.0]))
     finally:
         adapter.config.guidance_scale = None
+
+
+def test_schnell_has_no_guidance_input_and_buckets_predict_on_their_grid(tmp_path):
+    schnell = load_family(ModelConfig(pretrained_model_name_or_path=str(
+        build_tiny_flux_pipeline(tmp_path / "schnell", guidance=False)), guidance_scale=3.5))
+    assert schnell.guidance_scale is None  # as the script: no guidance embedding, no value
+    batch = {"captions": [CAPTIONS[1]], "pixel_values": torch.zeros(1, 3, 32, 48)}
+    cond = schnell.conditioning(batch, CPU, torch.float32, drop=False)
+    assert "guidance" not in cond
+    x = torch.randn(1, 4, 8, 12)  # a 32x48 bucket: 4x6 tokens
+    with schnell.capture_hidden(schnell.denoiser, (1,)) as hidden:
+        out = schnell.predict(schnell.denoiser, x, torch.tensor([500.0]), cond).model_pred
+    assert out.shape == x.shape and hidden[1].shape == (1, 24, 32)
+    with pytest.raises(ConfigError, match="resolution: 36 is not a multiple"):
+        schnell.check_resolution(36)
 
 
 def test_refusals_are_one_line_before_loading(tiny_flux, tmp_path, capsys):
