@@ -141,7 +141,8 @@ def test_refusals_are_one_line_before_loading(tiny_flux, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lora_with_sadm_repa_buckets_and_cached_text_then_a_full_export_through_the_cli(tiny_flux, tmp_path):
+def test_lora_with_sadm_repa_buckets_and_cached_text_then_a_full_export_through_the_cli(tiny_flux, tmp_path,
+                                                                                        stock_diffusers):
     data = build_captioned_folder(tmp_path / "data")
     out = tmp_path / "lora"
     args = tiny_run_args(tiny_flux, data, out, steps=2) + [
@@ -176,6 +177,10 @@ def test_lora_with_sadm_repa_buckets_and_cached_text_then_a_full_export_through_
         "--resolution", "32", "--structure_weight", "0", "--validation_prompts", "a red square", "--report_to", "none"]
     proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = stock_diffusers.load(full, prompts=["a red square"], lora=out)  # a process without sadm_finetune
+    assert seen.get("error") is None, seen["error"]
+    assert seen["cls"] == "FluxPipeline" and not seen["sadm_finetune_imported"] and seen["finite"]
+    assert seen["shape"] == [1, 512, 512, 3] and seen["lora_change"] > 1e-3  # FluxPipeline's default size
     stock = DiffusionPipeline.from_pretrained(full)
     assert type(stock) is FluxPipeline and stock.transformer.config.guidance_embeds
     stock.set_progress_bar_config(disable=True)
