@@ -78,13 +78,11 @@ def test_dynamic_shift_from_the_token_count_and_x0_hat_of_a_perfect_prediction(t
     shifted = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / base - 1))
     torch.testing.assert_close(process.sigma(t), shifted)
     assert (process.sigma(t) > base).all()  # mu > 0 moves every sigma towards noise
-    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)  # the pipeline's sampling sigmas at that size
-    scheduler.set_timesteps(sigmas=[0.5], mu=mu)
     small = process.sample_timesteps(8, torch.Generator().manual_seed(0), CPU, (8, 4, 32, 32))
     assert (process.sigma(small) < process.sigma(t)).all()  # fewer tokens, less shift
-    expected = scheduler.sigmas[0]
-    process_half = process.scheduler.time_shift(mu, 1.0, torch.tensor([0.5]))
-    torch.testing.assert_close(process_half, expected.view(1))
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)  # the pipeline's own shift of a sampling sigma
+    scheduler.set_timesteps(sigmas=[0.5], mu=mu)
+    torch.testing.assert_close(process.scheduler.time_shift(mu, 1.0, torch.tensor([0.5])), scheduler.sigmas[:1])
     z0, eps = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
     x_t = process.add_noise(z0, eps, t)
     torch.testing.assert_close(process.x0_hat(eps - z0, x_t, t), z0, atol=1e-5, rtol=0)
