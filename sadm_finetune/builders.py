@@ -78,7 +78,8 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     t = config.training
     weight_dtype = weight_dtype_of(accelerator)
     denoiser = prepare_denoiser(config, adapter, accelerator.device, weight_dtype)
-    process = make_process(adapter.pipeline.scheduler.config, accelerator.device, config.flow_matching)
+    process = make_process(adapter.pipeline.scheduler.config, accelerator.device, config.flow_matching,
+                           adapter.latent_patch_size)
     terms = build_terms(config, adapter, process, accelerator.autocast)
     joint = {f"{term.name}.{name}": module for term in terms for name, module in term.joint_modules().items()}
     sharded = is_fsdp(accelerator)

@@ -69,6 +69,11 @@ class ModelConfig:
     caption_dropout_prob: float = _f(
         0.1, "Probability of replacing a caption by the empty prompt (classifier-free guidance training, text models)."
     )
+    guidance_scale: float | None = _f(
+        None, "Guidance-distilled Flux.1 (dev): the value fed to the transformer's guidance embedding during training, "
+        "as diffusers' train_dreambooth_lora_flux.py --guidance_scale (3.5, Flux's family default). Refused by other "
+        "families; ignored by a transformer without guidance_embeds (schnell), as that script does.",
+    )
     learned_sigma_loss: Literal["vlb", "ignore"] = _f(
         "vlb", "DiT learned-sigma channels: train them with DiT's variational-bound term, or leave them out."
     )
@@ -112,7 +117,7 @@ class ModelConfig:
         for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.1")
-        _positive(self, "lora_rank", "lora_alpha")
+        _positive(self, "lora_rank", "lora_alpha", "guidance_scale")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "is an empty list", "name at least one module, or leave it unset")
         if self.vae_revision is not None and self.pretrained_vae_model_name_or_path is None:

@@ -16,12 +16,15 @@ from .errors import SADMError
 # model_index.json `_class_name` -> {field: value}. Sources (docs/defaults.md has the lines):
 # diffusers examples/text_to_image/train_text_to_image.py, train_text_to_image_lora.py (SD 1.x/2.x) and
 # train_text_to_image_lora_sdxl.py (SDXL): --adam_weight_decay 1e-2; examples/dreambooth/train_dreambooth_lora_sd3.py:
-# --adam_weight_decay 1e-04, --weighting_scheme logit_normal, --precondition_outputs 1.
+# --adam_weight_decay 1e-04, --weighting_scheme logit_normal, --precondition_outputs 1;
+# examples/dreambooth/train_dreambooth_lora_flux.py: --adam_weight_decay 1e-04, --weighting_scheme none (uniform
+# timesteps, unweighted loss), --guidance_scale 3.5.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "StableDiffusionPipeline": {"adam_weight_decay": 1e-2},
     "StableDiffusionXLPipeline": {"adam_weight_decay": 1e-2},
     "StableDiffusion3Pipeline": {"adam_weight_decay": 1e-4, "weighting_scheme": "logit_normal",
                                  "precondition_outputs": True},
+    "FluxPipeline": {"adam_weight_decay": 1e-4, "guidance_scale": 3.5},  # weighting_scheme none: the generic default
 }
 
 

@@ -159,7 +159,7 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
                     if t.noise_offset:
                         noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
                                                                      generator=gen, device=device)
-                    timesteps = process.sample_timesteps(latents.shape[0], gen, device)
+                    timesteps = process.sample_timesteps(latents.shape[0], gen, device, latents.shape)
                     noisy_latents = process.add_noise(latents, noise, timesteps)
 
                     # 2. the denoiser's forward; the hidden states the terms read are hooked on the way

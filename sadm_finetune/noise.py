@@ -3,7 +3,8 @@
 One object per process, chosen from the pipeline's scheduler config (`make_process`), so the training loop
 and the loss terms never branch on it. Both processes answer the same calls:
 
-- `sample_timesteps(B, generator, device)`: the step's timesteps, drawn from the step's seeded generator;
+- `sample_timesteps(B, generator, device, latent_shape)`: the step's timesteps, drawn from the step's seeded
+  generator (`latent_shape`, (B, C, h, w), sets a dynamic shift's token count; the DDPM process ignores it);
 - `add_noise(z0, eps, t)`, `target(z0, eps, t)`, `x0_hat(pred, x_t, t)`;
 - `snr(t)`: the signal-to-noise ratio of each sample's noise level (SADM's noise-level weighting and
   Wiener filter);
@@ -41,12 +42,14 @@ def check_supported(name: str) -> None:
                           "FlowMatchEulerDiscreteScheduler one (Stable Diffusion 3 / 3.5)")
 
 
-def make_process(scheduler_config, device: torch.device | str, flow_options=None) -> "DDPMProcess | FlowMatchProcess":
-    """The process of the pipeline's scheduler. `flow_options`: the run's FlowMatchingConfig (defaults if None)."""
+def make_process(scheduler_config, device: torch.device | str, flow_options=None,
+                 latent_patch_size: int = 1) -> "DDPMProcess | FlowMatchProcess":
+    """The process of the pipeline's scheduler. `flow_options`: the run's FlowMatchingConfig (defaults if None);
+    `latent_patch_size`: latents per image-token side (the adapter's), for a dynamic shift's token count."""
     name = dict(scheduler_config).get("_class_name", "")
     check_supported(name)
     if name in FLOW_MATCH_SCHEDULERS:
-        return FlowMatchProcess(scheduler_config, device, flow_options)
+        return FlowMatchProcess(scheduler_config, device, flow_options, latent_patch_size)
     return DDPMProcess(scheduler_config, device)
 
 
@@ -78,7 +81,8 @@ class DDPMProcess:
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         self.betas = self.scheduler.betas
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device,
+                         latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -122,12 +126,18 @@ class FlowMatchProcess:
     prediction converted to clean latents, x0_hat = x_t - sigma v_hat, with the latents. Since
     x0_hat - x0 = -sigma (v_hat - (eps - x0)), that is the velocity loss weighted by sigma^2, which is how it is
     computed (the same value without the cancellation x_t - x0 suffers at small sigma); `target` stays the velocity
-    and `x0_hat` means the same in both modes, so the loss terms (SADM) see the same x0_hat either way."""
+    and `x0_hat` means the same in both modes, so the loss terms (SADM) see the same x0_hat either way.
+
+    A scheduler with `use_dynamic_shifting` (Flux.1) holds unshifted sigmas; its pipeline shifts them per image at
+    sampling, `time_shift(mu, 1, sigma)` with mu = `calculate_shift(image tokens)` (pipeline_flux.py). Training
+    does the same: the drawn index picks the unshifted sigma, which is shifted with the batch's mu (its latent
+    grid over `latent_patch_size`^2), and the timestep is sigma * N, as the pipeline's own timesteps are; `sigma(t)`
+    is then t / N. (diffusers' train_dreambooth_lora_flux.py draws the unshifted sigmas: docs/defaults.md.)"""
 
     prediction_type = "flow_matching"
     betas = None  # no variance schedule: DiT's learned-sigma bound does not apply
 
-    def __init__(self, scheduler_config, device: torch.device | str, options=None) -> None:
+    def __init__(self, scheduler_config, device: torch.device | str, options=None, latent_patch_size: int = 1) -> None:
         from .flow_config import FlowMatchingConfig
 
         self.options = options or FlowMatchingConfig()
@@ -135,17 +145,38 @@ class FlowMatchProcess:
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.timesteps = self.scheduler.timesteps.to(device)  # (N,) descending, float32
         self.sigmas = self.scheduler.sigmas[:self.num_train_timesteps].to(device)  # sigmas[i] <-> timesteps[i]
+        self.dynamic_shift = bool(self.scheduler.config.use_dynamic_shifting)
+        self.latent_patch_size = latent_patch_size
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def mu(self, latent_shape: tuple[int, ...]) -> float:
+        """The pipeline's dynamic shift for images of `latent_shape` (B, C, h, w): `calculate_shift` of its token
+        count with the scheduler's settings, as FluxPipeline.__call__ computes it."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.scheduler.config
+        tokens = (latent_shape[-2] // self.latent_patch_size) * (latent_shape[-1] // self.latent_patch_size)
+        return calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device,
+                         latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         o = self.options
         u = compute_density_for_timestep_sampling(o.weighting_scheme, batch_size, o.logit_mean, o.logit_std,
                                                   o.mode_scale, device=device, generator=generator)
         # u = 1 (possible under "mode") would index past the end: clamp to the last timestep.
         indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
-        return self.timesteps.to(device)[indices]
+        if not self.dynamic_shift:
+            return self.timesteps.to(device)[indices]
+        if latent_shape is None:
+            raise ValueError("a dynamically shifted schedule needs the latents' shape for its shift")
+        sigmas = self.scheduler.time_shift(self.mu(latent_shape), 1.0, self.sigmas.to(device)[indices])
+        return sigmas * self.num_train_timesteps
 
     def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """(B,) sigma of each timestep, looked up in the schedule (no host sync; exact for its own timesteps)."""
+        """(B,) sigma of each timestep, looked up in the schedule (no host sync; exact for its own timesteps); t / N
+        for a dynamically shifted schedule (whose timesteps are sigma * N, off the unshifted table)."""
+        if self.dynamic_shift:
+            return timesteps.float() / self.num_train_timesteps
         schedule = self.timesteps.to(timesteps.device)
         index = (schedule[None, :] == timesteps.float()[:, None]).int().argmax(dim=1)
         return self.sigmas.to(timesteps.device)[index]

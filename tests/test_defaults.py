@@ -32,6 +32,7 @@ def test_the_table_names_real_pipelines_and_fields_and_changes_something():
             assert value != field_default(index[name][1]), (class_name, name)  # not a copy of the generic default
     assert FAMILY_DEFAULTS["StableDiffusion3Pipeline"] == {  # train_dreambooth_lora_sd3.py's defaults
         "adam_weight_decay": 1e-4, "weighting_scheme": "logit_normal", "precondition_outputs": True}
+    assert FAMILY_DEFAULTS["FluxPipeline"] == {"adam_weight_decay": 1e-4, "guidance_scale": 3.5}  # ..._flux.py's
 
 
 @pytest.mark.parametrize("class_name", sorted(FAMILY_DEFAULTS))

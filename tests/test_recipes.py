@@ -18,7 +18,7 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
     assert {"dit-xl-2-256-imagenet.yaml", "dit-xl-2-256-lora.yaml", "sd15-lora.yaml", "sdxl-lora.yaml",
-            "pixart-sigma-lora.yaml", "sd35-medium-lora.yaml", "sdxl-dreambooth-lora.yaml"} <= names
+            "pixart-sigma-lora.yaml", "sd35-medium-lora.yaml", "sdxl-dreambooth-lora.yaml", "flux-dev-lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -67,7 +67,14 @@ def test_recipe_intent():
     assert sd35["weighting_scheme"] == "logit_normal" and "snr_gamma" not in sd35  # flow matching, not DDPM
     assert sd35["precondition_outputs"] is True  # the SD3 script's defaults, written out
     assert sd35["cache_latents"] and sd35["cache_text_embeddings"] and sd35["gradient_checkpointing"]
-    for recipe in (dit, dit_lora, sd, sdxl, pixart, sd35):  # precision belongs to `accelerate launch`, not to a recipe
+    flux = load_yaml(ROOT / "configs" / "flux-dev-lora.yaml")
+    assert flux["pretrained_model_name_or_path"] == "black-forest-labs/FLUX.1-dev"
+    assert flux["trainable"] == "lora" and flux["resolution"] == 1024 and flux["lora_rank"] == 16
+    assert flux["learning_rate"] == 1e-4 and flux["adam_weight_decay"] == 1e-4 and flux["guidance_scale"] == 3.5
+    assert flux["weighting_scheme"] == "none" and "precondition_outputs" not in flux  # the Flux script's defaults
+    assert flux["cache_latents"] and flux["cache_text_embeddings"] and flux["gradient_checkpointing"]
+    assert flux["aspect_ratio_buckets"] and flux["train_batch_size"] >= 2
+    for recipe in (dit, dit_lora, sd, sdxl, pixart, sd35, flux):  # precision belongs to `accelerate launch`, not to a recipe
         assert "mixed_precision" not in recipe
 
 

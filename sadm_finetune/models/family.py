@@ -93,6 +93,8 @@ class FamilyAdapter(ABC):
     flow_matching: bool = False  # trained with flow matching (noise.FlowMatchProcess), not the DDPM process
     vae_fp32_under_bf16: bool = False  # the family's script keeps the VAE fp32 under bf16 too (vae.vae_dtype)
     hidden_output_index: int = 0  # which element of a feature block's tuple output is the image's hidden states
+    latent_patch_size: int = 1  # latents per image-token side (Flux packs 2x2): a dynamic shift's token count
+    guidance_embedding: bool = False  # the family has guidance-distilled denoisers (Flux.1-dev): --guidance_scale
 
     def __init__(self, pipeline: DiffusionPipeline, config: ModelConfig) -> None:
         self.pipeline = pipeline
@@ -143,7 +145,12 @@ class FamilyAdapter(ABC):
 
     @classmethod
     def check_process_options(cls, config: RunConfig) -> None:
-        """The flow-matching options need a flow-matching family (checked before any weights load)."""
+        """The flow-matching options need a flow-matching family, --guidance_scale a guidance-distilled one (checked
+        before any weights load)."""
+        if not cls.guidance_embedding and config.model.guidance_scale is not None:
+            raise ConfigError("guidance_scale", f"is the guidance embedding's value of guidance-distilled models "
+                              f"(Flux.1-dev) and the {cls.family} family has none", "drop --guidance_scale "
+                              "(validation grids: --validation_guidance_scale)")
         scheme = config.flow_matching.weighting_scheme
         if not cls.flow_matching and scheme != "none":
             raise ConfigError("weighting_scheme", f"{scheme} is a flow-matching option and the {cls.family} family "

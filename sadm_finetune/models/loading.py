@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from ..errors import InputError, first_line
 from .dit import DiTAdapter
 from .family import FamilyAdapter
+from .flux import FluxAdapter
 from .index import read_pipeline_index
 from .pixart import PixArtAdapter
 from .sd import StableDiffusionAdapter
@@ -18,7 +19,7 @@ from .sdxl import StableDiffusionXLAdapter
 from .vae import load_separate_vae
 
 FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter,
-                                              PixArtAdapter, StableDiffusion3Adapter)
+                                              PixArtAdapter, StableDiffusion3Adapter, FluxAdapter)
 
 
 def _supported() -> str:
