@@ -441,6 +441,14 @@ class CaptionedFamily:
     def resolved_conditions(self, conditions: list[str] | None) -> list[str]:
         return list(conditions or self.default_prompts or [""])
 
+    def prompt_rows(self, pipeline: Any, conditions: list[str] | None, num_per_row: int) -> list[dict[str, Any]]:
+        """The validation grid's rows as pipeline-call kwargs: the prompts, or their cached embeddings when the
+        text encoders were released after caching (`cached_text_inputs`)."""
+        prompts = self.resolved_conditions(conditions)
+        if pipeline.text_encoder is None:
+            return [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
+        return [{"prompt": [prompt] * num_per_row} for prompt in prompts]
+
     def example_call(self, condition: str, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
         return (f"image = pipe({json.dumps(condition, ensure_ascii=False)}, num_inference_steps={num_inference_steps}, "
                 f"guidance_scale={guidance_scale}, generator=torch.manual_seed({seed})).images[0]")

@@ -117,11 +117,7 @@ class FluxAdapter(StableDiffusionAdapter):
 
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
-        prompts = self.resolved_conditions(conditions)
-        if pipeline.text_encoder is None:  # released after caching: the cached embeddings stand in for the prompts
-            rows = [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
-        else:
-            rows = [{"prompt": [prompt] * num_per_row} for prompt in prompts]
+        rows = self.prompt_rows(pipeline, conditions, num_per_row)
         # At the trained size (FluxPipeline's default is 1024 px whatever the run trained), T5 as in training.
         size = getattr(self, "resolution", None) or self.default_resolution()
         fixed = {"height": size, "width": size, "max_sequence_length": self.t5_length}

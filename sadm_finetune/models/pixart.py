@@ -147,11 +147,7 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
 
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
-        prompts = self.resolved_conditions(conditions)
-        if pipeline.text_encoder is None:  # released after caching: the cached embeddings stand in for the prompts
-            rows = [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
-        else:
-            rows = [{"prompt": [prompt] * num_per_row} for prompt in prompts]
+        rows = self.prompt_rows(pipeline, conditions, num_per_row)
         # At the trained size (binning would move it to the base's bins), encoded as in training (no cleaning).
         size = self.resolution or self.default_resolution()
         fixed = {"height": size, "width": size, "use_resolution_binning": False, "clean_caption": False,

@@ -119,11 +119,7 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
 
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
-        prompts = self.resolved_conditions(conditions)
-        if pipeline.text_encoder is None:  # released after caching: the cached embeddings stand in for the prompts
-            rows = [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
-        else:
-            rows = [{"prompt": [prompt] * num_per_row} for prompt in prompts]
+        rows = self.prompt_rows(pipeline, conditions, num_per_row)
         return self._sample_rows(pipeline, rows, num_inference_steps, guidance_scale, seed)
 
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
