@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from .builders import build_run, log_summary, make_accelerator, tracker_config, weight_dtype_of
@@ -25,8 +24,6 @@ from .loader import build_train_dataloader
 from .terms import check_terms
 from .text_cache import build_text_cache, prompts_to_cache
 from .validation import validate
-
-logger = get_logger(__name__)
 
 
 def check_output_dir(config: RunConfig) -> Path:

@@ -22,6 +22,12 @@ def test_a_demo_run_prints_no_known_third_party_noise(demo_run):
     for line in NOISE:
         assert line not in proc.stderr, proc.stderr[-3000:]
     assert "Saved the fine-tuned pipeline" in proc.stdout and "SADM: lambda" in proc.stdout  # our own output stays
+    # No warning about the toolkit's own defaults (the default D is 26% of the tiny demo DiT: a summary fact), and
+    # no "[RANK 0]" prefix in a single-process run; the launcher's own warning about unset options is gone too.
+    assert "% of the denoiser; --disc_width / --disc_depth set its size)" in proc.stdout
+    assert "structure discriminator has" not in proc.stderr
+    assert "[RANK 0]" not in proc.stdout + proc.stderr
+    assert "were not passed to `accelerate launch`" not in proc.stderr
 
 
 def _passes(logger_name: str, message: str) -> bool:
