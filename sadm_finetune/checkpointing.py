@@ -31,15 +31,21 @@ class TrainState:
         self.global_step = 0  # denoiser updates done (skipped non-finite ones included)
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of `epoch` already consumed
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0  # steps in a row with a hard failure of any update (the denoiser's or a term's)
+        self.nonfinite_total = 0  # skipped denoiser updates
+        self.term_nonfinite: dict[str, int] = {}  # skipped updates of a term's modules, by tracker tag
 
     def state_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+        state = {k: v for k, v in vars(self).items() if k != "term_nonfinite"}
+        return {**state, **self.term_nonfinite}  # flat: nonfinite_discriminator_updates beside global_step
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.term_nonfinite = {}
         for key, value in state.items():
-            setattr(self, key, int(value))
+            if key.startswith("nonfinite_") and key.endswith("_updates"):
+                self.term_nonfinite[key] = int(value)
+            else:
+                setattr(self, key, int(value))
 
 
 _STATE_KEY = "sadm_state"  # safetensors metadata key holding the JSON skeleton of a state dict
