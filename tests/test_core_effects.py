@@ -162,3 +162,48 @@ def test_the_export_is_the_ema_of_the_weights(sadm_runs):
     moved = max((w - s).abs().max().item() for w, s in zip(a.weights[-1], shadow))
     assert moved > 1e-4  # the raw weights are measurably not the EMA
 
+
+
+def test_lora_scaling_alpha_over_rank_holds_in_every_exported_file(tmp_path, monkeypatch):
+    """SD LoRA with alpha 8 != rank 4 (scale 2): stock diffusers' `load_lora_weights` of the diffusers-format file,
+    and of the kohya file, and the merged export where one is written, each give the trained model's own output.
+    Mutations: the file's metadata alpha = rank (stock loading applies half the update), the kohya `.alpha` = rank,
+    alpha ignored when merging."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    import sadm_finetune.training as training
+    from sadm_finetune.models.kohya import KOHYA_WEIGHT_NAME
+    from tiny_sd import build_captioned_folder, build_tiny_sd_pipeline
+
+    base = build_tiny_sd_pipeline(tmp_path / "base")
+    data = build_captioned_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    runs, real = [], training.train_loop
+    monkeypatch.setattr(training, "train_loop", lambda run, *rest: runs.append(run) or real(run, *rest))
+    proc = train_in_process(tiny_run_args(base, data, out, steps=1) + [
+        "--trainable", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+        "--lora_export_format", "kohya", "--structure_weight", "0", "--report_to", "none"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = runs[0].unwrapped_denoiser.eval()
+    assert {m.scaling["default"] for m in trained.modules() if hasattr(m, "scaling")} == {2.0}  # alpha / r
+
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 600]), torch.randn(2, 16, 32, generator=g))
+
+    def output(unet):
+        with torch.no_grad():
+            return unet.eval()(*inputs).sample
+
+    expected = output(trained)
+    change = (expected - output(StableDiffusionPipeline.from_pretrained(base).unet)).abs().max().item()
+    assert change > 1e-3, change  # the LoRA's update is far above the tolerance below: half of it would show
+    seen = {}
+    for weight_name in ("pytorch_lora_weights.safetensors", KOHYA_WEIGHT_NAME):
+        pipe = StableDiffusionPipeline.from_pretrained(base)
+        pipe.load_lora_weights(out, weight_name=weight_name)
+        seen[weight_name] = output(pipe.unet)
+    if (out / "model_index.json").is_file():  # the merged pipeline, where the run writes one
+        seen["merged export"] = output(DiffusionPipeline.from_pretrained(out).unet)
+    for name, got in seen.items():
+        gap = (got - expected).abs().max().item()
+        assert gap < 2e-5 * max(1.0, change), (name, gap, change)
