@@ -156,7 +156,7 @@ def test_an_unsupported_pipeline_class_names_every_supported_one():
         assert supported in message.split("use one of:")[1]
 
 
-def test_a_run_stopped_by_bad_data_before_training_does_not_block_its_corrected_rerun(world, tmp_path, capsys):
+def test_a_run_stopped_by_bad_data_before_training_does_not_block_its_corrected_rerun(world, tmp_path, capsys, caplog):
     """An unreadable image met in the first batch stops the run after it has started writing (training_config.yaml,
     logs/); the corrected rerun goes into the same folder without --overwrite_output_dir, and says so. With a file
     of the user's beside those leftovers the folder is still refused, and nothing in it is touched."""
@@ -183,9 +183,14 @@ def test_a_run_stopped_by_bad_data_before_training_does_not_block_its_corrected_
     assert (mine / "notes.txt").read_text() == "keep me"
 
     bad.write_bytes(good)  # the fix, then the same command
+    caplog.clear()
     assert main(args) == 0
     captured = capsys.readouterr()
     assert f"output_dir: {out} holds only what a run that stopped before its first update left" in captured.out
+    # The default D is large beside this tiny DiT: a fact of the run summary, not a warning with a "[RANK 0]" prefix.
+    assert "% of the denoiser; --disc_width / --disc_depth set its size)" in captured.out
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("sadm_finetune")]
+    assert not [m for m in ours if "[RANK" in m or "structure discriminator has" in m], ours
     assert (out / "model_index.json").is_file()
     from sadm_finetune.output_dir import MARKER
 
