@@ -2,6 +2,7 @@
 
 import sys
 
+import sadm_finetune.cpu_wait  # noqa: F401  (first: OMP_WAIT_POLICY=PASSIVE unless set, before torch loads)
 from sadm_finetune.cli import main
 
 if __name__ == "__main__":

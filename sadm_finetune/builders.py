@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
 from .checkpointing import CheckpointState
@@ -20,7 +20,8 @@ from .models import lora
 from .noise import make_process
 from .terms import build_terms
 
-logger = get_logger(__name__)
+# The standard logger, not accelerate's: its records carry a "[RANK 0]" prefix even in a single process.
+logger = logging.getLogger(__name__)
 
 
 def make_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
@@ -182,11 +183,10 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
     disc = next((term.unwrapped_disc for term in run.terms if term.name == "sadm"), None)
     if disc is not None:
         ratio = count(disc) / max(1, count(denoiser))
+        # Information, not a warning: the default D is a few % of a tiny model and far below 1% of a real one.
+        hint = "; --disc_width / --disc_depth set its size" if ratio > 0.1 else ""
         lines.append(f"SADM: lambda {config.sadm.structure_weight}, discriminator {count(disc) / 1e6:.3f} M parameters "
-                     f"({100 * ratio:.1f}% of the denoiser)")
-        if ratio > 0.1:
-            logger.warning("the structure discriminator has %.0f%% of the denoiser's parameters; consider a smaller "
-                           "--disc_width / --disc_depth", 100 * ratio, main_process_only=True)
+                     f"({100 * ratio:.1f}% of the denoiser{hint})")
     else:
         lines.append("SADM: off (structure_weight 0): plain fine-tune")
     repa = next((term for term in run.terms if term.name == "repa"), None)
@@ -201,6 +201,7 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
         lines.append(f"SD-DiT: lambda {d.sddit_weight}, encoder = the first {d.sddit_encoder_depth} blocks, "
                      f"{d.sddit_loss} loss, head {count(sddit.student_head) / 1e6:.3f} M parameters, teacher EMA "
                      f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else ""))
-    for line in lines:
-        logger.info(line, main_process_only=True)
-        accelerator.print(line)
+    if accelerator.is_main_process:
+        for line in lines:
+            logger.info(line)
+            accelerator.print(line)

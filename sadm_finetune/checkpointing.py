@@ -7,6 +7,7 @@ accelerate's files as JSON and safetensors, never pickled: resuming never unpick
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -18,7 +19,8 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import InputError
+from .distributed import any_rank
+from .errors import InputError, SADMError, first_line
 from .fsutil import move_into_place
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -31,15 +33,21 @@ class TrainState:
         self.global_step = 0  # denoiser updates done (skipped non-finite ones included)
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of `epoch` already consumed
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0  # steps in a row with a hard failure of any update (the denoiser's or a term's)
+        self.nonfinite_total = 0  # skipped denoiser updates
+        self.term_nonfinite: dict[str, int] = {}  # skipped updates of a term's modules, by tracker tag
 
     def state_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+        state = {k: v for k, v in vars(self).items() if k != "term_nonfinite"}
+        return {**state, **self.term_nonfinite}  # flat: nonfinite_discriminator_updates beside global_step
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.term_nonfinite = {}
         for key, value in state.items():
-            setattr(self, key, int(value))
+            if key.startswith("nonfinite_") and key.endswith("_updates"):
+                self.term_nonfinite[key] = int(value)
+            else:
+                setattr(self, key, int(value))
 
 
 _STATE_KEY = "sadm_state"  # safetensors metadata key holding the JSON skeleton of a state dict
@@ -188,7 +196,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     """All ranks write into a temporary folder; the main process adds the project's `state`, renames
     the folder into place, then rotates.
 
-    A crash mid-write leaves only a `.tmp-` folder, which `latest` never picks up.
+    A crash mid-write leaves only a `.tmp-` folder, which `latest` never picks up. A write that fails (on
+    any rank: the ranks agree on it instead of waiting at a barrier) removes the partial folder, leaves the
+    earlier checkpoints as they were, and a full disk ends the run with one line (`disk_full_message`).
     """
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step}"
@@ -198,14 +208,114 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    failure = _attempt(lambda: accelerator.save_state(str(tmp)))
+    if any_rank(failure is not None, accelerator.device):  # also the barrier after every rank's write
+        _failed(accelerator, output_dir, tmp, final, state, failure)
     if accelerator.is_main_process:
-        if state is not None:
-            state.save(tmp)
-        move_into_place(tmp, final)  # the same step saved again (e.g. a resumed run) is replaced
-        if total_limit is not None:
-            for stale in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
+        failure = _attempt(lambda: _finish_write(output_dir, tmp, final, total_limit, state))
+    if any_rank(failure is not None, accelerator.device):
+        _failed(accelerator, output_dir, tmp, final, state, failure)
     return final
+
+
+def _finish_write(output_dir: str | Path, tmp: Path, final: Path, total_limit: int | None,
+                  state: CheckpointState | None) -> None:
+    if state is not None:
+        state.save(tmp)
+    move_into_place(tmp, final)  # the same step saved again (e.g. a resumed run) is replaced
+    if total_limit is not None:
+        for stale in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(stale)
+
+
+def _attempt(write) -> BaseException | None:
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 (handled by _failed on every rank)
+        return e
+    return None
+
+
+# What a full disk looks like from each writer: OSError from Python's own writes (JSON), torch.save's
+# "[enforce fail at inline_container.cc:...] . unexpected pos ..." / "PytorchStreamWriter failed writing
+# file ...", and safetensors' "IoError(Os { code: 28, kind: StorageFull, ... })".
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FULL_TEXT = ("unexpected pos", "PytorchStreamWriter failed", "No space left on device", "StorageFull",
+                   "Disk quota exceeded", "code: 28,")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _failed(accelerator: Accelerator, output_dir: str | Path, tmp: Path, final: Path,
+            state: CheckpointState | None, failure: BaseException | None) -> None:
+    """Every rank: the partial folder goes (main process), then this rank's error, one line for a full disk."""
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if failure is None:
+        raise SADMError(f"checkpoint: another process failed to write {final.name} (its error is above); "
+                        f"{tmp.name} was removed, the earlier checkpoints are intact")
+    if is_disk_full(failure):
+        raise SADMError(disk_full_message(accelerator, output_dir, final, state, failure)) from None
+    raise failure
+
+
+def disk_full_message(accelerator: Accelerator, output_dir: str | Path, final: Path, state: CheckpointState | None,
+                      failure: BaseException) -> str:
+    root = checkpoints_dir(output_dir)
+    earlier = list_checkpoints(output_dir)
+    if earlier:
+        need = f"about {_human(folder_bytes(earlier[-1]))} (the size of {earlier[-1].name})"
+        kept = f"the earlier checkpoints are intact (latest {earlier[-1].name}: --resume_from_checkpoint latest)"
+    else:
+        need = f"about {_human(estimate_checkpoint_bytes(accelerator, state))} (estimated from the weights and " \
+               "optimizer state it holds)"
+        kept = "no earlier checkpoint exists"
+    try:
+        free = f"{_human(shutil.disk_usage(root).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return (f"checkpoint: the disk is full: writing {final.name} into {root} failed ({first_line(failure)}; "
+            f"{free}); a checkpoint needs {need}. The partial {final.name} was removed and {kept}; free space, "
+            "keep fewer checkpoints with --checkpoints_total_limit N, or pass another --output_dir")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _tensor_bytes(value: Any) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def estimate_checkpoint_bytes(accelerator: Accelerator, state: CheckpointState | None) -> int:
+    """What `save_checkpoint` writes, from the tensors in memory: the prepared models' trainable weights (a LoRA
+    checkpoint holds only the adapters), every optimizer's state, and the project's own state (EMA, ...)."""
+    total = sum(_tensor_bytes([p for p in model.parameters() if p.requires_grad]) for model in accelerator._models)
+    total += sum(_tensor_bytes(optimizer.state_dict()["state"]) for optimizer in accelerator._optimizers)
+    if state is not None:
+        total += sum(_tensor_bytes(obj.state_dict()) for obj in state.objects.values())
+    return total
+
+
+def _human(num_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"

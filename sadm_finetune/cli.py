@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import cpu_wait  # noqa: F401  (first: OMP_WAIT_POLICY before anything imports torch)
+
 import argparse
 import sys
 from typing import Any

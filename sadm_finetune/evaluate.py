@@ -9,6 +9,8 @@ share of samples classified as the class they were drawn for. Batch ``i`` is sam
 
 from __future__ import annotations
 
+from . import cpu_wait  # noqa: F401  (first: OMP_WAIT_POLICY before anything imports torch)
+
 import argparse
 import inspect
 import json

@@ -196,29 +196,37 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
                     if not acc.sync_gradients:
                         continue  # mid-accumulation
 
-                    # 4. the denoiser's update and EMA, then each term's own phase (only after an applied update)
+                    # 4. the denoiser's update and EMA, then each term's own phase (only after an applied update).
+                    # A term's skipped update (SADM's D) is the term's: counted under its own key, never as a
+                    # skipped denoiser update, and the later terms still run their phases.
                     result = apply_update(acc, run.optimizer, run.lr_scheduler, loss, run.trainable_parameters,
                                           t.max_grad_norm)
                     logs["grad_norm_g"] = result.grad_norm
                     applied, hard_failure = result.applied, result.hard_failure
                     if applied and run.ema is not None:
                         run.ema.step(run.ema_parameters())
-                    for term in run.terms:
-                        if not applied:
-                            break
+                    skipped_terms = []
+                    for term in run.terms if applied else ():
                         term_logs, phase = term.phase(ctx, update)
                         logs.update(term_logs)
-                        if phase is not None:  # the term updated its own modules
-                            applied, hard_failure = phase.applied, hard_failure or phase.hard_failure
+                        if phase is not None and not phase.applied:  # the term's own update was skipped
+                            skipped_terms.append(term.nonfinite_key)
+                            hard_failure = hard_failure or phase.hard_failure
 
-                # 5. counters, logs (one device-to-host copy for all tensors), checkpoints, the stop
+                # 5. counters, logs (one device-to-host copy for all tensors), checkpoints, the stop.
+                # max_nonfinite_steps counts steps in a row with a hard failure of any update, the denoiser's or
+                # a term's: a D whose every update is skipped stays frozen, which the run must not hide.
                 state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if hard_failure else 0
                 state.nonfinite_total += 0 if applied else 1
+                for key in skipped_terms:
+                    state.term_nonfinite[key] = state.term_nonfinite.get(key, 0) + 1
                 state.global_step += 1
                 tensors = {k: v for k, v in logs.items() if torch.is_tensor(v)}
                 values = torch.stack([v.detach().float().to(device) for v in tensors.values()]).tolist()
                 logs.update(zip(tensors, values), lr=run.lr_scheduler.get_last_lr()[0],
                             nonfinite_updates=float(state.nonfinite_total))
+                logs.update({term.nonfinite_key: float(state.term_nonfinite.get(term.nonfinite_key, 0))
+                             for term in run.terms if term.modules()})
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss_diffusion']:.4f}")
                 acc.log(logs, step=state.global_step)

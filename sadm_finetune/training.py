@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from .builders import build_run, log_summary, make_accelerator, tracker_config, weight_dtype_of
@@ -17,9 +16,10 @@ from .checkpointing import (TrainState, checkpoints_dir, list_checkpoints, load_
 from .config import RunConfig, save_config
 from .data import open_train_data
 from .distributed import gathered_copy, is_fsdp
-from .errors import ConfigError, InputError, SADMError
+from .errors import ConfigError, SADMError
 from .finish import check_replicas, end_training, export_run
 from .loop import Run, train_loop
+from .output_dir import StartMarker, check_output_dir as output_dir_check
 from .models.loading import family_class, load_family
 from .prior import check_personalization, ensure_class_images, open_class_data
 from .loader import build_train_dataloader
@@ -27,34 +27,10 @@ from .terms import check_terms
 from .text_cache import build_text_cache, prompts_to_cache
 from .validation import validate
 
-logger = get_logger(__name__)
-
 
 def check_output_dir(config: RunConfig) -> Path:
-    """Never write into a user's non-empty folder unless told to (or resuming in it)."""
-    out = Path(config.training.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output_dir: {out} is a file; pass a folder path")
-    t = config.training
-    busy = out.is_dir() and any(out.iterdir())
-    if not busy or t.overwrite_output_dir:
-        return out
-    found = list_checkpoints(out)
-    what = "a finished export (model_index.json)" if (out / "model_index.json").exists() else "files"
-    if not t.resume_from_checkpoint:
-        resume = "--resume_from_checkpoint latest to continue it, " if found else ""
-        raise InputError(
-            f"output_dir: {out} exists and is not empty (it holds {what}); pass --overwrite_output_dir to write into "
-            f"it, {resume}or another --output_dir"
-        )
-    if t.resume_from_checkpoint == "latest" and not found:
-        # Training from step 0 here would overwrite what the folder holds (e.g. a finished run's export).
-        raise InputError(
-            f"resume_from_checkpoint: no checkpoint found in {checkpoints_dir(out)}, so there is nothing to resume, "
-            f"and {out} holds {what} that a fresh run would overwrite; pass --overwrite_output_dir to train from "
-            "step 0 into it, or another --output_dir"
-        )
-    return out
+    """Never write into a user's non-empty folder unless told to (or resuming in it); output_dir.py."""
+    return output_dir_check(config)[0]
 
 
 def place_frozen_modules(adapter, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -75,7 +51,7 @@ class RunSummary:
 
 def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     t = config.training
-    output_dir = check_output_dir(config)
+    output_dir, leftovers = output_dir_check(config)
     family = family_class(config.model)  # reads model_index.json only
     family.check_config(config)
     family.check_process_options(config)
@@ -129,8 +105,13 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
         load_checkpoint(accelerator, resume_path, saved)
         accelerator.print(f"Resumed from {resume_path} at step {state.global_step}")
 
+    marker = StartMarker(output_dir, t.logging_dir)
+    if leftovers:
+        accelerator.print(f"output_dir: {output_dir} holds only what a run that stopped before its first update left "
+                          f"({', '.join(leftovers)}); writing into it")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        marker.write()  # removed after the first applied update: until then the folder never blocks a rerun
         save_config(config, output_dir / "training_config.yaml")
         accelerator.init_trackers("sadm-finetune", config=tracker_config(config))
     log_summary(accelerator, config, data, run, resolution, global_batch)
@@ -139,7 +120,11 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
                           f"{config.dreambooth.prior_loss_weight}; each batch {t.train_batch_size} instance + "
                           f"{t.train_batch_size} class samples")
 
-    stopped_early = train_loop(run, dataloader, dataset, state, lambda s: _on_update(run, s, saved, output_dir))
+    def on_update(s: TrainState) -> None:
+        marker.clear_after_update(s.global_step, s.nonfinite_total)
+        _on_update(run, s, saved, output_dir)
+
+    stopped_early = train_loop(run, dataloader, dataset, state, on_update)
     if stopped_early:
         path = save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit, saved)
         accelerator.print(f"Stopped by signal at step {state.global_step}; checkpoint saved to {path}. Resume with the "
@@ -154,6 +139,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     gathered = gathered_copy(accelerator, run.denoiser) if is_fsdp(accelerator) else None
     if accelerator.is_main_process:
         export_run(run, data, output_dir, state, argv, gathered)
+        marker.clear()
     del gathered
     end_training(accelerator)
     return RunSummary(output_dir, state.global_step, False)
@@ -165,9 +151,12 @@ def _on_update(run: Run, state: TrainState, saved, output_dir: Path) -> None:
     if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
         last = list_checkpoints(output_dir)
         where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        skipped = ", ".join([f"nonfinite_updates {state.nonfinite_total}",
+                             *(f"{k} {v}" for k, v in sorted(state.term_nonfinite.items()))])
         raise SADMError(
             f"max_nonfinite_steps: {state.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
-            f"(step {state.global_step}); {where}. Lower --learning_rate / --structure_weight or use bf16 instead of fp16"
+            f"(step {state.global_step}; skipped so far: {skipped}); {where}. Lower --learning_rate / "
+            "--disc_learning_rate / --structure_weight or use bf16 instead of fp16"
         )
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
         save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit, saved)

@@ -154,3 +154,45 @@ def test_an_unsupported_pipeline_class_names_every_supported_one():
     for supported in ("DiTPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
                       "StableDiffusion3Pipeline", "PixArtSigmaPipeline", "FluxPipeline"):
         assert supported in message.split("use one of:")[1]
+
+
+def test_a_run_stopped_by_bad_data_before_training_does_not_block_its_corrected_rerun(world, tmp_path, capsys, caplog):
+    """An unreadable image met in the first batch stops the run after it has started writing (training_config.yaml,
+    logs/); the corrected rerun goes into the same folder without --overwrite_output_dir, and says so. With a file
+    of the user's beside those leftovers the folder is still refused, and nothing in it is touched."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    bad = sorted((data / "cat").glob("*.png"))[0]
+    good = bad.read_bytes()
+    bad.write_bytes(good[:60])  # a truncated PNG: its header reads, its pixels do not
+    out = tmp_path / "out"
+    args = replace(replace(ok_args(world, out), "--train_data_dir", str(data)), "--report_to", "tensorboard")
+    args = replace(args, "--train_batch_size", "6")  # the whole data set in the first batch
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and bad.name in err, err[-2000:]
+    leftovers = sorted(p.name for p in out.iterdir())
+    assert {"training_config.yaml", "logs"} <= set(leftovers), leftovers
+
+    mine = tmp_path / "mine"  # the same leftovers beside a file of the user's: refused, untouched
+    shutil.copytree(out, mine)
+    (mine / "notes.txt").write_text("keep me")
+    assert main(replace(args, "--output_dir", str(mine))) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == sorted([*leftovers, "notes.txt"])
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+    bad.write_bytes(good)  # the fix, then the same command
+    caplog.clear()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert f"output_dir: {out} holds only what a run that stopped before its first update left" in captured.out
+    # The default D is large beside this tiny DiT: a fact of the run summary, not a warning with a "[RANK 0]" prefix.
+    assert "% of the denoiser; --disc_width / --disc_depth set its size)" in captured.out
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("sadm_finetune")]
+    assert not [m for m in ours if "[RANK" in m or "structure discriminator has" in m], ours
+    assert (out / "model_index.json").is_file()
+    from sadm_finetune.output_dir import MARKER
+
+    assert not (out / MARKER).exists()  # a trained folder is protected again: the next run is refused
+    assert main(args) == 2 and "--overwrite_output_dir" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Every recipe in configs/ resolves (dry run); option checks that must fail before any model loads."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,33 @@ def test_xformers_without_cuda_is_one_line_before_loading(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "sadm-train: error: enable_xformers_memory_efficient_attention: xformers needs a CUDA GPU and none is "
         "visible; drop the flag (PyTorch SDPA attention is the default)"]
+
+
+LAUNCH = re.compile(r"(`?)accelerate launch((?:\s+[-\w.=/$]+)*?)\s+train_sadm\.py")
+
+
+def _launch_lines():
+    """Every `accelerate launch ... train_sadm.py` command in the README, docs/ and the recipes' comments, its
+    continuation lines joined (a shell `\\` line break, and the `#` of a YAML comment)."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *RECIPES]:
+        text = re.sub(r"\\\n\s*#?\s*", " ", path.read_text())
+        for match in LAUNCH.finditer(text):
+            if match.group(1) and not match.group(2).strip():
+                continue  # prose naming the program (`accelerate launch train_sadm.py`), not a command line
+            yield path.name, match.group(2).split()
+
+
+def test_documented_launch_lines_are_quiet_and_pass_what_accelerate_warns_about():
+    """`-q` keeps a failed run to the toolkit's one-line error; --num_processes, --num_machines, --mixed_precision
+    and --dynamo_backend are what accelerate otherwise warns it defaulted (commands/launch.py, without a config
+    file); with several processes and no config file, --multi_gpu (else it warns it enabled multi-GPU itself)."""
+    lines = list(_launch_lines())
+    assert len(lines) >= 12, lines  # README (7), docs/scaling.md (3), the recipes' comments
+    for name, flags in lines:
+        assert "-q" in flags, (name, flags)
+        if "--config_file" in flags:
+            continue
+        for flag in ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend"):
+            assert flag in flags, (name, flag, flags)
+        if flags[flags.index("--num_processes") + 1] != "1":
+            assert "--multi_gpu" in flags, (name, flags)

@@ -54,7 +54,17 @@ def _resumed_step(text):
 
 @pytest.mark.parametrize("lora, ema", [(False, True), (True, True), (False, False), (True, False)],
                          ids=["full-ema", "lora-ema", "full", "lora"])
-def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
+def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, lora, ema):
+    from sadm_finetune.noise import DDPMProcess
+
+    draws = []  # per micro-batch: what the loop noised (batch latents, noise, timesteps), in order
+    add_noise = DDPMProcess.add_noise
+
+    def recorded(self, latents, noise, timesteps):
+        draws.append((latents.double().sum().item(), noise.double().sum().item(), timesteps.tolist()))
+        return add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DDPMProcess, "add_noise", recorded)
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", per_class=5)  # 10 images, batch 4: epochs of 2 steps
     extra = ["--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--random_flip", "--disc_weight_decay", "0.01",
@@ -65,6 +75,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
     full = tmp_path / "full"
     proc = train_in_process(tiny_run_args(base, data, full, steps=7) + extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    uninterrupted, draws[:] = list(draws), []
+    assert len(uninterrupted) == 7
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     ckpt = full / "checkpoints" / "checkpoint-3"
     # The project's state is JSON / safetensors; the only pickles are accelerate's (docs/checkpoints.md).
@@ -80,6 +92,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, lora, ema):
                             ["--resume_from_checkpoint", "latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _resumed_step(proc.stdout + proc.stderr) == 3  # not a silent restart from step 0
+    # ... at the right batch: its micro-batches (data, noise, timesteps) are the uninterrupted run's from step 4 on
+    assert draws == uninterrupted[3:]
     assert _max_diff(_weights(full / "transformer"), _weights(resumed / "transformer")) <= 1e-6
     assert _max_diff(_weights(full / "structure_discriminator"), _weights(resumed / "structure_discriminator")) <= 1e-6
     assert _max_diff(_weights(base / "transformer"), _weights(full / "transformer")) > 1e-4

@@ -96,7 +96,15 @@ class Term:
         """Diagnostics logged every step whatever the weight (no gradient)."""
         return {}
 
+    @property
+    def nonfinite_key(self) -> str:
+        """The tracker tag counting this term's skipped updates, named after its modules
+        (SADM: nonfinite_discriminator_updates); the denoiser's own are nonfinite_updates."""
+        return f"nonfinite_{'_'.join(self.modules()) or self.name}_updates"
+
     def phase(self, ctx: StepContext, update: Update) -> tuple[dict[str, torch.Tensor], UpdateResult | None]:
         """After an applied denoiser update: the term's own updates through `update`. Returns its logs and
-        the result of its last update (None if it made none); a skipped update counts as the step's."""
+        the result of its last update (None if it made none). A skipped update (`applied` False) is counted as
+        this term's (`nonfinite_key`), not as a skipped denoiser update; a hard failure counts toward
+        max_nonfinite_steps."""
         return {}, None
