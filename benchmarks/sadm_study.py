@@ -20,8 +20,8 @@
                                                     # the recipe arms (no EMA, constant LR): 8 arms x 5 seeds;
                                                     # results in benchmarks/results/mechanism_study
     python benchmarks/sadm_study.py --mechanism --eval_noise --work_dir runs/study   # plain, SADM and plain at
-                                                    # equal compute evaluated again: 2 more sampling seeds and Euler
-                                                    # 50 steps (45 evaluations); the paired differences per draw
+                                                    # equal compute evaluated again: 2 more sampling seeds and DDPM
+                                                    # DDPM 50 steps (45 evaluations); the paired differences per draw
     python benchmarks/sadm_study.py --recommend --work_dir runs/study   # SADM + SD-DiT, SD-DiT, SADM vs plain in
                                                     # the transfer regime (4 arms x 5 seeds)
     python benchmarks/sadm_study.py --scale --work_dir runs/study   # plain vs SADM with a 6.4 M DiT (continue
@@ -300,7 +300,9 @@ def train_and_evaluate(regime: str, arm: str, flags: list[str], seed: int, setup
 EVAL_DRAWS = {  # name -> (sampler, steps, seed); "ddim25-s1234" is every run's own eval.json
     "ddim25-s1235": ("pipeline", 25, 1235),
     "ddim25-s1236": ("pipeline", 25, 1236),
-    "euler50-s1234": ("euler", 50, 1234),
+    # a second sampler: DDPM (ancestral) 50 steps. Euler is not usable here: DiTPipeline never scales its first
+    # latents by init_noise_sigma (measured: FID 114 with Euler 50 where DDIM 25 gives 8)
+    "ddpm50-s1234": ("ddpm", 50, 1234),
 }
 EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"))
 
@@ -543,7 +545,7 @@ def main() -> None:
                              "weights and the recipe arms; results in benchmarks/results/mechanism_study")
     parser.add_argument("--eval_noise", action="store_true",
                         help="with --mechanism: evaluate plain, sadm and plain-equal-compute again with two more "
-                             "sampling seeds and Euler 50 steps; results in <output>_eval_noise.json")
+                             "sampling seeds and DDPM 50 steps; results in <output>_eval_noise.json")
     parser.add_argument("--recommend", action="store_true",
                         help="SADM + SD-DiT 0.5, SD-DiT 0.5 and SADM vs plain in the transfer regime (full fine-tune); "
                              "results in benchmarks/results/recommend_study")
