@@ -21,7 +21,7 @@
                                                     # results in benchmarks/results/mechanism_study
     python benchmarks/sadm_study.py --mechanism --eval_noise --work_dir runs/study   # plain, SADM and plain at
                                                     # equal compute evaluated again: 2 more sampling seeds and DDPM
-                                                    # DDPM 50 steps (45 evaluations); the paired differences per draw
+                                                    # 50 steps (45 evaluations); the paired differences per draw
     python benchmarks/sadm_study.py --recommend --work_dir runs/study   # SADM + SD-DiT, SD-DiT, SADM vs plain in
                                                     # the transfer regime (4 arms x 5 seeds)
     python benchmarks/sadm_study.py --scale --work_dir runs/study   # plain vs SADM with a 6.4 M DiT (continue
