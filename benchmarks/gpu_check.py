@@ -4,8 +4,8 @@ its real shape, bf16, one GPU; about 4-6 minutes on one H200 (estimated: no GPU 
 
 **The CLI, end to end** (first, so a dtype or device bug shows within minutes): `sadm-train` in this process
 (`sadm_finetune.cli.main`, what `accelerate launch` runs in its child) on the tiny random pipeline of every family
-(tests/tiny_*.py: DiT, SD, SDXL, SD3, PixArt-Σ), bf16 and fp16, LoRA and full fine-tune, SADM on (the defaults,
-lambda without warm-up), 3 steps each, batch 4: 20 cases; the LoRA cases cache the text embeddings (text
+(tests/tiny_*.py: DiT, SD, SDXL, SD3, PixArt-Σ, Flux.1), bf16 and fp16, LoRA and full fine-tune, SADM on (the defaults,
+lambda without warm-up), 3 steps each, batch 4: 24 cases; the LoRA cases cache the text embeddings (text
 families), the full ones the latents (through the VAE in its mixed-precision dtype). A case passes when the run
 exits 0, the final sample grid was written from the reloaded export, and every weight file it wrote is finite.
 Per case: pass/fail, seconds and peak GPU memory (`torch.cuda.max_memory_allocated`).
@@ -47,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-CLI_FAMILIES = ("dit", "sd", "sdxl", "sd3", "pixart")
+CLI_FAMILIES = ("dit", "sd", "sdxl", "sd3", "pixart", "flux")
 CLI_PRECISIONS = ("bf16", "fp16")
 CLI_TRAINABLES = ("lora", "full")
 
@@ -76,7 +76,8 @@ def _tiny(family: str, root: Path) -> tuple[Path, Path]:
         build_image_folder(data)
         return base, data
     builders = {"sd": ("tiny_sd", "build_tiny_sd_pipeline"), "sdxl": ("tiny_sdxl", "build_tiny_sdxl_pipeline"),
-                "sd3": ("tiny_sd3", "build_tiny_sd3_pipeline"), "pixart": ("tiny_pixart", "build_tiny_pixart_pipeline")}
+                "sd3": ("tiny_sd3", "build_tiny_sd3_pipeline"), "pixart": ("tiny_pixart", "build_tiny_pixart_pipeline"),
+                "flux": ("tiny_flux", "build_tiny_flux_pipeline")}
     module, name = builders[family]
     getattr(__import__(module), name)(base)
     build_captioned_folder(data)

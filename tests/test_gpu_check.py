@@ -37,9 +37,10 @@ def test_gpu_check_cli_cases_cover_every_family_precision_and_trainable():
     from sadm_finetune.models.loading import FAMILIES
 
     cases = cli_cases()
-    assert len(cases) == len({c["name"] for c in cases}) == 20
+    assert len(cases) == len({c["name"] for c in cases}) == 24
     assert {(c["family"], c["precision"], c["trainable"]) for c in cases} == {
-        (f, p, t) for f in ("dit", "sd", "sdxl", "sd3", "pixart") for p in ("bf16", "fp16") for t in ("lora", "full")}
+        (f, p, t) for f in ("dit", "sd", "sdxl", "sd3", "pixart", "flux") for p in ("bf16", "fp16")
+        for t in ("lora", "full")}
     assert len(CLI_FAMILIES) == len(FAMILIES)  # a new family needs its tiny pipeline in the check
 
 
