@@ -160,6 +160,11 @@ def test_a_separate_vae_encodes_is_exported_and_keys_the_latent_cache(tiny_sdxl,
     again = load_family(ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl),
                                     pretrained_vae_model_name_or_path=str(tiny_sdxl)))
     assert _same_weights(again.vae, tiny_sdxl / "vae")
+    # the card's LoRA usage code loads the same separate VAE (valid Python, the VAE passed to the pipeline)
+    usage = other.lora_usage("org/base", "org/lora", "pytorch_lora_weights.safetensors", "image = pipe('a').images[0]")
+    compile(usage, "card", "exec")
+    assert f'vae = AutoencoderKL.from_pretrained("{second_vae}", dtype=dtype)' in usage and ", vae=vae, " in usage
+    assert "vae" not in adapter.lora_usage("org/base", "org/lora", "x.safetensors", "image = pipe('a').images[0]")
 
 
 def test_an_unusable_separate_vae_is_one_line(tiny_sdxl, tmp_path):

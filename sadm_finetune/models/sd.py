@@ -187,12 +187,21 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
 
     def lora_usage(self, base: str, repo: str, weight_name: str, call: str) -> str:
         name = self.pipeline_class.__name__
+        imports, vae_line, vae_arg = name, "", ""
+        if self.config.pretrained_vae_model_name_or_path:  # the run's separate VAE, as training and samples used it
+            from .vae import separate_vae_source
+
+            source, kwargs = separate_vae_source(self.config)
+            vae_cls = type(self.vae).__name__
+            options = "".join(f", {k}={kwargs[k]!r}" for k in ("subfolder", "revision") if kwargs.get(k))
+            imports, vae_arg = f"{vae_cls}, {name}", ", vae=vae"
+            vae_line = f'vae = {vae_cls}.from_pretrained("{source}"{options}, dtype=dtype)\n'
         return f"""import torch
-from diffusers import {name}
+from diffusers import {imports}
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
-pipe = {name}.from_pretrained("{base}"{self.base_load_options()}, dtype=dtype).to(device)
+{vae_line}pipe = {name}.from_pretrained("{base}"{self.base_load_options()}{vae_arg}, dtype=dtype).to(device)
 pipe.load_lora_weights("{repo}", weight_name="{weight_name}")
 {call}
 image.save("sample.png")"""
