@@ -143,6 +143,7 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 # the continue base, 3 batches of 32); plain given SADM's measured step-time ratio in extra steps (x1.39 ->
 # 695 steps; the cosine schedule stretches with it). Formulation: min pair weights. Recipe: SADM and plain
 # without EMA and with a constant learning rate (the toolkit's old defaults).
+SDDIT_05 = SDDIT[:1] + ["0.5"] + SDDIT[2:]
 EQUAL_COMPUTE_STEPS = 695  # 500 x 1.39, SADM's step-time ratio on the demo DiT (benchmarks/results/step_time.json)
 NO_RECIPE = ["--no_use_ema", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
 MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
@@ -154,13 +155,16 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "per-sample-gan-0.1"): (["--adversarial_loss", "per_sample_ns", "--structure_weight", "0.1"], "plain"),
     ("continue", "plain-equal-compute"): (PLAIN + ["--max_train_steps", str(EQUAL_COMPUTE_STEPS)], "plain"),
     ("continue", "sadm-min-pairs"): (["--pair_weighting", "min"], "plain"),
+    # the recommended combination (terms study: the best arm) at equal compute: SADM + SD-DiT 0.5 costs x1.46 step
+    # time (benchmarks/results/step_time_terms.json), so plain gets 730 steps against it
+    ("continue", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
+    ("continue", "plain-equal-compute-1.46"): (PLAIN + ["--max_train_steps", "730"], "plain"),
     ("continue", "plain-no-recipe"): (PLAIN + NO_RECIPE, None),
     ("continue", "sadm-no-recipe"): (NO_RECIPE, "plain-no-recipe"),
 }
 # The recommendation (--recommend; results in benchmarks/results/recommend_study): SADM + SD-DiT (lambda 0.5), the
 # best arm of the continue regime (confirmed on fresh seeds, terms_confirm.json), measured in the transfer regime
 # (full fine-tune) beside SD-DiT alone and SADM alone, each paired with plain.
-SDDIT_05 = SDDIT[:1] + ["0.5"] + SDDIT[2:]
 RECOMMEND_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer", "full-plain"): (PLAIN, None),
     ("transfer", "full-sadm"): ([], "full-plain"),
@@ -179,6 +183,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
                ("continue", "per-sample-gan"): "sadm", ("continue", "sadm-min-pairs"): "sadm",
                ("continue", "per-sample-gan-0.1"): "sadm",
+               ("continue", "plain-equal-compute-1.46"): "sadm+sddit-0.5",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
