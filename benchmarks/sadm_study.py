@@ -159,6 +159,9 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # time (benchmarks/results/step_time_terms.json), so plain gets 730 steps against it
     ("continue", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
     ("continue", "plain-equal-compute-1.46"): (PLAIN + ["--max_train_steps", "730"], "plain"),
+    # VQGAN's adaptive weight: lambda * |dL_S/d out| = 0.05 |dL_diff/d out| (SADM's default push is 1-7% of the
+    # denoising gradient per noise band, mechanism_grad_bands.json)
+    ("continue", "sadm-adaptive-0.05"): (["--adaptive_weight", "--structure_weight", "0.05"], "plain"),
     ("continue", "plain-no-recipe"): (PLAIN + NO_RECIPE, None),
     ("continue", "sadm-no-recipe"): (NO_RECIPE, "plain-no-recipe"),
 }
@@ -184,6 +187,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue", "per-sample-gan"): "sadm", ("continue", "sadm-min-pairs"): "sadm",
                ("continue", "per-sample-gan-0.1"): "sadm",
                ("continue", "plain-equal-compute-1.46"): "sadm+sddit-0.5",
+               ("continue", "sadm-adaptive-0.05"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
