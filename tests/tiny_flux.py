@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tiny_sd import _byte_level_vocab
-from tiny_sd3 import tiny_t5_tokenizer
+from tiny_sd3 import tiny_shifted_vae, tiny_t5_tokenizer
 
 SHIFT_FACTOR, SCALING_FACTOR = 0.1159, 0.3611  # Flux.1's VAE values
 # Flux.1-dev's scheduler/scheduler_config.json
@@ -23,7 +23,7 @@ def build_tiny_flux_pipeline(path: str | Path, seed: int = 0, guidance: bool = T
     """32x32x3 images <-> 8x8x4 latents (packed 2x2: 4x4 tokens of 16 channels); a transformer with one dual- and
     one single-stream block (width 32, rotary axes 4+4+8); a 2-layer CLIP text encoder (16 tokens, width 32 =
     pooled_projection_dim); a 2-layer T5 encoder of width 32 (= joint_attention_dim)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -32,12 +32,7 @@ def build_tiny_flux_pipeline(path: str | Path, seed: int = 0, guidance: bool = T
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance,
         axes_dims_rope=(4, 4, 8),
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], latent_channels=4,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=SHIFT_FACTOR, scaling_factor=SCALING_FACTOR,
-    )
+    vae = tiny_shifted_vae(SHIFT_FACTOR, SCALING_FACTOR)
     vocab = _byte_level_vocab()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

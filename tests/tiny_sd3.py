@@ -17,6 +17,19 @@ CLIP_WIDTH = 32  # hidden size and projection dim of each CLIP: pooled = 2 x 32,
 SHIFT_FACTOR, SCALING_FACTOR, SHIFT = 0.0609, 1.5305, 3.0  # SD3's VAE and SD3.5's scheduler values
 
 
+
+def tiny_shifted_vae(shift_factor: float, scaling_factor: float):
+    """The tiny 3-block AutoencoderKL of SD3 and Flux (32x32x3 <-> 4x8x8): no quant convs, a latent
+    shift and scale as the real VAE's config carries them."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], latent_channels=4,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+    )
+
 def tiny_t5_tokenizer():
     """A T5 tokenizer built offline: pad, eos, unk, the printable ASCII characters and the word marker."""
     from transformers import T5TokenizerFast
@@ -29,7 +42,7 @@ def build_tiny_sd3_pipeline(path: str | Path, seed: int = 0, with_t5: bool = Tru
     """32x32x3 images <-> 8x8x4 latents (patch 2: 4x4 tokens); a 2-block MMDiT (width 32); two 2-layer CLIP text
     encoders with projections (16 tokens); a 2-layer T5 encoder of width 64 (= joint_attention_dim, the width
     the CLIP tokens are zero-padded to); FlowMatchEulerDiscreteScheduler(shift=3)."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
@@ -39,12 +52,7 @@ def build_tiny_sd3_pipeline(path: str | Path, seed: int = 0, with_t5: bool = Tru
         num_attention_heads=4, joint_attention_dim=2 * CLIP_WIDTH, caption_projection_dim=32,
         pooled_projection_dim=2 * CLIP_WIDTH, pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,),
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], latent_channels=4,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=SHIFT_FACTOR, scaling_factor=SCALING_FACTOR,
-    )
+    vae = tiny_shifted_vae(SHIFT_FACTOR, SCALING_FACTOR)
     vocab = _byte_level_vocab()
     text_config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=CLIP_WIDTH, intermediate_size=64, num_hidden_layers=2,
