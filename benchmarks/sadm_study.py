@@ -164,6 +164,15 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "sadm-adaptive-0.05"): (["--adaptive_weight", "--structure_weight", "0.05"], "plain"),
     ("continue", "plain-no-recipe"): (PLAIN + NO_RECIPE, None),
     ("continue", "sadm-no-recipe"): (NO_RECIPE, "plain-no-recipe"),
+    # the lambda sweep around the default 0.01 (0.05 is in --full)
+    ("continue", "sadm-lambda-0.03"): (["--structure_weight", "0.03"], "plain"),
+    ("continue", "sadm-lambda-0.1"): (["--structure_weight", "0.1"], "plain"),
+    # the controls in the transfer regime (full fine-tune, 400 steps; SADM's x1.39 buys plain 556 steps)
+    ("transfer", "full-plain"): (PLAIN, None),
+    ("transfer", "full-sadm"): ([], "full-plain"),
+    ("transfer", "full-sadm-frozen-d"): (["--disc_frozen"], "full-plain"),
+    ("transfer", "full-per-sample-gan"): (["--adversarial_loss", "per_sample_ns"], "full-plain"),
+    ("transfer", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
 }
 # The recommendation (--recommend; results in benchmarks/results/recommend_study): SADM + SD-DiT (lambda 0.5), the
 # best arm of the continue regime (confirmed on fresh seeds, terms_confirm.json), measured in the transfer regime
@@ -188,6 +197,9 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue", "per-sample-gan-0.1"): "sadm",
                ("continue", "plain-equal-compute-1.46"): "sadm+sddit-0.5",
                ("continue", "sadm-adaptive-0.05"): "sadm",
+               ("continue", "sadm-lambda-0.03"): "sadm", ("continue", "sadm-lambda-0.1"): "sadm",
+               ("transfer", "full-sadm-frozen-d"): "full-sadm", ("transfer", "full-per-sample-gan"): "full-sadm",
+               ("transfer", "full-plain-equal-compute"): "full-sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
