@@ -6,7 +6,7 @@ sadm_finetune/cpu_wait.py, unless the environment sets it).
 The measured jobs, each a fresh process through its real entry point, torch at its default thread count (all
 cores: OMP_NUM_THREADS is removed from their environment):
 
-  eval   python -m sadm_finetune.evaluate on the bundled demo DiT (sadm_finetune/assets/demo-dit-digits):
+  eval   python -m sadm_finetune.evaluation.evaluate on the bundled demo DiT (sadm_finetune/assets/demo-dit-digits):
          10 classes x --samples_per_class (50: 500 samples), --num_inference_steps (50), FID/KID/precision/
          recall in the digits feature space and the structure probe (64 images), against builtin:digits.
   train  python train_sadm.py --config configs/demo.yaml for --train_steps (30) steps, SADM on, then the
@@ -59,7 +59,7 @@ def train_cmd(out: Path, steps: int) -> list[str]:
 
 
 def eval_cmd(out: Path, samples_per_class: int, steps: int) -> list[str]:
-    return [sys.executable, "-m", "sadm_finetune.evaluate", "--pipeline", str(DEMO_BASE),
+    return [sys.executable, "-m", "sadm_finetune.evaluation.evaluate", "--pipeline", str(DEMO_BASE),
             "--reference_dataset", "builtin:digits", "--features", "digits", "--samples_per_class",
             str(samples_per_class), "--num_inference_steps", str(steps), "--output_json", str(out / "eval.json")]
 

@@ -70,11 +70,11 @@ def main() -> None:
     torch.manual_seed(0)
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    from sadm_finetune.config import SADMConfig
-    from sadm_finetune.demo_data import load_digits_images
-    from sadm_finetune.losses import predicted_original_sample
-    from sadm_finetune.noise import DDPMProcess
-    from sadm_finetune.sadm import SADMObjective
+    from sadm_finetune.config.run import SADMConfig
+    from sadm_finetune.data.digits import load_digits_images
+    from sadm_finetune.diffusion.losses import predicted_original_sample
+    from sadm_finetune.diffusion.process import DDPMProcess
+    from sadm_finetune.terms.sadm.objective import SADMObjective
 
     pipe = DiffusionPipeline.from_pretrained(args.pretrained, use_safetensors=True)
     pipe.transformer.eval()

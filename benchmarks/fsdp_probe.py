@@ -50,10 +50,10 @@ def _probe(rank: int, world: int, port: int, queue) -> None:
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    from sadm_finetune.config import SADMConfig
-    from sadm_finetune.models.discriminator import StructureDiscriminator
-    from sadm_finetune.noise import DDPMProcess
-    from sadm_finetune.sadm import SADMObjective
+    from sadm_finetune.config.run import SADMConfig
+    from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
+    from sadm_finetune.diffusion.process import DDPMProcess
+    from sadm_finetune.terms.sadm.objective import SADMObjective
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -13,7 +13,7 @@ Per case: pass/fail, seconds and peak GPU memory (`torch.cuda.max_memory_allocat
 **DiT-XL/2 at its real shape.** Random weights with the exact facebook/DiT-XL-2-256 transformer config
 (benchmarks/real_shapes.py), latents of 4x32x32 (256 px) drawn at random, class labels at random, batch 32,
 AdamW on fp32 master weights under bf16 autocast (what `accelerate --mixed_precision bf16` does). The step is the toolkit's: the diffusion
-loss on epsilon plus DiT's learned-sigma VLB term (`sadm_finetune.losses`), and for SADM the structure
+loss on epsilon plus DiT's learned-sigma VLB term (`sadm_finetune.diffusion.losses`), and for SADM the structure
 term of `SADMObjective.generator_loss` on the frozen discriminator, then one D update with
 `discriminator_loss` (default D, default SADM settings, lambda at its full 0.01). Arms:
 
@@ -164,11 +164,11 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
     from diffusers.training_utils import compute_snr
 
     from benchmarks.real_shapes import DIT_SCHEDULER, DIT_XL_2_256
-    from sadm_finetune.config import SADMConfig
-    from sadm_finetune.losses import DiffusionLoss, LearnedSigmaVLB, predicted_original_sample
-    from sadm_finetune.models.discriminator import StructureDiscriminator
-    from sadm_finetune.noise import DDPMProcess
-    from sadm_finetune.sadm import SADMObjective
+    from sadm_finetune.config.run import SADMConfig
+    from sadm_finetune.diffusion.losses import DiffusionLoss, LearnedSigmaVLB, predicted_original_sample
+    from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
+    from sadm_finetune.diffusion.process import DDPMProcess
+    from sadm_finetune.terms.sadm.objective import SADMObjective
 
     device = torch.device(device)
     cuda = device.type == "cuda"

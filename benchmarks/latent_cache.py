@@ -54,13 +54,13 @@ def build_pipeline(path: Path) -> None:
 
 
 def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size: int, what: str, threads: int) -> dict:
-    from sadm_finetune import builders
-    from sadm_finetune.checkpointing import TrainState
-    from sadm_finetune.config import build_config
-    from sadm_finetune.data import open_train_data
-    from sadm_finetune.loader import build_train_dataloader
-    from sadm_finetune.loop import train_loop
-    from sadm_finetune.models.loading import load_family
+    from sadm_finetune.train import builders
+    from sadm_finetune.train.checkpointing import TrainState
+    from sadm_finetune.config.run import build_config
+    from sadm_finetune.data.datasets import open_train_data
+    from sadm_finetune.data.loader import build_train_dataloader
+    from sadm_finetune.train.loop import train_loop
+    from sadm_finetune.families.loading import load_family
     import torch
 
     if threads:

@@ -42,7 +42,7 @@ def measure(pipeline: str, steps: int, batch: int, guidance_scale: float, dtype:
     """Seconds per image on this device, from one batch after one warm-up batch."""
     import torch
 
-    from sadm_finetune.evaluate import load_pipeline, use_sampler
+    from sadm_finetune.evaluation.evaluate import load_pipeline, use_sampler
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = use_sampler(load_pipeline(pipeline, "--pipeline", device, dtype), sampler)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reference_dir is needed for FID (its statistics are cached in --reference_stats_cache)")
     if args.num_samples % args.num_classes:
         p.error(f"--num_samples {args.num_samples} is not a multiple of --num_classes {args.num_classes}")
-    from sadm_finetune.evaluate import main as sadm_eval
+    from sadm_finetune.evaluation.evaluate import main as sadm_eval
 
     flags = ["--pipeline", args.pipeline, "--features", args.features, "--samples_per_class",
              str(args.num_samples // args.num_classes), "--num_inference_steps", str(args.steps), "--sampler",

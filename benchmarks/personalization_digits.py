@@ -80,7 +80,7 @@ def build_data(work: Path, subject_class: int, subject_images: int, seed: int,
                base_images: int | None = None) -> tuple[Path, Path]:
     """(base training folder: the digits (the first `base_images`, default all) captioned `digit <k>`, subject
     folder: `subject_images` inverted images of one digit, picked by `seed`)."""
-    from sadm_finetune.demo_data import load_digits_images
+    from sadm_finetune.data.digits import load_digits_images
 
     images, labels = load_digits_images(32)
     base = work / "base_data"
@@ -164,7 +164,7 @@ def evaluate(base: Path, lora: Path | None, subject_class: int, samples: int, st
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sadm_finetune.features import DIGITS_CLASSIFIER_PATH, load_classifier
+    from sadm_finetune.evaluation.features import DIGITS_CLASSIFIER_PATH, load_classifier
 
     pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=True)
     if lora is not None:

@@ -4,7 +4,7 @@
 The toolkit's step (one step of `loop.train_loop`, built as benchmarks/step_time.py builds it: `builders.build_run`
 on a fixed cached-posterior batch) runs with its parts wrapped in timers from the outside (nothing in
 sadm_finetune/ is edited; the wrappers go on instance attributes of the run's objects and on the module
-attribute `sadm_finetune.loop.grad_norm`, after the warm-up steps): the denoiser forward (`adapter.predict`),
+attribute `sadm_finetune.train.loop.grad_norm`, after the warm-up steps): the denoiser forward (`adapter.predict`),
 the VLB term (`run.vlb`), the two structure phases (the SADM term's `objective.generator_loss`,
 `discriminator_loss`), each `accelerator.backward`, grad-norm clipping (`loop.grad_norm`), each optimizer
 step. A step is the time between two of the loop's `on_update` callbacks; what is left of it is "rest"
@@ -62,7 +62,7 @@ class Instrumented:
         self.sadm = next((term for term in run.terms if term.name == "sadm"), None)
 
     def install(self) -> None:
-        from sadm_finetune import loop
+        from sadm_finetune.train import loop
 
         run, timers = self.run, self.timers
         run.adapter.predict = timers.wrap("denoiser forward", run.adapter.predict)
@@ -97,7 +97,7 @@ class Instrumented:
         self.phase = "G"
 
     def remove(self) -> None:
-        from sadm_finetune import loop
+        from sadm_finetune.train import loop
 
         loop.grad_norm = self.grad_norm
 

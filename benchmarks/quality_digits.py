@@ -5,7 +5,7 @@ equal steps and batch, several seeds; evaluate every output the same way; print 
     python benchmarks/quality_digits.py --variants sweep --seeds 0   # the option sweep, one seed each
 
 Every run goes through the real command line (`train_sadm.py --config configs/demo.yaml ...`) and
-every output through `sadm_finetune.evaluate` (FID / KID / precision / recall in the bundled digits
+every output through `sadm_finetune.evaluation.evaluate` (FID / KID / precision / recall in the bundled digits
 classifier's feature space, label accuracy of class-conditional samples). Results: a JSON file and a
 PNG plot under benchmarks/results/.
 """
@@ -61,7 +61,7 @@ def train(name: str, flags: list[str], seed: int, steps: int, work: Path) -> Pat
 
 
 def evaluate(pipeline: Path, args: argparse.Namespace, cache: Path) -> dict:
-    from sadm_finetune.evaluate import EvalConfig, evaluate_pipeline
+    from sadm_finetune.evaluation.evaluate import EvalConfig, evaluate_pipeline
 
     config = EvalConfig(
         pipeline=str(pipeline), reference_dataset="builtin:digits", features="digits", classifier="digits",

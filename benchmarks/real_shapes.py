@@ -148,7 +148,7 @@ def run_arm(arm: str, work: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from sadm_finetune import training
+    from sadm_finetune.train import entry as training
     from sadm_finetune.cli import main
 
     family, mode = arm.split("_", 1)

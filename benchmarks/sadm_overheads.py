@@ -42,11 +42,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import DEMO_SADM, _proc_status_kb  # noqa: E402
 
-from sadm_finetune.config import SADMConfig  # noqa: E402
-from sadm_finetune.losses import StructureLoss, structure_sample_weights  # noqa: E402
-from sadm_finetune.models.discriminator import StructureDiscriminator  # noqa: E402
-from sadm_finetune.noise import DDPMProcess  # noqa: E402
-from sadm_finetune.sadm import SADMObjective  # noqa: E402
+from sadm_finetune.config.run import SADMConfig  # noqa: E402
+from sadm_finetune.diffusion.losses import StructureLoss, structure_sample_weights  # noqa: E402
+from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator  # noqa: E402
+from sadm_finetune.diffusion.process import DDPMProcess  # noqa: E402
+from sadm_finetune.terms.sadm.objective import SADMObjective  # noqa: E402
 
 from diffusers import DDPMScheduler  # noqa: E402
 
@@ -337,7 +337,7 @@ def part_loss(sizes, dim, reps, out):
 def part_misc(reps, out):
     import hashlib
 
-    from sadm_finetune.losses import LearnedSigmaVLB
+    from sadm_finetune.diffusion.losses import LearnedSigmaVLB
 
     res = {}
     gen = torch.Generator()

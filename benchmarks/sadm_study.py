@@ -247,7 +247,7 @@ def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int 
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))
-    from sadm_finetune.demo_data import load_digits_images
+    from sadm_finetune.data.digits import load_digits_images
 
     images, labels = load_digits_images(32)
     rng = np.random.default_rng(seed)
@@ -284,7 +284,7 @@ def regime_setup(regime: str, work: Path) -> dict:
 def evaluate(pipeline: Path, setup: dict, regime: str, work: Path, out_json: Path) -> dict:
     if out_json.is_file():
         return json.loads(out_json.read_text())["metrics"]
-    cmd = [sys.executable, "-m", "sadm_finetune.evaluate", "--pipeline", str(pipeline),
+    cmd = [sys.executable, "-m", "sadm_finetune.evaluation.evaluate", "--pipeline", str(pipeline),
            "--reference_dataset", setup["reference"], "--features", "digits", "--classifier", "digits",
            "--samples_per_class", str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps", "25",
            "--guidance_scale", "1.0", "--seed", "1234", "--batch_size", "250",
@@ -336,7 +336,7 @@ def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> di
     if not (out / "eval.json").is_file():
         return None  # not trained yet
     sampler, steps, sample_seed = EVAL_DRAWS[draw]
-    cmd = [sys.executable, "-m", "sadm_finetune.evaluate", "--pipeline", str(out), "--reference_dataset",
+    cmd = [sys.executable, "-m", "sadm_finetune.evaluation.evaluate", "--pipeline", str(out), "--reference_dataset",
            "builtin:digits", "--features", "digits", "--classifier", "digits", "--samples_per_class",
            str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps", str(steps), "--sampler", sampler,
            "--guidance_scale", "1.0", "--seed", str(sample_seed), "--batch_size", "250", "--probe_images", "0",

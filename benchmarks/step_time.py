@@ -195,7 +195,7 @@ class ToolkitRun:
         self.run, self.dataloader, self.dataset, self.state, self.info = run, dataloader, dataset, state, info
 
     def train(self, on_update) -> None:
-        from sadm_finetune.loop import train_loop
+        from sadm_finetune.train.loop import train_loop
 
         accelerator = self.run.accelerator
         log = accelerator.log
@@ -215,10 +215,10 @@ def _toolkit_run(model: str, batch_size: int, mode: str, workdir: Path, steps: i
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
-    from sadm_finetune import builders
-    from sadm_finetune.checkpointing import TrainState
-    from sadm_finetune.config import build_config
-    from sadm_finetune.models.dit import DiTAdapter
+    from sadm_finetune.train import builders
+    from sadm_finetune.train.checkpointing import TrainState
+    from sadm_finetune.config.run import build_config
+    from sadm_finetune.families.dit import DiTAdapter
 
     overrides = dict(pretrained_model_name_or_path=str(workdir / "unused"), dataset_name="builtin:digits",
                      train_batch_size=batch_size, report_to="none", output_dir=str(workdir / "out"),
@@ -252,7 +252,7 @@ def _toolkit_run(model: str, batch_size: int, mode: str, workdir: Path, steps: i
     mean, std, class_labels = _batch(model, batch_size, accelerator.device)
     batch = {"latent_mean": mean, "latent_std": std, "class_labels": class_labels}
     if config.repa.enabled:  # cached encoder features, (B, E, 8, 8): what the latent cache's REPA shards give
-        from sadm_finetune.terms.repa import FEATURES_KEY, load_encoder_config
+        from sadm_finetune.terms.repa.term import FEATURES_KEY, load_encoder_config
 
         width = load_encoder_config(config.repa.repa_encoder).hidden_size
         batch[FEATURES_KEY] = torch.randn(batch_size, width, 8, 8, generator=torch.Generator().manual_seed(2)).to(

@@ -8,10 +8,10 @@ import argparse
 import sys
 from typing import Any
 
-from .config import SECTIONS, RunConfig, build_config, load_yaml
-from .errors import SADMError
-from .flags import FlagParser, add_dataclass_flags
-from .quiet import silence_known_noise
+from .config.run import SECTIONS, RunConfig, build_config, load_yaml
+from .utils.errors import SADMError
+from .config.flags import FlagParser, add_dataclass_flags
+from .utils.quiet import silence_known_noise
 
 USAGE = "sadm-train [--config YAML] [--dry_run] [--<field> VALUE ...]   (sadm-train --help lists every field)"
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(config.to_yaml(), end="")
             return 0
-        from .training import train  # heavy imports only once the config is known to be good
+        from .train.entry import train  # heavy imports only once the config is known to be good
 
         train(config, argv=sys.argv[1:] if argv is None else argv)
     except SADMError as e:

@@ -7,7 +7,7 @@ no custom code. It is the starting point of the project's demo fine-tune and qua
 it is deliberately somewhat under-trained: it draws recognisable digits, with room left to improve.
 
 Steps:
-  1. digits (1,797 images, 32x32 RGB, labels 0..9) from ``sadm_finetune.demo_data``;
+  1. digits (1,797 images, 32x32 RGB, labels 0..9) from ``sadm_finetune.data.digits``;
   2. an ``AutoencoderKL`` (32x32x3 <-> 8x8x4 latents) trained with L1 + MSE reconstruction and a
      small KL term; ``scaling_factor`` is then set to 1 / std of sampled latents on the data set;
   3. a ``DiTTransformer2DModel`` with learned sigma (out_channels = 2 x latent channels, like
@@ -97,10 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_digits():
     try:
-        from sadm_finetune.demo_data import load_digits_images
+        from sadm_finetune.data.digits import load_digits_images
     except ImportError:  # running from a checkout that is not installed
         sys.path.insert(0, str(REPO_ROOT))
-        from sadm_finetune.demo_data import load_digits_images
+        from sadm_finetune.data.digits import load_digits_images
     return load_digits_images()
 
 
@@ -252,10 +252,10 @@ def train_dit(model, lat_mean, lat_std, labels, scaling, args, gen) -> tuple[dic
 def save_atomically(pipe, output_dir: Path) -> None:
     """Write into a temp sibling folder, then move it into place (old-complete or new-complete)."""
     try:
-        from sadm_finetune.fsutil import move_into_place
+        from sadm_finetune.utils.fsutil import move_into_place
     except ImportError:
         sys.path.insert(0, str(REPO_ROOT))
-        from sadm_finetune.fsutil import move_into_place
+        from sadm_finetune.utils.fsutil import move_into_place
 
     output_dir = output_dir.resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from transformers import Dinov2Config, Dinov2ForImageClassification
 
-    from sadm_finetune.demo_data import load_digits_images
+    from sadm_finetune.data.digits import load_digits_images
 
     torch.manual_seed(args.seed)
     images, labels = load_digits_images(32)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from sadm_finetune.demo_data import load_digits_images
-from sadm_finetune.features import DIGITS_CLASSIFIER_PATH
-from sadm_finetune.models.digits_classifier import DigitsClassifier
+from sadm_finetune.data.digits import load_digits_images
+from sadm_finetune.evaluation.features import DIGITS_CLASSIFIER_PATH
+from sadm_finetune.evaluation.digits_classifier import DigitsClassifier
 
 
 def random_shift(pixel_values: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

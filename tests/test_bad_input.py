@@ -144,8 +144,8 @@ def test_the_table_holds_distinct_errors_of_a_working_run(world, tmp_path, capsy
 
 
 def test_an_unsupported_pipeline_class_names_every_supported_one():
-    from sadm_finetune.errors import InputError
-    from sadm_finetune.models.loading import _adapter_class
+    from sadm_finetune.utils.errors import InputError
+    from sadm_finetune.families.loading import _adapter_class
 
     with pytest.raises(InputError) as e:
         _adapter_class("QwenImagePipeline", "Qwen/Qwen-Image")
@@ -192,7 +192,7 @@ def test_a_run_stopped_by_bad_data_before_training_does_not_block_its_corrected_
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("sadm_finetune")]
     assert not [m for m in ours if "[RANK" in m or "structure discriminator has" in m], ours
     assert (out / "model_index.json").is_file()
-    from sadm_finetune.output_dir import MARKER
+    from sadm_finetune.train.output_dir import MARKER
 
     assert not (out / MARKER).exists()  # a trained folder is protected again: the next run is refused
     assert main(args) == 2 and "--overwrite_output_dir" in capsys.readouterr().err

@@ -5,11 +5,11 @@ import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 
-from sadm_finetune.buckets import (UNREADABLE, BucketBatchSampler, aspect_ratio_buckets, nearest_buckets,
+from sadm_finetune.data.buckets import (UNREADABLE, BucketBatchSampler, aspect_ratio_buckets, nearest_buckets,
                                    read_image_sizes)
-from sadm_finetune.config import DataConfig
-from sadm_finetune.data import open_train_data
-from sadm_finetune.errors import ConfigError, InputError
+from sadm_finetune.config.run import DataConfig
+from sadm_finetune.data.datasets import open_train_data
+from sadm_finetune.utils.errors import ConfigError, InputError
 from tiny_sd import MIXED_SIZES, build_mixed_aspect_folder
 
 

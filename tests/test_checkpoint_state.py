@@ -9,8 +9,8 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
-from sadm_finetune.checkpointing import CheckpointState, TrainState, load_checkpoint, save_checkpoint
-from sadm_finetune.errors import InputError
+from sadm_finetune.train.checkpointing import CheckpointState, TrainState, load_checkpoint, save_checkpoint
+from sadm_finetune.utils.errors import InputError
 
 
 def _trained_objects(seed: int):
@@ -62,7 +62,7 @@ def test_an_unprepared_discriminator_with_optimizer_and_scheduler_round_trips(tm
     """Under FSDP, D, its optimizer and scheduler are not accelerate's: they go through CheckpointState."""
     from diffusers.optimization import get_scheduler
 
-    from sadm_finetune.models.discriminator import StructureDiscriminator
+    from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
 
     def build(seed):
         torch.manual_seed(seed)
@@ -177,8 +177,8 @@ def _partial_write(path, error):
 @pytest.mark.parametrize("error", list(DISK_FULL), ids=list(DISK_FULL))
 def test_a_full_disk_mid_checkpoint_is_one_line_and_leaves_the_earlier_checkpoint_loadable(prepared, tmp_path,
                                                                                            monkeypatch, error):
-    from sadm_finetune.checkpointing import folder_bytes, list_checkpoints
-    from sadm_finetune.errors import SADMError
+    from sadm_finetune.train.checkpointing import folder_bytes, list_checkpoints
+    from sadm_finetune.utils.errors import SADMError
 
     accelerator, model, saved, first, weights = prepared
     partial = tmp_path / "checkpoints" / ".tmp-checkpoint-2"
@@ -209,9 +209,9 @@ def test_a_full_disk_while_writing_the_projects_state_and_without_an_earlier_che
 
     from safetensors import SafetensorError
 
-    import sadm_finetune.checkpointing as checkpointing
-    from sadm_finetune.checkpointing import estimate_checkpoint_bytes, list_checkpoints
-    from sadm_finetune.errors import SADMError
+    import sadm_finetune.train.checkpointing as checkpointing
+    from sadm_finetune.train.checkpointing import estimate_checkpoint_bytes, list_checkpoints
+    from sadm_finetune.utils.errors import SADMError
 
     accelerator, _, saved, first, _ = prepared
     shutil.rmtree(first)

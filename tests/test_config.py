@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from sadm_finetune.cli import main, parse_config
-from sadm_finetune.config import RunConfig, build_config, load_yaml
-from sadm_finetune.errors import ConfigError
+from sadm_finetune.config.run import RunConfig, build_config, load_yaml
+from sadm_finetune.utils.errors import ConfigError
 
 REQUIRED = ["--pretrained", "some/model", "--train_data_dir", "data"]
 
@@ -148,7 +148,7 @@ def test_unknown_or_abbreviated_flag_is_one_line_naming_the_closest(argv, sugges
 
 
 def test_sadm_eval_refuses_abbreviations_and_suggests(capsys):
-    from sadm_finetune.evaluate import main as eval_main
+    from sadm_finetune.evaluation.evaluate import main as eval_main
 
     assert eval_main(["--pipeline", "x", "--reference_dir", "y", "--samples_per_cl", "3"]) == 2
     err = capsys.readouterr().err.strip()
@@ -164,7 +164,7 @@ def _help(parser) -> str:
 
 def test_help_shows_defaults_and_a_short_usage():
     from sadm_finetune.cli import build_parser
-    from sadm_finetune.evaluate import build_parser as eval_parser
+    from sadm_finetune.evaluation.evaluate import build_parser as eval_parser
 
     text = _help(build_parser())
     assert "--structure_weight FLOAT lambda: weight of the structure loss" in text
@@ -190,7 +190,7 @@ def test_the_default_recipe_is_ema_with_warmup_and_a_decaying_schedule():
     the run (at most 500 steps), and EMA on unless the user turns it off or FSDP cannot hold it."""
     from types import SimpleNamespace
 
-    from sadm_finetune.training import _check_distributed_type
+    from sadm_finetune.train.entry import _check_distributed_type
 
     c = build_config({"pretrained_model_name_or_path": "x", "train_data_dir": "y", "max_train_steps": 1000})
     assert c.training.lr_scheduler == "cosine" and c.training.lr_warmup_steps == 50

@@ -58,7 +58,7 @@ class Probe:
             if len(self.weights) == 1:
                 self.structure["after_denoiser_step"] = structure_loss(fresh_x0_hat())
                 if self.stop_after_first_update:
-                    from sadm_finetune.errors import SADMError
+                    from sadm_finetune.utils.errors import SADMError
 
                     raise SADMError("probe: stopped after the first update")
 
@@ -78,7 +78,7 @@ class Probe:
 
 
 def run_with_probe(monkeypatch, args, probe):
-    import sadm_finetune.training as training
+    import sadm_finetune.train.entry as training
 
     real = training.train_loop
 
@@ -171,8 +171,8 @@ def test_lora_scaling_alpha_over_rank_holds_in_every_exported_file(tmp_path, mon
     alpha ignored when merging."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    import sadm_finetune.training as training
-    from sadm_finetune.models.kohya import KOHYA_WEIGHT_NAME
+    import sadm_finetune.train.entry as training
+    from sadm_finetune.tuners.kohya import KOHYA_WEIGHT_NAME
     from tiny_sd import build_captioned_folder, build_tiny_sd_pipeline
 
     base = build_tiny_sd_pipeline(tmp_path / "base")

@@ -27,7 +27,7 @@ kind, target, *args = sys.argv[1:]
 if kind == "script":  # python train_sadm.py ...: what accelerate launch runs in its child process
     sys.argv = [target, *args]
     runpy.run_path(target, run_name="__main__")
-elif kind == "module":  # python -m sadm_finetune.evaluate ...
+elif kind == "module":  # python -m sadm_finetune.evaluation.evaluate ...
     sys.argv = [target, *args]
     runpy.run_module(target, run_name="__main__", alter_sys=True)
 else:  # a console script (setup.cfg): from MODULE import FUNCTION; sys.exit(FUNCTION())
@@ -42,8 +42,8 @@ EVAL_ARGS = ["--pipeline", "missing-pipeline", "--reference_dataset", "builtin:d
 ENTRIES = {
     "train_sadm.py": ("script", str(ROOT / "train_sadm.py"), TRAIN_ARGS),
     "sadm-train": ("sadm-train", "sadm_finetune.cli:main", TRAIN_ARGS),
-    "sadm-eval": ("sadm-eval", "sadm_finetune.evaluate:main", EVAL_ARGS),
-    "python -m sadm_finetune.evaluate": ("module", "sadm_finetune.evaluate", EVAL_ARGS),
+    "sadm-eval": ("sadm-eval", "sadm_finetune.evaluation.evaluate:main", EVAL_ARGS),
+    "python -m sadm_finetune.evaluation.evaluate": ("module", "sadm_finetune.evaluation.evaluate", EVAL_ARGS),
 }
 
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sadm_finetune.config import DataConfig
-from sadm_finetune.data import ImageTransform, TrainDataset, collate, open_train_data
-from sadm_finetune.errors import InputError
+from sadm_finetune.config.run import DataConfig
+from sadm_finetune.data.datasets import ImageTransform, TrainDataset, collate, open_train_data
+from sadm_finetune.utils.errors import InputError
 from tiny_pipelines import build_image_folder
 
 

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from sadm_finetune.cli import main, parse_config
-from sadm_finetune.config import RunConfig, build_config, field_index
-from sadm_finetune.family_defaults import FAMILY_DEFAULTS, defaults_for
-from sadm_finetune.fields import field_default
-from sadm_finetune.models.loading import FAMILIES
+from sadm_finetune.config.run import RunConfig, build_config, field_index
+from sadm_finetune.families.defaults import FAMILY_DEFAULTS, defaults_for
+from sadm_finetune.config.fields import field_default
+from sadm_finetune.families.loading import FAMILIES
 
 
 def _index_only(tmp_path, class_name):

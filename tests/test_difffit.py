@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from launch import tiny_run_args, train_in_process
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
-from sadm_finetune.models.difffit import SCALE_NAME, attach_difffit, folded_copy
+from sadm_finetune.tuners.difffit import SCALE_NAME, attach_difffit, folded_copy
 
 
 def _tiny_dit():

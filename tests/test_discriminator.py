@@ -1,6 +1,6 @@
 import torch
 
-from sadm_finetune.models.discriminator import StructureDiscriminator
+from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
 
 
 def test_shape_and_unit_norm():

@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 from diffusers import DDPMScheduler
 
 from launch import ROOT, offline_env, tiny_run_args
-from sadm_finetune.config import SADMConfig
-from sadm_finetune.models.discriminator import StructureDiscriminator
-from sadm_finetune.sadm import SADMObjective
+from sadm_finetune.config.run import SADMConfig
+from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
+from sadm_finetune.terms.sadm.objective import SADMObjective
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 
@@ -39,7 +39,7 @@ def _inputs():
 
 
 def _objective():
-    from sadm_finetune.noise import DDPMProcess
+    from sadm_finetune.diffusion.process import DDPMProcess
 
     return SADMObjective(SADMConfig(), DDPMProcess(DDPMScheduler(beta_schedule="linear").config, "cpu"))
 
@@ -90,7 +90,7 @@ def test_two_process_structure_loss_equals_the_one_process_value(two_ranks):
 
 def _replica_differences(rank):
     """Inside `_rank_main`'s process group: rank 1 holds a swapped and a one-ulp-nudged copy."""
-    from sadm_finetune.distributed import replica_differences
+    from sadm_finetune.train.distributed import replica_differences
 
     torch.manual_seed(0)
     same, swapped, nudged = (torch.nn.Linear(4, 3) for _ in range(3))

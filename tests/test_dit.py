@@ -13,10 +13,10 @@ from diffusers import DiffusionPipeline, DiTTransformer2DModel, Transformer2DMod
 
 from launch import train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import ModelConfig
-from sadm_finetune.models import lora
-from sadm_finetune.models.dit import DiTAdapter
-from sadm_finetune.models.loading import load_family
+from sadm_finetune.config.run import ModelConfig
+from sadm_finetune.tuners import lora
+from sadm_finetune.families.dit import DiTAdapter
+from sadm_finetune.families.loading import load_family
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 BASE_GRID, NEW_GRID = 4, 8  # tokens per side at 32 px and at 64 px

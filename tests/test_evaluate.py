@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 from tiny_pipelines import build_tiny_dit_pipeline  # noqa: E402
 
-from sadm_finetune.demo_data import load_digits_images  # noqa: E402
-from sadm_finetune.evaluate import EvalConfig, main, open_reference  # noqa: E402
+from sadm_finetune.data.digits import load_digits_images  # noqa: E402
+from sadm_finetune.evaluation.evaluate import EvalConfig, main, open_reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_only_the_classes_of_a_labelled_reference_are_sampled(tiny_dit, tmp_path
 def test_a_second_sampler_gives_other_samples_reproducibly(tiny_dit, digits_dir, tmp_path):
     """--sampler ddpm swaps the scheduler (same betas); it is reproducible under its seed and differs from the
     pipeline's own DDIM, so an evaluation spread across samplers is real."""
-    from sadm_finetune.evaluate import evaluate_pipeline
+    from sadm_finetune.evaluation.evaluate import evaluate_pipeline
 
     def fid(sampler, seed=3):
         config = EvalConfig(pipeline=str(tiny_dit), reference_dir=str(digits_dir), features="digits",
@@ -213,7 +213,7 @@ def test_a_second_sampler_gives_other_samples_reproducibly(tiny_dit, digits_dir,
     assert own != ddpm and fid("ddpm") == ddpm
     assert fid("ddpm", seed=4) != ddpm
     # Euler needs first latents scaled by init_noise_sigma, which DiTPipeline never does: refused in one line
-    from sadm_finetune.errors import InputError
+    from sadm_finetune.utils.errors import InputError
 
     with pytest.raises(InputError, match="^--sampler: euler .* use --sampler ddpm"):
         fid("euler")

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from sadm_finetune.demo_data import load_digits_images
-from sadm_finetune.features import (
+from sadm_finetune.data.digits import load_digits_images
+from sadm_finetune.evaluation.features import (
     DigitsClassifierFeatures,
     InceptionFeatures,
     ModuleFeatures,
     build_feature_extractor,
     load_classifier_features,
 )
-from sadm_finetune.models.digits_classifier import DigitsClassifier
+from sadm_finetune.evaluation.digits_classifier import DigitsClassifier
 
 
 class _MeanColour(torch.nn.Module):

@@ -12,12 +12,12 @@ from safetensors import safe_open
 
 from launch import tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import ModelConfig, build_config
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.latents import encode
-from sadm_finetune.models.flux import FluxAdapter, pack, unpack
-from sadm_finetune.models.loading import load_family
-from sadm_finetune.noise import FlowMatchProcess, make_process
+from sadm_finetune.config.run import ModelConfig, build_config
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.diffusion.latents import encode
+from sadm_finetune.families.flux import FluxAdapter, pack, unpack
+from sadm_finetune.families.loading import load_family
+from sadm_finetune.diffusion.process import FlowMatchProcess, make_process
 from tiny_flux import SCALING_FACTOR, SCHEDULER, SHIFT_FACTOR, build_tiny_flux_pipeline
 from tiny_sd import CAPTIONS, build_captioned_folder
 from tiny_sd3 import build_tiny_sd3_pipeline

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from launch import ROOT, offline_env, tiny_run_args
-from sadm_finetune.config import RunConfig
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.training import _check_distributed_type
+from sadm_finetune.config.run import RunConfig
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.train.entry import _check_distributed_type
 
 
 def _config(**training) -> RunConfig:

@@ -34,7 +34,7 @@ def test_gpu_check_arm_runs_on_cpu_with_a_tiny_dit(sadm):
 
 def test_gpu_check_cli_cases_cover_every_family_precision_and_trainable():
     from benchmarks.gpu_check import CLI_FAMILIES, cli_cases
-    from sadm_finetune.models.loading import FAMILIES
+    from sadm_finetune.families.loading import FAMILIES
 
     cases = cli_cases()
     assert len(cases) == len({c["name"] for c in cases}) == 24

@@ -10,10 +10,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from launch import tiny_run_args, train_in_process
-from sadm_finetune.config import build_config
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.models.kohya import KOHYA_WEIGHT_NAME, to_kohya
-from sadm_finetune.models.loading import FAMILIES
+from sadm_finetune.config.run import build_config
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.tuners.kohya import KOHYA_WEIGHT_NAME, to_kohya
+from sadm_finetune.families.loading import FAMILIES
 from tiny_sd import build_captioned_folder, build_tiny_sd_pipeline
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -8,13 +8,13 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from sadm_finetune import latent_cache
-from sadm_finetune.buckets import aspect_ratio_buckets
-from sadm_finetune.config import DataConfig, build_config
-from sadm_finetune.data import ImageTransform, TrainDataset, collate, open_train_data
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.latent_cache import CachedLatentDataset, build_latent_cache
-from sadm_finetune.latents import encode, sample_latents
+from sadm_finetune.data import latent_cache
+from sadm_finetune.data.buckets import aspect_ratio_buckets
+from sadm_finetune.config.run import DataConfig, build_config
+from sadm_finetune.data.datasets import ImageTransform, TrainDataset, collate, open_train_data
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.data.latent_cache import CachedLatentDataset, build_latent_cache
+from sadm_finetune.diffusion.latents import encode, sample_latents
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 

@@ -7,12 +7,12 @@ from safetensors.torch import load_file
 
 from launch import tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import ModelConfig, build_config
-from sadm_finetune.data import GEOMETRY_KEYS, open_train_data
-from sadm_finetune.latents import encode, sample_latents
-from sadm_finetune.loader import build_train_dataloader
-from sadm_finetune.models.loading import load_family
-from sadm_finetune.training import make_accelerator
+from sadm_finetune.config.run import ModelConfig, build_config
+from sadm_finetune.data.datasets import GEOMETRY_KEYS, open_train_data
+from sadm_finetune.diffusion.latents import encode, sample_latents
+from sadm_finetune.data.loader import build_train_dataloader
+from sadm_finetune.families.loading import load_family
+from sadm_finetune.train.entry import make_accelerator
 from tiny_pipelines import build_tiny_dit_pipeline
 from tiny_sd import build_mixed_aspect_folder, build_tiny_sd_pipeline
 

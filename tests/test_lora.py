@@ -15,13 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from launch import tiny_run_args, train_in_process
-from sadm_finetune.config import ModelConfig, build_config
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.models import lora
-from sadm_finetune.models.dit import DiTAdapter
-from sadm_finetune.models.loading import load_family
-from sadm_finetune.models.sd import StableDiffusionAdapter
-from sadm_finetune.builders import prepare_denoiser
+from sadm_finetune.config.run import ModelConfig, build_config
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.tuners import lora
+from sadm_finetune.families.dit import DiTAdapter
+from sadm_finetune.families.loading import load_family
+from sadm_finetune.families.sd import StableDiffusionAdapter
+from sadm_finetune.train.builders import prepare_denoiser
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 from tiny_sd import build_captioned_folder, build_tiny_sd_pipeline
 

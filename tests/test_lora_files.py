@@ -14,11 +14,11 @@ from diffusers.loaders import PeftAdapterMixin
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from sadm_finetune.config import ModelConfig, build_config
-from sadm_finetune.finish import export_dtypes
-from sadm_finetune.models import lora
-from sadm_finetune.models.kohya import KOHYA_WEIGHT_NAME
-from sadm_finetune.models.loading import load_family, stored_dtype
+from sadm_finetune.config.run import ModelConfig, build_config
+from sadm_finetune.train.finish import export_dtypes
+from sadm_finetune.tuners import lora
+from sadm_finetune.tuners.kohya import KOHYA_WEIGHT_NAME
+from sadm_finetune.families.loading import load_family, stored_dtype
 from tiny_flux import build_tiny_flux_pipeline
 from tiny_pipelines import build_tiny_dit_pipeline
 from tiny_pixart import build_tiny_pixart_pipeline

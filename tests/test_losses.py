@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sadm_finetune.config import SADMConfig
-from sadm_finetune.losses import (
+from sadm_finetune.config.run import SADMConfig
+from sadm_finetune.diffusion.losses import (
     DiffusionLoss,
     LearnedSigmaVLB,
     StructureLoss,
@@ -15,9 +15,9 @@ from sadm_finetune.losses import (
     snr,
     structure_sample_weights,
 )
-from sadm_finetune.models.discriminator import StructureDiscriminator
-from sadm_finetune.noise import DDPMProcess
-from sadm_finetune.sadm import SADMObjective
+from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
+from sadm_finetune.diffusion.process import DDPMProcess
+from sadm_finetune.terms.sadm.objective import SADMObjective
 
 
 def unit(x):
@@ -213,8 +213,8 @@ def test_gradients_are_finite_for_every_option(relation, distance):
 
 @pytest.mark.parametrize("name", ["EDMDPMSolverMultistepScheduler", "FlowMatchHeunDiscreteScheduler"])
 def test_an_unsupported_noise_process_is_refused_in_one_line(name):
-    from sadm_finetune.errors import ConfigError
-    from sadm_finetune.noise import make_process
+    from sadm_finetune.utils.errors import ConfigError
+    from sadm_finetune.diffusion.process import make_process
 
     config = {**DDPMScheduler().config, "_class_name": name}
     with pytest.raises(ConfigError, match=f"pretrained_model_name_or_path: .*{name}.*EDM, or flow matching") as e:
@@ -223,7 +223,7 @@ def test_an_unsupported_noise_process_is_refused_in_one_line(name):
 
 
 def test_the_ddpm_process_reads_the_pipelines_own_schedule():
-    from sadm_finetune.noise import DDPMProcess
+    from sadm_finetune.diffusion.process import DDPMProcess
 
     process = DDPMProcess(DDPMScheduler(beta_schedule="linear", prediction_type="v_prediction").config, "cpu")
     t = torch.tensor([0, 500, 999])

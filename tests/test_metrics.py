@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sadm_finetune.metrics import (
+from sadm_finetune.evaluation.metrics import (
     feature_statistics,
     fid,
     frechet_distance,
@@ -136,7 +136,7 @@ def test_missing_reference_stats_file_is_a_clear_error(tmp_path):
 
 
 def test_structure_gap_is_zero_for_the_same_set_and_grows_when_samples_collapse():
-    from sadm_finetune.metrics import structure_gap
+    from sadm_finetune.evaluation.metrics import structure_gap
 
     rng = np.random.default_rng(0)
     real = rng.normal(size=(500, 16))

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import ModelCard
 
-from sadm_finetune.card import CardFacts, REPO_ROOT, reproduce_command, write_model_card
-from sadm_finetune.config import build_config
-from sadm_finetune.finish import kohya_labels
-from sadm_finetune.models.dit import DiTAdapter
-from sadm_finetune.models.pixart import PixArtAdapter
-from sadm_finetune.models.sd import StableDiffusionAdapter
-from sadm_finetune.models.sd3 import StableDiffusion3Adapter
-from sadm_finetune.models.sdxl import StableDiffusionXLAdapter
+from sadm_finetune.export.card import CardFacts, REPO_ROOT, reproduce_command, write_model_card
+from sadm_finetune.config.run import build_config
+from sadm_finetune.train.finish import kohya_labels
+from sadm_finetune.families.dit import DiTAdapter
+from sadm_finetune.families.pixart import PixArtAdapter
+from sadm_finetune.families.sd import StableDiffusionAdapter
+from sadm_finetune.families.sd3 import StableDiffusion3Adapter
+from sadm_finetune.families.sdxl import StableDiffusionXLAdapter
 from test_hub_cache import cache_model, hub_cache  # noqa: F401 (fixture)
 
 CASES = [  # adapter class, a Hub base, the tags its family's diffusers training scripts write

@@ -35,8 +35,8 @@ def test_a_skipped_discriminator_update_is_counted_as_the_discriminators(tmp_pat
     import torch
     from accelerate import Accelerator
 
-    from sadm_finetune import builders
-    from sadm_finetune.sadm import SADMObjective
+    from sadm_finetune.train import builders
+    from sadm_finetune.terms.sadm.objective import SADMObjective
     from sadm_finetune.terms import Term
 
     real_disc_loss = SADMObjective.discriminator_loss

@@ -14,18 +14,18 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from sadm_finetune.config import DataConfig, SADMConfig, build_config
-from sadm_finetune.data import ImageTransform, TrainDataset, collate, open_train_data
-from sadm_finetune.errors import ConfigError, InputError
-from sadm_finetune.latent_cache import CachedLatentDataset, build_latent_cache, cache_key
-from sadm_finetune.latents import latent_loss_mask, latent_mask
-from sadm_finetune.losses import LearnedSigmaVLB, masked_mean, weighted_mean
-from sadm_finetune.models.discriminator import StructureDiscriminator
-from sadm_finetune.models.family import caption_prompts
-from sadm_finetune.noise import make_process
-from sadm_finetune.prior import (PriorPreservationCollate, PriorPreservationDataset, class_image_files,
+from sadm_finetune.config.run import DataConfig, SADMConfig, build_config
+from sadm_finetune.data.datasets import ImageTransform, TrainDataset, collate, open_train_data
+from sadm_finetune.utils.errors import ConfigError, InputError
+from sadm_finetune.data.latent_cache import CachedLatentDataset, build_latent_cache, cache_key
+from sadm_finetune.diffusion.latents import latent_loss_mask, latent_mask
+from sadm_finetune.diffusion.losses import LearnedSigmaVLB, masked_mean, weighted_mean
+from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
+from sadm_finetune.families.base import caption_prompts
+from sadm_finetune.diffusion.process import make_process
+from sadm_finetune.data.prior import (PriorPreservationCollate, PriorPreservationDataset, class_image_files,
                                  generate_class_images, open_class_data)
-from sadm_finetune.sadm import SADMObjective
+from sadm_finetune.terms.sadm.objective import SADMObjective
 from sadm_finetune.terms import StepContext
 
 
@@ -221,7 +221,7 @@ def test_class_images_are_generated_batched_resumable_and_only_when_missing(tmp_
 
 
 def fresh_image_bytes(tmp_path, seed, index):
-    from sadm_finetune.prior import _image_seed
+    from sadm_finetune.data.prior import _image_seed
 
     g = torch.Generator().manual_seed(_image_seed(seed, index))
     return Image.fromarray((torch.rand(8, 8, 3, generator=g).numpy() * 255).astype(np.uint8)).tobytes()
@@ -240,9 +240,9 @@ def test_prior_preservation_options_are_checked_before_any_model_loads():
 
 
 def test_a_class_conditional_family_refuses_prompts_and_kohya_folders(tmp_path):
-    from sadm_finetune.models.dit import DiTAdapter
-    from sadm_finetune.models.sd import StableDiffusionAdapter
-    from sadm_finetune.prior import check_personalization
+    from sadm_finetune.families.dit import DiTAdapter
+    from sadm_finetune.families.sd import StableDiffusionAdapter
+    from sadm_finetune.data.prior import check_personalization
 
     _image(tmp_path / "10_sks dog" / "a.png")
     kohya = open_train_data(DataConfig(train_data_dir=str(tmp_path)))
@@ -407,7 +407,8 @@ def test_dreambooth_lora_with_prior_preservation_on_tiny_sd(tmp_path, family, mo
     from huggingface_hub import ModelCard
 
     from launch import train_in_process
-    from sadm_finetune import loop, noise
+    from sadm_finetune.train import loop
+    from sadm_finetune.diffusion import process as noise
     from tiny_sd import build_tiny_sd_pipeline
     from tiny_sdxl import build_tiny_sdxl_pipeline
 
@@ -483,8 +484,8 @@ def test_the_personalization_benchmark_plans_resolvable_runs_and_measures(tmp_pa
     """benchmarks/personalization_digits.py, not the study: its --dry_run builds the data and the untrained base and
     checks every planned command with sadm-train --dry_run; its metrics on real digits and on the untrained base."""
     from benchmarks.personalization_digits import classify, evaluate, is_inverted, main
-    from sadm_finetune.demo_data import load_digits_images
-    from sadm_finetune.features import DIGITS_CLASSIFIER_PATH, load_classifier
+    from sadm_finetune.data.digits import load_digits_images
+    from sadm_finetune.evaluation.features import DIGITS_CLASSIFIER_PATH, load_classifier
 
     out = main(["--dry_run", "--seeds", "0", "1", "--variants", "plain,prior+sadm", "--subject_images", "4",
                 "--base_images", "20", "--work_dir", str(tmp_path)])

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import ModelConfig
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.models.loading import load_family
-from sadm_finetune.models.pixart import PixArtAdapter
-from sadm_finetune.text_cache import build_text_cache
+from sadm_finetune.config.run import ModelConfig
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.families.loading import load_family
+from sadm_finetune.families.pixart import PixArtAdapter
+from sadm_finetune.data.text_cache import build_text_cache
 from tiny_pixart import build_tiny_pixart_pipeline
 from tiny_sd import CAPTIONS, build_captioned_folder, build_mixed_aspect_folder
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from sadm_finetune.quiet import DROPPED, DropMessages
+from sadm_finetune.utils.quiet import DROPPED, DropMessages
 
 NOISE = [
     "requires torchvision (not installed)",  # transformers, on import

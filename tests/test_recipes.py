@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from sadm_finetune.cli import main
-from sadm_finetune.config import load_yaml
+from sadm_finetune.config.run import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))

@@ -13,8 +13,8 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from launch import tiny_run_args, train_in_process
-from sadm_finetune.errors import ConfigError, InputError
-from sadm_finetune.terms.repa import (FEATURES_KEY, RepaTerm, VisionEncoder, denoiser_tokens, match_grid,
+from sadm_finetune.utils.errors import ConfigError, InputError
+from sadm_finetune.terms.repa.term import (FEATURES_KEY, RepaTerm, VisionEncoder, denoiser_tokens, match_grid,
                                       repa_loss)
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
@@ -112,8 +112,8 @@ def test_encoder_features_drop_cls_and_registers_and_use_the_processor_normalisa
 def test_projector_width_matches_every_feature_block_of_a_unet():
     from diffusers import UNet2DConditionModel
 
-    from sadm_finetune.models.sd import StableDiffusionAdapter
-    from sadm_finetune.terms.repa import feature_width
+    from sadm_finetune.families.sd import StableDiffusionAdapter
+    from sadm_finetune.terms.repa.term import feature_width
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -149,7 +149,7 @@ def _config(tmp_path, *extra):
 def test_config_checks_name_the_field_and_the_fix(tmp_path):
     from transformers import BertConfig, BertModel
 
-    from sadm_finetune.models.loading import load_family
+    from sadm_finetune.families.loading import load_family
     from sadm_finetune.terms import check_terms
 
     encoder = build_tiny_encoder(tmp_path / "enc")
@@ -183,10 +183,10 @@ def test_config_checks_name_the_field_and_the_fix(tmp_path):
 def _build_run(tmp_path, *extra, sd=False):
     """What training.train does up to the loop, in this process (2 steps, REPA on, SADM off); `sd`: the tiny SD
     pipeline on images of several aspect ratios."""
-    from sadm_finetune.builders import build_run, make_accelerator, weight_dtype_of
-    from sadm_finetune.data import open_train_data
-    from sadm_finetune.loader import build_train_dataloader
-    from sadm_finetune.models.loading import load_family
+    from sadm_finetune.train.builders import build_run, make_accelerator, weight_dtype_of
+    from sadm_finetune.data.datasets import open_train_data
+    from sadm_finetune.data.loader import build_train_dataloader
+    from sadm_finetune.families.loading import load_family
     from sadm_finetune.terms import check_terms
 
     encoder = build_tiny_encoder(tmp_path / "enc")
@@ -219,8 +219,8 @@ def _build_run(tmp_path, *extra, sd=False):
 
 
 def _train(run, loader, dataset):
-    from sadm_finetune.checkpointing import TrainState
-    from sadm_finetune.loop import train_loop
+    from sadm_finetune.train.checkpointing import TrainState
+    from sadm_finetune.train.loop import train_loop
 
     state = TrainState()
     train_loop(run, loader, dataset, state, lambda s: None)
@@ -289,8 +289,8 @@ def test_bf16_run_keeps_the_encoder_in_the_weight_dtype_and_the_loss_in_fp32(tmp
 
 
 def test_cached_latents_carry_the_features_of_the_orientation_drawn(tmp_path, monkeypatch):
-    from sadm_finetune.data import open_train_data
-    from sadm_finetune.latent_cache import _PixelRows
+    from sadm_finetune.data.datasets import open_train_data
+    from sadm_finetune.data.latent_cache import _PixelRows
 
     run, loader, dataset, term, encoder_path = _build_run(tmp_path, "--cache_latents", "--center_crop",
                                                           "--random_flip")
@@ -327,8 +327,8 @@ def test_cached_latents_carry_the_features_of_the_orientation_drawn(tmp_path, mo
 
 
 def test_unet_on_aspect_ratio_buckets_reads_the_features_of_each_bucket_from_the_cache(tmp_path):
-    from sadm_finetune.data import open_train_data
-    from sadm_finetune.latent_cache import _PixelRows
+    from sadm_finetune.data.datasets import open_train_data
+    from sadm_finetune.data.latent_cache import _PixelRows
 
     run, loader, dataset, term, encoder_path = _build_run(
         tmp_path, "--aspect_ratio_buckets", "--cache_latents", "--center_crop", "--random_flip", sd=True)
@@ -360,12 +360,12 @@ def test_unet_on_aspect_ratio_buckets_reads_the_features_of_each_bucket_from_the
 def test_feature_cache_is_keyed_on_the_encoder_and_reused(tmp_path):
     from accelerate import Accelerator
 
-    from sadm_finetune.latent_cache import build_latent_cache
-    from sadm_finetune.terms.repa_cache import build_feature_cache
+    from sadm_finetune.data.latent_cache import build_latent_cache
+    from sadm_finetune.terms.repa.cache import build_feature_cache
 
     config = _config(tmp_path, "--cache_latents", "--center_crop", "--latent_cache_dir", str(tmp_path / "cache"))
-    from sadm_finetune.data import open_train_data
-    from sadm_finetune.models.loading import load_family
+    from sadm_finetune.data.datasets import open_train_data
+    from sadm_finetune.families.loading import load_family
 
     build_image_folder(tmp_path / "data", per_class=2)
     data = open_train_data(config.data)

@@ -55,7 +55,7 @@ def _resumed_step(text):
 @pytest.mark.parametrize("lora, ema", [(False, True), (True, True), (False, False), (True, False)],
                          ids=["full-ema", "lora-ema", "full", "lora"])
 def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, lora, ema):
-    from sadm_finetune.noise import DDPMProcess
+    from sadm_finetune.diffusion.process import DDPMProcess
 
     draws = []  # per micro-batch: what the loop noised (batch latents, noise, timesteps), in order
     add_noise = DDPMProcess.add_noise
@@ -140,7 +140,7 @@ def test_checkpoint_rotation_and_missing_resume_checkpoint(tmp_path):
 
 
 def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path):
-    from sadm_finetune.checkpointing import list_checkpoints, resolve_resume
+    from sadm_finetune.train.checkpointing import list_checkpoints, resolve_resume
 
     root = tmp_path / "checkpoints"
     (root / "checkpoint-2").mkdir(parents=True)
@@ -214,9 +214,9 @@ def test_latest_without_a_checkpoint_never_overwrites_a_finished_run(tmp_path):
 
 
 def test_latest_on_an_empty_or_missing_folder_starts_fresh_and_checkpoints_are_suggested(tmp_path):
-    from sadm_finetune.config import build_config
-    from sadm_finetune.errors import InputError
-    from sadm_finetune.training import check_output_dir
+    from sadm_finetune.config.run import build_config
+    from sadm_finetune.utils.errors import InputError
+    from sadm_finetune.train.entry import check_output_dir
 
     def config(out, **extra):
         return build_config({"pretrained_model_name_or_path": "p", "train_data_dir": "d", "output_dir": str(out),

@@ -5,10 +5,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sadm_finetune.config import SADMConfig
-from sadm_finetune.noise import DDPMProcess
-from sadm_finetune.models.discriminator import StructureDiscriminator
-from sadm_finetune.sadm import SADMObjective, fixed_structure_gap, wiener_lowpass
+from sadm_finetune.config.run import SADMConfig
+from sadm_finetune.diffusion.process import DDPMProcess
+from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
+from sadm_finetune.terms.sadm.objective import SADMObjective, fixed_structure_gap, wiener_lowpass
 
 PROCESS = DDPMProcess(DDPMScheduler(beta_schedule="linear").config, "cpu")
 ALPHAS = PROCESS.alphas_cumprod
@@ -284,8 +284,8 @@ def test_the_score_head_leaves_the_default_discriminator_bit_identical():
 def _term(**sadm):
     from types import SimpleNamespace
 
-    from sadm_finetune.config import RunConfig
-    from sadm_finetune.terms.sadm import SADMTerm
+    from sadm_finetune.config.run import RunConfig
+    from sadm_finetune.terms.sadm.term import SADMTerm
 
     config = RunConfig(sadm=SADMConfig(disc_width=8, disc_depth=2, disc_embed_dim=16, structure_warmup_steps=0,
                                        **sadm))

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args
 from sadm_finetune.cli import main
-from sadm_finetune.config import DataConfig, ModelConfig, build_config
-from sadm_finetune.data import open_train_data
-from sadm_finetune.errors import ConfigError, InputError
-from sadm_finetune.models.loading import load_family
-from sadm_finetune.models.sd import StableDiffusionAdapter
+from sadm_finetune.config.run import DataConfig, ModelConfig, build_config
+from sadm_finetune.data.datasets import open_train_data
+from sadm_finetune.utils.errors import ConfigError, InputError
+from sadm_finetune.families.loading import load_family
+from sadm_finetune.families.sd import StableDiffusionAdapter
 from tiny_pipelines import build_image_folder
 from tiny_sd import CAPTIONS, build_captioned_folder, build_tiny_sd_pipeline
 

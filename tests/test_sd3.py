@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import ModelConfig, SADMConfig, TrainingConfig, build_config
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.flow_config import FlowMatchingConfig
-from sadm_finetune.latents import encode
-from sadm_finetune.models.loading import _supported, load_family
-from sadm_finetune.models.sd3 import StableDiffusion3Adapter
-from sadm_finetune.noise import FlowMatchProcess, make_process
-from sadm_finetune.sadm import SADMObjective
+from sadm_finetune.config.run import ModelConfig, SADMConfig, TrainingConfig, build_config
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.diffusion.flow_config import FlowMatchingConfig
+from sadm_finetune.diffusion.latents import encode
+from sadm_finetune.families.loading import _supported, load_family
+from sadm_finetune.families.sd3 import StableDiffusion3Adapter
+from sadm_finetune.diffusion.process import FlowMatchProcess, make_process
+from sadm_finetune.terms.sadm.objective import SADMObjective
 from tiny_sd import CAPTIONS, build_captioned_folder, build_tiny_sd_pipeline
 from tiny_sd3 import SCALING_FACTOR, SHIFT, SHIFT_FACTOR, build_tiny_sd3_pipeline
 
@@ -301,7 +301,7 @@ def test_lora_without_sadm_pushes_the_lora_alone_and_stock_load_lora_weights_rea
     assert seen["lora_change"] > 1e-3
 
     # sadm-eval takes the lean folder as --pipeline: the base from training_config.yaml plus the LoRA file
-    from sadm_finetune.evaluate import load_pipeline
+    from sadm_finetune.evaluation.evaluate import load_pipeline
 
     pipe = load_pipeline(str(out), "--pipeline", "cpu", "float32")
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.get_list_adapters() == {"transformer": ["default_0"]}

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sadm_finetune.config import build_config
-from sadm_finetune.errors import ConfigError
-from sadm_finetune.noise import DDPMProcess
+from sadm_finetune.config.run import build_config
+from sadm_finetune.utils.errors import ConfigError
+from sadm_finetune.diffusion.process import DDPMProcess
 from sadm_finetune.terms import StepContext
-from sadm_finetune.terms.sddit import Centre, SDDiTTerm, cosine_loss, dino_loss, dit_encoder
+from sadm_finetune.terms.sddit.term import Centre, SDDiTTerm, cosine_loss, dino_loss, dit_encoder
 
 BATCH, NUM_LAYERS = 4, 3
 
@@ -41,8 +41,8 @@ def pipeline():
 def _setup(pipeline, lora_rank=0, **sddit):
     """A fresh copy of the tiny DiT in an adapter (prepared as training.train does), the term on it, and an
     optimizer over the trainable weights and the head (as build_run)."""
-    from sadm_finetune.models import lora
-    from sadm_finetune.models.dit import DiTAdapter
+    from sadm_finetune.tuners import lora
+    from sadm_finetune.families.dit import DiTAdapter
 
     config = _config(**sddit, **({"trainable": "lora", "lora_rank": lora_rank} if lora_rank else {}))
     pipe = copy.deepcopy(pipeline)
@@ -236,7 +236,7 @@ def test_a_model_without_enough_blocks_is_refused_in_one_line(pipeline):
 
 
 def test_stable_diffusion_is_refused_before_loading():
-    from sadm_finetune.models.sd import StableDiffusionAdapter
+    from sadm_finetune.families.sd import StableDiffusionAdapter
 
     with pytest.raises(ConfigError, match=r"^sddit_weight: SD-DiT needs a DiT-style transformer") as error:
         StableDiffusionAdapter.check_config(_config())
@@ -292,7 +292,7 @@ def _state_names(path):
     """state key -> tensor name in a CheckpointState safetensors file (its JSON skeleton), and its metadata."""
     from safetensors import safe_open
 
-    from sadm_finetune.checkpointing import _STATE_KEY
+    from sadm_finetune.train.checkpointing import _STATE_KEY
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()

@@ -12,19 +12,19 @@ from safetensors.torch import load_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config import DataConfig, ModelConfig
-from sadm_finetune.data import open_train_data
-from sadm_finetune.errors import InputError
-from sadm_finetune.latent_cache import cache_key
-from sadm_finetune.latents import encode
-from sadm_finetune.models.kohya import KOHYA_WEIGHT_NAME
-from sadm_finetune.models.loading import load_family
-from sadm_finetune.models.sd import StableDiffusionAdapter
-from sadm_finetune.models.sdxl import StableDiffusionXLAdapter
-from sadm_finetune.models.vae import vae_dtype
-from sadm_finetune.text_cache import build_text_cache, text_fingerprint
-from sadm_finetune.training import place_frozen_modules
-from sadm_finetune.validation import vae_outside_autocast
+from sadm_finetune.config.run import DataConfig, ModelConfig
+from sadm_finetune.data.datasets import open_train_data
+from sadm_finetune.utils.errors import InputError
+from sadm_finetune.data.latent_cache import cache_key
+from sadm_finetune.diffusion.latents import encode
+from sadm_finetune.tuners.kohya import KOHYA_WEIGHT_NAME
+from sadm_finetune.families.loading import load_family
+from sadm_finetune.families.sd import StableDiffusionAdapter
+from sadm_finetune.families.sdxl import StableDiffusionXLAdapter
+from sadm_finetune.families.vae import vae_dtype
+from sadm_finetune.data.text_cache import build_text_cache, text_fingerprint
+from sadm_finetune.train.entry import place_frozen_modules
+from sadm_finetune.train.validation import vae_outside_autocast
 from tiny_sd import CAPTIONS, build_captioned_folder, build_mixed_aspect_folder
 from tiny_sdxl import build_tiny_sdxl_pipeline, build_tiny_vae
 

@@ -9,10 +9,10 @@ import torch
 import yaml
 from diffusers import DiTPipeline
 
-from sadm_finetune.demo_data import load_digits_images
-from sadm_finetune.evaluate import format_table
-from sadm_finetune.models.discriminator import StructureDiscriminator
-from sadm_finetune.separability import load_discriminator, native_resolution, probe
+from sadm_finetune.data.digits import load_digits_images
+from sadm_finetune.evaluation.evaluate import format_table
+from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
+from sadm_finetune.evaluation.separability import load_discriminator, native_resolution, probe
 
 DEMO = "sadm_finetune/assets/demo-dit-digits"
 

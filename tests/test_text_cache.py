@@ -8,13 +8,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from sadm_finetune.config import ModelConfig, build_config
-from sadm_finetune.data import open_train_data
-from sadm_finetune.errors import ConfigError, InputError
-from sadm_finetune.loader import build_train_dataloader
-from sadm_finetune.models.dit import DiTAdapter
-from sadm_finetune.models.loading import load_family
-from sadm_finetune.text_cache import build_text_cache, prompts_to_cache
+from sadm_finetune.config.run import ModelConfig, build_config
+from sadm_finetune.data.datasets import open_train_data
+from sadm_finetune.utils.errors import ConfigError, InputError
+from sadm_finetune.data.loader import build_train_dataloader
+from sadm_finetune.families.dit import DiTAdapter
+from sadm_finetune.families.loading import load_family
+from sadm_finetune.data.text_cache import build_text_cache, prompts_to_cache
 from tiny_sd import CAPTIONS, build_captioned_folder, build_tiny_sd_pipeline
 
 CPU = torch.device("cpu")
@@ -42,7 +42,7 @@ def _config(tiny_sd, tmp_path, data_dir="unused", **fields):
 @pytest.fixture
 def count_encodes(monkeypatch):
     """Prompts each adapter's encode_text was asked for."""
-    from sadm_finetune.models.sd import StableDiffusionAdapter
+    from sadm_finetune.families.sd import StableDiffusionAdapter
 
     calls = []
     real = StableDiffusionAdapter.encode_text

@@ -74,7 +74,7 @@ def test_fine_tune_exports_a_stock_pipeline(fine_tunes, stock_diffusers, case):
         assert "plain fine-tune" in card
     else:
         assert (out / "structure_discriminator" / "config.json").is_file()
-        from sadm_finetune.models.discriminator import StructureDiscriminator
+        from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
 
         disc = StructureDiscriminator.from_pretrained(out / "structure_discriminator", use_safetensors=True)
         assert disc.config.base_channels == 8

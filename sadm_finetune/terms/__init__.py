@@ -9,9 +9,9 @@ __all__ = ["StepContext", "Term", "Update", "UpdateResult", "build_terms", "chec
 
 def build_terms(config, adapter, process, autocast) -> list[Term]:
     """The terms a config asks for, in a fixed order (the checkpoint layout depends on it)."""
-    from ..sadm import SADMObjective
-    from .sadm import SADMTerm, StructureProbe
-    from .sddit import SDDiTTerm
+    from .sadm.objective import SADMObjective
+    from .sadm.term import SADMTerm, StructureProbe
+    from .sddit.term import SDDiTTerm
 
     terms: list[Term] = []
     if config.sadm.enabled:
@@ -19,7 +19,7 @@ def build_terms(config, adapter, process, autocast) -> list[Term]:
     if config.sadm.structure_diagnostics:
         terms.append(StructureProbe(SADMObjective(config.sadm, process)))
     if config.repa.enabled:
-        from .repa import RepaTerm
+        from .repa.term import RepaTerm
 
         terms.append(RepaTerm(config, adapter, autocast))
     if config.sddit.enabled:
@@ -30,6 +30,6 @@ def build_terms(config, adapter, process, autocast) -> list[Term]:
 def check_terms(config, adapter, accelerator) -> None:
     """The terms' one-line config checks that need the loaded model, before any heavy work (latent caching)."""
     if config.repa.enabled:
-        from .repa import RepaTerm
+        from .repa.term import RepaTerm
 
         RepaTerm.check(config, adapter, accelerator)

@@ -1,0 +1,1 @@
+"""Typed run configuration: the dataclass sections, YAML files and command-line flags."""

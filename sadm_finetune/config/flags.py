@@ -1,0 +1,107 @@
+"""Command-line flags derived from config dataclasses: one builder for sadm-train and sadm-eval.
+
+Every field becomes ``--<name>`` typed from its annotation (bools are switches with a ``--no_<name>``
+form, Literals are choices, lists take several values, ``none``/``null`` is None where the field
+admits it). Flags the user did not give are absent from the parsed namespace, so a YAML recipe or the
+dataclass default fills them. Abbreviations are off (``--max_train_step`` is an error, not
+``--max_train_steps``); an unknown flag is one line that names the closest real flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from typing import Any, Literal, Sequence
+
+from ..utils.errors import ConfigError
+from .fields import field_default, is_optional
+
+_SUPPRESS = argparse.SUPPRESS
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse without abbreviations, whose errors are one line (a ConfigError) instead of usage text."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        self.required_fields: list[str] = []  # checked after unknown flags, so a typo is named first
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError("arguments", message, f"see {self.prog} --help")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._unrecognized(extras)
+        missing = [f"--{name}" for name in self.required_fields if not hasattr(parsed, name)]
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        return parsed
+
+    def _unrecognized(self, extras: list[str]) -> typing.NoReturn:
+        flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+        if not flags:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        known = sorted(s for s in self._option_string_actions if s.startswith("--"))
+        close = difflib.get_close_matches(flags[0], known, n=1)
+        fix = f"did you mean {close[0]}? (see {self.prog} --help)" if close else f"see {self.prog} --help"
+        raise ConfigError(flags[0], "unrecognized argument", fix)
+
+
+def _default_text(f: dataclasses.Field, nullable: bool, inner: Any) -> str:
+    value = field_default(f)
+    if value is dataclasses.MISSING:
+        return "(required)"
+    if inner is bool:
+        if value is None:  # decided at run time; the help text says how
+            return f"(default: auto; --{f.name} / --no_{f.name} decide)"
+        return f"(default: on; --no_{f.name} turns it off)" if value else "(default: off)"
+    if value is None:
+        return "(default: none)"
+    if isinstance(value, list):
+        return "(default: " + " ".join(str(v) for v in value) + ")"
+    return f"(default: {value})"
+
+
+def add_field(parser: FlagParser, group: argparse._ActionsContainer, f: dataclasses.Field, tp: Any) -> None:
+    """One ``--<name>`` flag (and its aliases) for a dataclass field annotated ``tp``."""
+    name = f.name
+    flags = [f"--{name}", *f.metadata.get("aliases", [])]
+    nullable, inner = is_optional(tp)
+    help_text = f"{f.metadata.get('help', '')} {_default_text(f, nullable, inner)}".strip().replace("%", "%%")
+    if field_default(f) is dataclasses.MISSING:
+        parser.required_fields.append(name)
+    common = dict(dest=name, default=_SUPPRESS, help=help_text)
+    if inner is bool:
+        group.add_argument(*flags, action="store_const", const=True, **common)
+        group.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, default=_SUPPRESS,
+                           help=_SUPPRESS)
+        return
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        group.add_argument(*flags, choices=list(typing.get_args(inner)), **common)
+        return
+    if origin is list:
+        (item,) = typing.get_args(inner)
+        group.add_argument(*flags, type=item, nargs="+", metavar=item.__name__.upper(), **common)
+        return
+
+    def parse(text: str, _inner=inner) -> Any:
+        if nullable and text.lower() in ("none", "null"):
+            return None
+        return _inner(text)
+
+    parse.__name__ = inner.__name__  # argparse names the type in its error message
+    group.add_argument(*flags, type=parse, metavar=inner.__name__.upper(), **common)
+
+
+def add_dataclass_flags(parser: FlagParser, sections: dict[str, type]) -> None:
+    """A flag per field of each dataclass, in one argument group per section (titled by its name)."""
+    for section, cls in sections.items():
+        group = parser.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            add_field(parser, group, f, hints[f.name])

@@ -1,0 +1,1 @@
+"""The diffusion objective: noise processes, the per-sample denoising losses, VAE latents."""

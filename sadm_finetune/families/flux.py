@@ -1,0 +1,183 @@
+"""Flux.1 family (`FluxPipeline`: dev and schnell): an MMDiT with single-stream blocks (`FluxTransformer2DModel`)
+trained with flow matching on packed 2x2 latents, CLIP (pooled) + T5 text, and for guidance-distilled models
+(dev) a guidance embedding.
+
+What differs from SD3 (`sd3.StableDiffusion3Adapter`, whose structure this follows; the reference is diffusers'
+examples/dreambooth/train_dreambooth_lora_flux.py, docs/defaults.md):
+- the loop, the process and the terms keep (B, C, h, w) latents: `predict` packs them into 2x2 tokens with their
+  position ids (`FluxPipeline._pack_latents`, `_prepare_latent_image_ids`), calls the transformer with
+  timestep = sigma (t / 1000), zero text ids and, where `guidance_embeds`, the guidance value (--guidance_scale),
+  and unpacks the velocity (`_unpack_latents`), so x0_hat, SADM and D see the latent grid as for every family;
+- the scheduler's dynamic shift (mu from the image's token count) is applied by `noise.FlowMatchProcess`, told
+  the 2x2 packing through `latent_patch_size`;
+- text: `encode_text` is `FluxPipeline.encode_prompt`: CLIP's pooled output, T5's hidden states at the
+  pipeline's `max_sequence_length` (512, its __call__ default, capped by tokenizer_2's model_max_length);
+- the feature blocks are the dual-stream then the single-stream blocks; both return (text tokens, image tokens);
+- the LoRA file is written by `FluxPipeline.save_lora_weights`, which the pipeline's `load_lora_weights` reads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FluxPipeline
+from torch import nn
+
+from ..config.run import RunConfig
+from ..utils.errors import ConfigError
+from .base import ModelOutput, refuse_options
+from .sd import StableDiffusionAdapter
+
+FLUX_GUIDANCE_DEFAULT = 3.5  # train_dreambooth_lora_flux.py --guidance_scale, FluxPipeline.__call__'s default
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C) tokens, as FluxPipeline packs them."""
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack` for an (h, w) latent grid."""
+    return FluxPipeline._unpack_latents(tokens, h, w, 1)  # vae factor 1: h and w are latent sizes already
+
+
+class FluxAdapter(StableDiffusionAdapter):
+    family = "flux"
+    display_name = "Flux.1"
+    pipeline_classes = ("FluxPipeline",)
+    pipeline_class = FluxPipeline
+    denoiser_name = "transformer"
+    # train_dreambooth_lora_flux.py's default --lora_layers: attention of both streams and the dual blocks' MLPs.
+    lora_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                           "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                           "ff_context.net.0.proj", "ff_context.net.2")
+    load_kwargs: dict[str, Any] = {}
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    flow_matching = True
+    vae_fp32_under_bf16 = False  # the script casts the VAE to the weight dtype
+    kohya_lora = False
+    hidden_output_index = 1  # FluxTransformerBlock and FluxSingleTransformerBlock return (text, image) tokens
+    latent_patch_size = 2  # 2x2 latents per token
+    guidance_embedding = True
+    max_sequence_length = 512  # T5 tokens: FluxPipeline.__call__'s default
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        super(StableDiffusionAdapter, cls).check_config(config)  # the family-wide checks, not SD's wording
+        refuse_options(
+            *cls.text_refusals(config),
+            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
+             "Flux's rotary position ids follow the image size", "drop --pos_embed_transfer"),
+            (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
+             "not Flux's", "drop --sddit_weight (REPA reads Flux's image tokens: --repa_weight)"),
+            (config.training.snr_gamma is not None, "snr_gamma", "min-SNR weighting is defined for the DDPM targets "
+             "and Flux trains with flow matching", "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
+            (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",
+             "use --trainable full or lora"),
+        )
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance embedding's training value, None for a transformer without one (schnell)."""
+        if not self.denoiser.config.guidance_embeds:
+            return None
+        value = self.config.guidance_scale
+        return FLUX_GUIDANCE_DEFAULT if value is None else value
+
+    @property
+    def t5_length(self) -> int:
+        return min(self.max_sequence_length, self.pipeline.tokenizer_2.model_max_length) \
+            if self.pipeline.tokenizer_2 is not None else self.max_sequence_length
+
+    def default_resolution(self) -> int:
+        return self.pipeline.default_sample_size * self.vae_scale_factor  # FluxPipeline's default height / width
+
+    @property
+    def patch_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_patch_size
+
+    def check_resolution(self, resolution: int) -> None:
+        m = self.patch_multiple
+        if resolution % m:
+            raise ConfigError("resolution", f"{resolution} is not a multiple of the VAE factor times Flux's 2x2 "
+                              f"packing ({m})", f"use a multiple of {m}, e.g. {self.default_resolution()}")
+
+    def set_resolution(self, resolution: int) -> None:
+        self.check_resolution(resolution)
+        self.resolution = resolution
+
+    def aspect_ratio_bucket_multiple(self) -> int:
+        return self.patch_multiple  # packed 2x2: both latent sides even
+
+    def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
+                    guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
+        rows = self.prompt_rows(pipeline, conditions, num_per_row)
+        # At the trained size (FluxPipeline's default is 1024 px whatever the run trained), T5 as in training.
+        size = getattr(self, "resolution", None) or self.default_resolution()
+        fixed = {"height": size, "width": size, "max_sequence_length": self.t5_length}
+        return self._sample_rows(pipeline, [{**row, **fixed} for row in rows], num_inference_steps, guidance_scale,
+                                 seed)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompts -> {"prompt_embeds": (B, T5 tokens, joint_attention_dim), "pooled_prompt_embeds": (B, CLIP
+        width)}, `FluxPipeline.encode_prompt` at the pipeline's max_sequence_length."""
+        p = self.pipeline
+        ids = p.tokenizer(prompts, padding="max_length", max_length=p.tokenizer_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+        pooled = p.text_encoder(ids.to(device), output_hidden_states=False).pooler_output.to(p.text_encoder.dtype)
+        ids = p.tokenizer_2(prompts, padding="max_length", max_length=self.t5_length, truncation=True,
+                            return_tensors="pt").input_ids
+        embeds = p.text_encoder_2(ids.to(device), output_hidden_states=False)[0].to(p.text_encoder_2.dtype)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
+                     drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        # Caption dropout replaces the T5 and the pooled CLIP embeddings by the empty prompt's, together.
+        embeds = self.dropped_text_embeddings(batch, device, drop, generator)
+        cond = {"encoder_hidden_states": embeds["prompt_embeds"], "pooled_projections": embeds["pooled_prompt_embeds"]}
+        if self.guidance_scale is not None:  # the script: torch.tensor([guidance_scale]).expand(B)
+            cond["guidance"] = torch.full((cond["pooled_projections"].shape[0],), self.guidance_scale,
+                                          device=device, dtype=torch.float32)
+        return cond
+
+    def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> ModelOutput:
+        b, _, h, w = noisy_latents.shape
+        text = conditioning["encoder_hidden_states"]
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
+        txt_ids = torch.zeros(text.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
+        out = denoiser(hidden_states=pack(noisy_latents), timestep=timesteps / 1000,
+                       guidance=conditioning.get("guidance"), pooled_projections=conditioning["pooled_projections"],
+                       encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return ModelOutput(unpack(out, h, w))  # the velocity eps - x0 on the latent grid
+
+    def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        # Outputs read: the image tokens, (B, h/2 * w/2, inner_dim), of the dual- then the single-stream blocks.
+        return [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+
+    def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
+        return FluxPipeline(**{**self.pipeline.components, "vae": self.vae, "transformer": denoiser})
+
+    def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
+                          adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None
+                          ) -> dict[str, str]:
+        """`FluxPipeline.save_lora_weights` (peft keys under `transformer.`, the LoRA config in the metadata), written
+        to a temporary name and moved into place."""
+        from ..tuners.lora import LORA_WEIGHT_NAME
+
+        path = Path(output_dir) / LORA_WEIGHT_NAME
+        tmp = path.with_name(f".tmp-{path.name}")
+        FluxPipeline.save_lora_weights(str(output_dir), transformer_lora_layers=lora_state_dict,
+                                       weight_name=tmp.name, transformer_lora_adapter_metadata=adapter_metadata)
+        os.replace(tmp, path)
+        return {"diffusers": path.name}
+
+    def card_tags(self) -> list[str]:
+        return [self.family, "flux-diffusers", "text-to-image"]  # as train_dreambooth_lora_flux.py tags its cards

@@ -1,0 +1,160 @@
+"""PixArt family: `PixArtSigmaPipeline` (and `PixArtAlphaPipeline`) = `PixArtTransformer2DModel` + T5 text encoder +
+`AutoencoderKL` + scheduler, text-conditioned, DDPM (epsilon) with learned sigma.
+
+- text: T5's last hidden states and the tokenizer's attention mask (`prompt_embeds`, `prompt_attention_mask`), padded
+  to the pipeline's own `max_sequence_length` (300 for Σ, 120 for α), as its `encode_prompt` computes them with
+  `clean_caption=False` (lower-cased and stripped; caption cleaning needs bs4 and ftfy and rewrites captions).
+  Caption dropout swaps in the empty prompt's embeddings and mask, which is also the pipeline's negative prompt.
+- learned sigma: the transformer's second half of output channels are the variance (`ModelOutput.variance`, as DiT):
+  never part of the structure term; trained by the VLB term with --learned_sigma_loss vlb.
+- micro-conditioning: where the transformer has `use_additional_conditions` (PixArt-α 1024), `added_cond_kwargs`
+  carries each sample's training size (h, w) and aspect ratio h / w, from the batch's `target_sizes`, as the α
+  pipeline passes its output size. PixArt-Σ's transformers have it off and the Σ pipeline passes None.
+- resolution: the positional embedding follows the input's token grid (PatchEmbed recomputes it around the base's
+  `sample_size`), so any multiple of VAE factor x patch size trains, aspect-ratio buckets included, and the export
+  keeps the base's config; validation grids sample at the trained resolution.
+- LoRA: diffusers has no LoRA loader for PixArt pipelines: the merged export (always written) plus the adapter file,
+  applied through `PeftAdapterMixin` as `FamilyAdapter.lora_usage` shows (the DiT recipe).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from torch import nn
+
+from ..config.run import RunConfig
+from ..utils.errors import ConfigError
+from .base import CaptionedFamily, FamilyAdapter, ModelOutput, batch_size, drop_to_empty, refuse_options
+
+
+
+def micro_conditions(target_sizes: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """PixArt-α's `added_cond_kwargs` per sample from (B, 2) (h, w) training sizes: `resolution` (B, 2) and
+    `aspect_ratio` (B, 1) = h / w, fp32 (the transformer embeds them sinusoidally in fp32; bf16 would round sizes)."""
+    sizes = target_sizes.to(device=device, dtype=torch.float32)
+    return {"resolution": sizes, "aspect_ratio": (sizes[:, 0] / sizes[:, 1]).unsqueeze(1)}
+
+
+class PixArtAdapter(CaptionedFamily, FamilyAdapter):
+    family = "pixart-sigma"
+    display_name = "PixArt"
+    pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+    denoiser_name = "transformer"
+    # Self- and cross-attention projections and the MLP of every block (not adaLN-single, which carries the time).
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+    resolution: int | None = None  # set by set_resolution: validation grids sample at it
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The T5 length the pipeline's `encode_prompt` pads to by default (300 for Σ, 120 for α)."""
+        return inspect.signature(self.pipeline.encode_prompt).parameters["max_sequence_length"].default
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.denoiser.config.out_channels == 2 * self.latent_channels
+
+    @property
+    def patch_multiple(self) -> int:
+        return self.vae_scale_factor * self.denoiser.config.patch_size
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        super().check_config(config)
+        refuse_options(
+            *cls.text_refusals(config),
+            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
+             "PixArt's positional embedding already follows the token grid around the base's size",
+             "drop --pos_embed_transfer (--resolution alone sets its training size)"),
+            (config.sddit.enabled, "sddit_weight", "SD-DiT's student takes class labels and PixArt is text-conditioned",
+             "drop --sddit_weight or fine-tune a DiT pipeline"),
+        )
+
+    def check_resolution(self, resolution: int) -> None:
+        if resolution % self.patch_multiple:
+            raise ConfigError(
+                "resolution", f"{resolution} is not divisible by {self.patch_multiple} (VAE factor "
+                f"{self.vae_scale_factor} x patch size {self.denoiser.config.patch_size})",
+                f"use a multiple of {self.patch_multiple}, e.g. {self.default_resolution()}")
+
+    def set_resolution(self, resolution: int) -> None:
+        self.check_resolution(resolution)
+        self.resolution = resolution
+
+    def aspect_ratio_bucket_multiple(self) -> int:
+        return self.patch_multiple
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vae, *self.text_encoders().values()]
+
+    def prepare_training(self) -> None:
+        """Nothing to switch off: caption dropout happens in `conditioning`, the text encoder stays frozen."""
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompts -> {"prompt_embeds": (B, L, d) T5 hidden states, "prompt_attention_mask": (B, L) int64}."""
+        tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
+        inputs = tokenizer([p.lower().strip() for p in prompts], padding="max_length",
+                           max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
+                           return_tensors="pt")
+        mask = inputs.attention_mask.to(device)
+        return {"prompt_embeds": encoder(inputs.input_ids.to(device), attention_mask=mask)[0],
+                "prompt_attention_mask": mask}
+
+    def cached_text_inputs(self, prompt: str, num_images: int, device: torch.device) -> dict[str, torch.Tensor]:
+        # The PixArt pipelines default `negative_prompt` to "" and refuse it beside `negative_prompt_embeds`.
+        return {**super().cached_text_inputs(prompt, num_images, device), "negative_prompt": None}
+
+    def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
+                     drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        embeds, empty = self.text_embeddings(batch, device)  # (B, ...) each; the empty prompt's (1, ...)
+        p = self.config.caption_dropout_prob
+        if drop and p > 0:  # embeddings and mask of a sample dropped together
+            dropped = torch.rand(batch_size(batch), device=device, generator=generator) < p
+            embeds = drop_to_empty(embeds, empty, dropped)
+        cond = {"encoder_hidden_states": embeds["prompt_embeds"],
+                "encoder_attention_mask": embeds["prompt_attention_mask"]}
+        if self.denoiser.use_additional_conditions:
+            cond.update(micro_conditions(batch["target_sizes"], device))
+        return cond
+
+    def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> ModelOutput:
+        added = {"resolution": conditioning.get("resolution"), "aspect_ratio": conditioning.get("aspect_ratio")}
+        out = denoiser(noisy_latents, encoder_hidden_states=conditioning["encoder_hidden_states"],
+                       encoder_attention_mask=conditioning["encoder_attention_mask"], timestep=timesteps,
+                       added_cond_kwargs=added).sample
+        if self.learned_sigma:
+            model_pred, variance = out.split(self.latent_channels, dim=1)
+            return ModelOutput(model_pred, variance)
+        return ModelOutput(out)
+
+    def disc_class_labels(self, conditioning: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        return list(denoiser.transformer_blocks)  # outputs: (B, tokens, hidden) token states
+
+    def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
+        components = {**self.pipeline.components, "vae": self.vae, "transformer": denoiser}
+        return type(self.pipeline)(**components)
+
+    def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
+                    guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
+        rows = self.prompt_rows(pipeline, conditions, num_per_row)
+        # At the trained size (binning would move it to the base's bins), encoded as in training (no cleaning).
+        size = self.resolution or self.default_resolution()
+        fixed = {"height": size, "width": size, "use_resolution_binning": False, "clean_caption": False,
+                 "max_sequence_length": self.max_sequence_length}
+        return self._sample_rows(pipeline, [{**row, **fixed} for row in rows], num_inference_steps, guidance_scale,
+                                 seed)
+
+    def card_tags(self) -> list[str]:
+        name = "pixart-alpha" if type(self.pipeline).__name__ == "PixArtAlphaPipeline" else self.family
+        return [name, f"{name}-diffusers", "text-to-image"]

@@ -1,0 +1,137 @@
+"""Stable Diffusion 3 / 3.5 family: an MMDiT (`SD3Transformer2DModel`) trained with flow matching, three text
+encoders (CLIP-L, CLIP-G, optional T5-XXL) and pooled text embeddings.
+
+What differs from SD 1.x / 2.x (`sd.StableDiffusionAdapter`, whose caption dropout, data checks, validation
+prompts and sampling this reuses):
+- the noise process is rectified flow (`noise.FlowMatchProcess`, chosen from the FlowMatchEulerDiscreteScheduler
+  config): options of the DDPM loss (--snr_gamma) are refused before any weights load;
+- text: `encode_text` computes what `StableDiffusion3Pipeline.encode_prompt` does: both CLIPs' penultimate
+  hidden states concatenated and zero-padded to T5's width, then T5's tokens (zeros when the pipeline has no
+  `text_encoder_3`, as the pipeline itself does), and both CLIPs' pooled projections concatenated;
+- the denoiser is a transformer: its blocks return (text tokens, image tokens), the terms read the image tokens;
+- the LoRA file is SD3's (`transformer.` peft keys, `FamilyAdapter.save_lora_weights`), which
+  `StableDiffusion3Pipeline.load_lora_weights` reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+from torch import nn
+from torch.nn import functional as F
+
+from ..config.run import RunConfig
+from ..utils.errors import ConfigError
+from .base import ModelOutput, refuse_options
+from .sd import StableDiffusionAdapter
+
+
+class StableDiffusion3Adapter(StableDiffusionAdapter):
+    family = "stable-diffusion-3"
+    display_name = "Stable Diffusion 3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    pipeline_class = StableDiffusion3Pipeline
+    denoiser_name = "transformer"
+    # diffusers' SD3 LoRA script: the image and the text stream's attention projections (add_* where present).
+    lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+    load_kwargs: dict[str, Any] = {}
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    flow_matching = True
+    vae_fp32_under_bf16 = True  # train_dreambooth_lora_sd3.py keeps the VAE in fp32 under any mixed precision
+    kohya_lora = False  # kohya's key format is for SD/SDXL UNets
+    hidden_output_index = 1  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
+    max_sequence_length = 256  # T5 tokens: the pipeline's __call__ default, so training sees what sampling sees
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        super(StableDiffusionAdapter, cls).check_config(config)  # the family-wide checks, not SD's wording
+        refuse_options(
+            *cls.text_refusals(config),
+            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
+             "SD3's transformer crops its own positional embedding to the image size",
+             "drop --pos_embed_transfer (--resolution alone sets the training size)"),
+            (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
+             "not SD3's MMDiT", "drop --sddit_weight or fine-tune a DiT pipeline"),
+            (config.training.snr_gamma is not None, "snr_gamma", "min-SNR weighting is defined for the DDPM targets "
+             "and SD3 trains with flow matching", "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
+            (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",
+             "use --trainable full or lora"),
+        )
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self.pipeline.text_encoder
+
+    @property
+    def patch_multiple(self) -> int:
+        """Pixels per transformer patch side: image sides must be multiples of it."""
+        return self.vae_scale_factor * self.denoiser.config.patch_size
+
+    def check_resolution(self, resolution: int) -> None:
+        m = self.patch_multiple
+        if resolution % m:
+            raise ConfigError("resolution", f"{resolution} is not a multiple of the VAE factor times the patch size "
+                              f"({m})", f"use a multiple of {m}, e.g. {self.default_resolution()}")
+        max_size = self.denoiser.config.pos_embed_max_size
+        if max_size is not None and resolution // m > max_size:
+            raise ConfigError("resolution", f"{resolution} needs {resolution // m} patches per side, more than the "
+                              f"transformer's positional embedding covers ({max_size})",
+                              f"use at most {max_size * m}")
+
+    def aspect_ratio_bucket_multiple(self) -> int:
+        return self.patch_multiple  # the pipeline's own rule: height and width divisible by vae factor x patch
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vae, *self.text_encoders().values()]
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompts -> {"prompt_embeds": (B, 77 + 256, joint_attention_dim), "pooled_prompt_embeds": (B, 2 x proj)},
+        `StableDiffusion3Pipeline.encode_prompt` with one prompt for all three encoders and no clip_skip."""
+        p = self.pipeline
+        clip_hidden, pooled = [], []
+        for encoder, tokenizer in ((p.text_encoder, p.tokenizer), (p.text_encoder_2, p.tokenizer_2)):
+            input_ids = tokenizer(prompts, padding="max_length", max_length=p.tokenizer_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+            out = encoder(input_ids.to(device), output_hidden_states=True)
+            pooled.append(out[0])  # CLIPTextModelWithProjection's text_embeds
+            clip_hidden.append(out.hidden_states[-2].to(p.text_encoder.dtype))
+        t5 = self._t5_embeds(prompts, device)
+        clip = torch.cat(clip_hidden, dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"prompt_embeds": torch.cat([clip, t5], dim=-2), "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
+
+    def _t5_embeds(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        p = self.pipeline
+        if p.text_encoder_3 is None:  # the pipeline's own stand-in for a dropped T5
+            return torch.zeros(len(prompts), self.max_sequence_length, self.denoiser.config.joint_attention_dim,
+                               device=device, dtype=p.text_encoder.dtype)
+        input_ids = p.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                  truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        return p.text_encoder_3(input_ids.to(device))[0].to(p.text_encoder_3.dtype)
+
+    def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
+                     drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        # Caption dropout replaces both the token and the pooled embeddings by the empty prompt's, together.
+        embeds = self.dropped_text_embeddings(batch, device, drop, generator)
+        return {"encoder_hidden_states": embeds["prompt_embeds"], "pooled_projections": embeds["pooled_prompt_embeds"]}
+
+    def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> ModelOutput:
+        out = denoiser(hidden_states=noisy_latents, timestep=timesteps,
+                       encoder_hidden_states=conditioning["encoder_hidden_states"],
+                       pooled_projections=conditioning["pooled_projections"], return_dict=False)[0]
+        return ModelOutput(out)  # the velocity eps - x0
+
+    def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        return list(denoiser.transformer_blocks)  # outputs read: the image tokens, (B, h*w/p^2, inner_dim)
+
+    def export_pipeline(self, denoiser: nn.Module) -> DiffusionPipeline:
+        # Components the base holds (T5 or not, an image encoder for IP-Adapter) travel unchanged.
+        return StableDiffusion3Pipeline(**{**self.pipeline.components, "vae": self.vae, "transformer": denoiser})
+
+    def card_tags(self) -> list[str]:
+        return [self.family, "sd3", "sd3-diffusers", "text-to-image"]  # the tags of diffusers' SD3 scripts

@@ -1,1 +1,0 @@
-"""Models: pipeline loading and family adapters, LoRA, and the structure discriminator."""

@@ -1,0 +1,207 @@
+"""Building a run from its config: the accelerator, the denoiser's trainable set, the loss terms, the optimizers, and accelerate's `prepare` (training.train calls these in order)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+from .checkpointing import CheckpointState
+from ..config.run import RunConfig
+from .distributed import is_fsdp, replicate_outside_fsdp
+from ..utils.errors import ConfigError
+from ..diffusion.losses import LearnedSigmaVLB
+from .loop import Run
+from ..tuners import lora
+from ..diffusion.process import make_process
+from ..terms import build_terms
+
+# The standard logger, not accelerate's: its records carry a "[RANK 0]" prefix even in a single process.
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
+    t = config.training
+    return Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / t.logging_dir)),
+        # A sampler seeded by (seed, epoch): the data order of any epoch can be replayed on resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
+    """The dtype of frozen modules under accelerate's mixed precision (trainable weights stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dtype: torch.dtype):
+    """Training mode, memory options and the trainable set (all weights, LoRA layers or DiFFit's)."""
+    denoiser = adapter.denoiser
+    denoiser.train()
+    if config.model.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if config.model.enable_xformers_memory_efficient_attention:
+        _enable_xformers(denoiser)
+    if config.model.use_lora:
+        # The frozen base is held in weight_dtype (half the memory under bf16/fp16); LoRA weights stay fp32.
+        denoiser.to(device)
+        if weight_dtype != torch.float32:
+            denoiser.to(dtype=weight_dtype)
+        lora.attach_lora(denoiser, lora.make_lora_config(config.model, adapter.lora_target_modules))
+    elif config.model.trainable == "difffit":
+        from ..tuners.difffit import attach_difffit
+
+        try:
+            attach_difffit(denoiser)
+        except ValueError as e:
+            raise ConfigError("trainable", str(e), "use --trainable full or lora for this model") from None
+    return denoiser
+
+
+def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float):
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) -> tuple[Run, Any, CheckpointState]:
+    """The denoiser, its optimizer and LR schedule, the loss terms and their modules, EMA, all prepared by
+    accelerate in one fixed order (the checkpoint layout: denoiser, its optimizer and schedule, the terms'
+    joint modules, then each term's own module, optimizer and schedule). Returns the run, the prepared
+    dataloader, and the project's own checkpoint state (to which the caller adds the loop counters)."""
+    from diffusers.optimization import get_scheduler
+
+    t = config.training
+    weight_dtype = weight_dtype_of(accelerator)
+    denoiser = prepare_denoiser(config, adapter, accelerator.device, weight_dtype)
+    process = make_process(adapter.pipeline.scheduler.config, accelerator.device, config.flow_matching,
+                           adapter.latent_patch_size)
+    terms = build_terms(config, adapter, process, accelerator.autocast)
+    joint = {f"{term.name}.{name}": module for term in terms for name, module in term.joint_modules().items()}
+    sharded = is_fsdp(accelerator)
+    if sharded and joint:
+        raise ConfigError("distributed_type", f"the terms' joint modules ({', '.join(joint)}) train with the "
+                          "denoiser's optimizer, which accelerate's FSDP maps onto the sharded denoiser only",
+                          "use DDP (accelerate launch --multi_gpu) with these terms")
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    params += [p for module in joint.values() for p in module.parameters()]
+    optimizer = _optimizer(params, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=t.max_train_steps * accelerator.num_processes)
+
+    # Under FSDP accelerate prepares one model (the denoiser, sharded); the terms' own modules stay replicated
+    # beside it (distributed.replicate_outside_fsdp) and their state goes into the project's checkpoint files
+    # (safetensors) instead of accelerate's lists.
+    saved = CheckpointState()
+    own = {term.name: term.modules() for term in terms}
+    to_prepare: list[Any] = [denoiser, optimizer, scheduler, *joint.values()]
+    for modules in own.values():
+        for name, (module, opt, sched) in modules.items():
+            if sharded:
+                modules[name] = (replicate_outside_fsdp(accelerator, module), opt, sched)
+                for suffix, obj in (("", module), ("_optimizer", opt), ("_scheduler", sched)):
+                    saved.add(_saved_name(name, suffix), obj)
+            else:
+                to_prepare += [module, opt, sched]
+    prepared = list(accelerator.prepare(*to_prepare, dataloader))
+    denoiser, optimizer, scheduler = prepared[:3]
+    joint = dict(zip(joint, prepared[3:3 + len(joint)]))
+    rest = iter(prepared[3 + len(joint):-1])
+    for term in terms:
+        modules = own[term.name]
+        if not sharded:
+            modules = {name: (next(rest), next(rest), next(rest)) for name in modules}
+        term.bind(modules, {name.split(".", 1)[1]: m for name, m in joint.items() if name.startswith(term.name + ".")})
+    if config.model.use_lora:
+        lora.register_lora_checkpointing(accelerator, denoiser)  # checkpoints hold the LoRA, not the base
+
+    ema = None
+    if t.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel([p for p in accelerator.unwrap_model(denoiser).parameters() if p.requires_grad], decay=t.ema_decay)
+        ema.to(accelerator.device)
+        saved.add("ema", ema)
+    for term in terms:
+        for name, obj in term.state().items():
+            saved.add(f"{term.name}_{name}", obj)  # checkpoint names are [a-z0-9_]: sddit_teacher.safetensors
+
+    use_vlb = getattr(adapter, "learned_sigma", False) and config.model.learned_sigma_loss == "vlb"
+    run = Run(
+        config=config, accelerator=accelerator, adapter=adapter, process=process, denoiser=denoiser,
+        optimizer=optimizer, lr_scheduler=scheduler,
+        diffusion_loss=process.diffusion_loss(t),
+        vlb=LearnedSigmaVLB(process.betas, device=accelerator.device) if use_vlb else None,
+        terms=terms, joint_modules=joint, ema=ema, weight_dtype=weight_dtype,
+    )
+    return run, prepared[-1], saved
+
+
+def _saved_name(name: str, suffix: str) -> str:
+    # The discriminator's files keep their historical names (disc_optimizer, disc_scheduler).
+    return f"disc{suffix}" if name == "discriminator" and suffix else f"{name}{suffix}"
+
+
+def _enable_xformers(denoiser) -> None:
+    from diffusers.utils.import_utils import is_xformers_available
+
+    if not torch.cuda.is_available():
+        raise ConfigError("enable_xformers_memory_efficient_attention", "xformers needs a CUDA GPU and none is visible",
+                          "drop the flag (PyTorch SDPA attention is the default)")
+    if not is_xformers_available():
+        raise ConfigError("enable_xformers_memory_efficient_attention", "xformers is not installed",
+                          "pip install 'sadm-finetune[gpu]' or drop the flag")
+    denoiser.enable_xformers_memory_efficient_attention()
+
+
+def tracker_config(config: RunConfig) -> dict[str, Any]:
+    # Trackers take scalars only: lists become strings, None becomes "none".
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.flat().items()}
+
+
+def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -> None:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    denoiser = run.denoiser
+    trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+    lines = [
+        f"data: {data.description}, {len(data)} samples, resolution {resolution}",
+        f"steps: {config.training.max_train_steps}, effective batch "
+        f"{global_batch * config.training.gradient_accumulation_steps} ({accelerator.num_processes} processes)",
+        f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable"
+        + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else ""),
+        f"precision: {accelerator.mixed_precision} (VAE in {str(run.adapter.vae.dtype).removeprefix('torch.')}), "
+        f"device: {accelerator.device}",
+    ]
+    if config.family_defaults:  # what build_config filled in from the family's upstream script (docs/defaults.md)
+        lines.append("family defaults (docs/defaults.md; set them to override): "
+                     + ", ".join(f"{k} {v}" for k, v in config.family_defaults.items()))
+    disc = next((term.unwrapped_disc for term in run.terms if term.name == "sadm"), None)
+    if disc is not None:
+        ratio = count(disc) / max(1, count(denoiser))
+        # Information, not a warning: the default D is a few % of a tiny model and far below 1% of a real one.
+        hint = "; --disc_width / --disc_depth set its size" if ratio > 0.1 else ""
+        lines.append(f"SADM: lambda {config.sadm.structure_weight}, discriminator {count(disc) / 1e6:.3f} M parameters "
+                     f"({100 * ratio:.1f}% of the denoiser{hint})")
+    else:
+        lines.append("SADM: off (structure_weight 0): plain fine-tune")
+    repa = next((term for term in run.terms if term.name == "repa"), None)
+    if repa is not None:
+        r = config.repa
+        lines.append(f"REPA: lambda {r.repa_weight}, block {r.repa_depth}, encoder {r.repa_encoder} at "
+                     f"{r.repa_encoder_resolution} px, projector {count(repa.unwrapped_projector) / 1e6:.3f} M "
+                     "parameters" + (" (features cached)" if repa.encoder is None else ""))
+    sddit = next((term for term in run.terms if term.name == "sddit"), None)
+    if sddit is not None:
+        d = config.sddit
+        lines.append(f"SD-DiT: lambda {d.sddit_weight}, encoder = the first {d.sddit_encoder_depth} blocks, "
+                     f"{d.sddit_loss} loss, head {count(sddit.student_head) / 1e6:.3f} M parameters, teacher EMA "
+                     f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else ""))
+    if accelerator.is_main_process:
+        for line in lines:
+            logger.info(line)
+            accelerator.print(line)

@@ -1,0 +1,125 @@
+"""LoRA on the denoiser through peft's functional API (works for models without diffusers' adapter mixin, e.g. DiT).
+
+Layout of a LoRA run (docs/design.md §3): the base denoiser is frozen and may sit in `weight_dtype`; the
+LoRA parameters train in fp32; checkpoints hold the LoRA tensors only; the export writes the adapter weights
+(`FamilyAdapter.save_lora_weights`: the diffusers format, and kohya's for SD/SDXL) and, where the family has no
+stock LoRA loader or with --export_merged, merges the LoRA into a fresh copy of the base (state-dict keys identical
+to the base's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..config.run import ModelConfig
+from ..utils.errors import ConfigError
+
+ADAPTER_NAME = "default"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' own name: load_lora_weights(folder) finds it
+
+
+def make_lora_config(config: ModelConfig, default_targets: tuple[str, ...]) -> LoraConfig:
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules or default_targets),
+    )
+
+
+def attach_lora(denoiser: nn.Module, lora_config: LoraConfig) -> nn.Module:
+    """Freeze the denoiser and inject LoRA layers; only they require grad, in fp32 whatever the base dtype."""
+    denoiser.requires_grad_(False)
+    try:
+        inject_adapter_in_model(lora_config, denoiser, adapter_name=ADAPTER_NAME)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        targets = sorted(lora_config.target_modules)
+        raise ConfigError("lora_target_modules", f"none of {targets} names a module of the {type(denoiser).__name__}",
+                          "pass module names (or suffixes) such as to_q to_v") from None
+    cast_training_params(denoiser, dtype=torch.float32)  # fp16/bf16 masters would lose small updates
+    return denoiser
+
+
+def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors in peft's key format (`...to_q.lora_A.weight`), as detached fp32 CPU copies."""
+    state = get_peft_model_state_dict(denoiser, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The LoRA tensors in `dtype` (the export dtype), as new tensors when they change."""
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
+def lora_metadata(lora_config: LoraConfig) -> dict[str, Any]:
+    """The LoRA config as saved beside the weights (diffusers rebuilds the adapter from it); sets sorted,
+    so the file is byte-identical across runs."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
+
+
+def merge_lora(base: nn.Module, lora_config: LoraConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Merge LoRA weights into `base` in place and remove the LoRA layers: the result has the base's
+    modules and state-dict keys, so any stock pipeline loads it."""
+    inject_adapter_in_model(lora_config, base, adapter_name=ADAPTER_NAME)
+    result = set_peft_model_state_dict(base, state, adapter_name=ADAPTER_NAME)
+    if result.unexpected_keys:
+        raise RuntimeError(f"LoRA weights do not fit the base model: {result.unexpected_keys[:3]}")
+    for name, module in list(base.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent_name) if parent_name else base, child, module.get_base_layer())
+    if hasattr(base, "peft_config"):
+        del base.peft_config
+    return base
+
+
+class _TrainableOnly:
+    """Stands in for the denoiser when accelerate saves or loads a checkpoint: only its trainable
+    (LoRA) tensors, so a checkpoint holds megabytes, not the frozen base."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _names(self) -> set[str]:
+        return {name for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        names = self._names()
+        return {k: v for k, v in self.model.state_dict().items() if k in names}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+        names = self._names()
+        missing, unexpected = sorted(names - set(state_dict)), sorted(set(state_dict) - names)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint does not hold this run's LoRA weights (missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]}); resume with the same --lora_* options")
+        self.model.load_state_dict({k: v for k, v in state_dict.items() if k in names}, strict=False)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def register_lora_checkpointing(accelerator: Accelerator, denoiser: nn.Module) -> None:
+    """Make `save_state`/`load_state` write and read only the LoRA tensors of the prepared `denoiser`."""
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            if model is denoiser:
+                weights[i] = _TrainableOnly(model).state_dict()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            if model is denoiser:
+                models[i] = _TrainableOnly(model)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
