@@ -173,6 +173,10 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer", "full-sadm-frozen-d"): (["--disc_frozen"], "full-plain"),
     ("transfer", "full-per-sample-gan"): (["--adversarial_loss", "per_sample_ns"], "full-plain"),
     ("transfer", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
+    # relations in a semantic space: D reads the digits encoder's patch features of the decoded latents
+    # (scripts/make_digits_encoder.py: a DINOv2-architecture ViT, a different network from the FID classifier)
+    ("continue", "sadm-features"): (["--disc_space", "features", "--disc_encoder", str(DIGITS_ENCODER),
+                                     "--disc_encoder_resolution", "32"], "plain"),
 }
 # The recommendation (--recommend; results in benchmarks/results/recommend_study): SADM + SD-DiT (lambda 0.5), the
 # best arm of the continue regime (confirmed on fresh seeds, terms_confirm.json), measured in the transfer regime
@@ -199,7 +203,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue", "sadm-adaptive-0.05"): "sadm",
                ("continue", "sadm-lambda-0.03"): "sadm", ("continue", "sadm-lambda-0.1"): "sadm",
                ("transfer", "full-sadm-frozen-d"): "full-sadm", ("transfer", "full-per-sample-gan"): "full-sadm",
-               ("transfer", "full-plain-equal-compute"): "full-sadm",
+               ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}

@@ -362,3 +362,66 @@ def test_the_adaptive_weight_makes_the_structure_gradient_a_fixed_fraction_of_th
     ctx2 = _ctx(batch=8)
     ctx2.loss_diffusion = (ctx2.model_pred - ctx2.noise).pow(2).mean()
     assert clamped.loss(ctx2)[1]["structure_adaptive_factor"].item() == pytest.approx(1e-3)
+
+
+# -- relations in a semantic space (--disc_space features) ---------------------------------------------------------
+
+
+def _feature_space(tmp_path):
+    from diffusers import AutoencoderKL
+    from test_repa import build_tiny_encoder
+
+    from sadm_finetune.terms.sadm.feature_space import FeatureSpace
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16)
+    encoder = build_tiny_encoder(tmp_path / "enc")
+    return FeatureSpace.from_pretrained(vae, str(encoder), 28), str(encoder)
+
+
+def test_feature_space_d_reads_the_encoders_features_and_l_s_reaches_x0_hat_through_it(tmp_path):
+    space, encoder = _feature_space(tmp_path)
+    config = SADMConfig(disc_space="features", disc_encoder=encoder, disc_encoder_resolution=28)
+    obj = SADMObjective(config, PROCESS)
+    obj.space = space
+    latents, x0_hat = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8).requires_grad_(True)
+    t = torch.tensor([10, 200, 400, 600, 800, 999])
+    real, fake, _ = obj.disc_inputs(latents, x0_hat, t)
+    assert real.shape == fake.shape == (6, 16, 4, 4)  # the tiny DINOv2: 16 channels on a 28/7 = 4x4 patch grid
+    assert not real.requires_grad and fake.requires_grad  # the real side builds no graph
+    torch.manual_seed(0)
+    disc = StructureDiscriminator(in_channels=16, base_channels=8, num_blocks=2, embed_dim=16)
+    loss, _ = obj.generator_loss(disc, latents, x0_hat, t, None)
+    loss.backward()
+    assert x0_hat.grad.abs().sum() > 0  # through the encoder and the VAE decoder
+    assert all(p.grad is None for p in space.vae.parameters())  # the frozen networks never train
+    assert all(p.grad is None for p in space.encoder.model.parameters())
+    # without the space, D reads the latents themselves: the default is unchanged
+    real_latent, _, _ = SADMObjective(SADMConfig(), PROCESS).disc_inputs(latents, x0_hat, t)
+    assert torch.equal(real_latent, latents)
+
+
+def test_a_feature_space_run_trains_saves_d_on_the_encoders_width_and_sadm_eval_probes_it(tmp_path):
+    from launch import tiny_run_args, train_in_process
+    from test_repa import build_tiny_encoder
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    from sadm_finetune.evaluation.separability import load_discriminator, probe
+    from diffusers import DiTPipeline
+
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
+    data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
+    encoder = build_tiny_encoder(tmp_path / "enc")
+    out = tmp_path / "out"
+    args = tiny_run_args(base, data, out, steps=2) + ["--structure_weight", "0.1", "--disc_space", "features",
+                                                     "--disc_encoder", str(encoder), "--disc_encoder_resolution", "28"]
+    proc = train_in_process(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    disc, options = load_discriminator(str(out), "cpu")
+    assert disc.config.in_channels == 16 and options.disc_space == "features"
+    pipe = DiTPipeline.from_pretrained(out)
+    images = (torch.rand(4, 32, 32, 3) * 255).to(torch.uint8).numpy()
+    result = probe(pipe, images, [0, 1, 0, 1], None, timesteps=(100, 500), disc=disc, sadm_options=options)
+    assert len(result["d_pair_cos"]) == 2 and all(-1 <= c <= 1 for c in result["d_pair_cos"])

@@ -361,6 +361,16 @@ class SADMConfig:
         "predicted latents carry the same detail (the posterior mean's blur is then no tell).",
     )
     disc_pool: int = _f(1, "Average-pool both sides by this factor before D (relations on low-resolution features).")
+    disc_space: Literal["latents", "features"] = _f(
+        "latents", "What D reads: latents (the VAE latents z0 and x0_hat), or features (a frozen vision encoder's "
+        "patch features of the VAE-decoded z0 and x0_hat: relations in a semantic space; the structure gradient "
+        "reaches x0_hat through the encoder and the VAE decoder).",
+    )
+    disc_encoder: str = _f(
+        "facebook/dinov2-small", "With disc_space features: the frozen vision encoder (a transformers model id or "
+        "folder, as --repa_encoder).",
+    )
+    disc_encoder_resolution: int = _f(224, "With disc_space features: the encoder sees images of this size squared.")
     structure_diagnostics: bool = _f(
         True, "Log the real/fake structure gap seen by a fixed encoder (pooled latents, not D) and D's real/fake "
         "separability every step.",
@@ -388,6 +398,7 @@ class SADMConfig:
             "disc_width",
             "disc_depth",
             "disc_embed_dim",
+            "disc_encoder_resolution",
         )
 
     @property

@@ -72,6 +72,11 @@ def probe(pipe, images: np.ndarray, class_labels: list[int] | None, prompts: lis
     device = pipe.vae.device
     process = DDPMProcess(pipe.scheduler.config, device)
     objective = SADMObjective(sadm_options, process) if disc is not None else None
+    if objective is not None and sadm_options.disc_space == "features":  # D read the encoder's features
+        from ..terms.sadm.feature_space import FeatureSpace
+
+        objective.space = FeatureSpace.from_pretrained(pipe.vae, sadm_options.disc_encoder,
+                                                       sadm_options.disc_encoder_resolution)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     z0 = torch.cat([encode(pipe.vae, pixels[i:i + batch_size].to(device), generator=gen)

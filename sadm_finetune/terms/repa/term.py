@@ -127,6 +127,11 @@ class VisionEncoder:
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, E, gh, gw) patch features (CLS and register tokens dropped)."""
+        return self.features(pixel_values)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`__call__` differentiable in the pixels (the encoder's own weights stay frozen): SADM's feature
+        space (--disc_space features) backpropagates through it into x0_hat."""
         size = self.input_size(*pixel_values.shape[-2:])
         x = pixel_values.to(device=self.device, dtype=torch.float32)
         # REPA resizes bicubically (no antialias); resize and the per-channel affine normalisation commute.

@@ -65,6 +65,9 @@ class SADMObjective:
         self.process = process
         self.structure = StructureLoss(config.relation, config.distance, config.kl_temperature,
                                        config.pair_weighting)
+        # --disc_space features: latents -> a frozen encoder's features of the decoded images (feature_space.py),
+        # set by the term that owns the VAE; None: D reads the latents.
+        self.space = None
         kind = config.adversarial_loss
         self.per_sample = None if kind == "relations" else PerSampleAdversarialLoss(kind.removeprefix("per_sample_"))
 
@@ -117,6 +120,8 @@ class SADMObjective:
             real = wiener_lowpass(real, self.process.snr(timesteps))
         if c.disc_renoise > 0:
             real, fake, t_disc = self.process.renoise(real, fake, timesteps, c.disc_renoise, generator)
+        if self.space is not None:
+            real, fake = self.space(real), self.space(fake)
         if c.disc_pool > 1:
             real, fake = F.avg_pool2d(real, c.disc_pool), F.avg_pool2d(fake, c.disc_pool)
         return real, fake, t_disc

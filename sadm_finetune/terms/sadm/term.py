@@ -12,6 +12,7 @@ from accelerate.utils import extract_model_from_parallel
 from ...config.run import RunConfig
 from ...utils.errors import InputError
 from .discriminator import StructureDiscriminator
+from .feature_space import FeatureSpace
 from .objective import SADMObjective
 from ..base import StepContext, Term, Update, UpdateResult
 
@@ -24,8 +25,9 @@ def build_discriminator(config: RunConfig, adapter) -> StructureDiscriminator:
             raise InputError(f"disc_resume_from: {path} has no config.json; pass a structure_discriminator folder")
         return StructureDiscriminator.from_pretrained(path, use_safetensors=True)
     num_classes = getattr(adapter, "num_classes", 0) if s.disc_class_conditional else 0
+    in_channels = FeatureSpace.channels(s.disc_encoder) if s.disc_space == "features" else adapter.latent_channels
     return StructureDiscriminator(
-        in_channels=adapter.latent_channels, base_channels=s.disc_width, num_blocks=s.disc_depth,
+        in_channels=in_channels, base_channels=s.disc_width, num_blocks=s.disc_depth,
         embed_dim=s.disc_embed_dim, num_classes=num_classes, spectral_norm=s.disc_spectral_norm,
         score_head=s.adversarial_loss != "relations",
     )
@@ -45,6 +47,8 @@ class SADMTerm(Term):
         self.objective = SADMObjective(s, process)
         self.process = process
         self.disc = build_discriminator(config, adapter)
+        if s.disc_space == "features":
+            self.objective.space = FeatureSpace.from_pretrained(adapter.vae, s.disc_encoder, s.disc_encoder_resolution)
         if s.adversarial_loss != "relations" and self.disc.score is None:
             raise InputError(f"disc_resume_from: {s.disc_resume_from} has no score head, which --adversarial_loss "
                              f"{s.adversarial_loss} needs; start D afresh (drop --disc_resume_from)")
