@@ -190,6 +190,8 @@ def test_the_default_recipe_is_ema_with_warmup_and_a_decaying_schedule():
     the run (at most 500 steps), and EMA on unless the user turns it off or FSDP cannot hold it."""
     from types import SimpleNamespace
 
+    from accelerate.utils import DistributedType
+
     from sadm_finetune.train.entry import _check_distributed_type
 
     c = build_config({"pretrained_model_name_or_path": "x", "train_data_dir": "y", "max_train_steps": 1000})
@@ -200,10 +202,10 @@ def test_the_default_recipe_is_ema_with_warmup_and_a_decaying_schedule():
                         ).training.lr_warmup_steps == 0
     assert c.training.use_ema is None  # decided when the launch is known
     printed = []
-    ddp = SimpleNamespace(distributed_type="DistributedType.MULTI_GPU", print=printed.append, mixed_precision="no")
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, print=printed.append, mixed_precision="no")
     _check_distributed_type(c, ddp)
     assert c.training.use_ema is True and not printed
-    fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP", print=printed.append, mixed_precision="no")
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, print=printed.append, mixed_precision="no")
     c = build_config({"pretrained_model_name_or_path": "x", "train_data_dir": "y", "structure_weight": 0})
     _check_distributed_type(c, fsdp)
     assert c.training.use_ema is False and "EMA: off under FSDP" in printed[0]

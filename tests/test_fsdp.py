@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+from accelerate.utils import DistributedType
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,7 +28,7 @@ def _config(**training) -> RunConfig:
 
 
 def _accelerator(kind: str, mixed_precision: str = "no"):
-    return SimpleNamespace(distributed_type=f"DistributedType.{kind}", mixed_precision=mixed_precision,
+    return SimpleNamespace(distributed_type=DistributedType[kind], mixed_precision=mixed_precision,
                            print=lambda *a, **k: None)
 
 

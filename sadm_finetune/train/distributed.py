@@ -28,10 +28,13 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-# The latest small collectives' work handles (with their tensors), kept alive from Python on purpose: if a
-# gloo worker thread dropped the last reference, it would need the GIL to free tensors created in Python,
-# which deadlocks when the main thread is destroying the process group at that moment (finish.end_training).
-# A replaced entry is released here, on the main thread.
+# Global state, kept on purpose (docs/design.md, "Global state"): the latest small collectives' work handles (with
+# their tensors), held from Python. If a gloo worker thread dropped the last reference, it would need the GIL to
+# free tensors created in Python, which deadlocks when the main thread is destroying the process group at that
+# moment (seen with 2 CPU processes on torch 2.13). A normal multi-process end never destroys the group (cli.py
+# leaves with os._exit), but a crash that escapes `cli.main` ends through the interpreter's teardown, which does;
+# the race is intermittent, so no passing test run shows that this is safe to drop. A replaced entry is released
+# here, on the main thread.
 _RECENT_WORK: dict[str, Any] = {}
 
 
@@ -51,6 +54,19 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     _kept("any_rank", dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True), value)
     return bool(value.item() > 0)
+
+
+def shared_random_seed(accelerator) -> int:
+    """A fresh random seed (0 .. 2**31 - 1), drawn on the main process and the same on every rank (a rank's own
+    draw would give each process other noise, data order and discriminator initialisation)."""
+    import secrets
+
+    from accelerate.utils import broadcast_object_list
+
+    seed = [secrets.randbelow(2**31)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed, from_process=0)
+    return int(seed[0])
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -115,7 +131,11 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 # -- FSDP: the denoiser sharded by accelerate, the discriminator replicated beside it (docs/scaling.md) ----------
 
 def is_fsdp(accelerator) -> bool:
-    return str(accelerator.distributed_type).split(".")[-1] == "FSDP"
+    """Whether accelerate shards the denoiser (FSDP 1 or 2). `DistributedType` is a str enum: a stand-in
+    accelerator in a test may carry the plain string "FSDP"."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def replicate_outside_fsdp(accelerator, module: torch.nn.Module) -> torch.nn.Module:

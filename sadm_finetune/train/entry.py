@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from .builders import build_run, log_summary, make_accelerator, tracker_config, weight_dtype_of
 from .checkpointing import (TrainState, checkpoints_dir, list_checkpoints, load_checkpoint, resolve_resume,
                             save_checkpoint)
 from ..config.run import RunConfig, save_config
 from ..data.datasets import open_train_data
-from .distributed import gathered_copy, is_fsdp
+from .distributed import gathered_copy, is_fsdp, shared_random_seed
 from ..utils.errors import ConfigError, SADMError
 from .finish import check_replicas, end_training, export_run
 from .loop import Run, train_loop
@@ -65,8 +65,10 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     if t.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if t.seed is not None:
-        set_seed(t.seed)
+    if t.seed is None:  # --seed none: a fresh seed, the same on every rank, saved in training_config.yaml below
+        t.seed = shared_random_seed(accelerator)
+        accelerator.print(f"seed: none given; drew --seed {t.seed} (saved in training_config.yaml; pass it to rerun)")
+    set_seed(t.seed)
 
     _check_distributed_type(config, accelerator)
     adapter = load_family(config.model)
@@ -175,8 +177,7 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
     FSDP (1 or 2): the denoiser is the only model accelerate prepares (and shards); the discriminator stays
     a replicated DDP module beside it, and validation and export gather the full weights onto the main
     process. LoRA/DiffFit, EMA and fp16 are not wired for a sharded denoiser and stop here."""
-    kind = str(accelerator.distributed_type).split(".")[-1]
-    if kind == "FSDP":
+    if is_fsdp(accelerator):
         fix = "use DDP (accelerate launch --multi_gpu) for it"
         if config.model.trainable != "full":
             raise ConfigError("trainable", f"--trainable {config.model.trainable} is not supported under FSDP (the "
@@ -193,7 +194,7 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
             config.training.use_ema = False
     if config.training.use_ema is None:  # the default: on
         config.training.use_ema = True
-    if config.sadm.enabled and kind == "DEEPSPEED":
+    if config.sadm.enabled and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate prepares one "
                           "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's "
                           "engine, so the discriminator needs its own unprepared update path, which is not written because "
