@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,43 @@ def test_the_default_recipe_is_ema_with_warmup_and_a_decaying_schedule():
     off = build_config({"pretrained_model_name_or_path": "x", "train_data_dir": "y", "use_ema": False})
     _check_distributed_type(off, ddp)
     assert off.training.use_ema is False
+
+
+def test_seed_none_draws_a_fresh_seed_that_is_logged_and_saved(tmp_path):
+    """`--seed none` is a fresh random seed (not 0): drawn once, printed, and written to training_config.yaml so
+    that the run can be repeated; the draw differs from call to call."""
+    from types import SimpleNamespace
+
+    from launch import tiny_run_args, train_in_process
+    from sadm_finetune.train.distributed import shared_random_seed
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    single = SimpleNamespace(num_processes=1)
+    draws = {shared_random_seed(single) for _ in range(4)}
+    assert len(draws) > 1 and all(isinstance(s, int) and 0 <= s < 2**31 for s in draws)
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
+    data = build_image_folder(tmp_path / "data", per_class=2)
+    out = tmp_path / "out"
+    proc = train_in_process(tiny_run_args(base, data, out, steps=1) + [
+        "--seed", "none", "--structure_weight", "0", "--report_to", "none", "--validation_inference_steps", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drawn = re.findall(r"^seed: none given; drew --seed (\d+) ", proc.stdout + proc.stderr, flags=re.M)
+    assert len(drawn) == 1, (proc.stdout + proc.stderr)[-3000:]
+    saved = yaml.safe_load((out / "training_config.yaml").read_text())["training"]["seed"]
+    assert saved == int(drawn[0])
+
+
+def test_xformers_is_checked_once_when_the_config_is_built(monkeypatch):
+    """Before any model loads: a CUDA GPU (tests/test_recipes.py) and the package installed."""
+    import importlib.util
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else
+                        real_find_spec(name, *a))
+    with pytest.raises(ConfigError) as e:
+        build_config({"pretrained_model_name_or_path": "m", "train_data_dir": "d",
+                      "enable_xformers_memory_efficient_attention": True})
+    assert e.value.field == "enable_xformers_memory_efficient_attention" and "not installed" in str(e.value)

@@ -8,7 +8,6 @@ field names are unique across sections, and every flag is ``--<field name>``.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from ..utils.errors import ConfigError
-from .fields import coerce, describe, help_field, index_fields, is_optional, read_yaml  # noqa: F401 (public here too)
+from .fields import help_field, index_fields, read_yaml
 from ..diffusion.flow_config import FlowMatchingConfig
 from ..data.prior_config import PriorPreservationConfig
 from ..terms.config import RepaConfig, SDDiTConfig
@@ -46,6 +45,20 @@ def _non_negative(section: Any, *names: str) -> None:
         value = getattr(section, name)
         if value is not None and value < 0:
             raise ConfigError(name, f"must be >= 0, got {value}", f"set --{name} to 0 or more")
+
+
+def _check_xformers() -> None:
+    """--enable_xformers_memory_efficient_attention's one check (builders.prepare_denoiser only switches it on)."""
+    import importlib.util
+
+    import torch  # only here: a dry run of a plain recipe stays light
+
+    field = "enable_xformers_memory_efficient_attention"
+    if not torch.cuda.is_available():
+        raise ConfigError(field, "xformers needs a CUDA GPU and none is visible",
+                          "drop the flag (PyTorch SDPA attention is the default)")
+    if importlib.util.find_spec("xformers") is None:
+        raise ConfigError(field, "xformers is not installed", "pip install 'sadm-finetune[gpu]' or drop the flag")
 
 
 @dataclass
@@ -129,6 +142,8 @@ class ModelConfig:
         if self.export_merged and not self.use_lora:
             raise ConfigError("export_merged", f"is a LoRA option and --trainable {self.trainable} always writes the "
                               "full pipeline", "drop --export_merged")
+        if self.enable_xformers_memory_efficient_attention:
+            _check_xformers()
 
     @property
     def use_lora(self) -> bool:
@@ -215,7 +230,9 @@ class DataConfig:
 class TrainingConfig:
     output_dir: str = _f("sadm-output", "Where the fine-tuned pipeline, samples, logs and checkpoints go.")
     overwrite_output_dir: bool = _f(False, "Allow writing into an existing non-empty output_dir.")
-    seed: int | None = _f(0, "Random seed (data order, noise, timesteps, initialisation of the discriminator).")
+    seed: int | None = _f(
+        0, "Random seed (data order, noise, timesteps, initialisation of the discriminator, sampling of the grids). "
+        "none: a fresh random seed, drawn once per run, printed and saved in training_config.yaml.")
     train_batch_size: int = _f(8, "Samples per device per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
     max_train_steps: int = _f(1000, "Number of denoiser updates.")
@@ -248,7 +265,7 @@ class TrainingConfig:
     max_nonfinite_steps: int = _f(10, "Stop after this many non-finite updates in a row (each is skipped).")
     snr_gamma: float | None = _f(None, "Min-SNR-gamma weighting of the diffusion loss (5.0 is the usual value).")
     noise_offset: float = _f(0.0, "Offset noise scale.")
-    report_to: str = _f("tensorboard", "Tracker for logs: tensorboard, wandb, all or none.")
+    report_to: str = _f("tensorboard", "Tracker for logs: tensorboard, wandb, comet_ml, mlflow, all or none.")
     logging_dir: str = _f("logs", "Tracker folder, relative to output_dir.")
     validation_steps: int | None = _f(None, "Sample a validation grid every N steps (None: only at the end).")
     num_validation_images: int = _f(4, "Images per class / prompt in validation grids.")
@@ -457,14 +474,6 @@ class RunConfig:
             )
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
-        if self.model.enable_xformers_memory_efficient_attention:
-            import torch  # only here: a dry run of a plain recipe stays light
-
-            if not torch.cuda.is_available():
-                raise ConfigError(
-                    "enable_xformers_memory_efficient_attention", "xformers needs a CUDA GPU and none is visible",
-                    "drop the flag (PyTorch SDPA attention is the default)",
-                )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -479,10 +488,6 @@ class RunConfig:
 def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
     """Field name -> (section name, field); names are unique across sections."""
     return index_fields(SECTIONS)
-
-
-def field_type(section: str, name: str) -> Any:
-    return typing.get_type_hints(SECTIONS[section])[name]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

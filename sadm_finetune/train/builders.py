@@ -47,8 +47,8 @@ def prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dt
     denoiser.train()
     if config.model.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    if config.model.enable_xformers_memory_efficient_attention:
-        _enable_xformers(denoiser)
+    if config.model.enable_xformers_memory_efficient_attention:  # checked in ModelConfig (CUDA, installed)
+        denoiser.enable_xformers_memory_efficient_attention()
     if config.model.use_lora:
         # The frozen base is held in weight_dtype (half the memory under bf16/fp16); LoRA weights stay fp32.
         denoiser.to(device)
@@ -145,18 +145,6 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
 def _saved_name(name: str, suffix: str) -> str:
     # The discriminator's files keep their historical names (disc_optimizer, disc_scheduler).
     return f"disc{suffix}" if name == "discriminator" and suffix else f"{name}{suffix}"
-
-
-def _enable_xformers(denoiser) -> None:
-    from diffusers.utils.import_utils import is_xformers_available
-
-    if not torch.cuda.is_available():
-        raise ConfigError("enable_xformers_memory_efficient_attention", "xformers needs a CUDA GPU and none is visible",
-                          "drop the flag (PyTorch SDPA attention is the default)")
-    if not is_xformers_available():
-        raise ConfigError("enable_xformers_memory_efficient_attention", "xformers is not installed",
-                          "pip install 'sadm-finetune[gpu]' or drop the flag")
-    denoiser.enable_xformers_memory_efficient_attention()
 
 
 def tracker_config(config: RunConfig) -> dict[str, Any]:
