@@ -1,7 +1,7 @@
 """Typed dataclass fields as YAML keys: type descriptions, value checks, and reading a sectioned YAML file.
 
 Generic over the dataclasses it is given (``sections``: name -> dataclass), so it depends on no
-particular configuration; ``config.py`` (sadm-train) and ``flags.py`` (both CLIs) build on it.
+particular configuration; ``run.py`` (sadm-train's RunConfig) and ``flags.py`` (both CLIs) build on it.
 """
 
 from __future__ import annotations
