@@ -1,4 +1,5 @@
-"""Command line: flags derived from the config dataclasses; `--config` YAML, then flags, override defaults."""
+"""Command line: flags derived from the config dataclasses; `--config` YAML, then flags, override the defaults
+(the dataclasses', then the pipeline family's: config/run.build_config)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sadm-train",
         usage=USAGE,
         description="Fine-tune a diffusers pipeline with SADM (structure-guided adversarial training). "
-        "Every field of the run configuration is a flag; precedence: defaults < --config YAML < flags. "
+        "Every field of the run configuration is a flag; precedence: defaults < the pipeline family's defaults "
+        "(docs/defaults.md) < --config YAML < flags. "
         "Boolean switches have a --no_<name> form to turn a default off.",
     )
     parser.add_argument("--config", default=None, metavar="YAML",
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_distributed(code: int) -> int:
     """A process of a multi-process run ends here, everything written and flushed, without tearing down the
     gloo/NCCL process group: its destructor can deadlock against the backend's worker threads (seen with 2
-    CPU processes on torch 2.13; training.py `_end_training`). A single process returns normally."""
+    CPU processes on torch 2.13; train/finish.end_training leaves the group for this exit). Global state kept on
+    purpose (docs/design.md §12). A single process returns normally."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
