@@ -215,9 +215,10 @@ def test_the_default_recipe_is_ema_with_warmup_and_a_decaying_schedule():
     assert off.training.use_ema is False
 
 
-def test_seed_none_draws_a_fresh_seed_that_is_logged_and_saved(tmp_path):
+def test_seed_none_draws_a_fresh_seed_that_is_logged_saved_and_kept_on_resume(tmp_path):
     """`--seed none` is a fresh random seed (not 0): drawn once, printed, and written to training_config.yaml so
-    that the run can be repeated; the draw differs from call to call."""
+    that the run can be repeated; the draw differs from call to call. The same command resuming the run's
+    checkpoint continues with that run's seed, not a new draw."""
     from types import SimpleNamespace
 
     from launch import tiny_run_args, train_in_process
@@ -230,13 +231,20 @@ def test_seed_none_draws_a_fresh_seed_that_is_logged_and_saved(tmp_path):
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
     data = build_image_folder(tmp_path / "data", per_class=2)
     out = tmp_path / "out"
-    proc = train_in_process(tiny_run_args(base, data, out, steps=1) + [
-        "--seed", "none", "--structure_weight", "0", "--report_to", "none", "--validation_inference_steps", "1"])
+    args = tiny_run_args(base, data, out, steps=1) + [
+        "--seed", "none", "--structure_weight", "0", "--report_to", "none", "--validation_inference_steps", "1",
+        "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+    proc = train_in_process(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     drawn = re.findall(r"^seed: none given; drew --seed (\d+) ", proc.stdout + proc.stderr, flags=re.M)
     assert len(drawn) == 1, (proc.stdout + proc.stderr)[-3000:]
     saved = yaml.safe_load((out / "training_config.yaml").read_text())["training"]["seed"]
     assert saved == int(drawn[0])
+
+    resumed = train_in_process(args + ["--max_train_steps", "2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming checkpoint-1 with its run's --seed {saved}" in resumed.stdout + resumed.stderr
+    assert yaml.safe_load((out / "training_config.yaml").read_text())["training"]["seed"] == saved
 
 
 def test_xformers_is_checked_once_when_the_config_is_built(monkeypatch):

@@ -65,9 +65,8 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     if t.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if t.seed is None:  # --seed none: a fresh seed, the same on every rank, saved in training_config.yaml below
-        t.seed = shared_random_seed(accelerator)
-        accelerator.print(f"seed: none given; drew --seed {t.seed} (saved in training_config.yaml; pass it to rerun)")
+    if t.seed is None:  # --seed none: a fresh seed (a resumed run's own), the same on every rank
+        t.seed = _seed_for_none(accelerator, output_dir, t.resume_from_checkpoint)
     set_seed(t.seed)
 
     _check_distributed_type(config, accelerator)
@@ -169,6 +168,29 @@ def _on_update(run: Run, state: TrainState, saved, output_dir: Path) -> None:
             validate(run, output_dir / "samples" / f"step-{state.global_step}.png", state.global_step, model)
         del model
         accelerator.wait_for_everyone()
+
+
+def _seed_for_none(accelerator: Accelerator, output_dir: Path, resume_from_checkpoint: str | None) -> int:
+    """--seed none: a fresh random seed, printed and saved in training_config.yaml (train() writes it). A run that
+    resumes a checkpoint continues with the seed of the run that wrote it (its training_config.yaml, beside
+    checkpoints/), so that the resumed steps draw the noise and data order the uninterrupted run would have."""
+    import yaml
+
+    resume_path = resolve_resume(output_dir, resume_from_checkpoint)
+    if resume_path is None:
+        seed = shared_random_seed(accelerator)
+        accelerator.print(f"seed: none given; drew --seed {seed} (saved in training_config.yaml; pass it to rerun)")
+        return seed
+    saved = resume_path.parent.parent / "training_config.yaml"
+    try:
+        seed = yaml.safe_load(saved.read_text())["training"]["seed"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        seed = None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError("seed", f"is none and the run that wrote {resume_path} left no seed in {saved}",
+                          "pass --seed with the seed that run used")
+    accelerator.print(f"seed: none given; resuming {resume_path.name} with its run's --seed {seed}")
+    return seed
 
 
 def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None:
