@@ -25,6 +25,22 @@ def help_field(default: Any, help: str, **extra: Any) -> Any:
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def positive(section: Any, *names: str) -> None:
+    """The range check of a section's ``__post_init__``: each named field is None or > 0."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            raise ConfigError(name, f"must be > 0, got {value}", f"set --{name} to a positive number")
+
+
+def non_negative(section: Any, *names: str) -> None:
+    """Each named field is None or >= 0."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < 0:
+            raise ConfigError(name, f"must be >= 0, got {value}", f"set --{name} to 0 or more")
+
+
 def is_optional(tp: Any) -> tuple[bool, Any]:
     """(whether ``tp`` admits None, the type without None)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

@@ -16,6 +16,7 @@ import yaml
 
 from ..utils.errors import ConfigError
 from .fields import help_field, index_fields, read_yaml
+from .fields import non_negative as _non_negative, positive as _positive
 from ..diffusion.flow_config import FlowMatchingConfig
 from ..data.prior_config import PriorPreservationConfig
 from ..terms.config import RepaConfig, SDDiTConfig
@@ -31,20 +32,6 @@ LR_SCHEDULERS = (
 
 
 _f = help_field
-
-
-def _positive(section: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and value <= 0:
-            raise ConfigError(name, f"must be > 0, got {value}", f"set --{name} to a positive number")
-
-
-def _non_negative(section: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and value < 0:
-            raise ConfigError(name, f"must be >= 0, got {value}", f"set --{name} to 0 or more")
 
 
 def _check_xformers() -> None:
@@ -259,7 +246,9 @@ class TrainingConfig:
         0.9999, "Largest EMA decay. The decay at update s is min(ema_decay, (1 + s) / (10 + s)) (diffusers' "
         "EMAModel), so a run of N updates averages about its last N/10 until 1 - 9/N reaches ema_decay (N ~ 90k "
         "for 0.9999): the default suits short fine-tunes and long ones.")
-    checkpointing_steps: int | None = _f(None, "Save a resumable checkpoint every N steps (and on SIGTERM/SIGINT).")
+    checkpointing_steps: int | None = _f(
+        None, "Save a resumable checkpoint every N steps (None: none on a schedule; a run stopped by SIGTERM/SIGINT "
+        "saves one either way).")
     checkpoints_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = _f(None, "Resume from `latest` or a checkpoint folder.")
     max_nonfinite_steps: int = _f(10, "Stop after this many non-finite updates in a row (each is skipped).")
