@@ -40,12 +40,12 @@ def _check_xformers() -> None:
 
     import torch  # only here: a dry run of a plain recipe stays light
 
-    field = "enable_xformers_memory_efficient_attention"
+    name = "enable_xformers_memory_efficient_attention"
     if not torch.cuda.is_available():
-        raise ConfigError(field, "xformers needs a CUDA GPU and none is visible",
+        raise ConfigError(name, "xformers needs a CUDA GPU and none is visible",
                           "drop the flag (PyTorch SDPA attention is the default)")
     if importlib.util.find_spec("xformers") is None:
-        raise ConfigError(field, "xformers is not installed", "pip install 'sadm-finetune[gpu]' or drop the flag")
+        raise ConfigError(name, "xformers is not installed", "pip install 'sadm-finetune[gpu]' or drop the flag")
 
 
 @dataclass

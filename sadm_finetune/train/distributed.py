@@ -32,9 +32,9 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 # their tensors), held from Python. If a gloo worker thread dropped the last reference, it would need the GIL to
 # free tensors created in Python, which deadlocks when the main thread is destroying the process group at that
 # moment (seen with 2 CPU processes on torch 2.13). A normal multi-process end never destroys the group (cli.py
-# leaves with os._exit), but a crash that escapes `cli.main` ends through the interpreter's teardown, which does;
-# the race is intermittent, so no passing test run shows that this is safe to drop. A replaced entry is released
-# here, on the main thread.
+# leaves with os._exit), but a crash that escapes `cli.main` leaves the group to the interpreter's teardown, where
+# its destructor can run; the race is intermittent, so no passing test run shows this safe to drop. A replaced
+# entry is released here, on the main thread.
 _RECENT_WORK: dict[str, Any] = {}
 
 
