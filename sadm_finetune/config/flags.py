@@ -7,14 +7,14 @@ dataclass default fills them. Abbreviations are off (``--max_train_step`` is an 
 ``--max_train_steps``); an unknown flag is one line that names the closest real flag.
 
 Why not transformers' ``HfArgumentParser`` over the same dataclasses (measured with transformers 5.25 on
-sadm-train's 139 fields; docs/design.md, "Config"): it fills every field's default into the namespace, so the
+sadm-train's 142 fields; docs/design.md, "Config"): it fills every field's default into the namespace, so the
 flags the user gave cannot be told apart from defaults, which the precedence defaults < family defaults < YAML <
 flags needs; it adds ``--no_<name>`` only to bools whose default is True (20 switches lost, ``--no_center_crop``
 over a YAML ``true`` among them) and makes ``bool | None`` fields (``--use_ema``) take a value, with no
 ``--no_use_ema``; ``none`` cannot set an ``int | None`` / ``float | None`` field (``--seed none``,
 ``--max_grad_norm none`` exit) and is the string "none" for a ``str | None`` one; bool flags accept a value
 (``--random_flip true``); its help formatter fails on a ``%`` in a help text; it adds a hyphenated twin of every
-flag (278 option strings for 163); it rewrites each ``Field.type`` of the dataclasses in place (process-wide
+flag (284 option strings for 166); it rewrites each ``Field.type`` of the dataclasses in place (process-wide
 state); errors are argparse's usage text and exit, unknown flags a ValueError listing them, with no suggestion;
 and ``parse_args_into_dataclasses`` reads a ``<script>.args`` file beside ``sys.argv[0]`` when one exists. Its
 YAML reader takes flat keys only, without type checks. Bridging these means overriding most of it, so the
