@@ -168,7 +168,8 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
                 if t.use_ema else "The exported weights are the final trained weights (no EMA).")
     mode = "structure loss off (plain fine-tune baseline)" if not config.sadm.enabled else (
         f"structure weight lambda = {config.sadm.structure_weight}")
-    trained = (f"as a LoRA (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}, on "
+    kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[m.lora_type]
+    trained = (f"as a {kind} (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}, on "
                f"{', '.join(m.lora_target_modules) if m.lora_target_modules else 'the family default modules'}) "
                if m.use_lora else "")
     usages = "\n\n".join(f"{heading}\n\n```python\n{code}\n```" for heading, code in facts.usages)

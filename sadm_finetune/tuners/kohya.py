@@ -28,15 +28,23 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 MODELSPEC_VERSION = "1.0.1"  # sai_model_spec.BASE_METADATA["modelspec.sai_model_spec"] in kohya's sd-scripts
 
 
-def to_kohya(lora_state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def to_kohya(lora_state_dict: dict[str, torch.Tensor], alpha: float | dict[str, float]) -> dict[str, torch.Tensor]:
     """peft-format UNet LoRA tensors (`...to_q.lora_A.weight`) -> kohya keys, with `.alpha` = `alpha` in the tensors'
-    dtype."""
+    dtype: one value, or per peft module name (`...attn1.to_q`: --lora_alpha_pattern; ranks come from the shapes)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict.items()})
     dtype = next(iter(lora_state_dict.values())).dtype
-    return {k: torch.tensor(float(alpha), dtype=dtype) if k.endswith(".alpha") else v.contiguous()
-            for k, v in kohya.items()}
+    if not isinstance(alpha, dict):
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict.items()})
+        return {k: torch.tensor(float(alpha), dtype=dtype) if k.endswith(".alpha") else v.contiguous()
+                for k, v in kohya.items()}
+    out: dict[str, torch.Tensor] = {}
+    for module, value in alpha.items():  # module by module: each one's .alpha is its own
+        part = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict.items()
+                                            if k.rsplit(".lora_", 1)[0] == module})
+        out.update({k: torch.tensor(value, dtype=dtype) if k.endswith(".alpha") else v.contiguous()
+                    for k, v in part.items()})
+    return out
 
 
 def kohya_metadata(adapter_metadata: dict[str, Any], labels: dict[str, str]) -> dict[str, str]:
@@ -55,7 +63,12 @@ def save_kohya_lora(output_dir: Path, lora_state_dict: dict[str, torch.Tensor], 
     """Write `KOHYA_WEIGHT_NAME` into `output_dir` atomically (a temporary file, then a rename)."""
     path = Path(output_dir) / KOHYA_WEIGHT_NAME
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file(to_kohya(lora_state_dict, adapter_metadata["lora_alpha"]), str(tmp),
+    alpha = adapter_metadata["lora_alpha"]
+    if adapter_metadata.get("alpha_pattern"):
+        from .lora import module_alphas
+
+        alpha = module_alphas(adapter_metadata, sorted({k.rsplit(".lora_", 1)[0] for k in lora_state_dict}))
+    save_file(to_kohya(lora_state_dict, alpha), str(tmp),
               metadata=kohya_metadata(adapter_metadata, labels or {}))
     os.replace(tmp, path)
     return path
