@@ -122,6 +122,8 @@ def _files_section(output_dir: Path, config: RunConfig, facts: CardFacts, repo: 
     if facts.pipeline:
         merged = " with the LoRA merged into its weights (do not apply the LoRA file to it again)" \
             if config.model.use_lora else ""
+        if config.model.use_lora and not facts.lora_files:  # LoHa / LoKr: no stock loader, so no adapter file
+            merged = f" with the {config.model.lora_type} adapter merged into its weights"
         lines.append(f"- `model_index.json` and the component folders: the full pipeline{merged}; "
                      f"`DiffusionPipeline.from_pretrained(\"{repo}\")` loads it.")
     if "diffusers" in facts.lora_files:
