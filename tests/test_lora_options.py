@@ -218,3 +218,13 @@ def test_the_discriminator_trains_with_disc_optimizer():
         assert type(term.optimizer).__name__ == expected
         group = term.optimizer.param_groups[0]
         assert group["betas"] == (0.5, 0.999) and group["weight_decay"] == 1e-4  # the disc_* options
+
+
+def test_fsdp_refuses_the_denoiser_optimizers_it_does_not_shard_for():
+    from sadm_finetune.train.entry import _check_distributed_type
+
+    fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP", mixed_precision="bf16", print=lambda *a, **k: None)
+    for name in ("adamw_8bit", "prodigy"):
+        with pytest.raises(ConfigError, match=f"^optimizer: {name} is not wired for FSDP"):
+            _check_distributed_type(RunConfig(training=TrainingConfig(optimizer=name)), fsdp)
+    _check_distributed_type(RunConfig(training=TrainingConfig(disc_optimizer="prodigy")), fsdp)  # D is replicated
