@@ -129,6 +129,15 @@ def test_loha_and_lokr_train_and_export_merged(base, tmp_path, kind, cls, key):
     torch.testing.assert_close(_out(adapter, merged), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_pattern_that_matches_no_adapted_module_is_refused(base):
+    model = ModelConfig(pretrained_model_name_or_path=str(base), trainable="lora", lora_target_modules=["to_q"],
+                        lora_alpha_pattern={"to_v": 2.0})  # to_v gets no adapter: peft would ignore the pattern
+    adapter = load_family(model)
+    with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match"), \
+            pytest.raises(ConfigError, match="lora_alpha_pattern: 'to_v' matches none of the 8 modules"):  # peft warns
+        lora.attach_lora(copy.deepcopy(adapter.denoiser), lora.make_lora_config(model, adapter.lora_target_modules))
+
+
 def test_flags_and_yaml_give_the_patterns_and_bad_values_are_one_line(tmp_path):
     need = ["--pretrained", "x", "--train_data_dir", "d"]
     config, _ = parse_config(need + ["--trainable", "lora", "--lora_rank_pattern", "attn1.to_q=16,ff.net.2=4",

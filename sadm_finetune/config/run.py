@@ -122,7 +122,7 @@ class ModelConfig:
         "e.g. attn1.to_q=16,ff.net.2=4 (YAML: a mapping). The LoRA file carries each module's shape.")
     lora_alpha_pattern: dict[str, float] | None = _f(
         None, "Per-module alphas overriding --lora_alpha (peft's alpha_pattern), written like --lora_rank_pattern; "
-        "the LoRA file's metadata (and the kohya file's per-module .alpha) carries them.")
+        "the LoRA file's metadata carries them (the kohya file: folded into each module's lora_up).")
 
     def __post_init__(self) -> None:
         for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):
@@ -158,8 +158,8 @@ class ModelConfig:
                 raise ConfigError("lora_dropout", f"is the LoRA branch's dropout and --lora_type {self.lora_type} has "
                                   "none", "drop --lora_dropout")
             if self.lora_export_format is not None:
-                raise ConfigError("lora_export_format", f"no stock diffusers loader reads {self.lora_type} files, so the "
-                                  f"run exports the merged pipeline", "drop --lora_export_format")
+                raise ConfigError("lora_export_format", f"no stock diffusers loader reads {self.lora_type} files, so "
+                                  "the run exports the merged pipeline", "drop --lora_export_format")
         if self.lora_type == "dora" and self.lora_export_format in ("kohya", "both"):
             raise ConfigError("lora_export_format", "kohya's LoRA format has no DoRA magnitude vectors",
                               "use --lora_export_format diffusers (diffusers' load_lora_weights reads DoRA)")

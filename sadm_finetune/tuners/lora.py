@@ -57,12 +57,6 @@ def module_alphas(adapter_metadata: dict[str, Any], modules: list[str]) -> dict[
     return {m: float(pattern.get(get_pattern_key(list(pattern), m), alpha)) for m in modules}
 
 
-def writes_adapter_file(config: ModelConfig) -> bool:
-    """Whether a stock diffusers loader reads this adapter kind's file (LoRA and DoRA: `load_lora_weights` /
-    `load_lora_adapter`); LoHa and LoKr runs export the merged pipeline instead (docs/design.md §3)."""
-    return config.lora_type in ("lora", "dora")
-
-
 def attach_lora(denoiser: nn.Module, lora_config: PeftConfig) -> nn.Module:
     """Freeze the denoiser and inject LoRA layers; only they require grad, in fp32 whatever the base dtype."""
     denoiser.requires_grad_(False)
@@ -74,8 +68,23 @@ def attach_lora(denoiser: nn.Module, lora_config: PeftConfig) -> nn.Module:
         targets = sorted(lora_config.target_modules)
         raise ConfigError("lora_target_modules", f"none of {targets} names a module of the {type(denoiser).__name__}",
                           "pass module names (or suffixes) such as to_q to_v") from None
+    _check_patterns(denoiser, lora_config)
     cast_training_params(denoiser, dtype=torch.float32)  # fp16/bf16 masters would lose small updates
     return denoiser
+
+
+def _check_patterns(denoiser: nn.Module, lora_config: PeftConfig) -> None:
+    """A --lora_rank_pattern / --lora_alpha_pattern key that matches no adapted module (peft ignores it) is an error."""
+    import re
+
+    adapted = [name for name, module in denoiser.named_modules() if isinstance(module, BaseTunerLayer)]
+    for field, pattern in (("lora_rank_pattern", lora_config.rank_pattern), ("lora_alpha_pattern",
+                                                                              lora_config.alpha_pattern)):
+        for key in pattern or {}:
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in adapted):
+                raise ConfigError(field, f"{key!r} matches none of the {len(adapted)} modules that get the adapter",
+                                  "use a name or dotted suffix of a target module (--lora_target_modules), e.g. "
+                                  "attn1.to_q")
 
 
 def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
