@@ -52,9 +52,11 @@ def _resumed_step(text):
     return int(found[0])
 
 
-@pytest.mark.parametrize("lora, ema", [(False, True), (True, True), (False, False), (True, False)],
-                         ids=["full-ema", "lora-ema", "full", "lora"])
-def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, lora, ema):
+@pytest.mark.parametrize("lora, ema, optimizer", [(False, True, None), (True, True, None), (False, False, None),
+                                                  (True, False, None), (False, False, "prodigy"),
+                                                  (False, False, "adamw_8bit")],
+                         ids=["full-ema", "lora-ema", "full", "lora", "full-prodigy", "full-adamw_8bit"])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, lora, ema, optimizer):
     from sadm_finetune.diffusion.process import DDPMProcess
 
     draws = []  # per micro-batch: what the loop noised (batch latents, noise, timesteps), in order
@@ -72,6 +74,10 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, lora, ema
     extra += ["--use_ema", "--ema_decay", "0.9"] if ema else ["--no_use_ema"]
     if lora:
         extra += ["--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2"]
+    if optimizer:  # both optimizers' state (Prodigy's step-size estimate d sits in its param groups) must resume
+        extra += ["--optimizer", optimizer, "--disc_optimizer", optimizer]
+    if optimizer == "prodigy":
+        extra += ["--learning_rate", "1.0", "--disc_learning_rate", "1.0", "--prodigy_d_coef", "100"]
     full = tmp_path / "full"
     proc = train_in_process(tiny_run_args(base, data, full, steps=7) + extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,7 +102,13 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, lora, ema
     assert draws == uninterrupted[3:]
     assert _max_diff(_weights(full / "transformer"), _weights(resumed / "transformer")) <= 1e-6
     assert _max_diff(_weights(full / "structure_discriminator"), _weights(resumed / "structure_discriminator")) <= 1e-6
-    assert _max_diff(_weights(base / "transformer"), _weights(full / "transformer")) > 1e-4
+    # Prodigy's first steps are small (its step size d grows from d0 = 1e-6), so its run moves less in 7 steps.
+    moved = 1e-5 if optimizer == "prodigy" else 1e-4
+    assert _max_diff(_weights(base / "transformer"), _weights(full / "transformer")) > moved
+    if optimizer == "prodigy":  # the checkpoint holds the grown estimate, which the resume above continued from
+        import torch
+
+        assert torch.load(ckpt / "optimizer.bin", weights_only=True)["param_groups"][0]["d"] > 1e-5
     if lora:
         lora_full = load_file(str(full / "pytorch_lora_weights.safetensors"))
         lora_resumed = load_file(str(resumed / "pytorch_lora_weights.safetensors"))

@@ -56,6 +56,8 @@ def describe(tp: Any) -> str:
         text = "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
     elif typing.get_origin(inner) is list:
         text = f"a list of {typing.get_args(inner)[0].__name__}"
+    elif typing.get_origin(inner) is dict:
+        text = f"a mapping of str to {typing.get_args(inner)[1].__name__}"
     else:
         text = f"a {inner.__name__}"
     return text + (" or null" if optional else "")
@@ -79,6 +81,11 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             raise ConfigError(name, f"expected a list, got {type(value).__name__} {value!r}", fix)
         (item_type,) = typing.get_args(inner)
         return [coerce(name, item_type, v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a mapping, got {type(value).__name__} {value!r}", fix)
+        key_type, value_type = typing.get_args(inner)
+        return {coerce(name, key_type, k): coerce(name, value_type, v) for k, v in value.items()}
     if inner is bool:
         if not isinstance(value, bool):
             raise ConfigError(name, f"expected true/false, got {value!r}", fix)

@@ -77,7 +77,31 @@ def _default_text(f: dataclasses.Field, nullable: bool, inner: Any) -> str:
         return "(default: none)"
     if isinstance(value, list):
         return "(default: " + " ".join(str(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "(default: " + ",".join(f"{k}={v}" for k, v in value.items()) + ")"
     return f"(default: {value})"
+
+
+class _MappingAction(argparse.Action):
+    """``KEY=VALUE`` arguments (each may hold several pairs joined by commas) into a dict, values typed."""
+
+    def __init__(self, *args: Any, value_type: type = str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.value_type = value_type
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        mapping = {}
+        for pair in (p for value in values for p in value.split(",") if p):
+            key, sep, text = pair.partition("=")
+            try:
+                mapping[key.strip()] = self.value_type(text)
+                if not sep or not key.strip():
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(self.dest, f"{pair!r} is not KEY={self.value_type.__name__.upper()}",
+                                  f"write e.g. --{self.dest} attn1.to_q={self.value_type(16)},ff.net.2="
+                                  f"{self.value_type(4)}") from None
+        setattr(namespace, self.dest, mapping)
 
 
 def add_field(parser: FlagParser, group: argparse._ActionsContainer, f: dataclasses.Field, tp: Any) -> None:
@@ -101,6 +125,10 @@ def add_field(parser: FlagParser, group: argparse._ActionsContainer, f: dataclas
     if origin is list:
         (item,) = typing.get_args(inner)
         group.add_argument(*flags, type=item, nargs="+", metavar=item.__name__.upper(), **common)
+        return
+    if origin is dict:  # KEY=VALUE pairs, as several arguments and/or joined by commas: a=16,b=4
+        group.add_argument(*flags, type=str, nargs="+", metavar="KEY=VALUE", action=_MappingAction,
+                           value_type=typing.get_args(inner)[1], **common)
         return
 
     def parse(text: str, _inner=inner) -> Any:

@@ -112,6 +112,17 @@ class ModelConfig:
         "interpolate (the new grid squeezed onto the base's range) is refused: a stock DiTPipeline cannot hold it "
         "(docs/design.md §7). DiT only.",
     )
+    lora_type: Literal["lora", "dora", "loha", "lokr"] = _f(
+        "lora", "Adapter kind of a LoRA run (peft): lora; dora (weight-decomposed LoRA, peft's use_dora: the LoRA file "
+        "gains one magnitude vector per module and loads with diffusers' load_lora_weights); loha / lokr (LyCORIS' "
+        "Hadamard / Kronecker products: no stock diffusers loader reads them, so the run exports the pipeline with the "
+        "adapter merged and no adapter file; --lora_dropout does not apply).")
+    lora_rank_pattern: dict[str, int] | None = _f(
+        None, "Per-module ranks overriding --lora_rank (peft's rank_pattern): module-name regex or suffix -> rank, "
+        "e.g. attn1.to_q=16,ff.net.2=4 (YAML: a mapping). The LoRA file carries each module's shape.")
+    lora_alpha_pattern: dict[str, float] | None = _f(
+        None, "Per-module alphas overriding --lora_alpha (peft's alpha_pattern), written like --lora_rank_pattern; "
+        "the LoRA file's metadata carries them (the kohya file: folded into each module's lora_up).")
 
     def __post_init__(self) -> None:
         for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):
@@ -131,6 +142,29 @@ class ModelConfig:
                               "full pipeline", "drop --export_merged")
         if self.enable_xformers_memory_efficient_attention:
             _check_xformers()
+        self._check_lora_options()
+
+    def _check_lora_options(self) -> None:
+        given = [name for name in ("lora_rank_pattern", "lora_alpha_pattern") if getattr(self, name) is not None]
+        if self.lora_type != "lora":
+            given.insert(0, "lora_type")
+        if given and not self.use_lora:
+            raise ConfigError(given[0], "is a LoRA option and this run is not a LoRA run",
+                              f"add --trainable lora, or drop --{given[0]}")
+        for name in ("lora_rank_pattern", "lora_alpha_pattern"):
+            for key, value in (getattr(self, name) or {}).items():
+                if value <= 0:
+                    raise ConfigError(name, f"{key}={value}: values must be > 0", f"give {key} a positive value")
+        if self.lora_type in ("loha", "lokr"):
+            if self.lora_dropout:
+                raise ConfigError("lora_dropout", f"is the LoRA branch's dropout and --lora_type {self.lora_type} has "
+                                  "none", "drop --lora_dropout")
+            if self.lora_export_format is not None:
+                raise ConfigError("lora_export_format", f"no stock diffusers loader reads {self.lora_type} files, so "
+                                  "the run exports the merged pipeline", "drop --lora_export_format")
+        if self.lora_type == "dora" and self.lora_export_format in ("kohya", "both"):
+            raise ConfigError("lora_export_format", "kohya's LoRA format has no DoRA magnitude vectors",
+                              "use --lora_export_format diffusers (diffusers' load_lora_weights reads DoRA)")
 
     @property
     def use_lora(self) -> bool:
@@ -267,6 +301,20 @@ class TrainingConfig:
     push_to_hub: bool = _f(False, "Upload the output folder to the Hub at the end.")
     hub_model_id: str | None = _f(None, "Hub repo id (org/name) to push to.")
     hub_private: bool = _f(False, "Create the Hub repo as private.")
+    optimizer: Literal["adamw", "adamw_8bit", "prodigy"] = _f(
+        "adamw", "Denoiser optimizer: torch's AdamW; bitsandbytes' 8-bit AdamW (AdamW8bit: 8-bit moments for "
+        "tensors of 4096+ elements); or Prodigy (prodigyopt: learns the step size; use --learning_rate 1.0, as "
+        "diffusers' scripts advise). The adam_* options apply to all three.")
+    disc_optimizer: Literal["adamw", "adamw_8bit", "prodigy"] = _f(
+        "adamw", "Optimizer of the SADM structure discriminator (choices as --optimizer; its disc_* options apply).")
+    prodigy_beta3: float | None = _f(
+        None, "Prodigy's beta3 (the step-size estimate's EMA coefficient; default: sqrt(beta2)).")
+    prodigy_decouple: bool = _f(True, "Prodigy: AdamW-style decoupled weight decay.")
+    prodigy_use_bias_correction: bool = _f(
+        True, "Prodigy: Adam's bias correction (on, as diffusers' scripts default).")
+    prodigy_safeguard_warmup: bool = _f(
+        True, "Prodigy: leave the LR warm-up out of the step-size estimate (on, as diffusers' scripts default).")
+    prodigy_d_coef: float = _f(1.0, "Prodigy's d_coef: scales the learned step size (below 1: smaller steps).")
 
     def __post_init__(self) -> None:
         _positive(
@@ -292,6 +340,13 @@ class TrainingConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.9 / 0.999")
+        _positive(self, "prodigy_d_coef")
+        if self.prodigy_beta3 is not None and not 0.0 <= self.prodigy_beta3 < 1.0:
+            raise ConfigError("prodigy_beta3", f"must be in [0, 1), got {self.prodigy_beta3}", "use e.g. 0.999")
+        from ..train.optimizers import check_installed
+
+        for name in ("optimizer", "disc_optimizer"):
+            check_installed(name, getattr(self, name))
         trackers = {"tensorboard", "wandb", "comet_ml", "mlflow", "all", "none"}
         if self.report_to not in trackers:
             raise ConfigError("report_to", f"unknown tracker {self.report_to!r}", f"use one of {sorted(trackers)}")

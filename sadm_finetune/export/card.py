@@ -122,6 +122,8 @@ def _files_section(output_dir: Path, config: RunConfig, facts: CardFacts, repo: 
     if facts.pipeline:
         merged = " with the LoRA merged into its weights (do not apply the LoRA file to it again)" \
             if config.model.use_lora else ""
+        if config.model.use_lora and not facts.lora_files:  # LoHa / LoKr: no stock loader, so no adapter file
+            merged = f" with the {config.model.lora_type} adapter merged into its weights"
         lines.append(f"- `model_index.json` and the component folders: the full pipeline{merged}; "
                      f"`DiffusionPipeline.from_pretrained(\"{repo}\")` loads it.")
     if "diffusers" in facts.lora_files:
@@ -168,7 +170,8 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
                 if t.use_ema else "The exported weights are the final trained weights (no EMA).")
     mode = "structure loss off (plain fine-tune baseline)" if not config.sadm.enabled else (
         f"structure weight lambda = {config.sadm.structure_weight}")
-    trained = (f"as a LoRA (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}, on "
+    kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[m.lora_type]
+    trained = (f"as a {kind} (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}, on "
                f"{', '.join(m.lora_target_modules) if m.lora_target_modules else 'the family default modules'}) "
                if m.use_lora else "")
     usages = "\n\n".join(f"{heading}\n\n```python\n{code}\n```" for heading, code in facts.usages)

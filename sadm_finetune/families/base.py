@@ -125,14 +125,16 @@ class FamilyAdapter(ABC):
     def lora_formats(cls, model: ModelConfig) -> tuple[str, ...]:
         """The LoRA files a LoRA run writes ("diffusers", "kohya"): --lora_export_format, by default both where the
         family has the kohya format (ComfyUI and A1111 cannot read diffusers' SD/SDXL file), else diffusers."""
-        chosen = model.lora_export_format or ("both" if cls.kohya_lora else "diffusers")
+        if model.lora_type in ("loha", "lokr"):  # no stock loader reads them: the merged pipeline only
+            return ()
+        chosen = model.lora_export_format or ("both" if cls.kohya_lora and model.lora_type == "lora" else "diffusers")
         return ("diffusers", "kohya") if chosen == "both" else (chosen,)
 
     @classmethod
     def exports_pipeline(cls, model: ModelConfig) -> bool:
         """Whether the run writes the full pipeline: full and DiffFit runs always; LoRA runs of a family without a
         stock LoRA loader too (the merged pipeline is their plain way to use the LoRA); others with --export_merged."""
-        return not model.use_lora or not cls.stock_lora_loader or model.export_merged
+        return not model.use_lora or not cls.stock_lora_loader or model.export_merged or not cls.lora_formats(model)
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:

@@ -178,7 +178,8 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
                            for t in tensors)
 
         denoiser = getattr(pipeline, self.denoiser_name)
-        loaded = [p for name, p in denoiser.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+        loaded = [p for name, p in denoiser.named_parameters()
+                  if ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name]  # DoRA's too
         missing = fingerprints(in_file.values()) - fingerprints(loaded)
         if missing:
             raise RuntimeError(f"{weight_name}: diffusers' load_lora_weights left {sum(missing.values())} of its "

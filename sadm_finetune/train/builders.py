@@ -16,6 +16,7 @@ from .distributed import is_fsdp, replicate_outside_fsdp
 from ..utils.errors import ConfigError
 from ..diffusion.losses import LearnedSigmaVLB
 from .loop import Run
+from .optimizers import make_optimizer
 from ..tuners import lora
 from ..diffusion.process import make_process
 from ..terms import build_terms
@@ -65,10 +66,6 @@ def prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dt
     return denoiser
 
 
-def _optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float):
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
-
-
 def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) -> tuple[Run, Any, CheckpointState]:
     """The denoiser, its optimizer and LR schedule, the loss terms and their modules, EMA, all prepared by
     accelerate in one fixed order (the checkpoint layout: denoiser, its optimizer and schedule, the terms'
@@ -90,7 +87,8 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
                           "use DDP (accelerate launch --multi_gpu) with these terms")
     params = [p for p in denoiser.parameters() if p.requires_grad]
     params += [p for module in joint.values() for p in module.parameters()]
-    optimizer = _optimizer(params, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon)
+    optimizer = make_optimizer(t.optimizer, params, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
+                               t.adam_epsilon, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=t.max_train_steps * accelerator.num_processes)
 

@@ -208,6 +208,10 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
         if config.training.use_ema:
             raise ConfigError("use_ema", "EMA is not supported under FSDP (it would average local shards, which the "
                               "export does not gather)", f"drop --use_ema, or {fix}")
+        if config.training.optimizer != "adamw":  # D stays replicated beside FSDP: --disc_optimizer is free
+            raise ConfigError("optimizer", f"{config.training.optimizer} is not wired for FSDP's sharded parameters "
+                              "(8-bit AdamW's blocks and Prodigy's step-size sums would be per shard)",
+                              f"use --optimizer adamw, or {fix}")
         if config.sadm.enabled and accelerator.mixed_precision == "fp16":
             raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
                               "discriminator has no gradient scaler)", "use bf16")

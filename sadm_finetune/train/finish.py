@@ -117,7 +117,7 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
             export.save_models_atomically(output_dir, extra)
         del pipeline
     lora_files: dict[str, str] = {}
-    if lora_state is not None:
+    if lora_state is not None and adapter.lora_formats(m):  # LoHa / LoKr: the merged pipeline only
         state_out = lora.cast_state(lora_state, dtypes[adapter.denoiser_name])
         lora_files = adapter.save_lora_weights(output_dir, state_out, lora.lora_metadata(lora_config),
                                                kohya_labels(config, output_dir, adapter.default_resolution()))

@@ -5,7 +5,8 @@ Keys: diffusers' `convert_state_dict_to_kohya` of the peft state dict under the 
 `lora_unet_<module path, dots as underscores>.lora_down.weight` / `.lora_up.weight` (the UNet's diffusers module
 names, which ComfyUI, A1111 and diffusers' own kohya loader map for both families), and one `<module>.alpha` scalar
 per module. diffusers writes alpha = rank there; kohya's update scale is alpha / rank, so the run's `lora_alpha`
-replaces it. Every tensor (alpha too, as kohya's `save_weights` does) is in the LoRA tensors' dtype.
+replaces it (with --lora_alpha_pattern, folded into the weights: `fold_alpha_pattern`). Every tensor (alpha too,
+as kohya's `save_weights` does) is in the LoRA tensors' dtype.
 
 Metadata: what kohya's sd-scripts write (train_network.py's `ss_*` keys, library/sai_model_spec.py's `modelspec.*`
 keys): the network (`ss_network_module`, `ss_network_dim`, `ss_network_alpha`), the base's version
@@ -39,6 +40,27 @@ def to_kohya(lora_state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str
             for k, v in kohya.items()}
 
 
+def fold_alpha_pattern(lora_state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
+                       ) -> dict[str, torch.Tensor]:
+    """With --lora_alpha_pattern: each module whose alpha differs from `lora_alpha` gets its `lora_B` (kohya's
+    `lora_up`) scaled by its alpha / lora_alpha, so that one `.alpha` (lora_alpha) gives every module its own scale.
+    Per-module `.alpha` values are kohya's format, but diffusers 0.42's kohya reader maps them onto no module and
+    applies one alpha to all; folded, every reader (ComfyUI, A1111, kohya's scripts, diffusers) computes the same.
+    Ranks need nothing: every reader takes them from the shapes."""
+    if not adapter_metadata.get("alpha_pattern"):
+        return lora_state_dict
+    from .lora import module_alphas
+
+    alpha = float(adapter_metadata["lora_alpha"])
+    alphas = module_alphas(adapter_metadata, sorted({k.rsplit(".lora_", 1)[0] for k in lora_state_dict}))
+    out = dict(lora_state_dict)
+    for module, value in alphas.items():
+        key = f"{module}.lora_B.weight"
+        if value != alpha:
+            out[key] = (out[key].float() * (value / alpha)).to(out[key].dtype)
+    return out
+
+
 def kohya_metadata(adapter_metadata: dict[str, Any], labels: dict[str, str]) -> dict[str, str]:
     """The file's metadata: the network's `ss_*` keys from the LoRA config, the ModelSpec version and
     implementation, then `labels` (the base's version and the run's title, resolution, ...), all strings."""
@@ -55,7 +77,8 @@ def save_kohya_lora(output_dir: Path, lora_state_dict: dict[str, torch.Tensor], 
     """Write `KOHYA_WEIGHT_NAME` into `output_dir` atomically (a temporary file, then a rename)."""
     path = Path(output_dir) / KOHYA_WEIGHT_NAME
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file(to_kohya(lora_state_dict, adapter_metadata["lora_alpha"]), str(tmp),
+    tensors = to_kohya(fold_alpha_pattern(lora_state_dict, adapter_metadata), adapter_metadata["lora_alpha"])
+    save_file(tensors, str(tmp),
               metadata=kohya_metadata(adapter_metadata, labels or {}))
     os.replace(tmp, path)
     return path

@@ -1,5 +1,9 @@
 """LoRA on the denoiser through peft's functional API (works for models without diffusers' adapter mixin, e.g. DiT).
 
+Adapter kinds (--lora_type): LoRA, DoRA (LoRA with peft's `use_dora`: a learned magnitude per output feature), LoHa
+and LoKr (peft's LyCORIS tuners), each with optional per-module ranks and alphas (peft's `rank_pattern` /
+`alpha_pattern`, saved in the file's metadata, which diffusers' loader rebuilds the config from).
+
 Layout of a LoRA run (docs/design.md §3): the base denoiser is frozen and may sit in `weight_dtype`; the
 LoRA parameters train in fp32; checkpoints hold the LoRA tensors only; the export writes the adapter weights
 (`FamilyAdapter.save_lora_weights`: the diffusers format, and kohya's for SD/SDXL) and, where the family has no
@@ -14,7 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -26,16 +30,34 @@ ADAPTER_NAME = "default"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' own name: load_lora_weights(folder) finds it
 
 
-def make_lora_config(config: ModelConfig, default_targets: tuple[str, ...]) -> LoraConfig:
-    return LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules or default_targets),
-    )
+def make_lora_config(config: ModelConfig, default_targets: tuple[str, ...]) -> PeftConfig:
+    """peft's config for --lora_type: LoraConfig (use_dora for dora) or LoHaConfig / LoKrConfig, with the per-module
+    rank and alpha patterns (module-name regex or suffix -> value, peft's `rank_pattern` / `alpha_pattern`)."""
+    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+    targets = list(config.lora_target_modules or default_targets)
+    patterns = {name: dict(value) for name, value in (("rank_pattern", config.lora_rank_pattern),
+                                                       ("alpha_pattern", config.lora_alpha_pattern)) if value}
+    if config.lora_type in ("loha", "lokr"):
+        cls = LoHaConfig if config.lora_type == "loha" else LoKrConfig
+        return cls(r=config.lora_rank, alpha=alpha, target_modules=targets, **patterns)
+    if config.lora_type == "dora":
+        patterns["use_dora"] = True
+    return LoraConfig(r=config.lora_rank, lora_alpha=alpha, lora_dropout=config.lora_dropout, target_modules=targets,
+                      **patterns)
 
 
-def attach_lora(denoiser: nn.Module, lora_config: LoraConfig) -> nn.Module:
+def module_alphas(adapter_metadata: dict[str, Any], modules: list[str]) -> dict[str, float]:
+    """Each module's alpha under a LoRA config's `alpha_pattern` (`adapter_metadata`: `lora_metadata`'s dict), matched
+    as peft matches it (the first pattern that is the module name or a dotted suffix of it, as a regex), else its
+    `lora_alpha`."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = adapter_metadata.get("alpha_pattern") or {}
+    alpha = adapter_metadata["lora_alpha"]
+    return {m: float(pattern.get(get_pattern_key(list(pattern), m), alpha)) for m in modules}
+
+
+def attach_lora(denoiser: nn.Module, lora_config: PeftConfig) -> nn.Module:
     """Freeze the denoiser and inject LoRA layers; only they require grad, in fp32 whatever the base dtype."""
     denoiser.requires_grad_(False)
     try:
@@ -46,8 +68,23 @@ def attach_lora(denoiser: nn.Module, lora_config: LoraConfig) -> nn.Module:
         targets = sorted(lora_config.target_modules)
         raise ConfigError("lora_target_modules", f"none of {targets} names a module of the {type(denoiser).__name__}",
                           "pass module names (or suffixes) such as to_q to_v") from None
+    _check_patterns(denoiser, lora_config)
     cast_training_params(denoiser, dtype=torch.float32)  # fp16/bf16 masters would lose small updates
     return denoiser
+
+
+def _check_patterns(denoiser: nn.Module, lora_config: PeftConfig) -> None:
+    """A --lora_rank_pattern / --lora_alpha_pattern key that matches no adapted module (peft ignores it) is an error."""
+    import re
+
+    adapted = [name for name, module in denoiser.named_modules() if isinstance(module, BaseTunerLayer)]
+    for field, pattern in (("lora_rank_pattern", lora_config.rank_pattern), ("lora_alpha_pattern",
+                                                                              lora_config.alpha_pattern)):
+        for key in pattern or {}:
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in adapted):
+                raise ConfigError(field, f"{key!r} matches none of the {len(adapted)} modules that get the adapter",
+                                  "use a name or dotted suffix of a target module (--lora_target_modules), e.g. "
+                                  "attn1.to_q")
 
 
 def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
@@ -61,13 +98,13 @@ def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, 
     return {k: v.to(dtype) for k, v in state.items()}
 
 
-def lora_metadata(lora_config: LoraConfig) -> dict[str, Any]:
+def lora_metadata(lora_config: PeftConfig) -> dict[str, Any]:
     """The LoRA config as saved beside the weights (diffusers rebuilds the adapter from it); sets sorted,
     so the file is byte-identical across runs."""
     return {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
 
 
-def merge_lora(base: nn.Module, lora_config: LoraConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+def merge_lora(base: nn.Module, lora_config: PeftConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     """Merge LoRA weights into `base` in place and remove the LoRA layers: the result has the base's
     modules and state-dict keys, so any stock pipeline loads it."""
     inject_adapter_in_model(lora_config, base, adapter_name=ADAPTER_NAME)

@@ -10,6 +10,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from ...config.run import RunConfig
+from ...train.optimizers import make_optimizer
 from ...utils.errors import InputError
 from .discriminator import StructureDiscriminator
 from .feature_space import FeatureSpace
@@ -52,9 +53,9 @@ class SADMTerm(Term):
         if s.adversarial_loss != "relations" and self.disc.score is None:
             raise InputError(f"disc_resume_from: {s.disc_resume_from} has no score head, which --adversarial_loss "
                              f"{s.adversarial_loss} needs; start D afresh (drop --disc_resume_from)")
-        self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=s.disc_learning_rate,
-                                           betas=(s.disc_adam_beta1, s.disc_adam_beta2),
-                                           weight_decay=s.disc_weight_decay, eps=adam_epsilon)
+        self.optimizer = make_optimizer(config.training.disc_optimizer, self.disc.parameters(), s.disc_learning_rate,
+                                        (s.disc_adam_beta1, s.disc_adam_beta2), s.disc_weight_decay, adam_epsilon,
+                                        config.training, "disc_optimizer")
         self.scheduler = get_scheduler("constant", self.optimizer)
 
     def modules(self) -> dict[str, tuple[Any, Any, Any]]:
