@@ -21,7 +21,7 @@ from sadm_finetune.data.latent_cache import CachedLatentDataset, build_latent_ca
 from sadm_finetune.diffusion.latents import latent_loss_mask, latent_mask
 from sadm_finetune.diffusion.losses import LearnedSigmaVLB, masked_mean, weighted_mean
 from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
-from sadm_finetune.families.base import caption_prompts
+from sadm_finetune.families.text import caption_prompts
 from sadm_finetune.diffusion.process import make_process
 from sadm_finetune.data.prior import (PriorPreservationCollate, PriorPreservationDataset, class_image_files,
                                  generate_class_images, open_class_data)
@@ -248,13 +248,15 @@ def test_a_class_conditional_family_refuses_prompts_and_kohya_folders(tmp_path):
     kohya = open_train_data(DataConfig(train_data_dir=str(tmp_path)))
     base = {"pretrained_model_name_or_path": "p", "train_data_dir": str(tmp_path)}
     prior = {**base, "with_prior_preservation": True, "class_prompt": "a dog", "class_data_dir": "c"}
+    # The options: refused by the family's declaration (no "text"), before the data is opened.
     with pytest.raises(ConfigError, match="with_prior_preservation: needs a text-to-image pipeline"):
-        check_personalization(build_config(prior), DiTAdapter, kohya)
+        DiTAdapter.check_config(build_config(prior))
     with pytest.raises(ConfigError, match="instance_prompt: needs a text-to-image pipeline"):
-        check_personalization(build_config({**base, "instance_prompt": "sks"}), DiTAdapter, kohya)
+        DiTAdapter.check_config(build_config({**base, "instance_prompt": "sks"}))
     with pytest.raises(InputError, match="kohya's <repeats>_<name> folder convention .* rename the class folders"):
         check_personalization(build_config(base), DiTAdapter, kohya)
-    check_personalization(build_config(prior), StableDiffusionAdapter, kohya)  # a text family takes all of it
+    StableDiffusionAdapter.check_config(build_config(prior))  # a text family takes all of it
+    check_personalization(build_config(prior), StableDiffusionAdapter, kohya)
 
 
 # -- masks -----------------------------------------------------------------------------------------------------------

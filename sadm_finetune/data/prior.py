@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config.run import RunConfig
 from .datasets import IMAGE_EXTENSIONS, TrainData, collate
-from ..utils.errors import ConfigError, InputError
+from ..utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +88,15 @@ def generate_class_images(pipeline: Callable[..., Any], folder: Path, prompt: st
 
 
 def check_personalization(config: RunConfig, family: type, data: TrainData) -> None:
-    """Before any weights load: prior preservation, instance prompts, caption prefixes and kohya's captioned folders
-    need a text-to-image family (a class-conditional one, DiT, would silently ignore them)."""
-    if family.text_encoder_names:
+    """Before any weights load: kohya's captioned folders need a text-to-image family (a class-conditional one, DiT,
+    would silently ignore their captions). The options (prior preservation, instance prompts, caption prefixes) are
+    refused by the family's declaration (`FamilyAdapter.check_capabilities`: they need "text")."""
+    if "text" in family.capabilities or not data.kohya:
         return
-    d, why = config.data, f"the {family.family} family is class-conditional and takes no prompts"
-    for name, given in (("with_prior_preservation", config.dreambooth.with_prior_preservation),
-                        ("instance_prompt", d.instance_prompt), ("caption_prefix", d.caption_prefix)):
-        if given:
-            raise ConfigError(name, f"needs a text-to-image pipeline and {why}", f"drop --{name}")
-    if data.kohya:
-        raise InputError(f"train_data_dir: {data.description} is read with kohya's <repeats>_<name> folder convention "
-                         f"(captions and repeats) and {why}; rename the class folders without a leading number and "
-                         "underscore")
+    words = family.describe()
+    raise InputError(f"train_data_dir: {data.description} is read with kohya's <repeats>_<name> folder convention "
+                     f"(captions and repeats) and {words['name']} is {words['conditioning']} and takes no prompts; "
+                     "rename the class folders without a leading number and underscore")
 
 
 def ensure_class_images(accelerator, adapter, config: RunConfig) -> None:

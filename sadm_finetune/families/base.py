@@ -2,24 +2,27 @@
 
 An adapter turns a data batch into the denoiser's conditioning, calls the denoiser and splits its
 output, and rebuilds the family's stock pipeline for export and sampling. A new family (SDXL,
-PixArt, SD3) is one new subclass registered in `FAMILIES`.
+PixArt, SD3) is one new subclass registered in `FAMILIES`; a text-to-image one subclasses
+`text.TextFamilyAdapter`, which holds what every text family shares.
+
+A family declares what it can do (`FamilyAdapter.capabilities`, names from `CAPABILITIES`); every option that needs
+one of them is a row of `REQUIREMENTS`, and `FamilyAdapter.check_capabilities` refuses the first row the family does
+not declare, in one line, before any weights load. A family that declares nothing refuses every optional feature.
 
 What a batch offers `conditioning` (docs/design.md §8): `captions` or `class_labels`; the geometry of
 each sample (`original_sizes`, `crop_top_lefts`, `target_sizes`, `flips`: `data.GEOMETRY_KEYS`), which
 micro-conditioning reads; and with --cache_text_embeddings, `text_embeddings`: what `encode_text`
-returned for each caption, read from disk (`text_embeddings` below hides the difference).
+returned for each caption, read from disk (`TextFamilyAdapter.text_embeddings` hides the difference).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,8 +30,7 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ..config.run import ModelConfig, RunConfig, TrainingConfig
-from ..data.datasets import caption_text
-from ..utils.errors import ConfigError, InputError
+from ..utils.errors import ConfigError
 from .vae import load_separate_vae, vae_dtype
 
 
@@ -44,65 +46,132 @@ def batch_size(batch: dict[str, Any]) -> int:
     return batch[key].shape[0]
 
 
-def drop_to_empty(embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor],
-                  dropped: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Caption dropout for classifier-free guidance: the empty prompt's (1, ...) tensors where `dropped` (B,) is
-    set, chosen on the device (no host sync)."""
-    return {name: torch.where(dropped.view(-1, *[1] * (value.dim() - 1)), empty[name].to(value.dtype), value)
-            for name, value in embeds.items()}
-
-
-NUM_DEFAULT_PROMPTS = 4  # validation-grid rows of a text family when --validation_prompts is not given
-
-
 def refuse_options(*rows: tuple[bool, str, str, str]) -> None:
-    """`check_config`'s table: ConfigError(field, why, fix) for the first (refused, field, why, fix) row that holds."""
+    """A family's own refusals: ConfigError(field, why, fix) for the first (refused, field, why, fix) row that holds."""
     for refused, field, why, fix in rows:
         if refused:
             raise ConfigError(field, why, fix)
 
 
-def caption_prompts(data: Any, who: str) -> list[str]:
-    """A text family's data check: `data` (a `data.TrainData`) must carry one caption per image. Returns the validation
-    grid's default prompts: the instance prompt (--instance_prompt with its prefix) when given, else the first
-    distinct captions of its first 64 samples."""
-    if data.caption_column is None:
-        raise InputError(
-            f"caption_column: {data.description} has no caption column; {who} needs one caption per image: put "
-            "a .txt file beside each image (a.png -> a.txt), add metadata.jsonl (file_name, text) to the image folder, "
-            "pass --instance_prompt for all of them, or --caption_column <name> for a datasets set"
-        )
-    if getattr(data, "instance_prompt", None):
-        return [data.instance_prompt]
-    head = data.dataset.select(range(min(64, len(data.dataset))))[data.caption_column]
-    prompts = list(dict.fromkeys(caption_text(c) for c in head if caption_text(c)))
-    return prompts[:NUM_DEFAULT_PROMPTS] or [""]
+# -- what a family can declare ---------------------------------------------------------------------------------------
+CAPABILITIES: dict[str, str] = {
+    "class_labels": "class-conditional: class ids condition the denoiser (--validation_class_labels, "
+                    "--disc_class_conditional)",
+    "text": "text-conditioned through text.TextFamilyAdapter: captions, --validation_prompts, the text cache "
+            "(--cache_text_embeddings) and DreamBooth's options (--instance_prompt, --caption_prefix, "
+            "--with_prior_preservation)",
+    "ddpm": "trains with the DDPM process (diffusion.process.DDPMProcess): --snr_gamma",
+    "flow_matching": "trains with flow matching (diffusion.process.FlowMatchProcess): --weighting_scheme, "
+                     "--precondition_outputs",
+    "guidance_embedding": "has guidance-distilled denoisers (Flux.1-dev): --guidance_scale",
+    "learned_sigma": "the denoiser may predict a variance in its second half of output channels (DiT's learned "
+                     "sigma): `FamilyAdapter.learned_sigma`, the VLB term (--learned_sigma_loss)",
+    "aspect_ratio_buckets": "trains on non-square images: --aspect_ratio_buckets (`aspect_ratio_bucket_multiple`)",
+    "pos_embed_transfer": "rebuilds a fixed positional embedding for another --resolution: --pos_embed_transfer",
+    "difffit": "has the BasicTransformerBlock branches DiffFit scales (tuners/difffit.py): --trainable difffit",
+    "kohya_lora": "a LoRA run can also write kohya's file (tuners/kohya.py): --lora_export_format kohya / both",
+    "stock_lora_loader": "the pipeline's own `load_lora_weights` reads the diffusers-format LoRA file "
+                         "(`pipeline_class`): a LoRA run writes the file alone (no merged pipeline unless "
+                         "--export_merged)",
+    "block_hidden_states": "the denoiser's blocks (`feature_blocks`) expose hidden states on its token grid: REPA",
+    "class_label_blocks": "a class-conditional DiT-style transformer whose first blocks form an encoder: SD-DiT",
+}
+
+
+def _given(value: Any) -> bool:
+    """An optional option is asked for: set (not None) and not a switched-off flag."""
+    return value is not None and value is not False
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """An option that only a family declaring `capability` honours: refused where `when(<section>.<field>)` holds
+    and the family does not declare it. `why` is formatted with `name` (the family's display name), `conditioning`
+    and `process` (what the family declares, in words) and `value` (the option's); a family may word it more
+    precisely for itself (`FamilyAdapter.refusal_reasons`)."""
+    section: str  # RunConfig attribute: "model", "data", ...
+    field: str  # the option: the flag and YAML key named in the error
+    capability: str
+    why: str
+    fix: str
+    when: Callable[[Any], bool] = _given
+
+
+# Every option some family refuses, in the order the checks run; the first violated row is the error. The term rows
+# (--sddit_weight, --repa_weight) are the terms' own requirements (terms/), not this table's.
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement("model", "lora_export_format", "kohya_lora",
+                "kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL UNets, not for {name}",
+                "drop --lora_export_format (the diffusers-format file is written)",
+                when=lambda value: value in ("kohya", "both")),
+    Requirement("sadm", "disc_class_conditional", "class_labels", "{name} is {conditioning} and has no class labels",
+                "drop --disc_class_conditional"),
+    Requirement("training", "validation_class_labels", "class_labels",
+                "{name} is {conditioning} and takes no class ids",
+                "drop --validation_class_labels (a text family's grid rows: --validation_prompts)"),
+    Requirement("training", "validation_prompts", "text", "{name} is {conditioning} and takes no prompts",
+                "drop --validation_prompts (a class-conditional family's grid rows: --validation_class_labels)"),
+    Requirement("data", "cache_text_embeddings", "text", "{name} is {conditioning} and has no text encoder",
+                "drop --cache_text_embeddings"),
+    Requirement("dreambooth", "with_prior_preservation", "text",
+                "needs a text-to-image pipeline and {name} is {conditioning} and takes no prompts",
+                "drop --with_prior_preservation", when=bool),
+    Requirement("data", "instance_prompt", "text",
+                "needs a text-to-image pipeline and {name} is {conditioning} and takes no prompts",
+                "drop --instance_prompt", when=bool),
+    Requirement("data", "caption_prefix", "text",
+                "needs a text-to-image pipeline and {name} is {conditioning} and takes no prompts",
+                "drop --caption_prefix", when=bool),
+    Requirement("model", "pos_embed_transfer", "pos_embed_transfer",
+                "{name} has no fixed positional embedding to rebuild at another size",
+                "drop --pos_embed_transfer (--resolution alone sets the training size)"),
+    Requirement("training", "snr_gamma", "ddpm",
+                "min-SNR weighting is defined for the DDPM targets and {name} trains with {process}",
+                "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
+    Requirement("model", "trainable", "difffit",
+                "DiffFit scales the branches of diffusers' BasicTransformerBlocks (DiT, Stable Diffusion, PixArt), "
+                "which {name} has none of", "use --trainable full or lora", when=lambda value: value == "difffit"),
+    Requirement("data", "aspect_ratio_buckets", "aspect_ratio_buckets", "{name} trains on square images only",
+                "drop --aspect_ratio_buckets"),
+    Requirement("model", "guidance_scale", "guidance_embedding",
+                "is the guidance embedding's value of guidance-distilled models (Flux.1-dev) and {name} has none",
+                "drop --guidance_scale (validation grids: --validation_guidance_scale)"),
+    Requirement("flow_matching", "weighting_scheme", "flow_matching",
+                "{value} is a flow-matching option and {name} trains with {process}",
+                "drop --weighting_scheme (DDPM: --snr_gamma)", when=lambda value: value != "none"),
+    Requirement("flow_matching", "precondition_outputs", "flow_matching",
+                "is a flow-matching option and {name} trains with {process}",
+                "drop --precondition_outputs (DDPM: the scheduler's prediction_type sets the target)"),
+)
 
 
 class FamilyAdapter(ABC):
     family: str  # model-card tag, e.g. "dit"
     display_name: str = ""  # the family in messages, e.g. "Stable Diffusion XL"
     pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s this adapter accepts
+    pipeline_class: type[DiffusionPipeline] | None = None  # "stock_lora_loader": the class whose loader reads our file
     denoiser_name: str  # pipeline component that trains, e.g. "transformer"
     lora_target_modules: tuple[str, ...]  # default LoRA targets (module names or name suffixes)
     load_kwargs: dict[str, Any] = {}  # passed to DiffusionPipeline.from_pretrained, e.g. components to skip
-    # Text families: the pipeline components that turn prompts into the denoiser's text inputs (`encode_text`).
-    text_encoder_names: tuple[str, ...] = ()
-    tokenizer_names: tuple[str, ...] = ()
-    encode_text_version: int = 1  # part of the text-cache key: bump it when `encode_text` returns something else
-    flow_matching: bool = False  # trained with flow matching (noise.FlowMatchProcess), not the DDPM process
+    # What the family can do, names from CAPABILITIES: each option of REQUIREMENTS needs its capability declared here.
+    capabilities: frozenset[str] = frozenset()
+    # A family's own wording of why it lacks a capability, by the refused option's field (`check_capabilities`).
+    refusal_reasons: dict[str, str] = {}
     vae_fp32_under_bf16: bool = False  # the family's script keeps the VAE fp32 under bf16 too (vae.vae_dtype)
     hidden_output_index: int = 0  # which element of a feature block's tuple output is the image's hidden states
     latent_patch_size: int = 1  # latents per image-token side (Flux packs 2x2): a dynamic shift's token count
-    guidance_embedding: bool = False  # the family has guidance-distilled denoisers (Flux.1-dev): --guidance_scale
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.capabilities) - set(CAPABILITIES)
+        if unknown:  # a typo would silently refuse the option it meant to allow
+            raise TypeError(f"{cls.__name__}.capabilities: unknown {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
 
     def __init__(self, pipeline: DiffusionPipeline, config: ModelConfig) -> None:
         self.pipeline = pipeline
         self.config = config
         self.vae = pipeline.vae
-        self.text_cache = None  # a text_cache.TextEmbeddingCache, with --cache_text_embeddings
-        self.empty_text_embeddings: dict[str, torch.Tensor] | None = None  # the empty prompt's, (1, ...), cached
-        self.released_text_encoders: dict[str, type] = {}  # component name -> class, freed after caching
+        self.released_text_encoders: dict[str, type] = {}  # component name -> class, freed after caching (text.py)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -116,10 +185,46 @@ class FamilyAdapter(ABC):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    kohya_lora: bool = False  # whether `save_lora_weights` can also write the kohya format (--lora_export_format)
-    # Whether the pipeline class's own `load_lora_weights` reads the diffusers-format LoRA file: then a LoRA run's
-    # output is the LoRA file(s) alone (no merged pipeline unless --export_merged), sampled through that loader.
-    stock_lora_loader: bool = False
+    @property
+    def learned_sigma(self) -> bool:
+        """Whether this denoiser predicts a variance too (twice the latent channels out): only where declared."""
+        return "learned_sigma" in self.capabilities and \
+            self.denoiser.config.out_channels == 2 * self.latent_channels
+
+    @property
+    def stock_lora_loader(self) -> bool:
+        """Whether the pipeline class's own `load_lora_weights` reads the diffusers-format LoRA file: then a LoRA run's
+        output is the LoRA file(s) alone (no merged pipeline unless --export_merged), sampled through that loader."""
+        return "stock_lora_loader" in self.capabilities
+
+    # -- what the family honours, checked before any weights load --------------------------------------------------
+    @classmethod
+    def describe(cls) -> dict[str, str]:
+        """The family in words for `REQUIREMENTS`' messages: its name, conditioning and noise process as declared."""
+        caps = cls.capabilities
+        kinds = [kind for cap, kind in (("text", "text-conditioned"), ("class_labels", "class-conditional"))
+                 if cap in caps]
+        processes = [p for cap, p in (("ddpm", "the DDPM process"), ("flow_matching", "flow matching")) if cap in caps]
+        return {"name": cls.display_name or cls.family,
+                "conditioning": " and ".join(kinds) or "unconditional",
+                "process": " or ".join(processes) or "neither the DDPM process nor flow matching"}
+
+    @classmethod
+    def check_capabilities(cls, config: RunConfig) -> None:
+        """ConfigError for the first row of `REQUIREMENTS` whose option the config asks for and whose capability this
+        family does not declare: the option, why (the family's `refusal_reasons` or the row's), the fix."""
+        for row in REQUIREMENTS:
+            value = getattr(getattr(config, row.section), row.field)
+            if row.capability not in cls.capabilities and row.when(value):
+                why = cls.refusal_reasons.get(row.field) or row.why
+                raise ConfigError(row.field, why.format(**cls.describe(), value=value), row.fix)
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        """Raise ConfigError for options this family cannot honour; runs before any weights load. The generic
+        `check_capabilities` first; a family adds what no capability expresses (DiT: --pos_embed_transfer
+        interpolate) after calling this."""
+        cls.check_capabilities(config)
 
     @classmethod
     def lora_formats(cls, model: ModelConfig) -> tuple[str, ...]:
@@ -127,40 +232,16 @@ class FamilyAdapter(ABC):
         family has the kohya format (ComfyUI and A1111 cannot read diffusers' SD/SDXL file), else diffusers."""
         if model.lora_type in ("loha", "lokr"):  # no stock loader reads them: the merged pipeline only
             return ()
-        chosen = model.lora_export_format or ("both" if cls.kohya_lora and model.lora_type == "lora" else "diffusers")
+        chosen = model.lora_export_format or ("both" if "kohya_lora" in cls.capabilities and model.lora_type == "lora"
+                                              else "diffusers")
         return ("diffusers", "kohya") if chosen == "both" else (chosen,)
 
     @classmethod
     def exports_pipeline(cls, model: ModelConfig) -> bool:
         """Whether the run writes the full pipeline: full and DiffFit runs always; LoRA runs of a family without a
         stock LoRA loader too (the merged pipeline is their plain way to use the LoRA); others with --export_merged."""
-        return not model.use_lora or not cls.stock_lora_loader or model.export_merged or not cls.lora_formats(model)
-
-    @classmethod
-    def check_config(cls, config: RunConfig) -> None:
-        """Raise ConfigError for options this family cannot honour; runs before any weights load. Subclasses
-        call this first."""
-        if config.model.use_lora and "kohya" in cls.lora_formats(config.model) and not cls.kohya_lora:
-            raise ConfigError("lora_export_format", f"kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL "
-                              f"UNets, not for {', '.join(cls.pipeline_classes)}",
-                              "drop --lora_export_format (the diffusers-format file is written)")
-
-    @classmethod
-    def check_process_options(cls, config: RunConfig) -> None:
-        """The flow-matching options need a flow-matching family, --guidance_scale a guidance-distilled one (checked
-        before any weights load)."""
-        if not cls.guidance_embedding and config.model.guidance_scale is not None:
-            raise ConfigError("guidance_scale", f"is the guidance embedding's value of guidance-distilled models "
-                              f"(Flux.1-dev) and the {cls.family} family has none", "drop --guidance_scale "
-                              "(validation grids: --validation_guidance_scale)")
-        scheme = config.flow_matching.weighting_scheme
-        if not cls.flow_matching and scheme != "none":
-            raise ConfigError("weighting_scheme", f"{scheme} is a flow-matching option and the {cls.family} family "
-                              "trains with the DDPM process", "drop --weighting_scheme (DDPM: --snr_gamma)")
-        if not cls.flow_matching and config.flow_matching.precondition_outputs:
-            raise ConfigError("precondition_outputs", f"is a flow-matching option and the {cls.family} family trains "
-                              "with the DDPM process", "drop --precondition_outputs (DDPM: the scheduler's "
-                              "prediction_type sets the target)")
+        return (not model.use_lora or "stock_lora_loader" not in cls.capabilities or model.export_merged
+                or not cls.lora_formats(model))
 
     def check_data(self, data: Any) -> None:
         """Raise if the data (a `data.TrainData`) cannot train this model; may remember validation defaults."""
@@ -196,64 +277,18 @@ class FamilyAdapter(ABC):
         """Put the denoiser into its training configuration (e.g. conditioning dropout handled by us)."""
 
     def aspect_ratio_bucket_multiple(self) -> int:
-        """Sides of aspect-ratio buckets are multiples of this (in pixels); ConfigError where the denoiser takes
-        square inputs only."""
-        raise ConfigError("aspect_ratio_buckets", f"the {self.family} family trains on square images only",
-                          "drop --aspect_ratio_buckets")
+        """Sides of aspect-ratio buckets are multiples of this (in pixels): a family declaring "aspect_ratio_buckets"
+        says which (the others never get here: `check_capabilities` refused --aspect_ratio_buckets)."""
+        raise NotImplementedError(f"{type(self).__name__} has no aspect-ratio bucket multiple")
 
     @abstractmethod
     def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Model inputs besides latents and timesteps; `drop` applies classifier-free-guidance dropout."""
 
-    # -- text conditioning (families with text encoders) -------------------------------------------------
     def text_encoders(self) -> dict[str, nn.Module]:
-        """The text encoders still in memory, by pipeline component name."""
-        return {name: module for name in self.text_encoder_names
-                if (module := getattr(self.pipeline, name, None)) is not None}
-
-    def tokenizers(self) -> dict[str, Any]:
-        return {name: tokenizer for name in self.tokenizer_names
-                if (tokenizer := getattr(self.pipeline, name, None)) is not None}
-
-    def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Prompts -> the denoiser's text inputs, each (B, ...), named as the pipeline's `__call__` takes them
-        (`prompt_embeds`, `pooled_prompt_embeds`, `prompt_attention_mask`, ...)."""
-        raise NotImplementedError(f"{type(self).__name__} has no text encoder")
-
-    def use_text_cache(self, cache: Any, device: torch.device) -> None:
-        """Take text inputs from `cache` (a text_cache.TextEmbeddingCache holding every prompt of the run)."""
-        self.text_cache = cache
-        self.empty_text_embeddings = cache.load_batch([""], device)
-
-    def release_text_encoders(self) -> None:
-        """Drop the text encoders from the pipeline, and so from memory; `reload_frozen_fp32` brings them back."""
-        for name in list(self.text_encoders()):  # names only: no reference to a module outlives the loop
-            self.released_text_encoders[name] = type(getattr(self.pipeline, name))
-            setattr(self.pipeline, name, None)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def text_embeddings(self, batch: dict[str, Any], device: torch.device
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The batch's text inputs (B, ...) and the empty prompt's (1, ...), read from the cache or encoded now."""
-        if "text_embeddings" in batch:
-            cached = {name: value.to(device) for name, value in batch["text_embeddings"].items()}
-            return cached, self.empty_text_embeddings
-        prompts = [caption_text(c) for c in batch.get("captions") or [""] * batch_size(batch)]
-        encoded = self.encode_text(prompts + [""], device)  # one encoder pass over the batch and the empty prompt
-        return {k: v[:-1] for k, v in encoded.items()}, {k: v[-1:] for k, v in encoded.items()}
-
-    def cached_text_inputs(self, prompt: str, num_images: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Pipeline kwargs for `num_images` images of `prompt` from the text cache (the encoders are gone): its
-        embeddings, and the empty prompt's as the negative ones, which is what the SD pipeline encodes for
-        guidance when given no negative prompt (SDXL's adapter overrides this for `force_zeros_for_empty_prompt`)."""
-        def repeat(embeds: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-            return {prefix + name: v.to(device).expand(num_images, *v.shape[1:]) for name, v in embeds.items()}
-
-        positive = repeat(self.text_cache.load_batch([prompt], device))
-        return {**positive, **repeat(self.empty_text_embeddings, "negative_")}
+        """The text encoders in memory, by component name: none here (text families: text.TextFamilyAdapter)."""
+        return {}
 
     @abstractmethod
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
@@ -379,9 +414,71 @@ pipe = DiffusionPipeline.from_pretrained("{repo}", dtype=dtype).to(device)
 {call}
 image.save("sample.png")"""
 
+
+    # -- LoRA files through the stock pipeline's loader ("stock_lora_loader": SD, SDXL, SD3, Flux) -----------------
+    def lora_pipeline(self, output_dir: Path, weight_name: str) -> DiffusionPipeline:
+        """The base pipeline (a fresh base denoiser beside the frozen components) with the LoRA file `weight_name` of
+        `output_dir` applied by the pipeline's own `load_lora_weights`: what a user of the file samples. Raises unless
+        every LoRA tensor of the file sits in the denoiser (a loader may inject a module and leave the file's
+        tensor for it unread, with only a warning)."""
+        from collections import Counter
+
+        from diffusers.utils import logging as diffusers_logging
+        from safetensors.torch import load_file
+
+        if not self.stock_lora_loader:
+            raise NotImplementedError(f"{type(self).__name__} declares no stock LoRA loader")
+        pipeline = self.export_pipeline(self.load_component(self.denoiser_name))
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" and the like: checked below
+        try:
+            pipeline.load_lora_weights(str(output_dir), weight_name=weight_name)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        in_file = {k: v for k, v in load_file(str(Path(output_dir) / weight_name)).items() if not k.endswith(".alpha")}
+        dtype = next(iter(in_file.values())).dtype
+
+        def fingerprints(tensors) -> Counter:  # each tensor's bytes in the file's dtype: a multiset to compare
+            return Counter(t.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy().tobytes()
+                           for t in tensors)
+
+        denoiser = getattr(pipeline, self.denoiser_name)
+        loaded = [p for name, p in denoiser.named_parameters()
+                  if ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name]  # DoRA's too
+        missing = fingerprints(in_file.values()) - fingerprints(loaded)
+        if missing:
+            raise RuntimeError(f"{weight_name}: diffusers' load_lora_weights left {sum(missing.values())} of its "
+                               f"{len(in_file)} LoRA tensors unused")
+        return pipeline
+
+    def stock_lora_usage(self, base: str, repo: str, weight_name: str, call: str) -> str:
+        """Model-card code for a family with a stock LoRA loader: the base pipeline (with the run's separate VAE, as
+        training and samples used it) and `load_lora_weights`."""
+        name = self.pipeline_class.__name__
+        imports, vae_line, vae_arg = name, "", ""
+        if self.config.pretrained_vae_model_name_or_path:
+            from .vae import separate_vae_source
+
+            source, kwargs = separate_vae_source(self.config)
+            vae_cls = type(self.vae).__name__
+            options = "".join(f", {k}={kwargs[k]!r}" for k in ("subfolder", "revision") if kwargs.get(k))
+            imports, vae_arg = f"{vae_cls}, {name}", ", vae=vae"
+            vae_line = f'vae = {vae_cls}.from_pretrained("{source}"{options}, dtype=dtype)\n'
+        return f"""import torch
+from diffusers import {imports}
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+{vae_line}pipe = {name}.from_pretrained("{base}"{self.base_load_options()}{vae_arg}, dtype=dtype).to(device)
+pipe.load_lora_weights("{repo}", weight_name="{weight_name}")
+{call}
+image.save("sample.png")"""
+
     def lora_usage(self, base: str, repo: str, weight_name: str, call: str) -> str:
-        """Model-card code that applies the saved LoRA file to the base model and makes an image (no LoRA loader for
-        this pipeline in diffusers: a subclass with diffusers' PeftAdapterMixin reads it)."""
+        """Model-card code that applies the saved LoRA file to the base model and makes an image: the stock loader's
+        (`stock_lora_usage`) where declared, else a subclass with diffusers' PeftAdapterMixin reads it."""
+        if self.stock_lora_loader:
+            return self.stock_lora_usage(base, repo, weight_name, call)
         cls, name = type(self.denoiser).__name__, self.denoiser_name
         overrides = "".join(f", {k}={v!r}" for k, v in self.denoiser_config_overrides().items())
         indent = " " * len(f"{name}.load_lora_adapter(")
@@ -416,41 +513,3 @@ image.save("sample.png")"""
     def card_tags(self) -> list[str]:
         return [self.family]
 
-
-class CaptionedFamily:
-    """For text-to-image adapters (before FamilyAdapter in the bases): the data must carry captions, and its
-    first distinct captions are the validation grid's prompts unless --validation_prompts names some."""
-
-    default_prompts: list[str] | None = None
-    display_name: str
-
-    @classmethod
-    def text_refusals(cls, config: RunConfig) -> tuple[tuple[bool, str, str, str], ...]:
-        """The `refuse_options` rows every text family shares: nothing class-conditional."""
-        return (
-            (config.sadm.disc_class_conditional, "disc_class_conditional",
-             f"{cls.display_name} is text-conditioned and has no class labels", "drop --disc_class_conditional"),
-            (config.training.validation_class_labels is not None, "validation_class_labels",
-             f"{cls.display_name} takes prompts, not class ids", "use --validation_prompts instead"),
-        )
-
-    def check_data(self, data: Any) -> None:
-        self.default_prompts = caption_prompts(data, self.display_name)
-
-    def validation_conditions(self, training: TrainingConfig) -> list[str] | None:
-        return training.validation_prompts or self.default_prompts
-
-    def resolved_conditions(self, conditions: list[str] | None) -> list[str]:
-        return list(conditions or self.default_prompts or [""])
-
-    def prompt_rows(self, pipeline: Any, conditions: list[str] | None, num_per_row: int) -> list[dict[str, Any]]:
-        """The validation grid's rows as pipeline-call kwargs: the prompts, or their cached embeddings when the
-        text encoders were released after caching (`cached_text_inputs`)."""
-        prompts = self.resolved_conditions(conditions)
-        if pipeline.text_encoder is None:
-            return [self.cached_text_inputs(prompt, num_per_row, pipeline.device) for prompt in prompts]
-        return [{"prompt": [prompt] * num_per_row} for prompt in prompts]
-
-    def example_call(self, condition: str, num_inference_steps: int, guidance_scale: float, seed: int) -> str:
-        return (f"image = pipe({json.dumps(condition, ensure_ascii=False)}, num_inference_steps={num_inference_steps}, "
-                f"guidance_scale={guidance_scale}, generator=torch.manual_seed({seed})).images[0]")

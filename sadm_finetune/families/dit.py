@@ -40,10 +40,17 @@ def dit_at_sample_size(transformer: nn.Module, sample_size: int) -> nn.Module:
 
 class DiTAdapter(FamilyAdapter):
     family = "dit"
+    display_name = "DiT"
     pipeline_classes = ("DiTPipeline",)
     denoiser_name = "transformer"
     # Attention and MLP projections of every block (not the adaLN modulation, which carries the class signal).
     lora_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
+    # Class-conditional, DDPM with learned sigma; --pos_embed_transfer extend rebuilds its sin-cos embedding; square
+    # images only; no stock LoRA loader for DiTPipeline in diffusers (the merged export is always written).
+    capabilities = frozenset({"class_labels", "ddpm", "learned_sigma", "pos_embed_transfer", "difffit",
+                              "block_hidden_states", "class_label_blocks"})
+    refusal_reasons = {"aspect_ratio_buckets": "{name} trains on square images only (DiTTransformer2DModel "
+                       "unpatchifies a square token grid, and DiTPipeline samples sample_size x sample_size)"}
     # Latent sizes of the pretrained transformer and of --resolution, once set_resolution ran.
     base_sample_size: int | None = None
     trained_sample_size: int | None = None
@@ -51,9 +58,6 @@ class DiTAdapter(FamilyAdapter):
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
-        if config.training.validation_prompts is not None:
-            raise ConfigError("validation_prompts", "DiT is class-conditional and takes no prompts",
-                              "use --validation_class_labels instead")
         if config.model.pos_embed_transfer == "interpolate":
             # DiTPipeline samples at transformer.config.sample_size, where a DiTTransformer2DModel places its tokens
             # at positions 0..n-1; only Transformer2DModel has interpolation_scale, and diffusers loads a saved one
@@ -63,14 +67,6 @@ class DiTAdapter(FamilyAdapter):
                 "interpolate cannot be exported: a stock DiTPipeline at the new sample_size always extends the base's "
                 "positions (DiTTransformer2DModel has no interpolation_scale)",
                 "use --pos_embed_transfer extend (docs/design.md §7)",
-            )
-        if config.data.cache_text_embeddings:
-            raise ConfigError("cache_text_embeddings", "DiT is class-conditional and has no text encoder",
-                              "drop --cache_text_embeddings")
-        if config.data.aspect_ratio_buckets:
-            raise ConfigError(
-                "aspect_ratio_buckets", "DiT trains on square images only (DiTTransformer2DModel unpatchifies a square "
-                "token grid, and DiTPipeline samples sample_size x sample_size)", "drop --aspect_ratio_buckets",
             )
 
     def check_data(self, data) -> None:
@@ -82,10 +78,6 @@ class DiTAdapter(FamilyAdapter):
     @property
     def num_classes(self) -> int:
         return self.denoiser.config.num_embeds_ada_norm
-
-    @property
-    def learned_sigma(self) -> bool:
-        return self.denoiser.config.out_channels == 2 * self.latent_channels
 
     @property
     def id2label(self) -> dict[int, str] | None:

@@ -2,8 +2,9 @@
 trained with flow matching on packed 2x2 latents, CLIP (pooled) + T5 text, and for guidance-distilled models
 (dev) a guidance embedding.
 
-What differs from SD3 (`sd3.StableDiffusion3Adapter`, whose structure this follows; the reference is diffusers'
-examples/dreambooth/train_dreambooth_lora_flux.py, docs/defaults.md):
+What differs from SD3 (`sd3.StableDiffusion3Adapter`, whose structure this follows: both are
+`text.TextFamilyAdapter`s; the reference is diffusers' examples/dreambooth/train_dreambooth_lora_flux.py,
+docs/defaults.md):
 - the loop, the process and the terms keep (B, C, h, w) latents: `predict` packs them into 2x2 tokens with their
   position ids (`FluxPipeline._pack_latents`, `_prepare_latent_image_ids`), calls the transformer with
   timestep = sigma (t / 1000), zero text ids and, where `guidance_embeds`, the guidance value (--guidance_scale),
@@ -30,7 +31,7 @@ from torch import nn
 from ..config.run import RunConfig
 from ..utils.errors import ConfigError
 from .base import ModelOutput, refuse_options
-from .sd import StableDiffusionAdapter
+from .text import TextFamilyAdapter
 
 FLUX_GUIDANCE_DEFAULT = 3.5  # train_dreambooth_lora_flux.py --guidance_scale, FluxPipeline.__call__'s default
 
@@ -46,7 +47,7 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return FluxPipeline._unpack_latents(tokens, h, w, 1)  # vae factor 1: h and w are latent sizes already
 
 
-class FluxAdapter(StableDiffusionAdapter):
+class FluxAdapter(TextFamilyAdapter):
     family = "flux"
     display_name = "Flux.1"
     pipeline_classes = ("FluxPipeline",)
@@ -56,30 +57,23 @@ class FluxAdapter(StableDiffusionAdapter):
     lora_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                            "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                            "ff_context.net.0.proj", "ff_context.net.2")
-    load_kwargs: dict[str, Any] = {}
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
-    flow_matching = True
+    # Guidance-distilled dev takes --guidance_scale; no kohya file, no DiffFit (no BasicTransformerBlocks).
+    capabilities = frozenset({"text", "flow_matching", "guidance_embedding", "aspect_ratio_buckets",
+                              "stock_lora_loader", "block_hidden_states"})
+    refusal_reasons = {"pos_embed_transfer": "Flux's rotary position ids follow the image size"}
     vae_fp32_under_bf16 = False  # the script casts the VAE to the weight dtype
-    kohya_lora = False
     hidden_output_index = 1  # FluxTransformerBlock and FluxSingleTransformerBlock return (text, image) tokens
     latent_patch_size = 2  # 2x2 latents per token
-    guidance_embedding = True
     max_sequence_length = 512  # T5 tokens: FluxPipeline.__call__'s default
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
-        super(StableDiffusionAdapter, cls).check_config(config)  # the family-wide checks, not SD's wording
+        super().check_config(config)
         refuse_options(
-            *cls.text_refusals(config),
-            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
-             "Flux's rotary position ids follow the image size", "drop --pos_embed_transfer"),
             (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
              "not Flux's", "drop --sddit_weight (REPA reads Flux's image tokens: --repa_weight)"),
-            (config.training.snr_gamma is not None, "snr_gamma", "min-SNR weighting is defined for the DDPM targets "
-             "and Flux trains with flow matching", "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
-            (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",
-             "use --trainable full or lora"),
         )
 
     @property

@@ -29,8 +29,8 @@ from torch import nn
 
 from ..config.run import RunConfig
 from ..utils.errors import ConfigError
-from .base import CaptionedFamily, FamilyAdapter, ModelOutput, batch_size, drop_to_empty, refuse_options
-
+from .base import ModelOutput, refuse_options
+from .text import TextFamilyAdapter
 
 
 def micro_conditions(target_sizes: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def micro_conditions(target_sizes: torch.Tensor, device: torch.device) -> dict[s
     return {"resolution": sizes, "aspect_ratio": (sizes[:, 0] / sizes[:, 1]).unsqueeze(1)}
 
 
-class PixArtAdapter(CaptionedFamily, FamilyAdapter):
+class PixArtAdapter(TextFamilyAdapter):
     family = "pixart-sigma"
     display_name = "PixArt"
     pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
@@ -49,16 +49,17 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
+    # DDPM with learned sigma (the VLB term), DiffFit on its BasicTransformerBlocks; no stock LoRA loader in diffusers.
+    capabilities = frozenset({"text", "ddpm", "learned_sigma", "aspect_ratio_buckets", "difffit",
+                              "block_hidden_states"})
+    refusal_reasons = {"pos_embed_transfer": "PixArt's positional embedding already follows the token grid around "
+                                             "the base's size"}
     resolution: int | None = None  # set by set_resolution: validation grids sample at it
 
     @property
     def max_sequence_length(self) -> int:
         """The T5 length the pipeline's `encode_prompt` pads to by default (300 for Σ, 120 for α)."""
         return inspect.signature(self.pipeline.encode_prompt).parameters["max_sequence_length"].default
-
-    @property
-    def learned_sigma(self) -> bool:
-        return self.denoiser.config.out_channels == 2 * self.latent_channels
 
     @property
     def patch_multiple(self) -> int:
@@ -68,10 +69,6 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
         refuse_options(
-            *cls.text_refusals(config),
-            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
-             "PixArt's positional embedding already follows the token grid around the base's size",
-             "drop --pos_embed_transfer (--resolution alone sets its training size)"),
             (config.sddit.enabled, "sddit_weight", "SD-DiT's student takes class labels and PixArt is text-conditioned",
              "drop --sddit_weight or fine-tune a DiT pipeline"),
         )
@@ -90,12 +87,6 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
     def aspect_ratio_bucket_multiple(self) -> int:
         return self.patch_multiple
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.vae, *self.text_encoders().values()]
-
-    def prepare_training(self) -> None:
-        """Nothing to switch off: caption dropout happens in `conditioning`, the text encoder stays frozen."""
-
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Prompts -> {"prompt_embeds": (B, L, d) T5 hidden states, "prompt_attention_mask": (B, L) int64}."""
@@ -113,11 +104,7 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
 
     def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        embeds, empty = self.text_embeddings(batch, device)  # (B, ...) each; the empty prompt's (1, ...)
-        p = self.config.caption_dropout_prob
-        if drop and p > 0:  # embeddings and mask of a sample dropped together
-            dropped = torch.rand(batch_size(batch), device=device, generator=generator) < p
-            embeds = drop_to_empty(embeds, empty, dropped)
+        embeds = self.dropped_text_embeddings(batch, device, drop, generator)  # embeddings and mask together
         cond = {"encoder_hidden_states": embeds["prompt_embeds"],
                 "encoder_attention_mask": embeds["prompt_attention_mask"]}
         if self.denoiser.use_additional_conditions:
@@ -134,9 +121,6 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
             model_pred, variance = out.split(self.latent_channels, dim=1)
             return ModelOutput(model_pred, variance)
         return ModelOutput(out)
-
-    def disc_class_labels(self, conditioning: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        return None
 
     def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
         return list(denoiser.transformer_blocks)  # outputs: (B, tokens, hidden) token states

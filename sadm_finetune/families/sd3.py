@@ -1,10 +1,11 @@
 """Stable Diffusion 3 / 3.5 family: an MMDiT (`SD3Transformer2DModel`) trained with flow matching, three text
 encoders (CLIP-L, CLIP-G, optional T5-XXL) and pooled text embeddings.
 
-What differs from SD 1.x / 2.x (`sd.StableDiffusionAdapter`, whose caption dropout, data checks, validation
-prompts and sampling this reuses):
+What differs from SD 1.x / 2.x (both are `text.TextFamilyAdapter`s, whose caption dropout, data checks, validation
+prompts, text cache and sampling this reuses):
 - the noise process is rectified flow (`noise.FlowMatchProcess`, chosen from the FlowMatchEulerDiscreteScheduler
-  config): options of the DDPM loss (--snr_gamma) are refused before any weights load;
+  config): it declares "flow_matching", not "ddpm", so options of the DDPM loss (--snr_gamma) are refused before any
+  weights load;
 - text: `encode_text` computes what `StableDiffusion3Pipeline.encode_prompt` does: both CLIPs' penultimate
   hidden states concatenated and zero-padded to T5's width, then T5's tokens (zeros when the pipeline has no
   `text_encoder_3`, as the pipeline itself does), and both CLIPs' pooled projections concatenated;
@@ -25,10 +26,10 @@ from torch.nn import functional as F
 from ..config.run import RunConfig
 from ..utils.errors import ConfigError
 from .base import ModelOutput, refuse_options
-from .sd import StableDiffusionAdapter
+from .text import TextFamilyAdapter
 
 
-class StableDiffusion3Adapter(StableDiffusionAdapter):
+class StableDiffusion3Adapter(TextFamilyAdapter):
     family = "stable-diffusion-3"
     display_name = "Stable Diffusion 3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
@@ -36,34 +37,23 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     denoiser_name = "transformer"
     # diffusers' SD3 LoRA script: the image and the text stream's attention projections (add_* where present).
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
-    load_kwargs: dict[str, Any] = {}
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
-    flow_matching = True
+    # No kohya file (its key format is for SD/SDXL UNets), no DiffFit (MMDiT blocks are no BasicTransformerBlocks).
+    capabilities = frozenset({"text", "flow_matching", "aspect_ratio_buckets", "stock_lora_loader",
+                              "block_hidden_states"})
+    refusal_reasons = {"pos_embed_transfer": "SD3's transformer crops its own positional embedding to the image size"}
     vae_fp32_under_bf16 = True  # train_dreambooth_lora_sd3.py keeps the VAE in fp32 under any mixed precision
-    kohya_lora = False  # kohya's key format is for SD/SDXL UNets
     hidden_output_index = 1  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
     max_sequence_length = 256  # T5 tokens: the pipeline's __call__ default, so training sees what sampling sees
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
-        super(StableDiffusionAdapter, cls).check_config(config)  # the family-wide checks, not SD's wording
+        super().check_config(config)
         refuse_options(
-            *cls.text_refusals(config),
-            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
-             "SD3's transformer crops its own positional embedding to the image size",
-             "drop --pos_embed_transfer (--resolution alone sets the training size)"),
             (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
              "not SD3's MMDiT", "drop --sddit_weight or fine-tune a DiT pipeline"),
-            (config.training.snr_gamma is not None, "snr_gamma", "min-SNR weighting is defined for the DDPM targets "
-             "and SD3 trains with flow matching", "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
-            (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",
-             "use --trainable full or lora"),
         )
-
-    @property
-    def text_encoder(self) -> nn.Module | None:
-        return self.pipeline.text_encoder
 
     @property
     def patch_multiple(self) -> int:
@@ -83,9 +73,6 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
 
     def aspect_ratio_bucket_multiple(self) -> int:
         return self.patch_multiple  # the pipeline's own rule: height and width divisible by vae factor x patch
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.vae, *self.text_encoders().values()]
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:

@@ -53,8 +53,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     t = config.training
     output_dir, leftovers = output_dir_check(config)
     family = family_class(config.model)  # reads model_index.json only
-    family.check_config(config)
-    family.check_process_options(config)
+    family.check_config(config)  # the options its declared capabilities do not cover, refused in one line
     data = open_train_data(config.data)  # cheap: fails on a missing or empty source before any model loads
     check_personalization(config, family, data)
     accelerator = make_accelerator(config, output_dir)
