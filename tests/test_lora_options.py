@@ -232,7 +232,7 @@ def test_the_discriminator_trains_with_disc_optimizer():
 def test_fsdp_refuses_the_denoiser_optimizers_it_does_not_shard_for():
     from sadm_finetune.train.entry import _check_distributed_type
 
-    fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP", mixed_precision="bf16", print=lambda *a, **k: None)
+    fsdp = SimpleNamespace(distributed_type="FSDP", mixed_precision="bf16", print=lambda *a, **k: None)
     for name in ("adamw_8bit", "prodigy"):
         with pytest.raises(ConfigError, match=f"^optimizer: {name} is not wired for FSDP"):
             _check_distributed_type(RunConfig(training=TrainingConfig(optimizer=name)), fsdp)
