@@ -210,10 +210,8 @@ class FlowMatchProcess:
 
     def diffusion_loss(self, training) -> TimestepLoss:
         """MSE to the velocity, each sample weighted by `compute_loss_weighting_for_sd3(scheme, sigma)`; with
-        --precondition_outputs the MSE of x0_hat to the latents (sigma^2 times the velocity MSE)."""
-        if training.snr_gamma is not None:
-            raise ConfigError("snr_gamma", "min-SNR weighting is defined for the DDPM targets, not flow matching",
-                              "drop --snr_gamma (flow matching weights samples with --weighting_scheme)")
+        --precondition_outputs the MSE of x0_hat to the latents (sigma^2 times the velocity MSE). --snr_gamma never
+        reaches here: a flow-matching family lacks the "ddpm" capability, so the config check refuses it."""
         scheme, precondition = self.options.weighting_scheme, self.options.precondition_outputs
 
         def loss(model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor,
