@@ -69,7 +69,7 @@ def build_tiny_qwen_image_pipeline(path: str | Path, seed: int = 0) -> Path:
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=4 * Z_DIM, out_channels=Z_DIM, num_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 4], num_res_blocks=1,
+    vae = AutoencoderKLQwenImage(base_dim=Z_DIM, z_dim=Z_DIM, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=LATENTS_MEAN,
                                  latents_std=LATENTS_STD)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
