@@ -140,6 +140,36 @@ def test_packing_the_transformer_call_and_the_dynamic_shift_are_the_scripts_and_
     torch.testing.assert_close(process.x0_hat(eps - z0, x_t, t), z0, atol=1e-5, rtol=0)
 
 
+def test_validation_grids_from_cached_text_equal_those_from_prompts_guided_against_the_empty_prompt(adapter, tmp_path):
+    from sadm_finetune.data.text_cache import TextEmbeddingCache
+
+    cache = TextEmbeddingCache(tmp_path)
+    for prompt in PROMPTS:  # what build_text_cache writes: each prompt's encode_text, without the batch dimension
+        cache.write(prompt, {k: v[0] for k, v in adapter.encode_text([prompt], CPU).items()})
+    adapter.use_text_cache(cache, CPU)
+    adapter.set_resolution(32)
+    released = QwenImagePipeline(**{**adapter.pipeline.components, "text_encoder": None})
+    released.set_progress_bar_config(disable=True)
+    adapter.pipeline.set_progress_bar_config(disable=True)
+    try:
+        grid = adapter.sample_grid(adapter.pipeline, 2, 2, 4.0, 0, PROMPTS[:2])
+        cached = adapter.sample_grid(released, 2, 2, 4.0, 0, PROMPTS[:2])
+        unguided = adapter.sample_grid(adapter.pipeline, 2, 2, 1.0, 0, PROMPTS[:2])
+        with torch.no_grad():  # the pipeline's own CFG call: true_cfg_scale against the empty negative prompt
+            stock = adapter.pipeline(prompt=[PROMPTS[1]] * 2, negative_prompt=[""] * 2, true_cfg_scale=4.0,
+                                     height=32, width=32, num_inference_steps=2,
+                                     generator=torch.Generator().manual_seed(1), output_type="np").images
+    finally:
+        adapter.text_cache = adapter.empty_text_embeddings = None
+        del adapter.resolution
+    assert grid.shape == (2, 2, 32, 32, 3)
+    np.testing.assert_allclose(cached, grid, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(grid[1], stock, rtol=0, atol=1e-6)
+    assert np.abs(unguided - grid).max() > 1e-3  # guidance on: the negative prompt reached the pipeline
+    assert "true_cfg_scale=4.0" in adapter.example_call("a", 2, 4.0, 0) and 'negative_prompt=""' in \
+        adapter.example_call("a", 2, 4.0, 0)
+
+
 def test_refusals_are_one_line_before_loading(tiny_qwen, tmp_path, capsys):
     args = ["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]
     for flags, field in ((["--sddit_weight", "0.1"], "sddit_weight"), (["--snr_gamma", "5"], "snr_gamma"),

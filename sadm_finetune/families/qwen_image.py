@@ -106,10 +106,12 @@ class QwenImageLatentVAE(nn.Module):
 
     def encode(self, pixels: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput:
         posterior = self.model.encode(pixels.unsqueeze(2)).latent_dist  # one frame: (B, C, 1, h, w)
-        mean, inv_std = self._stats(posterior.mean)
-        # The script's (z - latents_mean) * latents_std (its latents_std = 1 / std), applied to mu and sigma.
-        normalized = NormalizedPosterior(((posterior.mean - mean) * inv_std)[:, :, 0],
-                                         (posterior.std * inv_std)[:, :, 0])
+        mu, sigma = posterior.mean.float(), posterior.std.float()
+        mean, inv_std = self._stats(mu)
+        # The script's (z - latents_mean) * latents_std (its latents_std = 1 / std, fp32), applied to mu and sigma,
+        # then back in the VAE's dtype, in which the draw is made (as `latents.sample_latents` makes it).
+        normalized = NormalizedPosterior(((mu - mean) * inv_std)[:, :, 0].to(posterior.mean.dtype),
+                                         (sigma * inv_std)[:, :, 0].to(posterior.mean.dtype))
         return AutoencoderKLOutput(latent_dist=normalized)
 
     def decode(self, latents: torch.Tensor, return_dict: bool = True) -> DecoderOutput:
