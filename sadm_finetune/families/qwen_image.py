@@ -19,7 +19,7 @@ examples/dreambooth/train_dreambooth_lora_qwen_image.py, docs/defaults.md):
 - `predict` packs the latents 2x2 (`QwenImagePipeline._pack_latents`), passes `img_shapes` [(1, h/2, w/2)] per
   image and timestep = sigma, and unpacks the velocity (`_unpack_latents`, without its frame axis);
 - the scheduler's dynamic shift (exponential, mu from the image's token count, `max_image_seq_len` 8192) is applied by
-  `noise.FlowMatchProcess` as for Flux; the script draws unshifted sigmas (docs/defaults.md);
+  `diffusion.process.FlowMatchProcess` as for Flux; the script draws unshifted sigmas (docs/defaults.md);
 - validation grids use the pipeline's classifier-free guidance, `true_cfg_scale` with the empty prompt as the
   negative one (`guidance_scale` is the embedding of guidance-distilled models, which Qwen-Image is not);
 - the LoRA file is written by `QwenImagePipeline.save_lora_weights`, which the pipeline's `load_lora_weights` reads.
