@@ -204,10 +204,6 @@ class QwenImageAdapter(StableDiffusionAdapter):
         self.vae = QwenImageLatentVAE(self.pipeline.vae)  # the reloaded VAE behind the 2D interface again
 
     # -- text ------------------------------------------------------------------------------------------------------
-    @property
-    def text_encoder(self) -> nn.Module | None:
-        return self.pipeline.text_encoder
-
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Prompts -> {"prompt_embeds": (B, 512, text width), "prompt_embeds_mask": (B, 512) int64}:
