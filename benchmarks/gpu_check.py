@@ -47,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-CLI_FAMILIES = ("dit", "sd", "sdxl", "sd3", "pixart", "flux")
+CLI_FAMILIES = ("dit", "sd", "sdxl", "sd3", "pixart", "flux", "qwen")
 CLI_PRECISIONS = ("bf16", "fp16")
 CLI_TRAINABLES = ("lora", "full")
 
@@ -77,7 +77,8 @@ def _tiny(family: str, root: Path) -> tuple[Path, Path]:
         return base, data
     builders = {"sd": ("tiny_sd", "build_tiny_sd_pipeline"), "sdxl": ("tiny_sdxl", "build_tiny_sdxl_pipeline"),
                 "sd3": ("tiny_sd3", "build_tiny_sd3_pipeline"), "pixart": ("tiny_pixart", "build_tiny_pixart_pipeline"),
-                "flux": ("tiny_flux", "build_tiny_flux_pipeline")}
+                "flux": ("tiny_flux", "build_tiny_flux_pipeline"),
+                "qwen": ("tiny_qwen_image", "build_tiny_qwen_image_pipeline")}
     module, name = builders[family]
     getattr(__import__(module), name)(base)
     build_captioned_folder(data)

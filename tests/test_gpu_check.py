@@ -37,9 +37,9 @@ def test_gpu_check_cli_cases_cover_every_family_precision_and_trainable():
     from sadm_finetune.families.loading import FAMILIES
 
     cases = cli_cases()
-    assert len(cases) == len({c["name"] for c in cases}) == 24
+    assert len(cases) == len({c["name"] for c in cases}) == 28
     assert {(c["family"], c["precision"], c["trainable"]) for c in cases} == {
-        (f, p, t) for f in ("dit", "sd", "sdxl", "sd3", "pixart", "flux") for p in ("bf16", "fp16")
+        (f, p, t) for f in ("dit", "sd", "sdxl", "sd3", "pixart", "flux", "qwen") for p in ("bf16", "fp16")
         for t in ("lora", "full")}
     assert len(CLI_FAMILIES) == len(FAMILIES)  # a new family needs its tiny pipeline in the check
 

@@ -40,7 +40,8 @@ def test_lora_file_options_per_family():
     full, merged = build_config(base), build_config({**base, "trainable": "lora", "export_merged": True})
     for family in FAMILIES:
         kohya = family.pipeline_classes[0] in ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-        stock = kohya or family.pipeline_classes[0] in ("StableDiffusion3Pipeline", "FluxPipeline")
+        stock = kohya or family.pipeline_classes[0] in ("StableDiffusion3Pipeline", "FluxPipeline",
+                                                               "QwenImagePipeline")
         # by default both files where ComfyUI / A1111 need the kohya one; no merged pipeline where diffusers loads LoRAs
         assert family.lora_formats(lora.model) == (("diffusers", "kohya") if kohya else ("diffusers",))
         assert family.exports_pipeline(lora.model) is not stock

@@ -1,5 +1,5 @@
 """The LoRA files a run writes, for every family, with target modules other than the defaults: loaded by the stock
-loader a user of the file has (`pipe.load_lora_weights` for SD, SDXL, SD3 and Flux; diffusers' `PeftAdapterMixin` for DiT
+loader a user of the file has (`pipe.load_lora_weights` for SD, SDXL, SD3, Flux and Qwen-Image; diffusers' `PeftAdapterMixin` for DiT
 and PixArt; diffusers' kohya loader for the kohya file), the base plus the file computes what the trained model
 computes, and no tensor of the file is left out. Also the export dtype and the kohya file's labels."""
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from diffusers import (DiTTransformer2DModel, FluxPipeline, PixArtTransformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
+from diffusers import (DiTTransformer2DModel, FluxPipeline, PixArtTransformer2DModel, QwenImagePipeline,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
 from diffusers.loaders import PeftAdapterMixin
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -22,6 +22,7 @@ from sadm_finetune.families.loading import load_family, stored_dtype
 from tiny_flux import build_tiny_flux_pipeline
 from tiny_pipelines import build_tiny_dit_pipeline
 from tiny_pixart import build_tiny_pixart_pipeline
+from tiny_qwen_image import build_tiny_qwen_image_pipeline
 from tiny_sd import build_tiny_sd_pipeline
 from tiny_sd3 import build_tiny_sd3_pipeline
 from tiny_sdxl import build_tiny_sdxl_pipeline
@@ -46,6 +47,9 @@ def _conditioning(family):
     if family == "flux":
         return latents, {"encoder_hidden_states": torch.randn(2, 24, 32, generator=g),
                          "pooled_projections": torch.randn(2, 32, generator=g), "guidance": torch.tensor([3.5, 3.5])}
+    if family == "qwen":  # the second prompt padded: its mask reaches the transformer
+        return latents, {"encoder_hidden_states": torch.randn(2, 12, 32, generator=g),
+                         "encoder_hidden_states_mask": torch.tensor([[1] * 12, [1] * 7 + [0] * 5])}
     if family == "dit":
         return latents, {"class_labels": torch.tensor([0, 1])}
     return torch.randn(2, 4, 4, 4, generator=g), {"encoder_hidden_states": torch.randn(2, 12, 32, generator=g),
@@ -59,11 +63,13 @@ FAMILIES = {
     "sd3": (build_tiny_sd3_pipeline, ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "proj_out", "ff.net.2"]),
     "flux": (build_tiny_flux_pipeline, ["to_q", "to_k", "add_v_proj", "to_add_out", "proj_mlp", "proj_out",
                                         "ff_context.net.2"]),
+    "qwen": (build_tiny_qwen_image_pipeline, ["to_q", "to_k", "add_v_proj", "to_add_out", "img_mlp.net.2",
+                                              "txt_mlp.net.0.proj", "img_mod.1"]),
     "dit": (build_tiny_dit_pipeline, ["attn1.to_q", "attn1.to_v", "proj_out_2", "pos_embed.proj"]),
     "pixart": (build_tiny_pixart_pipeline, ["to_q", "to_k", "to_v", "to_out.0", "proj_out", "linear_1"]),
 }
 STOCK = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
-         "flux": FluxPipeline}
+         "flux": FluxPipeline, "qwen": QwenImagePipeline}
 DENOISERS = {"dit": DiTTransformer2DModel, "pixart": PixArtTransformer2DModel}
 
 

@@ -25,6 +25,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "StableDiffusion3Pipeline": {"adam_weight_decay": 1e-4, "weighting_scheme": "logit_normal",
                                  "precondition_outputs": True},
     "FluxPipeline": {"adam_weight_decay": 1e-4, "guidance_scale": 3.5},  # weighting_scheme none: the generic default
+    "QwenImagePipeline": {"adam_weight_decay": 1e-4},  # train_dreambooth_lora_qwen_image.py; weighting none: generic
 }
 
 

@@ -13,13 +13,14 @@ from .base import FamilyAdapter
 from .flux import FluxAdapter
 from .model_index import read_pipeline_index
 from .pixart import PixArtAdapter
+from .qwen_image import QwenImageAdapter
 from .sd import StableDiffusionAdapter
 from .sd3 import StableDiffusion3Adapter
 from .sdxl import StableDiffusionXLAdapter
 from .vae import load_separate_vae
 
 FAMILIES: tuple[type[FamilyAdapter], ...] = (DiTAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter,
-                                              PixArtAdapter, StableDiffusion3Adapter, FluxAdapter)
+                                              PixArtAdapter, StableDiffusion3Adapter, FluxAdapter, QwenImageAdapter)
 
 
 def _supported() -> str:
