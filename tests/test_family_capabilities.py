@@ -7,6 +7,7 @@ from sadm_finetune.config.run import build_config
 from sadm_finetune.families.base import CAPABILITIES, REQUIREMENTS, FamilyAdapter
 from sadm_finetune.families.dit import DiTAdapter
 from sadm_finetune.families.flux import FluxAdapter
+from sadm_finetune.families.qwen_image import QwenImageAdapter
 from sadm_finetune.families.loading import FAMILIES
 from sadm_finetune.families.pixart import PixArtAdapter
 from sadm_finetune.families.sd import StableDiffusionAdapter
@@ -46,6 +47,7 @@ ACCEPTS = {
     PixArtAdapter: TEXT_OPTIONS | {"snr_gamma", "trainable", "aspect_ratio_buckets"},
     StableDiffusion3Adapter: TEXT_OPTIONS | {"aspect_ratio_buckets", "weighting_scheme", "precondition_outputs"},
     FluxAdapter: TEXT_OPTIONS | {"aspect_ratio_buckets", "weighting_scheme", "precondition_outputs", "guidance_scale"},
+    QwenImageAdapter: TEXT_OPTIONS | {"aspect_ratio_buckets", "weighting_scheme", "precondition_outputs"},
 }
 
 

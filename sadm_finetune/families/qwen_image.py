@@ -44,7 +44,7 @@ from torch import nn
 from ..config.run import RunConfig
 from ..utils.errors import ConfigError
 from .base import ModelOutput, refuse_options
-from .sd import StableDiffusionAdapter
+from .text import TextFamilyAdapter
 from .vae import vae_dtype
 
 QWEN_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s and train_dreambooth_lora_qwen_image.py's default
@@ -121,7 +121,7 @@ class QwenImageLatentVAE(nn.Module):
         return DecoderOutput(sample=self.model.decode(z / inv_std + mean).sample[:, :, 0])
 
 
-class QwenImageAdapter(StableDiffusionAdapter):
+class QwenImageAdapter(TextFamilyAdapter):
     family = "qwen-image"
     display_name = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
@@ -132,12 +132,13 @@ class QwenImageAdapter(StableDiffusionAdapter):
     load_kwargs: dict[str, Any] = {}
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
-    flow_matching = True
+    # No guidance embedding (Qwen-Image is not guidance-distilled), no kohya file, no DiffFit.
+    capabilities = frozenset({"text", "flow_matching", "aspect_ratio_buckets", "stock_lora_loader",
+                              "block_hidden_states"})
+    refusal_reasons = {"pos_embed_transfer": "Qwen-Image's rotary position ids follow the image size"}
     vae_fp32_under_bf16 = False  # the script casts the VAE to the weight dtype
-    kohya_lora = False
     hidden_output_index = 1  # QwenImageTransformerBlock returns (text tokens, image tokens)
     latent_patch_size = 2  # 2x2 latents per token
-    guidance_embedding = False  # Qwen-Image has no guidance-distilled transformer
     max_sequence_length = QWEN_MAX_SEQUENCE_LENGTH
 
     def __init__(self, pipeline: DiffusionPipeline, config) -> None:
@@ -146,18 +147,10 @@ class QwenImageAdapter(StableDiffusionAdapter):
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
-        super(StableDiffusionAdapter, cls).check_config(config)  # the family-wide checks, not SD's wording
+        super().check_config(config)
         refuse_options(
-            *cls.text_refusals(config),
-            (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
-             "Qwen-Image's rotary position ids follow the image size", "drop --pos_embed_transfer"),
             (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
              "not Qwen-Image's", "drop --sddit_weight (REPA reads Qwen-Image's image tokens: --repa_weight)"),
-            (config.training.snr_gamma is not None, "snr_gamma", "min-SNR weighting is defined for the DDPM targets "
-             "and Qwen-Image trains with flow matching",
-             "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
-            (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",
-             "use --trainable full or lora"),
             (bool(config.model.pretrained_vae_model_name_or_path), "pretrained_vae_model_name_or_path",
              "Qwen-Image's causal 3D VAE (AutoencoderKLQwenImage) is part of the pipeline and has no drop-in "
              "replacement", "drop --pretrained_vae_model_name_or_path"),
