@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config.run import ModelConfig, RunConfig, TrainingConfig
 from ..data.datasets import caption_text
+from ..terms.registry import check_requirements
 from ..utils.errors import ConfigError, InputError
 from .vae import load_separate_vae, vae_dtype
 
@@ -95,6 +96,13 @@ class FamilyAdapter(ABC):
     hidden_output_index: int = 0  # which element of a feature block's tuple output is the image's hidden states
     latent_patch_size: int = 1  # latents per image-token side (Flux packs 2x2): a dynamic shift's token count
     guidance_embedding: bool = False  # the family has guidance-distilled denoisers (Flux.1-dev): --guidance_scale
+    # What the family offers the loss terms (a term's `requires`, terms/registry.py): "block_hidden_states" (the
+    # denoiser's per-block hidden states on its token grid, `feature_blocks`), "class_label_blocks" (a class-
+    # conditional DiT-style transformer whose first blocks form an encoder), "class_labels" (class-conditional).
+    # A term needing one the family lacks is refused before any weights load, with the family's reason from
+    # `capability_gaps` (capability -> why, "{name}": display_name).
+    capabilities: frozenset[str] = frozenset()
+    capability_gaps: dict[str, str] = {}
 
     def __init__(self, pipeline: DiffusionPipeline, config: ModelConfig) -> None:
         self.pipeline = pipeline
@@ -142,6 +150,7 @@ class FamilyAdapter(ABC):
             raise ConfigError("lora_export_format", f"kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL "
                               f"UNets, not for {', '.join(cls.pipeline_classes)}",
                               "drop --lora_export_format (the diffusers-format file is written)")
+        check_requirements(config, cls)  # the loss terms this family cannot feed
 
     @classmethod
     def check_process_options(cls, config: RunConfig) -> None:
@@ -421,13 +430,12 @@ class CaptionedFamily:
 
     default_prompts: list[str] | None = None
     display_name: str
+    capability_gaps = {"class_labels": "{name} is text-conditioned and has no class labels"}
 
     @classmethod
     def text_refusals(cls, config: RunConfig) -> tuple[tuple[bool, str, str, str], ...]:
         """The `refuse_options` rows every text family shares: nothing class-conditional."""
         return (
-            (config.sadm.disc_class_conditional, "disc_class_conditional",
-             f"{cls.display_name} is text-conditioned and has no class labels", "drop --disc_class_conditional"),
             (config.training.validation_class_labels is not None, "validation_class_labels",
              f"{cls.display_name} takes prompts, not class ids", "use --validation_prompts instead"),
         )

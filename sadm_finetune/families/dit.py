@@ -42,6 +42,7 @@ class DiTAdapter(FamilyAdapter):
     family = "dit"
     pipeline_classes = ("DiTPipeline",)
     denoiser_name = "transformer"
+    capabilities = frozenset({"block_hidden_states", "class_label_blocks", "class_labels"})
     # Attention and MLP projections of every block (not the adaLN modulation, which carries the class signal).
     lora_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
     # Latent sizes of the pretrained transformer and of --resolution, once set_resolution ran.

@@ -52,6 +52,9 @@ class FluxAdapter(StableDiffusionAdapter):
     pipeline_classes = ("FluxPipeline",)
     pipeline_class = FluxPipeline
     denoiser_name = "transformer"
+    capability_gaps = {**StableDiffusionAdapter.capability_gaps,
+                       "class_label_blocks": "Flux's transformer is text-conditioned (REPA reads its image tokens: "
+                                             "--repa_weight)"}
     # train_dreambooth_lora_flux.py's default --lora_layers: attention of both streams and the dual blocks' MLPs.
     lora_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                            "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
@@ -74,8 +77,6 @@ class FluxAdapter(StableDiffusionAdapter):
             *cls.text_refusals(config),
             (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
              "Flux's rotary position ids follow the image size", "drop --pos_embed_transfer"),
-            (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
-             "not Flux's", "drop --sddit_weight (REPA reads Flux's image tokens: --repa_weight)"),
             (config.training.snr_gamma is not None, "snr_gamma", "min-SNR weighting is defined for the DDPM targets "
              "and Flux trains with flow matching", "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
             (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",

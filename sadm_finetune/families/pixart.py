@@ -45,6 +45,9 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
     display_name = "PixArt"
     pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     denoiser_name = "transformer"
+    capabilities = frozenset({"block_hidden_states"})
+    capability_gaps = {**CaptionedFamily.capability_gaps,
+                       "class_label_blocks": "PixArt's transformer is text-conditioned (no class labels)"}
     # Self- and cross-attention projections and the MLP of every block (not adaLN-single, which carries the time).
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
     text_encoder_names = ("text_encoder",)
@@ -72,8 +75,6 @@ class PixArtAdapter(CaptionedFamily, FamilyAdapter):
             (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
              "PixArt's positional embedding already follows the token grid around the base's size",
              "drop --pos_embed_transfer (--resolution alone sets its training size)"),
-            (config.sddit.enabled, "sddit_weight", "SD-DiT's student takes class labels and PixArt is text-conditioned",
-             "drop --sddit_weight or fine-tune a DiT pipeline"),
         )
 
     def check_resolution(self, resolution: int) -> None:

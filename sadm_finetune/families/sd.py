@@ -27,6 +27,8 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
     pipeline_classes = ("StableDiffusionPipeline",)
     pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline  # exported; its LoRA loader reads our file
     denoiser_name = "unet"
+    capabilities = frozenset({"block_hidden_states"})  # the UNet's stages, flattened to tokens
+    capability_gaps = {**CaptionedFamily.capability_gaps, "class_label_blocks": "{name} has a UNet"}
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention projections
     # The safety checker (1.2 GB) plays no part in training, and the export is saved without it.
     load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -52,8 +54,6 @@ class StableDiffusionAdapter(CaptionedFamily, FamilyAdapter):
             (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
              "Stable Diffusion's UNet has no positional embedding to transfer",
              "drop --pos_embed_transfer (--resolution alone sets its training size)"),
-            (config.sddit.enabled, "sddit_weight", "SD-DiT needs a DiT-style transformer and Stable Diffusion has a UNet",
-             "drop --sddit_weight or fine-tune a DiT pipeline"),
         )
 
     def check_resolution(self, resolution: int) -> None:

@@ -34,6 +34,8 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     pipeline_class = StableDiffusion3Pipeline
     denoiser_name = "transformer"
+    capability_gaps = {**StableDiffusionAdapter.capability_gaps,
+                       "class_label_blocks": "SD3's MMDiT is text-conditioned (joint text and image blocks)"}
     # diffusers' SD3 LoRA script: the image and the text stream's attention projections (add_* where present).
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
     load_kwargs: dict[str, Any] = {}
@@ -53,8 +55,6 @@ class StableDiffusion3Adapter(StableDiffusionAdapter):
             (config.model.pos_embed_transfer is not None, "pos_embed_transfer",
              "SD3's transformer crops its own positional embedding to the image size",
              "drop --pos_embed_transfer (--resolution alone sets the training size)"),
-            (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
-             "not SD3's MMDiT", "drop --sddit_weight or fine-tune a DiT pipeline"),
             (config.training.snr_gamma is not None, "snr_gamma", "min-SNR weighting is defined for the DDPM targets "
              "and SD3 trains with flow matching", "drop --snr_gamma (flow matching weights with --weighting_scheme)"),
             (config.model.trainable == "difffit", "trainable", "DiffFit is wired for DiT's blocks only",

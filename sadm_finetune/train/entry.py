@@ -172,9 +172,11 @@ def _on_update(run: Run, state: TrainState, saved, output_dir: Path) -> None:
 def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None:
     """Which sharded set-ups the toolkit runs (docs/scaling.md, section 3).
 
-    FSDP (1 or 2): the denoiser is the only model accelerate prepares (and shards); the discriminator stays
-    a replicated DDP module beside it, and validation and export gather the full weights onto the main
+    FSDP (1 or 2): the denoiser is the only model accelerate prepares (and shards); the terms' own modules stay
+    replicated DDP modules beside it, and validation and export gather the full weights onto the main
     process. LoRA/DiffFit, EMA and fp16 are not wired for a sharded denoiser and stop here."""
+    for section in config.term_sections.values():  # each term's own launch checks (SADM: not under DeepSpeed)
+        section.check_accelerator(config, accelerator)
     kind = str(accelerator.distributed_type).split(".")[-1]
     if kind == "FSDP":
         fix = "use DDP (accelerate launch --multi_gpu) for it"
@@ -185,17 +187,8 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
         if config.training.use_ema:
             raise ConfigError("use_ema", "EMA is not supported under FSDP (it would average local shards, which the "
                               "export does not gather)", f"drop --use_ema, or {fix}")
-        if config.sadm.enabled and accelerator.mixed_precision == "fp16":
-            raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
-                              "discriminator has no gradient scaler)", "use bf16")
         if config.training.use_ema is None:
             accelerator.print("EMA: off under FSDP (the default is on elsewhere; FSDP cannot gather it)")
             config.training.use_ema = False
     if config.training.use_ema is None:  # the default: on
         config.training.use_ema = True
-    if config.sadm.enabled and kind == "DEEPSPEED":
-        raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate prepares one "
-                          "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's "
-                          "engine, so the discriminator needs its own unprepared update path, which is not written because "
-                          "it cannot be tested here (accelerate never selects DeepSpeed on a CPU-only machine)",
-                          "use FSDP or DDP (accelerate launch --multi_gpu), or --structure_weight 0")

@@ -219,6 +219,13 @@ class RepaTerm(Term):
     def weight(self, step: int) -> float:
         return self.config.repa_weight
 
+    def summary_lines(self, denoiser) -> list[str]:
+        r = self.config
+        size = sum(p.numel() for p in self.unwrapped_projector.parameters())
+        return [f"REPA: lambda {r.repa_weight}, block {r.repa_depth}, encoder {r.repa_encoder} at "
+                f"{r.repa_encoder_resolution} px, projector {size / 1e6:.3f} M parameters"
+                + (" (features cached)" if self.encoder is None else "")]
+
     def target_features(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, E, eh, ew) encoder features of the clean images: cached, or computed from the pixels."""
         if FEATURES_KEY in batch:
