@@ -26,6 +26,8 @@ class TermConfig:
     requires: ClassVar[frozenset[str]] = frozenset()
     requirement: ClassVar[str] = ""
     requirement_fix: ClassVar[str] = ""  # the fix of that refusal (default: drop --<weight_field>)
+    # Fields to lower when updates keep going non-finite (named in max_nonfinite_steps' error while the term is on).
+    stability_fields: ClassVar[tuple[str, ...]] = ()
 
     @property
     def enabled(self) -> bool:

@@ -153,10 +153,11 @@ def _on_update(run: Run, state: TrainState, saved, output_dir: Path) -> None:
         where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
         skipped = ", ".join([f"nonfinite_updates {state.nonfinite_total}",
                              *(f"{k} {v}" for k, v in sorted(state.term_nonfinite.items()))])
+        lower = " / ".join(["--learning_rate", *(f"--{name}" for section in run.config.term_sections.values()
+                                                 if section.enabled for name in section.stability_fields)])
         raise SADMError(
             f"max_nonfinite_steps: {state.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
-            f"(step {state.global_step}; skipped so far: {skipped}); {where}. Lower --learning_rate / "
-            "--disc_learning_rate / --structure_weight or use bf16 instead of fp16"
+            f"(step {state.global_step}; skipped so far: {skipped}); {where}. Lower {lower} or use bf16 instead of fp16"
         )
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
         save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit, saved)

@@ -19,6 +19,7 @@ class SADMConfig(TermConfig):
 
     title = "SADM"
     weight_field = "structure_weight"
+    stability_fields = ("disc_learning_rate", "structure_weight")
 
     structure_weight: float = _f(0.01, "lambda: weight of the structure loss for the denoiser (0: plain fine-tune).")
     structure_warmup_steps: int = _f(100, "lambda ramps linearly from 0 over this many steps (after disc_warmup_steps).")
