@@ -329,7 +329,7 @@ SECTIONS: Mapping[str, type] = _Sections()
 @dataclass(init=False)
 class RunConfig:
     """The run's sections: the core ones as fields, the registered terms' in `term_sections` (name -> config, in
-    registration order), each readable as an attribute too (`config.sadm.structure_weight`)."""
+    registration order), each readable as an attribute too (`config.<term>.<field>`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -6,8 +6,9 @@
   `lora` and `template:sd-lora` for LoRA runs; the family's), a `widget` gallery of the final samples (one image per
   validation prompt or class) and, when the data names one, the `instance_prompt` (`trigger_words`).
 - Body: which file is for which tool, usage code that runs as written (the Hub id when pushed, or the folder's name,
-  and a `pipe(...)` call that makes an image), the SADM settings, and the command that reproduces the run from the
-  repository root (`accelerate launch -q ... train_sadm.py --config <recipe as given, relative to the root>`).
+  and a `pipe(...)` call that makes an image), the loss terms' settings tables (`TermConfig.card_table`), and the
+  command that reproduces the run from the repository root (`accelerate launch -q ... train_sadm.py --config
+  <recipe as given, relative to the root>`).
 
 Local paths are written by their last component only (`export.public_name`), on disk too: the card is what goes up.
 """

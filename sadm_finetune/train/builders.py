@@ -180,6 +180,8 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
         built = [term for term in run.terms if term.section == name]
         lines += [line for term in built for line in term.summary_lines(denoiser)] if section.enabled \
             else section.summary_off()
+    lines += [line for term in run.terms if term.section not in config.term_sections  # built by hand (tests)
+              for line in term.summary_lines(denoiser)]
     if accelerator.is_main_process:
         for line in lines:
             logger.info(line)
