@@ -154,7 +154,8 @@ class SADMConfig(TermConfig):
                               "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's "
                               "engine, so the discriminator needs its own unprepared update path, which is not "
                               "written because it cannot be tested here (accelerate never selects DeepSpeed on a "
-                              "CPU-only machine)", "use FSDP or DDP (accelerate launch --multi_gpu), or --structure_weight 0")
+                              "CPU-only machine)",
+                              "use FSDP or DDP (accelerate launch --multi_gpu), or --structure_weight 0")
 
     def summary_off(self) -> list[str]:
         return ["SADM: off (structure_weight 0): plain fine-tune"]
