@@ -70,7 +70,7 @@ def main() -> None:
     torch.manual_seed(0)
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    from sadm_finetune.config.run import SADMConfig
+    from sadm_finetune.terms.sadm.config import SADMConfig
     from sadm_finetune.data.digits import load_digits_images
     from sadm_finetune.diffusion.losses import predicted_original_sample
     from sadm_finetune.diffusion.process import DDPMProcess

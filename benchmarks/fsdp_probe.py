@@ -50,7 +50,7 @@ def _probe(rank: int, world: int, port: int, queue) -> None:
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    from sadm_finetune.config.run import SADMConfig
+    from sadm_finetune.terms.sadm.config import SADMConfig
     from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
     from sadm_finetune.diffusion.process import DDPMProcess
     from sadm_finetune.terms.sadm.objective import SADMObjective

@@ -165,7 +165,7 @@ def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda
     from diffusers.training_utils import compute_snr
 
     from benchmarks.real_shapes import DIT_SCHEDULER, DIT_XL_2_256
-    from sadm_finetune.config.run import SADMConfig
+    from sadm_finetune.terms.sadm.config import SADMConfig
     from sadm_finetune.diffusion.losses import DiffusionLoss, LearnedSigmaVLB, predicted_original_sample
     from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
     from sadm_finetune.diffusion.process import DDPMProcess

@@ -42,8 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import DEMO_SADM, _proc_status_kb  # noqa: E402
 
-from sadm_finetune.config.run import SADMConfig  # noqa: E402
-from sadm_finetune.diffusion.losses import StructureLoss, structure_sample_weights  # noqa: E402
+from sadm_finetune.terms.sadm.config import SADMConfig  # noqa: E402
+from sadm_finetune.terms.sadm.relations import StructureLoss, structure_sample_weights  # noqa: E402
 from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator  # noqa: E402
 from sadm_finetune.diffusion.process import DDPMProcess  # noqa: E402
 from sadm_finetune.terms.sadm.objective import SADMObjective  # noqa: E402

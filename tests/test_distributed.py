@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from diffusers import DDPMScheduler
 
 from launch import ROOT, offline_env, tiny_run_args
-from sadm_finetune.config.run import SADMConfig
+from sadm_finetune.terms.sadm.config import SADMConfig
 from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
 from sadm_finetune.terms.sadm.objective import SADMObjective
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline

@@ -21,7 +21,6 @@ BASE = {"pretrained_model_name_or_path": "org/base", "train_data_dir": "d"}
 # One config per row of REQUIREMENTS, asking for that option alone.
 ASKS = {
     "lora_export_format": {"trainable": "lora", "lora_export_format": "kohya"},
-    "disc_class_conditional": {"disc_class_conditional": True},
     "validation_class_labels": {"validation_class_labels": [0]},
     "validation_prompts": {"validation_prompts": ["a dog"]},
     "cache_text_embeddings": {"cache_text_embeddings": True},
@@ -41,7 +40,7 @@ TEXT_OPTIONS = {"validation_prompts", "cache_text_embeddings", "with_prior_prese
 # What each family accepted before the declarations existed (its own refusal rows then): a changed declaration that
 # lets an option through, or refuses one, shows here.
 ACCEPTS = {
-    DiTAdapter: {"disc_class_conditional", "validation_class_labels", "pos_embed_transfer", "snr_gamma", "trainable"},
+    DiTAdapter: {"validation_class_labels", "pos_embed_transfer", "snr_gamma", "trainable"},
     StableDiffusionAdapter: TEXT_OPTIONS | {"lora_export_format", "snr_gamma", "trainable", "aspect_ratio_buckets"},
     StableDiffusionXLAdapter: TEXT_OPTIONS | {"lora_export_format", "snr_gamma", "trainable", "aspect_ratio_buckets"},
     PixArtAdapter: TEXT_OPTIONS | {"snr_gamma", "trainable", "aspect_ratio_buckets"},

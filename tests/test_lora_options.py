@@ -15,7 +15,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from sadm_finetune.cli import parse_config
-from sadm_finetune.config.run import ModelConfig, RunConfig, SADMConfig, TrainingConfig, build_config, load_yaml
+from sadm_finetune.config.run import ModelConfig, RunConfig, TrainingConfig, build_config, load_yaml
+from sadm_finetune.terms.sadm.config import SADMConfig
 from sadm_finetune.diffusion.process import DDPMProcess
 from sadm_finetune.families.loading import load_family
 from sadm_finetune.train import optimizers

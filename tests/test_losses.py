@@ -4,17 +4,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sadm_finetune.config.run import SADMConfig
-from sadm_finetune.diffusion.losses import (
-    DiffusionLoss,
-    LearnedSigmaVLB,
-    StructureLoss,
-    diffusion_target,
-    predicted_original_sample,
-    relation_matrix,
-    snr,
-    structure_sample_weights,
-)
+from sadm_finetune.terms.sadm.config import SADMConfig
+from sadm_finetune.diffusion.losses import DiffusionLoss, LearnedSigmaVLB, diffusion_target, predicted_original_sample, snr
+from sadm_finetune.terms.sadm.relations import StructureLoss, relation_matrix, structure_sample_weights
 from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
 from sadm_finetune.diffusion.process import DDPMProcess
 from sadm_finetune.terms.sadm.objective import SADMObjective

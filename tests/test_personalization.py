@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from sadm_finetune.config.run import DataConfig, SADMConfig, build_config
+from sadm_finetune.config.run import DataConfig, build_config
+
+from sadm_finetune.terms.sadm.config import SADMConfig
 from sadm_finetune.data.datasets import ImageTransform, TrainDataset, collate, open_train_data
 from sadm_finetune.utils.errors import ConfigError, InputError
 from sadm_finetune.data.latent_cache import CachedLatentDataset, build_latent_cache, cache_key

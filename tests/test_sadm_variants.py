@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sadm_finetune.config.run import SADMConfig
+from sadm_finetune.terms.sadm.config import SADMConfig
 from sadm_finetune.diffusion.process import DDPMProcess
 from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
 from sadm_finetune.terms.sadm.objective import SADMObjective, fixed_structure_gap, wiener_lowpass

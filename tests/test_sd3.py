@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from launch import accelerate_launch, offline_env, tiny_run_args, train_in_process
 from sadm_finetune.cli import main
-from sadm_finetune.config.run import ModelConfig, RunConfig, SADMConfig, TrainingConfig, build_config
+from sadm_finetune.config.run import ModelConfig, RunConfig, TrainingConfig, build_config
+from sadm_finetune.terms.sadm.config import SADMConfig
 from sadm_finetune.utils.errors import ConfigError
 from sadm_finetune.diffusion.flow_config import FlowMatchingConfig
 from sadm_finetune.diffusion.latents import encode

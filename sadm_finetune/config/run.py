@@ -2,7 +2,8 @@
 
 Precedence: dataclass defaults < ``--config file.yaml`` < flags given on the command line. A YAML file
 may group fields by section (``model:``, ``data:``, ``training:``, ``sadm:``) or list them flat;
-field names are unique across sections, and every flag is ``--<field name>``.
+field names are unique across sections, and every flag is ``--<field name>``. The loss terms' sections (``sadm:``,
+``repa:``, ``sddit:``, and any term registered later) come from the term registry (terms/registry.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
@@ -19,7 +21,7 @@ from .fields import help_field, index_fields, read_yaml
 from .fields import non_negative as _non_negative, positive as _positive
 from ..diffusion.flow_config import FlowMatchingConfig
 from ..data.prior_config import PriorPreservationConfig
-from ..terms.config import RepaConfig, SDDiTConfig
+from ..terms import term_sections as registered_terms
 
 LR_SCHEDULERS = (
     "linear",
@@ -361,137 +363,91 @@ class TrainingConfig:
                 ) from None
 
 
-@dataclass
-class SADMConfig:
-    structure_weight: float = _f(0.01, "lambda: weight of the structure loss for the denoiser (0: plain fine-tune).")
-    structure_warmup_steps: int = _f(100, "lambda ramps linearly from 0 over this many steps (after disc_warmup_steps).")
-    relation: Literal["cosine", "euclidean", "rbf"] = _f("cosine", "Pairwise relation between embeddings.")
-    distance: Literal["mse", "l1", "kl"] = _f("mse", "Distance between the real and fake relation matrices.")
-    kl_temperature: float = _f(0.1, "Softmax temperature of the row-wise KL distance.")
-    timestep_weighting: Literal["min_snr", "none", "cutoff"] = _f(
-        "min_snr", "Noise-level weight of each sample in the structure loss."
-    )
-    structure_snr_gamma: float = _f(5.0, "gamma of the min-SNR structure weighting: w = min(SNR, gamma) / gamma.")
-    structure_t_cutoff: int = _f(300, "With timestep_weighting=cutoff: only timesteps below this count.")
-    pair_weighting: Literal["geometric", "min"] = _f(
-        "geometric", "Weight of the pair (i, j) in L_S from the samples' noise-level weights: geometric, "
-        "sqrt(w_i w_j) (a noisy sample paired with a clean one keeps a constant push on its noise prediction); "
-        "min, min(w_i, w_j) (the noisy sample's push shrinks with its SNR). Relation distances mse/l1 only.",
-    )
-    adversarial_loss: Literal["relations", "per_sample_ns", "per_sample_hinge"] = _f(
-        "relations", "What D and the denoiser play: relations (SADM: distance of the pairwise relation matrices); "
-        "per_sample_ns / per_sample_hinge (a control without structure: D scores each sample real or fake, "
-        "non-saturating or hinge GAN loss, the same D, noise-level weights and schedule).",
-    )
-    disc_frozen: bool = _f(
-        False, "Never update D: it stays at its random initialisation and L_S is a fixed random-feature "
-        "regulariser (a control without an adversary).",
-    )
-    adaptive_weight: bool = _f(
-        False, "Scale lambda each step by ||dL_diff/d out|| / ||dL_S/d out|| at the denoiser's output (VQGAN's "
-        "adaptive GAN weight, taken at the output rather than the last layer so that it holds for every family "
-        "and LoRA): structure_weight is then the structure gradient's size relative to the denoising one.",
-    )
-    adaptive_weight_max: float = _f(1e4, "Upper clamp of the adaptive factor (VQGAN: 1e4).")
-    structure_grad_bands: int = _f(
-        0, "Log the per-sample gradient norm of lambda * L_S and of the unweighted denoising MSE with respect to "
-        "the denoiser's output, averaged in this many equal timestep bands (0: off; costs one extra backward "
-        "through D).",
-    )
-    structure_gather: bool = _f(True, "Relations over the global batch (gather embeddings across processes).")
-    disc_learning_rate: float = _f(1e-4, "Structure discriminator learning rate (AdamW).")
-    disc_adam_beta1: float = _f(0.5, "AdamW beta1 of the discriminator optimizer.")
-    disc_adam_beta2: float = _f(0.999, "AdamW beta2 of the discriminator optimizer.")
-    disc_weight_decay: float = _f(1e-4, "AdamW weight decay of the discriminator (its regulariser).")
-    disc_gradient_penalty: float = _f(0.0, "Weight of an R1-style gradient penalty on real latents (0: off).")
-    disc_steps: int = _f(1, "Discriminator updates per discriminator turn.")
-    disc_every: int = _f(1, "A discriminator turn every N denoiser updates.")
-    disc_warmup_steps: int = _f(0, "Steps in which the discriminator trains while lambda stays 0.")
-    disc_width: int = _f(32, "Channels of the discriminator's first conv block (doubling per block).")
-    disc_depth: int = _f(3, "Number of stride-2 conv blocks in the discriminator.")
-    disc_embed_dim: int = _f(128, "Dimension of the discriminator's embedding.")
-    disc_spectral_norm: bool = _f(True, "Spectral normalisation on the discriminator's convs and linears.")
-    disc_class_conditional: bool = _f(False, "Condition the discriminator on class labels too.")
-    disc_max_grad_norm: float | None = _f(1.0, "Clip the discriminator's gradient norm to this value (None: no clipping).")
-    disc_renoise: float = _f(
-        0.0, "Instance noise: D sees both z0 and x0_hat re-noised to the level s = floor(disc_renoise * t) with one "
-        "shared noise draw (0: off; 1: the sample's own level t).",
-    )
-    disc_real_lowpass: bool = _f(
-        False, "Low-pass the real side before D with the Wiener filter of the sample's noise level, so that real and "
-        "predicted latents carry the same detail (the posterior mean's blur is then no tell).",
-    )
-    disc_pool: int = _f(1, "Average-pool both sides by this factor before D (relations on low-resolution features).")
-    disc_space: Literal["latents", "features"] = _f(
-        "latents", "What D reads: latents (the VAE latents z0 and x0_hat), or features (a frozen vision encoder's "
-        "patch features of the VAE-decoded z0 and x0_hat: relations in a semantic space; the structure gradient "
-        "reaches x0_hat through the encoder and the VAE decoder).",
-    )
-    disc_encoder: str = _f(
-        "facebook/dinov2-small", "With disc_space features: the frozen vision encoder (a transformers model id or "
-        "folder, as --repa_encoder).",
-    )
-    disc_encoder_resolution: int = _f(224, "With disc_space features: the encoder sees images of this size squared.")
-    structure_diagnostics: bool = _f(
-        True, "Log the real/fake structure gap seen by a fixed encoder (pooled latents, not D) and D's real/fake "
-        "separability every step.",
-    )
-    disc_resume_from: str | None = _f(None, "Start the discriminator from a saved structure_discriminator folder.")
-
-    def __post_init__(self) -> None:
-        _non_negative(self, "structure_weight", "structure_warmup_steps", "disc_gradient_penalty", "disc_warmup_steps")
-        _non_negative(self, "disc_weight_decay", "structure_grad_bands")
-        _positive(self, "adaptive_weight_max")
-        if self.pair_weighting != "geometric" and self.distance == "kl":
-            raise ConfigError("pair_weighting", "applies to the mse/l1 distances (kl weights each row by w_i)",
-                              "drop --pair_weighting or use --distance mse")
-        _positive(self, "disc_max_grad_norm", "disc_pool")
-        if not 0.0 <= self.disc_renoise <= 1.0:
-            raise ConfigError("disc_renoise", f"must be in [0, 1], got {self.disc_renoise}", "use e.g. 0.5, or 0 for off")
-        _positive(
-            self,
-            "kl_temperature",
-            "structure_snr_gamma",
-            "structure_t_cutoff",
-            "disc_learning_rate",
-            "disc_steps",
-            "disc_every",
-            "disc_width",
-            "disc_depth",
-            "disc_embed_dim",
-            "disc_encoder_resolution",
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.structure_weight > 0
-
-
-SECTIONS: dict[str, type] = {
+CORE_SECTIONS: dict[str, type] = {  # the run's own sections; the terms' go between training's and dreambooth's
     "model": ModelConfig,
     "data": DataConfig,
     "training": TrainingConfig,
     "flow_matching": FlowMatchingConfig,
-    "sadm": SADMConfig,
-    "repa": RepaConfig,
-    "sddit": SDDiTConfig,
     "dreambooth": PriorPreservationConfig,
 }
+_CORE_FIRST = ("model", "data", "training", "flow_matching")  # before the terms' sections (YAML and --help order)
 
 
-@dataclass
+def _ordered(core: dict[str, Any], terms: dict[str, Any]) -> dict[str, Any]:
+    """Section name -> value in the one order of sections: model, data, training, flow_matching, the terms'
+    (registration order), dreambooth."""
+    return {**{k: core[k] for k in _CORE_FIRST}, **terms, **{k: v for k, v in core.items() if k not in _CORE_FIRST}}
+
+
+class _Sections(Mapping):
+    """Section name -> dataclass, read live from the term registry (a term registered later gets its flags and YAML
+    section too)."""
+
+    def _all(self) -> dict[str, type]:
+        return _ordered(CORE_SECTIONS, registered_terms())
+
+    def __getitem__(self, name: str) -> type:
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+SECTIONS: Mapping[str, type] = _Sections()
+
+
+@dataclass(init=False)
 class RunConfig:
+    """The run's sections: the core ones as fields, the registered terms' in `term_sections` (name -> config, in
+    registration order), each readable as an attribute too (`config.<term>.<field>`)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
-    sadm: SADMConfig = field(default_factory=SADMConfig)
-    repa: RepaConfig = field(default_factory=RepaConfig)
-    sddit: SDDiTConfig = field(default_factory=SDDiTConfig)
     dreambooth: PriorPreservationConfig = field(default_factory=PriorPreservationConfig)
+    term_sections: dict[str, Any] = field(default_factory=dict)
     # Not an option: the family defaults build_config filled in for the fields the user did not set
     # (family_defaults.py; docs/defaults.md), for the run's summary. Neither compared nor saved: the YAML holds them.
     family_defaults: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __init__(self, model: ModelConfig | None = None, data: DataConfig | None = None,
+                 training: TrainingConfig | None = None, flow_matching: FlowMatchingConfig | None = None,
+                 dreambooth: PriorPreservationConfig | None = None, term_sections: dict[str, Any] | None = None,
+                 family_defaults: dict | None = None, **terms: Any) -> None:
+        """Missing sections get their defaults; a term's section may be given by name (`sadm=SADMConfig(...)`)."""
+        self.model = model if model is not None else ModelConfig()
+        self.data = data if data is not None else DataConfig()
+        self.training = training if training is not None else TrainingConfig()
+        self.flow_matching = flow_matching if flow_matching is not None else FlowMatchingConfig()
+        self.dreambooth = dreambooth if dreambooth is not None else PriorPreservationConfig()
+        registered = registered_terms()
+        unknown = set(terms) - set(registered)
+        if unknown:
+            raise TypeError(f"RunConfig: no section named {sorted(unknown)} (registered terms: {list(registered)})")
+        given = {**(term_sections or {}), **terms}
+        self.term_sections = {name: given[name] if name in given else cls() for name, cls in registered.items()}
+        self.family_defaults = dict(family_defaults or {})
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not attributes: the terms' sections
+        sections = self.__dict__.get("term_sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"'RunConfig' object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        sections = self.__dict__.get("term_sections")
+        if sections is not None and name in sections:
+            sections[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def sections(self) -> dict[str, Any]:
+        """Section name -> this run's section object, in the order of `SECTIONS`."""
+        return _ordered({name: getattr(self, name) for name in CORE_SECTIONS}, self.term_sections)
 
     def validate(self) -> None:
         """Checks across sections; per-field checks run when each section is built."""
@@ -505,22 +461,13 @@ class RunConfig:
             raise ConfigError("aspect_ratio_buckets", "cannot be combined with --with_prior_preservation (a batch's "
                               "instance and class halves would need one shared bucket)",
                               "drop --aspect_ratio_buckets (images train at the square --resolution)")
-        if self.sadm.enabled and self.training.train_batch_size < 2 and not self.dreambooth.with_prior_preservation:
-            raise ConfigError(
-                "train_batch_size",
-                "is 1, so a batch has no pairs for the structure loss",
-                "use --train_batch_size 2 or more, or --structure_weight 0",
-            )
-        if self.sadm.disc_steps > 1 and self.training.gradient_accumulation_steps > 1:
-            raise ConfigError(
-                "disc_steps", "> 1 cannot be combined with gradient_accumulation_steps > 1",
-                "use --disc_steps 1, or no gradient accumulation",
-            )
+        for section in self.term_sections.values():  # each term's own checks across sections
+            section.check(self)
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: dataclasses.asdict(section) for name, section in self.sections().items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -552,10 +499,11 @@ def build_config(overrides: dict[str, Any]) -> RunConfig:
             raise ConfigError(key, "unknown field", "remove it or fix its spelling (see sadm-train --help)")
     family = {k: v for k, v in defaults_for(overrides.get("pretrained_model_name_or_path"),
                                               overrides.get("revision")).items() if k not in overrides}
-    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    sections = dict(SECTIONS)
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for key, value in {**family, **overrides}.items():
         per_section[index[key][0]][key] = value
-    config = RunConfig(**{name: SECTIONS[name](**values) for name, values in per_section.items()},
+    config = RunConfig(**{name: sections[name](**values) for name, values in per_section.items()},
                        family_defaults=family)
     config.validate()
     return config

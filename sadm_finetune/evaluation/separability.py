@@ -33,7 +33,7 @@ def load_discriminator(source: str, device: str):
     """The run's structure discriminator and its SADM options, or (None, None) when the source has none."""
     import yaml
 
-    from ..config.run import SADMConfig
+    from ..terms.sadm.config import SADMConfig
     from ..terms.sadm.discriminator import StructureDiscriminator
 
     folder = Path(source).expanduser() / "structure_discriminator"

@@ -6,8 +6,9 @@
   `lora` and `template:sd-lora` for LoRA runs; the family's), a `widget` gallery of the final samples (one image per
   validation prompt or class) and, when the data names one, the `instance_prompt` (`trigger_words`).
 - Body: which file is for which tool, usage code that runs as written (the Hub id when pushed, or the folder's name,
-  and a `pipe(...)` call that makes an image), the SADM settings, and the command that reproduces the run from the
-  repository root (`accelerate launch -q ... train_sadm.py --config <recipe as given, relative to the root>`).
+  and a `pipe(...)` call that makes an image), the loss terms' settings tables (`TermConfig.card_table`), and the
+  command that reproduces the run from the repository root (`accelerate launch -q ... train_sadm.py --config
+  <recipe as given, relative to the root>`).
 
 Local paths are written by their last component only (`export.public_name`), on disk too: the card is what goes up.
 """
@@ -138,9 +139,9 @@ def _files_section(output_dir: Path, config: RunConfig, facts: CardFacts, repo: 
                      "lora_up.weight`, `.alpha`) and metadata (`ss_base_model_version`, `modelspec.architecture`); "
                      f"diffusers reads it too: `pipe.load_lora_weights(\"{repo}\", "
                      f"weight_name=\"{KOHYA_WEIGHT_NAME}\")`.")
-    disc = "`structure_discriminator/` (SADM's discriminator, to continue with `--disc_resume_from`), " \
-        if (output_dir / "structure_discriminator").is_dir() else ""
-    lines.append(f"- {disc}`training_config.yaml` (the resolved configuration), `samples/` (the final samples, made "
+    saved = "".join(f"`{folder}/` ({what}), " for section in config.term_sections.values()  # the terms' modules
+                    for folder, what in section.card_files().items() if (output_dir / folder).is_dir())
+    lines.append(f"- {saved}`training_config.yaml` (the resolved configuration), `samples/` (the final samples, made "
                  "from the files above).")
     return "\n".join(lines)
 
@@ -158,18 +159,20 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
     card_data = ModelCardData(
         library_name="diffusers",
         base_model=None if is_local_path(m.pretrained_model_name_or_path) else base,
-        tags=["sadm", "diffusers", "diffusers-training", *facts.family_tags, "structure-guided-adversarial-training",
+        tags=["sadm", "diffusers", "diffusers-training", *facts.family_tags,
+              *(tag for section in config.term_sections.values() for tag in section.card_tags()),
               *(LORA_TAGS if m.use_lora else [])],
         widget=[{"text": text, "output": {"url": url}} for text, url in facts.widget] or None,
         instance_prompt=trigger,
         **inherited_license(m),
     )
-    sadm_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in vars(config.sadm).items())
+    intro = "; ".join(filter(None, (section.card_intro() for section in config.term_sections.values())))
+    tables = [table for section in config.term_sections.values() if (table := section.card_table())]
+    settings = "".join(f"## {heading}\n\n| option | value |\n|---|---|\n"
+                       + "".join(f"| `{k}` | `{v}` |\n" for k, v in rows) + "\n" for heading, rows in tables)
     stats = "\n".join(f"- {k}: {v}" for k, v in facts.summary.items())
     ema_note = (f"The exported weights are the exponential moving average (decay {t.ema_decay}) of the trained weights."
                 if t.use_ema else "The exported weights are the final trained weights (no EMA).")
-    mode = "structure loss off (plain fine-tune baseline)" if not config.sadm.enabled else (
-        f"structure weight lambda = {config.sadm.structure_weight}")
     kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[m.lora_type]
     trained = (f"as a {kind} (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}, on "
                f"{', '.join(m.lora_target_modules) if m.lora_target_modules else 'the family default modules'}) "
@@ -195,9 +198,7 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
 
 # {output_dir.name}
 
-Fine-tuned from `{base}` {trained}with sadm-finetune using SADM, structure-guided adversarial
-training (Yang et al., CVPR 2024, arXiv:2402.17563): besides the denoising loss, a structure discriminator
-compares the pairwise relations of real and predicted clean latents in each batch; {mode}.
+Fine-tuned from `{base}` {trained}with sadm-finetune{" " + intro if intro else ""}.
 
 - Data: {facts.data_description}{_prior_line(config)}
 {stats}
@@ -214,13 +215,7 @@ compares the pairwise relations of real and predicted clean latents in each batc
 
 {usages}
 {prompts}
-## SADM settings
-
-| option | value |
-|---|---|
-{sadm_rows}
-
-## Reproduce
+{settings}## Reproduce
 
 From the root of the sadm-finetune repository:
 

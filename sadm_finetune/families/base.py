@@ -30,6 +30,7 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ..config.run import ModelConfig, RunConfig, TrainingConfig
+from ..terms.registry import check_requirements
 from ..utils.errors import ConfigError
 from .vae import load_separate_vae, vae_dtype
 
@@ -88,7 +89,7 @@ class Requirement:
     """An option that only a family declaring `capability` honours: refused where `when(<section>.<field>)` holds
     and the family does not declare it. `why` is formatted with `name` (the family's display name), `conditioning`
     and `process` (what the family declares, in words) and `value` (the option's); a family may word it more
-    precisely for itself (`FamilyAdapter.refusal_reasons`)."""
+    precisely for itself (`FamilyAdapter.capability_gaps`, by capability)."""
     section: str  # RunConfig attribute: "model", "data", ...
     field: str  # the option: the flag and YAML key named in the error
     capability: str
@@ -104,8 +105,6 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL UNets, not for {name}",
                 "drop --lora_export_format (the diffusers-format file is written)",
                 when=lambda value: value in ("kohya", "both")),
-    Requirement("sadm", "disc_class_conditional", "class_labels", "{name} is {conditioning} and has no class labels",
-                "drop --disc_class_conditional"),
     Requirement("training", "validation_class_labels", "class_labels",
                 "{name} is {conditioning} and takes no class ids",
                 "drop --validation_class_labels (a text family's grid rows: --validation_prompts)"),
@@ -155,8 +154,10 @@ class FamilyAdapter(ABC):
     load_kwargs: dict[str, Any] = {}  # passed to DiffusionPipeline.from_pretrained, e.g. components to skip
     # What the family can do, names from CAPABILITIES: each option of REQUIREMENTS needs its capability declared here.
     capabilities: frozenset[str] = frozenset()
-    # A family's own wording of why it lacks a capability, by the refused option's field (`check_capabilities`).
-    refusal_reasons: dict[str, str] = {}
+    # A family's own wording of why it lacks a capability (capability -> why; "{name}", "{conditioning}", "{process}"
+    # from `describe`): used by every refusal of an option (`check_capabilities`) or a loss term
+    # (terms/registry.check_requirements: a term's `requires`) that needs it.
+    capability_gaps: dict[str, str] = {}
     vae_fp32_under_bf16: bool = False  # the family's script keeps the VAE fp32 under bf16 too (vae.vae_dtype)
     hidden_output_index: int = 0  # which element of a feature block's tuple output is the image's hidden states
     latent_patch_size: int = 1  # latents per image-token side (Flux packs 2x2): a dynamic shift's token count
@@ -212,19 +213,20 @@ class FamilyAdapter(ABC):
     @classmethod
     def check_capabilities(cls, config: RunConfig) -> None:
         """ConfigError for the first row of `REQUIREMENTS` whose option the config asks for and whose capability this
-        family does not declare: the option, why (the family's `refusal_reasons` or the row's), the fix."""
+        family does not declare: the option, why (the family's `capability_gaps` or the row's), the fix."""
         for row in REQUIREMENTS:
             value = getattr(getattr(config, row.section), row.field)
             if row.capability not in cls.capabilities and row.when(value):
-                why = cls.refusal_reasons.get(row.field) or row.why
+                why = cls.capability_gaps.get(row.capability) or row.why
                 raise ConfigError(row.field, why.format(**cls.describe(), value=value), row.fix)
 
     @classmethod
     def check_config(cls, config: RunConfig) -> None:
         """Raise ConfigError for options this family cannot honour; runs before any weights load. The generic
         `check_capabilities` first; a family adds what no capability expresses (DiT: --pos_embed_transfer
-        interpolate) after calling this."""
+        interpolate) after calling this. Then each loss term's requirements (terms/registry.check_requirements)."""
         cls.check_capabilities(config)
+        check_requirements(config, cls)  # the loss terms this family cannot feed
 
     @classmethod
     def lora_formats(cls, model: ModelConfig) -> tuple[str, ...]:

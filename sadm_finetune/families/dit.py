@@ -49,7 +49,7 @@ class DiTAdapter(FamilyAdapter):
     # images only; no stock LoRA loader for DiTPipeline in diffusers (the merged export is always written).
     capabilities = frozenset({"class_labels", "ddpm", "learned_sigma", "pos_embed_transfer", "difffit",
                               "block_hidden_states", "class_label_blocks"})
-    refusal_reasons = {"aspect_ratio_buckets": "{name} trains on square images only (DiTTransformer2DModel "
+    capability_gaps = {"aspect_ratio_buckets": "{name} trains on square images only (DiTTransformer2DModel "
                        "unpatchifies a square token grid, and DiTPipeline samples sample_size x sample_size)"}
     # Latent sizes of the pretrained transformer and of --resolution, once set_resolution ran.
     base_sample_size: int | None = None

@@ -28,9 +28,8 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 from torch import nn
 
-from ..config.run import RunConfig
 from ..utils.errors import ConfigError
-from .base import ModelOutput, refuse_options
+from .base import ModelOutput
 from .text import TextFamilyAdapter
 
 FLUX_GUIDANCE_DEFAULT = 3.5  # train_dreambooth_lora_flux.py --guidance_scale, FluxPipeline.__call__'s default
@@ -62,19 +61,13 @@ class FluxAdapter(TextFamilyAdapter):
     # Guidance-distilled dev takes --guidance_scale; no kohya file, no DiffFit (no BasicTransformerBlocks).
     capabilities = frozenset({"text", "flow_matching", "guidance_embedding", "aspect_ratio_buckets",
                               "stock_lora_loader", "block_hidden_states"})
-    refusal_reasons = {"pos_embed_transfer": "Flux's rotary position ids follow the image size"}
+    capability_gaps = {"pos_embed_transfer": "Flux's rotary position ids follow the image size",
+                       "class_label_blocks": "Flux's transformer is text-conditioned (REPA reads its image tokens: "
+                                             "--repa_weight)"}
     vae_fp32_under_bf16 = False  # the script casts the VAE to the weight dtype
     hidden_output_index = 1  # FluxTransformerBlock and FluxSingleTransformerBlock return (text, image) tokens
     latent_patch_size = 2  # 2x2 latents per token
     max_sequence_length = 512  # T5 tokens: FluxPipeline.__call__'s default
-
-    @classmethod
-    def check_config(cls, config: RunConfig) -> None:
-        super().check_config(config)
-        refuse_options(
-            (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
-             "not Flux's", "drop --sddit_weight (REPA reads Flux's image tokens: --repa_weight)"),
-        )
 
     @property
     def guidance_scale(self) -> float | None:

@@ -27,9 +27,8 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from ..config.run import RunConfig
 from ..utils.errors import ConfigError
-from .base import ModelOutput, refuse_options
+from .base import ModelOutput
 from .text import TextFamilyAdapter
 
 
@@ -52,8 +51,9 @@ class PixArtAdapter(TextFamilyAdapter):
     # DDPM with learned sigma (the VLB term), DiffFit on its BasicTransformerBlocks; no stock LoRA loader in diffusers.
     capabilities = frozenset({"text", "ddpm", "learned_sigma", "aspect_ratio_buckets", "difffit",
                               "block_hidden_states"})
-    refusal_reasons = {"pos_embed_transfer": "PixArt's positional embedding already follows the token grid around "
-                                             "the base's size"}
+    capability_gaps = {"pos_embed_transfer": "PixArt's positional embedding already follows the token grid around "
+                                             "the base's size",
+                       "class_label_blocks": "PixArt's transformer is text-conditioned (no class labels)"}
     resolution: int | None = None  # set by set_resolution: validation grids sample at it
 
     @property
@@ -64,14 +64,6 @@ class PixArtAdapter(TextFamilyAdapter):
     @property
     def patch_multiple(self) -> int:
         return self.vae_scale_factor * self.denoiser.config.patch_size
-
-    @classmethod
-    def check_config(cls, config: RunConfig) -> None:
-        super().check_config(config)
-        refuse_options(
-            (config.sddit.enabled, "sddit_weight", "SD-DiT's student takes class labels and PixArt is text-conditioned",
-             "drop --sddit_weight or fine-tune a DiT pipeline"),
-        )
 
     def check_resolution(self, resolution: int) -> None:
         if resolution % self.patch_multiple:

@@ -135,7 +135,9 @@ class QwenImageAdapter(TextFamilyAdapter):
     # No guidance embedding (Qwen-Image is not guidance-distilled), no kohya file, no DiffFit.
     capabilities = frozenset({"text", "flow_matching", "aspect_ratio_buckets", "stock_lora_loader",
                               "block_hidden_states"})
-    refusal_reasons = {"pos_embed_transfer": "Qwen-Image's rotary position ids follow the image size"}
+    capability_gaps = {"pos_embed_transfer": "Qwen-Image's rotary position ids follow the image size",
+                       "class_label_blocks": "Qwen-Image's MMDiT is text-conditioned (REPA reads its image tokens: "
+                                             "--repa_weight)"}
     vae_fp32_under_bf16 = False  # the script casts the VAE to the weight dtype
     hidden_output_index = 1  # QwenImageTransformerBlock returns (text tokens, image tokens)
     latent_patch_size = 2  # 2x2 latents per token
@@ -149,8 +151,6 @@ class QwenImageAdapter(TextFamilyAdapter):
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
         refuse_options(
-            (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
-             "not Qwen-Image's", "drop --sddit_weight (REPA reads Qwen-Image's image tokens: --repa_weight)"),
             (bool(config.model.pretrained_vae_model_name_or_path), "pretrained_vae_model_name_or_path",
              "Qwen-Image's causal 3D VAE (AutoencoderKLQwenImage) is part of the pipeline and has no drop-in "
              "replacement", "drop --pretrained_vae_model_name_or_path"),

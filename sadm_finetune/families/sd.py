@@ -16,9 +16,8 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
-from ..config.run import RunConfig
 from ..utils.errors import ConfigError
-from .base import ModelOutput, refuse_options
+from .base import ModelOutput
 from .text import TextFamilyAdapter
 
 
@@ -35,7 +34,8 @@ class StableDiffusionAdapter(TextFamilyAdapter):
     tokenizer_names = ("tokenizer",)
     capabilities = frozenset({"text", "ddpm", "aspect_ratio_buckets", "difffit", "kohya_lora", "stock_lora_loader",
                               "block_hidden_states"})
-    refusal_reasons = {"pos_embed_transfer": "{name}'s UNet has no positional embedding to transfer"}
+    capability_gaps = {"pos_embed_transfer": "{name}'s UNet has no positional embedding to transfer",
+                       "class_label_blocks": "{name} has a UNet"}
 
     @property
     def text_encoder(self) -> nn.Module | None:
@@ -45,14 +45,6 @@ class StableDiffusionAdapter(TextFamilyAdapter):
     @property
     def tokenizer(self) -> Any:
         return self.pipeline.tokenizer
-
-    @classmethod
-    def check_config(cls, config: RunConfig) -> None:
-        super().check_config(config)
-        refuse_options(
-            (config.sddit.enabled, "sddit_weight", "SD-DiT needs a DiT-style transformer and Stable Diffusion has a UNet",
-             "drop --sddit_weight or fine-tune a DiT pipeline"),
-        )
 
     def check_resolution(self, resolution: int) -> None:
         # StableDiffusionPipeline's own rule: the UNet forwards upsample sizes, so any whole latent size works.

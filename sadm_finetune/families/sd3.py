@@ -23,9 +23,8 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from torch import nn
 from torch.nn import functional as F
 
-from ..config.run import RunConfig
 from ..utils.errors import ConfigError
-from .base import ModelOutput, refuse_options
+from .base import ModelOutput
 from .text import TextFamilyAdapter
 
 
@@ -42,18 +41,11 @@ class StableDiffusion3Adapter(TextFamilyAdapter):
     # No kohya file (its key format is for SD/SDXL UNets), no DiffFit (MMDiT blocks are no BasicTransformerBlocks).
     capabilities = frozenset({"text", "flow_matching", "aspect_ratio_buckets", "stock_lora_loader",
                               "block_hidden_states"})
-    refusal_reasons = {"pos_embed_transfer": "SD3's transformer crops its own positional embedding to the image size"}
+    capability_gaps = {"pos_embed_transfer": "SD3's transformer crops its own positional embedding to the image size",
+                       "class_label_blocks": "SD3's MMDiT is text-conditioned (joint text and image blocks)"}
     vae_fp32_under_bf16 = True  # train_dreambooth_lora_sd3.py keeps the VAE in fp32 under any mixed precision
     hidden_output_index = 1  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
     max_sequence_length = 256  # T5 tokens: the pipeline's __call__ default, so training sees what sampling sees
-
-    @classmethod
-    def check_config(cls, config: RunConfig) -> None:
-        super().check_config(config)
-        refuse_options(
-            (config.sddit.enabled, "sddit_weight", "SD-DiT is wired for DiT's class-conditional transformer, "
-             "not SD3's MMDiT", "drop --sddit_weight or fine-tune a DiT pipeline"),
-        )
 
     @property
     def patch_multiple(self) -> int:

@@ -1,35 +1,35 @@
-"""Auxiliary loss terms on one contract (terms.base.Term), built from the run's config."""
+"""Auxiliary loss terms on one contract (terms.base.Term), registered by name (terms.registry) and built from the
+run's config. Importing this package registers the built-in terms, in the order of the checkpoint layout."""
 
 from __future__ import annotations
 
 from .base import StepContext, Term, Update, UpdateResult
+from .registry import TermConfig, check_requirements, register_term, term_sections, unregister_term
+from .repa.config import RepaConfig
+from .sadm.config import SADMConfig
+from .sddit.config import SDDiTConfig
 
-__all__ = ["StepContext", "Term", "Update", "UpdateResult", "build_terms", "check_terms"]
+__all__ = ["StepContext", "Term", "TermConfig", "Update", "UpdateResult", "build_terms", "check_requirements",
+           "check_terms", "register_term", "term_sections", "unregister_term"]
+
+# The order is the checkpoint layout's (accelerate's prepared lists): never reorder, append new terms.
+register_term("sadm", SADMConfig)
+register_term("repa", RepaConfig)
+register_term("sddit", SDDiTConfig)
 
 
 def build_terms(config, adapter, process, autocast) -> list[Term]:
-    """The terms a config asks for, in a fixed order (the checkpoint layout depends on it)."""
-    from .sadm.objective import SADMObjective
-    from .sadm.term import SADMTerm, StructureProbe
-    from .sddit.term import SDDiTTerm
-
+    """The terms a config asks for, section by section in registration order (the checkpoint layout depends on it);
+    each term knows its section (`Term.section`)."""
     terms: list[Term] = []
-    if config.sadm.enabled:
-        terms.append(SADMTerm(config, adapter, process, config.training.adam_epsilon))
-    if config.sadm.structure_diagnostics:
-        terms.append(StructureProbe(SADMObjective(config.sadm, process)))
-    if config.repa.enabled:
-        from .repa.term import RepaTerm
-
-        terms.append(RepaTerm(config, adapter, autocast))
-    if config.sddit.enabled:
-        terms.append(SDDiTTerm(config, adapter, process, autocast))
+    for name, section in config.term_sections.items():
+        for term in section.build(config, adapter, process, autocast):
+            term.section = name
+            terms.append(term)
     return terms
 
 
 def check_terms(config, adapter, accelerator) -> None:
     """The terms' one-line config checks that need the loaded model, before any heavy work (latent caching)."""
-    if config.repa.enabled:
-        from .repa.term import RepaTerm
-
-        RepaTerm.check(config, adapter, accelerator)
+    for section in config.term_sections.values():
+        section.check_model(config, adapter, accelerator)

@@ -11,8 +11,12 @@ updates, then gives each term its own phase (a discriminator update, a teacher's
   `state_dict()` / `load_state_dict()`, saved as safetensors/JSON.
 - `feature_blocks`: denoiser blocks whose hidden states it reads (the adapter hooks them).
 - `weight(step)`, `loss(ctx)` and `phase(ctx, update)`.
+- `summary_lines(denoiser)`: its lines of the run summary; `export_modules()`: modules saved beside the exported
+  pipeline (SADM's discriminator), each in its own folder; `checkpoint_name(module, suffix)`: the file names of
+  its modules' state in checkpoints written outside accelerate's lists (FSDP).
 
-Terms are built before `accelerator.prepare` and receive the prepared modules back through `bind`.
+Terms are built before `accelerator.prepare` by their config section (terms/registry.py: `TermConfig.build`,
+which also checks the config and gives the card's lines) and receive the prepared modules back through `bind`.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ Update = Callable[[Any, Any, torch.Tensor, list, "float | None"], UpdateResult]
 class Term:
     """A weighted auxiliary loss on the denoiser, with optional modules and phase of its own."""
 
-    name: str = "term"
+    name: str = "term"  # prefix of its checkpointed names: "<name>.<joint module>", "<name>_<state>"
+    section: str = ""  # the config section (registered name) that built it (terms.build_terms sets it)
     weight_key: str | None = None  # the tracker tag of weight(step); None: not logged
     feature_blocks: tuple[int, ...] = ()
 
@@ -83,6 +88,19 @@ class Term:
 
     def state(self) -> dict[str, Any]:
         return {}
+
+    def checkpoint_name(self, module: str, suffix: str) -> str:
+        """The checkpoint name of `modules()[module]`'s module (suffix "") or its "_optimizer" / "_scheduler" where
+        the project writes them itself (under FSDP); [a-z0-9_]."""
+        return f"{module}{suffix}"
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        """Folder name -> unwrapped module saved beside the exported pipeline (never a pipeline component)."""
+        return {}
+
+    def summary_lines(self, denoiser: nn.Module) -> list[str]:
+        """This term's lines of the run summary (`denoiser`: the prepared denoiser, for size ratios)."""
+        return []
 
     def weight(self, step: int) -> float:
         raise NotImplementedError

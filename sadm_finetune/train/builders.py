@@ -98,12 +98,13 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     saved = CheckpointState()
     own = {term.name: term.modules() for term in terms}
     to_prepare: list[Any] = [denoiser, optimizer, scheduler, *joint.values()]
-    for modules in own.values():
+    for term in terms:
+        modules = own[term.name]
         for name, (module, opt, sched) in modules.items():
             if sharded:
                 modules[name] = (replicate_outside_fsdp(accelerator, module), opt, sched)
                 for suffix, obj in (("", module), ("_optimizer", opt), ("_scheduler", sched)):
-                    saved.add(_saved_name(name, suffix), obj)
+                    saved.add(term.checkpoint_name(name, suffix), obj)
             else:
                 to_prepare += [module, opt, sched]
     prepared = list(accelerator.prepare(*to_prepare, dataloader))
@@ -140,9 +141,6 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     return run, prepared[-1], saved
 
 
-def _saved_name(name: str, suffix: str) -> str:
-    # The discriminator's files keep their historical names (disc_optimizer, disc_scheduler).
-    return f"disc{suffix}" if name == "discriminator" and suffix else f"{name}{suffix}"
 
 
 def tracker_config(config: RunConfig) -> dict[str, Any]:
@@ -166,27 +164,12 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
     if config.family_defaults:  # what build_config filled in from the family's upstream script (docs/defaults.md)
         lines.append("family defaults (docs/defaults.md; set them to override): "
                      + ", ".join(f"{k} {v}" for k, v in config.family_defaults.items()))
-    disc = next((term.unwrapped_disc for term in run.terms if term.name == "sadm"), None)
-    if disc is not None:
-        ratio = count(disc) / max(1, count(denoiser))
-        # Information, not a warning: the default D is a few % of a tiny model and far below 1% of a real one.
-        hint = "; --disc_width / --disc_depth set its size" if ratio > 0.1 else ""
-        lines.append(f"SADM: lambda {config.sadm.structure_weight}, discriminator {count(disc) / 1e6:.3f} M parameters "
-                     f"({100 * ratio:.1f}% of the denoiser{hint})")
-    else:
-        lines.append("SADM: off (structure_weight 0): plain fine-tune")
-    repa = next((term for term in run.terms if term.name == "repa"), None)
-    if repa is not None:
-        r = config.repa
-        lines.append(f"REPA: lambda {r.repa_weight}, block {r.repa_depth}, encoder {r.repa_encoder} at "
-                     f"{r.repa_encoder_resolution} px, projector {count(repa.unwrapped_projector) / 1e6:.3f} M "
-                     "parameters" + (" (features cached)" if repa.encoder is None else ""))
-    sddit = next((term for term in run.terms if term.name == "sddit"), None)
-    if sddit is not None:
-        d = config.sddit
-        lines.append(f"SD-DiT: lambda {d.sddit_weight}, encoder = the first {d.sddit_encoder_depth} blocks, "
-                     f"{d.sddit_loss} loss, head {count(sddit.student_head) / 1e6:.3f} M parameters, teacher EMA "
-                     f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else ""))
+    for name, section in config.term_sections.items():  # each term's lines, in registration order
+        built = [term for term in run.terms if term.section == name]
+        lines += [line for term in built for line in term.summary_lines(denoiser)] if section.enabled \
+            else section.summary_off()
+    lines += [line for term in run.terms if term.section not in config.term_sections  # built by hand (tests)
+              for line in term.summary_lines(denoiser)]
     if accelerator.is_main_process:
         for line in lines:
             logger.info(line)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from .builders import build_run, log_summary, make_accelerator, tracker_config, weight_dtype_of
 from .checkpointing import (TrainState, checkpoints_dir, list_checkpoints, load_checkpoint, resolve_resume,
@@ -153,10 +153,11 @@ def _on_update(run: Run, state: TrainState, saved, output_dir: Path) -> None:
         where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
         skipped = ", ".join([f"nonfinite_updates {state.nonfinite_total}",
                              *(f"{k} {v}" for k, v in sorted(state.term_nonfinite.items()))])
+        lower = " / ".join(["--learning_rate", *(f"--{name}" for section in run.config.term_sections.values()
+                                                 if section.enabled for name in section.stability_fields)])
         raise SADMError(
             f"max_nonfinite_steps: {state.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
-            f"(step {state.global_step}; skipped so far: {skipped}); {where}. Lower --learning_rate / "
-            "--disc_learning_rate / --structure_weight or use bf16 instead of fp16"
+            f"(step {state.global_step}; skipped so far: {skipped}); {where}. Lower {lower} or use bf16 instead of fp16"
         )
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
         save_checkpoint(accelerator, output_dir, state.global_step, t.checkpoints_total_limit, saved)
@@ -195,9 +196,11 @@ def _seed_for_none(accelerator: Accelerator, output_dir: Path, resume_from_check
 def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None:
     """Which sharded set-ups the toolkit runs (docs/scaling.md, section 3).
 
-    FSDP (1 or 2): the denoiser is the only model accelerate prepares (and shards); the discriminator stays
-    a replicated DDP module beside it, and validation and export gather the full weights onto the main
+    FSDP (1 or 2): the denoiser is the only model accelerate prepares (and shards); the terms' own modules stay
+    replicated DDP modules beside it, and validation and export gather the full weights onto the main
     process. LoRA/DiffFit, EMA and fp16 are not wired for a sharded denoiser and stop here."""
+    for section in config.term_sections.values():  # each term's own launch checks (SADM: not under DeepSpeed)
+        section.check_accelerator(config, accelerator)
     if is_fsdp(accelerator):
         fix = "use DDP (accelerate launch --multi_gpu) for it"
         if config.model.trainable != "full":
@@ -211,17 +214,8 @@ def _check_distributed_type(config: RunConfig, accelerator: Accelerator) -> None
             raise ConfigError("optimizer", f"{config.training.optimizer} is not wired for FSDP's sharded parameters "
                               "(8-bit AdamW's blocks and Prodigy's step-size sums would be per shard)",
                               f"use --optimizer adamw, or {fix}")
-        if config.sadm.enabled and accelerator.mixed_precision == "fp16":
-            raise ConfigError("mixed_precision", "fp16 with SADM under FSDP is not supported (the replicated "
-                              "discriminator has no gradient scaler)", "use bf16")
         if config.training.use_ema is None:
             accelerator.print("EMA: off under FSDP (the default is on elsewhere; FSDP cannot gather it)")
             config.training.use_ema = False
     if config.training.use_ema is None:  # the default: on
         config.training.use_ema = True
-    if config.sadm.enabled and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("structure_weight", "SADM is not supported under DeepSpeed: accelerate prepares one "
-                          "model per DeepSpeed Accelerator and accelerator.backward runs and steps that model's "
-                          "engine, so the discriminator needs its own unprepared update path, which is not written because "
-                          "it cannot be tested here (accelerate never selects DeepSpeed on a CPU-only machine)",
-                          "use FSDP or DDP (accelerate launch --multi_gpu), or --structure_weight 0")

@@ -94,7 +94,7 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
     t, m = config.training, config.model
     if run.weight_dtype != torch.float32 or adapter.released_text_encoders:
         adapter.reload_frozen_fp32()
-    extra = {"structure_discriminator": term.unwrapped_disc for term in run.terms if term.name == "sadm"}
+    extra = {folder: module for term in run.terms for folder, module in term.export_modules().items()}
     dtypes = export_dtypes(config, adapter)
     with_pipeline = adapter.exports_pipeline(m)
     lora_state = lora_config = None
@@ -164,7 +164,8 @@ def kohya_labels(config: RunConfig, output_dir: Path, resolution: int) -> dict[s
         "modelspec.trigger_phrase": trigger_words(config),
         "ss_sd_model_name": public_name(m.pretrained_model_name_or_path), "ss_output_name": output_dir.name,
         "ss_learning_rate": t.learning_rate, "ss_max_train_steps": t.max_train_steps, "ss_seed": t.seed,
-        "ss_training_comment": f"sadm-finetune, SADM structure weight {config.sadm.structure_weight}",
+        "ss_training_comment": ", ".join(["sadm-finetune", *filter(None, (section.kohya_comment() for section
+                                                                          in config.term_sections.values()))]),
     }
     labels.update({"modelspec.resolution": f"{resolution}x{resolution}",
                    "ss_resolution": f"({resolution}, {resolution})"})

@@ -205,7 +205,9 @@ class RepaTerm(Term):
         if r.repa_depth > blocks:
             raise ConfigError("repa_depth", f"is {r.repa_depth}, but the denoiser has {blocks} feature blocks",
                               f"pass --repa_depth between 1 and {blocks}")
-        if str(accelerator.distributed_type).split(".")[-1] == "FSDP":
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type == DistributedType.FSDP:
             raise ConfigError("repa_weight", "REPA's projector trains with the denoiser's optimizer, which "
                               "accelerate's FSDP maps onto the sharded denoiser only",
                               "use DDP (accelerate launch --multi_gpu), or --repa_weight 0")
@@ -223,6 +225,13 @@ class RepaTerm(Term):
 
     def weight(self, step: int) -> float:
         return self.config.repa_weight
+
+    def summary_lines(self, denoiser) -> list[str]:
+        r = self.config
+        size = sum(p.numel() for p in self.unwrapped_projector.parameters())
+        return [f"REPA: lambda {r.repa_weight}, block {r.repa_depth}, encoder {r.repa_encoder} at "
+                f"{r.repa_encoder_resolution} px, projector {size / 1e6:.3f} M parameters"
+                + (" (features cached)" if self.encoder is None else "")]
 
     def target_features(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, E, eh, ew) encoder features of the clean images: cached, or computed from the pixels."""

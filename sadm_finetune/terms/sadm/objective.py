@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ...config.run import SADMConfig
+from .config import SADMConfig
 from ...train.distributed import gather_with_grad, world_size
-from ...diffusion.losses import PerSampleAdversarialLoss, StructureLoss, structure_weights
+from .relations import PerSampleAdversarialLoss, StructureLoss, structure_weights
 
 
 @contextlib.contextmanager

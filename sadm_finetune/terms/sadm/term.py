@@ -1,5 +1,5 @@
 """SADM as a loss term: the structure discriminator, its optimizer and its phase; the formula itself
-lives in `sadm.SADMObjective`, unchanged."""
+lives in `objective.SADMObjective`, the relations in `relations.py`, the options in `config.SADMConfig`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from accelerate.utils import extract_model_from_parallel
 from ...config.run import RunConfig
 from ...train.optimizers import make_optimizer
 from ...utils.errors import InputError
+from .config import DISCRIMINATOR_FOLDER
 from .discriminator import StructureDiscriminator
 from .feature_space import FeatureSpace
 from .objective import SADMObjective
@@ -67,6 +68,22 @@ class SADMTerm(Term):
     @property
     def unwrapped_disc(self) -> StructureDiscriminator:
         return extract_model_from_parallel(self.disc)
+
+    def checkpoint_name(self, module: str, suffix: str) -> str:
+        # The discriminator's files keep their historical names (disc_optimizer, disc_scheduler).
+        return f"disc{suffix}" if suffix else module
+
+    def export_modules(self) -> dict[str, Any]:
+        return {DISCRIMINATOR_FOLDER: self.unwrapped_disc}
+
+    def summary_lines(self, denoiser) -> list[str]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        disc = self.unwrapped_disc
+        ratio = count(disc) / max(1, count(denoiser))
+        # Information, not a warning: the default D is a few % of a tiny model and far below 1% of a real one.
+        hint = "; --disc_width / --disc_depth set its size" if ratio > 0.1 else ""
+        return [f"SADM: lambda {self.config.structure_weight}, discriminator {count(disc) / 1e6:.3f} M parameters "
+                f"({100 * ratio:.1f}% of the denoiser{hint})"]
 
     def _class_labels(self, ctx: StepContext) -> torch.Tensor | None:
         return self.adapter.disc_class_labels(ctx.conditioning) if self.config.disc_class_conditional else None

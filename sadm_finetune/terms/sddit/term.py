@@ -15,7 +15,7 @@ from torch import nn
 
 from ...config.run import RunConfig
 from ...utils.errors import ConfigError
-from ..config import SDDiTConfig
+from .config import SDDiTConfig
 from ..base import StepContext, Term, Update, UpdateResult
 
 DINO_BOTTLENECK_DIM = 256  # DINO's head: MLP -> 256-d L2-normalised bottleneck -> prototypes
@@ -158,6 +158,13 @@ class SDDiTTerm(Term):
         if self.center is not None:
             state["center"] = self.center
         return state
+
+    def summary_lines(self, denoiser) -> list[str]:
+        d = self.config
+        size = sum(p.numel() for p in self.student_head.parameters())
+        return [f"SD-DiT: lambda {d.sddit_weight}, encoder = the first {d.sddit_encoder_depth} blocks, "
+                f"{d.sddit_loss} loss, head {size / 1e6:.3f} M parameters, teacher EMA "
+                f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else "")]
 
     def weight(self, step: int) -> float:
         return self.config.sddit_weight

@@ -1,45 +1,25 @@
-"""Config sections of the auxiliary loss terms besides SADM (REPA, SD-DiT); a weight of 0 turns a term off.
-
-Kept apart from config.py (the run's own sections) so each stays short; flags are derived from these
-fields like every other (flags.py)."""
+"""SD-DiT's config section (`sddit:` in a recipe, `config.sddit`, a flag per field), registered as the term "sddit"."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from ..utils.errors import ConfigError
-from ..config.fields import help_field as _f
+from ...config.fields import help_field as _f
+from ...utils.errors import ConfigError
+from ..registry import TermConfig
 
 
 @dataclass
-class RepaConfig:
-    """REPA (Yu et al. 2024): align the denoiser's hidden states at one block, through a small MLP
-    projector, with a frozen vision encoder's patch features of the clean image."""
-
-    repa_weight: float = _f(0.0, "REPA's lambda (the paper uses 0.5); 0 turns REPA off")
-    repa_encoder: str = _f("facebook/dinov2-base", "frozen vision encoder (a transformers model id or folder)")
-    repa_depth: int = _f(8, "align the output of this many denoiser blocks (1-based; the paper: 8 of SiT-XL's 28)")
-    repa_projector_dim: int = _f(2048, "hidden width of REPA's 3-layer MLP projector")
-    repa_encoder_resolution: int = _f(224, "the encoder sees images of this size squared (same aspect)")
-
-    def __post_init__(self) -> None:
-        for name in ("repa_weight",):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"is {getattr(self, name)}, must be >= 0", f"pass --{name} 0 or more")
-        for name in ("repa_depth", "repa_projector_dim", "repa_encoder_resolution"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"is {getattr(self, name)}, must be >= 1", f"pass --{name} 1 or more")
-
-    @property
-    def enabled(self) -> bool:
-        return self.repa_weight > 0
-
-
-@dataclass
-class SDDiTConfig:
+class SDDiTConfig(TermConfig):
     """SD-DiT's discriminative term (Zhu et al. 2024): the first blocks as an encoder, a DINO-style loss
     between a student view at the sampled noise level and an EMA teacher view at the minimum level."""
+
+    title = "SD-DiT"
+    weight_field = "sddit_weight"
+    requires = frozenset({"class_label_blocks"})
+    requirement = "a DiT-style transformer whose first blocks, conditioned on class labels, form its encoder"
+    requirement_fix = "drop --sddit_weight or fine-tune a DiT pipeline"
 
     sddit_weight: float = _f(0.0, "the discriminative term's lambda; 0 turns SD-DiT off")
     sddit_encoder_depth: int = _f(4, "the denoiser's first this-many blocks form the encoder")
@@ -65,6 +45,9 @@ class SDDiTConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"is {getattr(self, name)}, must be > 0", f"pass --{name} above 0")
 
-    @property
-    def enabled(self) -> bool:
-        return self.sddit_weight > 0
+    def build(self, config, adapter, process, autocast) -> list:
+        if not self.enabled:
+            return []
+        from .term import SDDiTTerm
+
+        return [SDDiTTerm(config, adapter, process, autocast)]
