@@ -24,7 +24,7 @@ from .text_cache import TextEmbeddingCache, WithTextEmbeddings
 
 def _dataset(config: RunConfig, accelerator: Accelerator, adapter: Any, data: TrainData, resolution: int,
              buckets: list[tuple[int, int]] | None) -> tuple[torch.utils.data.Dataset, np.ndarray | None]:
-    """One data source as a dataset of pixels or cached latents (with REPA's cached features), and each row's bucket
+    """One data source as a dataset of pixels or cached latents (with the terms' cached companions), and each row's bucket
     id with buckets."""
     d, t = config.data, config.training
     seed = t.seed or 0
@@ -34,10 +34,9 @@ def _dataset(config: RunConfig, accelerator: Accelerator, adapter: Any, data: Tr
 
         folder = build_latent_cache(accelerator, adapter.vae, data, d, resolution, t.train_batch_size, buckets)
         dataset = CachedLatentDataset(data, folder, d.random_flip, seed=seed)
-        if config.repa.enabled:  # REPA's encoder features, cached beside the latents
-            from ..terms.repa.cache import feature_cache_for
-
-            dataset.companions.append(feature_cache_for(config, accelerator, adapter, data, folder))
+        for section in config.term_sections.values():  # what a term reads beside the latents (REPA's features)
+            if section.enabled:
+                dataset.companions.extend(section.cache_companions(config, accelerator, adapter, data, folder))
         if buckets:
             bucket_ids = bucket_ids_of(dataset.target_sizes.numpy(), dataset.valid.numpy(), buckets)
         return dataset, bucket_ids

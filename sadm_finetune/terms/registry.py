@@ -56,6 +56,12 @@ class TermConfig:
     def check_model(self, config: Any, adapter: Any, accelerator: Any) -> None:
         """Against the loaded model (e.g. a block index within the denoiser), before any heavy work."""
 
+    # What the term needs from the data:
+    def cache_companions(self, config: Any, accelerator: Any, adapter: Any, data: Any, folder: Any) -> list:
+        """With --cache_latents: datasets of per-image tensors the term reads from the batch (REPA: its encoder's
+        features), built beside the latent cache `folder` and indexed like it; none by default."""
+        return []
+
     # What the run reports about the term:
     def summary_off(self) -> list[str]:
         """Run-summary lines while the term is off (the built terms give theirs: Term.summary_lines)."""

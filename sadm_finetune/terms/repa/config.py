@@ -40,6 +40,11 @@ class RepaConfig(TermConfig):
 
         return [RepaTerm(config, adapter, autocast)]
 
+    def cache_companions(self, config, accelerator, adapter, data, folder) -> list:
+        from .cache import feature_cache_for  # the encoder's features of every image, cached beside the latents
+
+        return [feature_cache_for(config, accelerator, adapter, data, folder)]
+
     def check_model(self, config, adapter, accelerator) -> None:
         if self.enabled:
             from .term import RepaTerm
