@@ -91,8 +91,8 @@ class SADMConfig(TermConfig):
     )
     disc_encoder_resolution: int = _f(224, "With disc_space features: the encoder sees images of this size squared.")
     structure_diagnostics: bool = _f(
-        True, "Log the real/fake structure gap seen by a fixed encoder (pooled latents, not D) and D's real/fake "
-        "separability every step.",
+        True, "Log structure_gap_fixed every step: the real/fake structure gap seen by a fixed encoder (pooled "
+        "latents, not D). D's own separability (d_pair_cos) is logged with SADM on either way.",
     )
     disc_resume_from: str | None = _f(None, "Start the discriminator from a saved structure_discriminator folder.")
 
