@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from launch import reset_accelerate_state
+from tiny_options import tiny_options
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 
@@ -20,15 +21,6 @@ def tiny_base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_tiny")
     return SimpleNamespace(base=build_tiny_dit_pipeline(tmp / "base", num_classes=2),
                            data=build_image_folder(tmp / "data", per_class=8))
-
-
-def tiny_options(base, data, out, **overrides):
-    """The flat options of launch.tiny_run_args, as build_config takes them."""
-    options = {"pretrained_model_name_or_path": str(base), "train_data_dir": str(data), "output_dir": str(out),
-               "max_train_steps": 2, "train_batch_size": 4, "learning_rate": 1e-3, "structure_warmup_steps": 0,
-               "disc_width": 8, "disc_depth": 2, "disc_embed_dim": 16, "report_to": "none"}
-    options.update(overrides)
-    return options
 
 
 @pytest.fixture
