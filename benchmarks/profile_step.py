@@ -137,7 +137,7 @@ def main(argv=None) -> None:
         if profiler is not None:
             profiler.__exit__(None, None, None)
     else:
-        toolkit = _toolkit_run(args.model, args.batch_size, args.mode == "sadm", Path(tmp.name),
+        toolkit = _toolkit_run(args.model, args.batch_size, args.mode, Path(tmp.name),  # "plain" or "sadm"
                                args.warmup + args.steps)
         parts = Instrumented(toolkit.run, timers)
         mark = [0.0, 0.0]
