@@ -4,8 +4,6 @@ export or a subprocess, so that the loop and the builders can be driven and insp
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -2,7 +2,6 @@
 `load_family` fails the test if reached), the sharded set-ups refused, the per-update hook (non-finite guard,
 checkpoint and validation cadence), the frozen modules' placement, and one short `train()` in this process."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
