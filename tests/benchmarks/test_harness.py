@@ -31,15 +31,21 @@ def test_write_json_is_each_scripts_format_and_atomic(tmp_path, indent, newline)
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left
 
 
-def test_train_once_skips_a_finished_run_and_names_a_failed_one(tmp_path):
+def test_train_once_skips_a_finished_run_and_names_a_failed_one(tmp_path, monkeypatch):
+    script = tmp_path / "train.py"  # a stand-in for train_sadm.py: records its arguments, fails on --bad
+    script.write_text("import sys\nopen(sys.argv[0] + '.calls', 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                      "sys.exit('unknown flag --bad' if '--bad' in sys.argv else 0)\n")
+    monkeypatch.setattr(harness, "TRAIN_SCRIPT", script)
     out = tmp_path / "run"
     out.mkdir()
     for name in harness.FINISHED_RUN:
         (out / name).write_text("{}")
-    assert harness.train_once(["--no_such_flag"], out, "training x") is None  # done: nothing runs
+    assert harness.train_once(["--bad"], out, "training x") is None  # done: nothing runs
     (out / "model_index.json").unlink()
-    with pytest.raises(SystemExit, match=r"^training x failed:\n.*--no_such_flag"):
-        harness.train_once(["--no_such_flag"], out, "training x", error=SystemExit)
+    assert harness.train_once(["--good", "1"], out, "training x") >= 0
+    with pytest.raises(SystemExit, match=r"^training x failed:\nunknown flag --bad"):
+        harness.train_once(["--bad"], out, "training x", error=SystemExit)
+    assert (tmp_path / "train.py.calls").read_text().splitlines() == ["--good 1", "--bad"]
 
 
 def test_a_worker_answers_with_its_last_json_line(tmp_path):
