@@ -38,22 +38,22 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_BASE = ROOT / "sadm_finetune" / "assets" / "demo-dit-digits"
-RESULTS = ROOT / "benchmarks" / "results" / "busy_cpu.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported as benchmarks.busy_cpu
+from harness import DEMO_BASE, DEMO_RECIPE, OFFLINE, RESULTS as RESULTS_DIR, ROOT, TRAIN_SCRIPT, write_json  # noqa: E402
+
+RESULTS = RESULTS_DIR / "busy_cpu.json"
 POLICIES = ("ACTIVE", "PASSIVE")
 
 
 def job_env(policy: str, tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    env.update({"OMP_WAIT_POLICY": policy, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp / "hf_home"), "PYTHONUNBUFFERED": "1",
+    env.update({"OMP_WAIT_POLICY": policy, **OFFLINE, "HF_HOME": str(tmp / "hf_home"), "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     return env
 
 
 def train_cmd(out: Path, steps: int) -> list[str]:
-    return [sys.executable, str(ROOT / "train_sadm.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+    return [sys.executable, str(TRAIN_SCRIPT), "--config", str(DEMO_RECIPE),
             "--output_dir", str(out), "--max_train_steps", str(steps), "--report_to", "none",
             "--num_validation_images", "1", "--validation_inference_steps", "2"]
 
@@ -158,8 +158,7 @@ def main() -> int:
         "train": {"config": "configs/demo.yaml", "steps": args.train_steps},
         "rows": rows, "table": lines,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.output, result, indent=1, newline=True)
     print(f"wrote {args.output}")
     return 0
 

@@ -20,7 +20,6 @@ The transforms are the training code's own (`SADMObjective.disc_inputs`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import write_json  # noqa: E402
 
 VARIANTS = {"raw": {}, "lowpass": {"disc_real_lowpass": True}, "renoise": {"disc_renoise": 1.0},
             "renoise-0.5": {"disc_renoise": 0.5}, "pool2": {"disc_pool": 2}}
@@ -107,11 +108,9 @@ def main() -> None:
         rows[t_value] = row
         print(f"t={t_value:4d}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
 
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"pretrained": Path(args.pretrained).name, "num_samples": args.num_samples,
-                                             "probe": "logistic regression on per-channel log energy in 4 radial "
-                                                      "frequency bands, 5-fold held-out accuracy (0.5 = chance)",
-                                             "rows": rows}, indent=1))
+    write_json(args.output, {"pretrained": Path(args.pretrained).name, "num_samples": args.num_samples,
+                             "probe": "logistic regression on per-channel log energy in 4 radial frequency bands, "
+                                      "5-fold held-out accuracy (0.5 = chance)", "rows": rows}, indent=1)
     print(f"wrote {args.output}")
 
 

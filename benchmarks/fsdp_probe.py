@@ -22,10 +22,14 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py
+from harness import write_json  # noqa: E402
 
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
@@ -119,11 +123,9 @@ def main() -> None:
     for row in rows:
         cells = [by_rank[0].get(f"{row}/{s}", "-") for s in STRATEGIES]
         print(f"{labels[row]:<34} " + " ".join(f"{c[:25]:<26}" for c in cells))
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fsdp_probe.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"torch": torch.__version__, "processes": 2, "backend": "gloo", "fsdp_version": 1,
-                   "results": by_rank[0], "ranks_agree": by_rank[0] == by_rank[1]}, f, indent=1)
+    out = write_json(Path(__file__).resolve().parent / "results" / "fsdp_probe.json",
+                     {"torch": torch.__version__, "processes": 2, "backend": "gloo", "fsdp_version": 1,
+                      "results": by_rank[0], "ranks_agree": by_rank[0] == by_rank[1]}, indent=1)
     print(f"\nwrote {out}")
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import os
 import statistics
 import sys
@@ -46,6 +45,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # harness.py, also when imported as benchmarks.gpu_check
+from harness import OFFLINE, write_json  # noqa: E402
 
 CLI_FAMILIES = ("dit", "sd", "sdxl", "sd3", "pixart", "flux", "qwen")
 CLI_PRECISIONS = ("bf16", "fp16")
@@ -146,7 +147,7 @@ def run_cli_case(case: dict, root: Path, steps: int = 3) -> dict:
 
 
 def run_cli_cases(steps: int) -> dict:
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
+    for name, value in OFFLINE.items():
         os.environ.setdefault(name, value)  # everything is built locally
     results = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-cli-") as tmp:
@@ -293,11 +294,7 @@ def main() -> int:
         print(f"{name:<16} {row['step_s_median']:>8.3f} {ratio:>9} {row['peak_memory_gb']:>8.1f} "
               f"{str(row['all_losses_finite']):>14}")
     results["total_s"] = round(time.perf_counter() - started, 1)
-    out = HERE / "results" / "gpu_check.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
+    out = write_json(HERE / "results" / "gpu_check.json", results, indent=1)
     print(f"\nwrote {out} ({results['total_s']} s in all)")
     ok = all(row.get("all_losses_finite", True) and "failed" not in row for row in results["arms"].values())
     return 0 if ok and all(row["ok"] for row in results["cli"].values()) else 1

@@ -24,14 +24,14 @@ The one-off cache build (encoding the 1,797 images) is timed in its own process 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported as benchmarks.latent_cache
+from harness import answer, machine_meta, spawn_worker, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latent_cache.json"
 
@@ -61,6 +61,7 @@ def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size:
     from sadm_finetune.data.loader import build_train_dataloader
     from sadm_finetune.train.loop import train_loop
     from sadm_finetune.families.loading import load_family
+    from sadm_finetune.train.entry import place_frozen_modules
     import torch
 
     if threads:
@@ -75,11 +76,7 @@ def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size:
         accelerator = builders.make_accelerator(config, Path(out))
         adapter = load_family(config.model)
         adapter.prepare_training()
-        weight_dtype = builders.weight_dtype_of(accelerator)
-        for module in adapter.frozen_modules():
-            module.requires_grad_(False)
-            module.to(accelerator.device, dtype=weight_dtype)
-            module.eval()
+        place_frozen_modules(adapter, accelerator.device, builders.weight_dtype_of(accelerator))  # as entry.train
         start = time.perf_counter()
         dataset, loader = build_train_dataloader(config, accelerator, adapter, data, 32)
         build_s = time.perf_counter() - start
@@ -108,12 +105,7 @@ def worker(pipeline: str, cache_dir: str, cache: bool, workers: int, batch_size:
 
 
 def _spawn(*args) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(list(args))], capture_output=True,
-                          text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-4000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return spawn_worker(__file__, "--_worker", list(args), f"worker {args[2:]}")
 
 
 def main(argv=None) -> None:
@@ -129,7 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
-        print(json.dumps(worker(*json.loads(args._worker))))
+        answer(worker, args._worker)
         return
 
     configs = [(cache, int(w)) for cache in (False, True) for w in args.workers.split(",")]
@@ -158,10 +150,8 @@ def main(argv=None) -> None:
                         "s_per_step": train_s / rs[0]["batches"], "batches": rs[0]["batches"]})
         print(f"{'on' if cache else 'off':<6} {workers:>7} {data_s:>13.2f} {train_s:>14.2f} "
               f"{train_s / rs[0]['batches']:>8.4f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"loadavg": list(os.getloadavg()), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "batch_size": args.batch_size, "threads": args.threads}
-    args.output.write_text(json.dumps({"meta": meta, "cache_build": build, "summary": summary, "runs": runs}, indent=1))
+    meta = {**machine_meta(), "batch_size": args.batch_size, "threads": args.threads}
+    write_json(args.output, {"meta": meta, "cache_build": build, "summary": summary, "runs": runs}, indent=1)
     print(f"\nwrote {args.output}")
 
 

@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_VAE = ROOT / "sadm_finetune" / "assets" / "demo-dit-digits" / "vae"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported as benchmarks.<this>
+from harness import DEMO_BASE, ROOT, offline_env, summarize, train_once, write_json  # noqa: E402
+
+DEMO_VAE = DEMO_BASE / "vae"
 
 # name -> extra flags of the DreamBooth run
 VARIANTS: dict[str, list[str]] = {
@@ -117,15 +115,9 @@ def dreambooth_command(base: Path, subject: Path, out: Path, class_dir: Path, su
 
 def train(args_: list[str], out: Path, done: str) -> Path:
     """Run `train_sadm.py ARGS` unless `out/done` exists (a finished run is reused: delete it to retrain)."""
-    if (out / done).is_file():
-        return out
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    start = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "train_sadm.py"), *args_], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"training {out.name} failed:\n{proc.stderr[-3000:]}")
-    print(f"  trained {out.name} in {time.time() - start:.0f} s", flush=True)
+    seconds = train_once(args_, out, f"training {out.name}", offline_env(), done=(done,), error=SystemExit)
+    if seconds is not None:
+        print(f"  trained {out.name} in {seconds:.0f} s", flush=True)
     return out
 
 
@@ -195,11 +187,6 @@ def evaluate(base: Path, lora: Path | None, subject_class: int, samples: int, st
     return metrics
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {sorted(VARIANTS)}")
@@ -258,9 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["runs"].setdefault(variant, {})[seed] = evaluate(base_out, out, *evaluation)
     results["summary"] = {variant: {m: summarize([r[m] for r in runs.values()]) for m in METRICS}
                           for variant, runs in results["runs"].items()}
-    output = Path(args.output).with_suffix(".json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    output = write_json(Path(args.output).with_suffix(".json"), results, indent=2)
     print("\n" + f"{'':<12}" + "".join(f"{m:>20}" for m in METRICS))
     print(f"{'base':<12}" + "".join(f"{results['base'][m]:>20.3f}" for m in METRICS))
     for variant, summary in results["summary"].items():

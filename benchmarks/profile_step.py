@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import write_json  # noqa: E402
 from step_time import _bare_stepper, _toolkit_run  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
         if profiler is not None:
             profiler.__exit__(None, None, None)
     else:
-        toolkit = _toolkit_run(args.model, args.batch_size, args.mode == "sadm", Path(tmp.name),
+        toolkit = _toolkit_run(args.model, args.batch_size, args.mode, Path(tmp.name),  # "plain" or "sadm"
                                args.warmup + args.steps)
         parts = Instrumented(toolkit.run, timers)
         mark = [0.0, 0.0]
@@ -182,12 +182,11 @@ def main(argv=None) -> None:
     if profiler is not None:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "model": args.model, "mode": args.mode, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
             "steps": n, "step_wall_s": total_wall / n, "step_cpu_s": total_cpu / n,
             "parts": {name: {"wall_s": w, "cpu_s": c, "calls_per_step": k} for name, w, c, k in rows},
-        }, indent=1))
+        }, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,13 @@ PNG plot under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "sadm_finetune" / "assets" / "demo-dit-digits"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported as benchmarks.quality_digits
+from harness import (DEMO_BASE as BASE, DEMO_RECIPE, ROOT, offline_env, summarize, train_once,  # noqa: E402
+                     write_json)
 
 # name -> extra flags on top of configs/demo.yaml (which holds the project's SADM defaults).
 VARIANTS: dict[str, list[str]] = {
@@ -46,17 +43,13 @@ METRICS = ("fid", "kid_mean", "precision", "recall", "label_accuracy")
 
 def train(name: str, flags: list[str], seed: int, steps: int, work: Path) -> Path:
     out = work / f"{name}-seed{seed}"
-    if (out / "model_index.json").is_file() and (out / "training_config.yaml").is_file():
-        return out  # finished earlier: reuse (delete the folder to retrain)
-    cmd = [sys.executable, str(ROOT / "train_sadm.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           "--output_dir", str(out), "--overwrite_output_dir", "--seed", str(seed), "--max_train_steps", str(steps),
-           "--report_to", "none", "--validation_inference_steps", "10", "--num_validation_images", "2", *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"training {name} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    print(f"  trained {name} seed {seed} in {time.time() - start:.0f} s", flush=True)
+    # a run finished earlier is reused (delete the folder to retrain)
+    seconds = train_once(["--config", str(DEMO_RECIPE), "--output_dir", str(out), "--overwrite_output_dir", "--seed",
+                          str(seed), "--max_train_steps", str(steps), "--report_to", "none",
+                          "--validation_inference_steps", "10", "--num_validation_images", "2", *flags],
+                         out, f"training {name} seed {seed}", offline_env(), error=SystemExit)
+    if seconds is not None:
+        print(f"  trained {name} seed {seed} in {seconds:.0f} s", flush=True)
     return out
 
 
@@ -69,11 +62,6 @@ def evaluate(pipeline: Path, args: argparse.Namespace, cache: Path) -> dict:
         guidance_scale=args.guidance_scale, seed=1234, batch_size=200, reference_stats_cache=str(cache),
     )
     return evaluate_pipeline(config)["metrics"]
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -137,12 +125,12 @@ def main() -> None:
             out = train(name, flags, seed, args.steps, work)
             results["runs"][name][str(seed)] = evaluate(out, args, cache)
     results["summary"] = {
-        name: {m: summarize([r[m] for r in runs.values()]) for m in METRICS if m in next(iter(runs.values()))}
+        name: {m: summarize([r[m] for r in runs.values()], range_=True) for m in METRICS
+               if m in next(iter(runs.values()))}
         for name, runs in results["runs"].items()
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    write_json(output.with_suffix(".json"), results, indent=2)
     plot(results, output.with_suffix(".png"))
 
     print("\nbase: " + ", ".join(f"{m} {results['base'][m]:.4g}" for m in METRICS if m in results["base"]))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -41,7 +40,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # harness.py, also when imported as benchmarks.real_shapes
+from harness import ROOT, offline_env, write_json  # noqa: E402
 ARMS = ("dit_full", "dit_full_gc", "dit_lora", "sd_full", "sd_full_gc", "sd_lora")
 GB = 1024**3
 
@@ -195,7 +195,7 @@ def run_arm(arm: str, work: Path) -> None:
     start = time.perf_counter()
     rc = main(args)
     record.update(rc=rc, total_s=time.perf_counter() - start, peak_rss_gb=_rss_gb())
-    (work / f"{arm}.json").write_text(json.dumps(record))
+    write_json(work / f"{arm}.json", record, indent=None)
 
 
 def _static_need_gb(arm: str, params: dict) -> float:
@@ -210,8 +210,7 @@ def _launch(cmd: list[str], limit_gb: float, log: Path) -> tuple[int | None, flo
     """Run cmd; kill it if its RSS passes limit_gb. Returns (return code or None if killed, max RSS seen)."""
     import psutil
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = offline_env(threads=1, PYTHONPATH=str(ROOT))
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         ps, seen = psutil.Process(proc.pid), 0.0
@@ -288,8 +287,7 @@ def main() -> int:
         else:
             print(f"{arm:<12} {'-':>9} {'-':>9} {'-':>13} {'-':>16}  {row.get('skipped') or row.get('failed')}",
                   flush=True)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=1))  # after every arm: a partial run still leaves numbers
+        write_json(out_path, results, indent=1)  # after every arm: a partial run still leaves numbers
     print(f"\nwrote {out_path}")
     return 0
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import DEMO_SADM, _proc_status_kb  # noqa: E402
+from harness import answer, offline_env, proc_status_kb, reset_peak_rss, spawn_worker, write_json  # noqa: E402
+from step_time import DEMO_SADM  # noqa: E402
 
 from sadm_finetune.terms.sadm.config import SADMConfig  # noqa: E402
 from sadm_finetune.terms.sadm.relations import StructureLoss, structure_sample_weights  # noqa: E402
@@ -277,24 +277,19 @@ def _loss_peak_worker(b: int, dim: int, name: str) -> float:
     fake = torch.nn.functional.normalize(torch.randn(b, dim, generator=g), dim=1).requires_grad_(True)
     w = structure_sample_weights(torch.randint(0, 1000, (b,), generator=g), ac, "min_snr")
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_status_kb("VmRSS")
+    if not reset_peak_rss():
+        raise RuntimeError("/proc/self/clear_refs refused: the peak would include the set-up")
+    base = proc_status_kb("VmRSS")
     loss, _ = loss_fn(real, fake, w)
     loss.backward()
-    return (_proc_status_kb("VmHWM") - base) / 1024
+    return (proc_status_kb("VmHWM") - base) / 1024
 
 
 def _loss_peak_mb(b: int, dim: int, name: str) -> float:
     # A fresh process with a fixed mmap threshold: every allocation >= 64 KiB is its own mapping, returned to
     # the OS when freed, so the resident high-water mark follows the live tensors (no malloc-cache reuse).
-    import os
-    import subprocess
-
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--_loss_worker", json.dumps([b, dim, name])],
-                          capture_output=True, text=True, env=env, check=True)
-    return float(proc.stdout.strip().splitlines()[-1])
+    env = offline_env(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    return float(spawn_worker(__file__, "--_loss_worker", [b, dim, name], f"loss worker {name} B={b}", env))
 
 
 def part_loss(sizes, dim, reps, out):
@@ -402,7 +397,7 @@ def main(argv=None) -> None:
     p.add_argument("--_loss_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._loss_worker:
-        print(_loss_peak_worker(*json.loads(args._loss_worker)))
+        answer(_loss_peak_worker, args._loss_worker)
         return
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(",")) if args.parts != "all" else {"disc", "functional", "real_half", "fused",
@@ -419,8 +414,7 @@ def main(argv=None) -> None:
     if "misc" in parts:
         part_misc(args.reps, out)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        write_json(args.json, out, indent=1)
 
 
 if __name__ == "__main__":

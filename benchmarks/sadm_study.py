@@ -52,14 +52,15 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_BASE = ROOT / "sadm_finetune" / "assets" / "demo-dit-digits"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported as benchmarks.sadm_study
+from harness import (DEMO_BASE, DEMO_RECIPE, ROOT, offline_env, run_checked, sadm_eval_once,  # noqa: E402
+                     t_interval, train_once, write_json)
+
 METRICS = ("fid", "kid_mean", "precision", "recall", "label_accuracy", "structure_gap")
 LOWER_IS_BETTER = {"fid", "kid_mean", "structure_gap"}
 
@@ -219,14 +220,11 @@ FULL_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return offline_env(threads=1)  # one torch thread per run: --jobs runs share the cores
 
 
 def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    run_checked(cmd, what, _env())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,16 +284,11 @@ def regime_setup(regime: str, work: Path) -> dict:
 
 
 def evaluate(pipeline: Path, setup: dict, regime: str, work: Path, out_json: Path) -> dict:
-    if out_json.is_file():
-        return json.loads(out_json.read_text())["metrics"]
-    cmd = [sys.executable, "-m", "sadm_finetune.evaluation.evaluate", "--pipeline", str(pipeline),
-           "--reference_dataset", setup["reference"], "--features", "digits", "--classifier", "digits",
-           "--samples_per_class", str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps", "25",
-           "--guidance_scale", "1.0", "--seed", "1234", "--batch_size", "250",
-           "--reference_stats_cache", str(work / f"reference-{regime}.npz"), "--output_json", str(out_json) + ".tmp"]
-    _run(cmd, f"evaluating {pipeline}")
-    os.replace(str(out_json) + ".tmp", out_json)
-    return json.loads(out_json.read_text())["metrics"]
+    args = ["--pipeline", str(pipeline), "--reference_dataset", setup["reference"], "--features", "digits",
+            "--classifier", "digits", "--samples_per_class", str(REGIMES[regime]["samples_per_class"]),
+            "--num_inference_steps", "25", "--guidance_scale", "1.0", "--seed", "1234", "--batch_size", "250",
+            "--reference_stats_cache", str(work / f"reference-{regime}.npz")]
+    return sadm_eval_once(args, out_json, f"evaluating {pipeline}", _env())
 
 
 def train_and_evaluate(regime: str, arm: str, flags: list[str], seed: int, setup: dict, work: Path) -> dict:
@@ -304,15 +297,12 @@ def train_and_evaluate(regime: str, arm: str, flags: list[str], seed: int, setup
     if result.is_file():
         return json.loads(result.read_text())["metrics"]
     start = time.time()
-    if not ((out / "model_index.json").is_file() and (out / "training_config.yaml").is_file()):
-        r = REGIMES[regime]
-        cmd = [sys.executable, str(ROOT / "train_sadm.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-               "--pretrained", str(setup["base"]), "--dataset_name", setup["train"], "--output_dir", str(out),
-               "--overwrite_output_dir", "--seed", str(seed), "--max_train_steps", str(r["steps"]),
-               "--report_to", "tensorboard", "--validation_inference_steps", "10", "--num_validation_images", "2",
-               "--cache_latents", "--latent_cache_dir", str(work / "latent_cache"),
-               *r["recipe"], *flags]
-        _run(cmd, f"training {regime}/{arm} seed {seed}")
+    r = REGIMES[regime]
+    train_once(["--config", str(DEMO_RECIPE), "--pretrained", str(setup["base"]), "--dataset_name", setup["train"],
+                "--output_dir", str(out), "--overwrite_output_dir", "--seed", str(seed), "--max_train_steps",
+                str(r["steps"]), "--report_to", "tensorboard", "--validation_inference_steps", "10",
+                "--num_validation_images", "2", "--cache_latents", "--latent_cache_dir", str(work / "latent_cache"),
+                *r["recipe"], *flags], out, f"training {regime}/{arm} seed {seed}", _env())
     trained = time.time() - start
     metrics = evaluate(out, setup, regime, work, result)
     print(f"  {regime}/{arm} seed {seed}: FID {metrics['fid']:.3f} (train {trained:.0f} s, total "
@@ -340,14 +330,11 @@ def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> di
     if not (out / "eval.json").is_file():
         return None  # not trained yet
     sampler, steps, sample_seed = EVAL_DRAWS[draw]
-    cmd = [sys.executable, "-m", "sadm_finetune.evaluation.evaluate", "--pipeline", str(out), "--reference_dataset",
-           "builtin:digits", "--features", "digits", "--classifier", "digits", "--samples_per_class",
-           str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps", str(steps), "--sampler", sampler,
-           "--guidance_scale", "1.0", "--seed", str(sample_seed), "--batch_size", "250", "--probe_images", "0",
-           "--reference_stats_cache", str(work / f"reference-{regime}.npz"), "--output_json", str(result) + ".tmp"]
-    _run(cmd, f"evaluating {out} ({draw})")
-    os.replace(str(result) + ".tmp", result)
-    return json.loads(result.read_text())["metrics"]
+    args = ["--pipeline", str(out), "--reference_dataset", "builtin:digits", "--features", "digits", "--classifier",
+            "digits", "--samples_per_class", str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps",
+            str(steps), "--sampler", sampler, "--guidance_scale", "1.0", "--seed", str(sample_seed), "--batch_size",
+            "250", "--probe_images", "0", "--reference_stats_cache", str(work / f"reference-{regime}.npz")]
+    return sadm_eval_once(args, result, f"evaluating {out} ({draw})", _env())
 
 
 def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
@@ -381,8 +368,7 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
                  and len(fid.get((regime, "plain", s), {})) == len(draws)]
         per_draw["mean_over_draws"] = t_interval(diffs) if diffs else None
         result["paired_vs_plain"][f"{regime}/{arm}"] = per_draw
-    path = output.with_name(output.name + "_eval_noise.json")
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_json(output.with_name(output.name + "_eval_noise.json"), result, indent=2, newline=True)
     for key, per_draw in result["paired_vs_plain"].items():
         print(key)
         for draw, ci in per_draw.items():
@@ -401,18 +387,6 @@ def base_metrics(regime: str, setup: dict, work: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
-
-
-def t_interval(diffs: list[float]) -> dict:
-    """Mean paired difference with its 95% Student-t interval."""
-    from scipy import stats
-
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "diffs": diffs}
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "diffs": diffs}
 
 
 PROTOCOL_SEEDS = 5  # a verdict on fewer paired seeds is marked preliminary
@@ -508,10 +482,7 @@ def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict
               "base": bases, "summary": summary,
               "protocol": "DDIM 25 steps, guidance 1.0, sampling seed 1234, digits-classifier features; "
                           "paired by training seed; 95% Student-t interval of the mean paired difference"}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, output.with_suffix(".json"))
+    write_json(output.with_suffix(".json"), result, indent=1)
     if summary:
         plot(summary, bases, output.with_suffix(".png"))
     return result

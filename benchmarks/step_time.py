@@ -40,15 +40,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported as benchmarks.step_time
+from harness import (answer, offline_env, proc_status_kb, quantiles as _quantiles, reset_peak_rss,  # noqa: E402
+                     spawn_worker, write_json)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 MODES = ("bare", "plain", "sadm")
@@ -80,14 +82,6 @@ DEMO_SADM = dict(structure_weight=0.01, structure_warmup_steps=100, disc_learnin
 # Worker: one (model, mode) in this process.
 
 
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 class _Memory:
     """Peak memory above a base, for the process (CPU RSS) or the CUDA caching allocator."""
 
@@ -104,17 +98,14 @@ class _Memory:
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
             return self.torch.cuda.memory_allocated() / 2**20
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the resident-set high-water mark (Linux >= 4.0)
-        except OSError:
+        if not reset_peak_rss():  # the resident-set high-water mark, reset to the current RSS
             self.method = "ru_maxrss - VmRSS (no clear_refs: peak may include construction)"
-        return _proc_status_kb("VmRSS") / 1024
+        return proc_status_kb("VmRSS") / 1024
 
     def peak(self) -> float:
         if self.cuda:
             return self.torch.cuda.max_memory_allocated() / 2**20
-        return _proc_status_kb("VmHWM") / 1024
+        return proc_status_kb("VmHWM") / 1024
 
 
 def _build_transformer(model: str, seed: int = 0):
@@ -219,6 +210,7 @@ def _toolkit_run(model: str, batch_size: int, mode: str, workdir: Path, steps: i
     from sadm_finetune.train.checkpointing import TrainState
     from sadm_finetune.config.run import build_config
     from sadm_finetune.families.dit import DiTAdapter
+    from sadm_finetune.train.entry import place_frozen_modules
 
     overrides = dict(pretrained_model_name_or_path=str(workdir / "unused"), dataset_name="builtin:digits",
                      train_batch_size=batch_size, report_to="none", output_dir=str(workdir / "out"),
@@ -244,11 +236,7 @@ def _toolkit_run(model: str, batch_size: int, mode: str, workdir: Path, steps: i
                            id2label={i: str(i) for i in range(10)})
     adapter = DiTAdapter(pipeline, config.model)
     adapter.prepare_training()
-    weight_dtype = builders.weight_dtype_of(accelerator)
-    for module in adapter.frozen_modules():
-        module.requires_grad_(False)
-        module.to(accelerator.device, dtype=weight_dtype)
-        module.eval()
+    place_frozen_modules(adapter, accelerator.device, builders.weight_dtype_of(accelerator))  # as entry.train does
     mean, std, class_labels = _batch(model, batch_size, accelerator.device)
     batch = {"latent_mean": mean, "latent_std": std, "class_labels": class_labels}
     if config.repa.enabled:  # cached encoder features, (B, E, 8, 8): what the latent cache's REPA shards give
@@ -315,18 +303,8 @@ def worker(model: str, mode: str, batch_size: int, warmup: int, steps: int, thre
 
 
 def _spawn(model: str, mode: str, batch_size: int, warmup: int, steps: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--_worker", json.dumps([model, mode, batch_size, warmup, steps, threads])]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {model}/{mode} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _quantiles(values: list[float]) -> dict[str, float]:
-    v = sorted(values)
-    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
-    return {"median": statistics.median(v), "q1": q[0], "q3": q[2], "min": v[0], "max": v[-1], "n": len(v)}
+    return spawn_worker(__file__, "--_worker", [model, mode, batch_size, warmup, steps, threads],
+                        f"worker {model}/{mode}", offline_env(TOKENIZERS_PARALLELISM="false"))
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -410,7 +388,7 @@ def _loadavg() -> list[float]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args._worker:
-        print(json.dumps(worker(*json.loads(args._worker))))
+        answer(worker, args._worker)
         return
     models = args.models.split(",")
     for m in models:
@@ -450,8 +428,7 @@ def main(argv=None) -> None:
                                 "cached-posterior batch",
                         **{term: f"as plain, with {term} on ({TERM_OVERRIDES.get(term, 'SADM and the term as in their columns')}); "
                                  "REPA from cached features" for term in TERM_MODES}}}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
+    write_json(args.output, {"meta": meta, "summary": summary, "runs": runs}, indent=1)
     print(f"\nwrote {args.output} ({meta['wall_s']:.0f} s; load average before {load_before[0]:.2f}, "
           f"after {meta['loadavg_after'][0]:.2f})")
 
