@@ -25,7 +25,7 @@ term of `SADMObjective.generator_loss` on the frozen discriminator, then one D u
 Each arm: 50 steps; the step time is the median of steps 11-50 (CUDA-synchronised), the peak memory is
 `torch.cuda.max_memory_allocated` over the arm, and every loss of every step must be finite. It prints two
 tables and writes benchmarks/results/gpu_check.json. Not part of CI; on a machine without CUDA it exits at
-once with one line (tests/test_gpu_check.py runs one CLI case and the DiT arm on CPU in fp32).
+once with one line (tests/benchmarks/test_gpu_check.py runs one CLI case and the DiT arm on CPU in fp32).
 
     python benchmarks/gpu_check.py [--batch_size 32] [--steps 50] [--cli_steps 3] [--skip_cli] [--skip_dit_xl]
 """
@@ -160,7 +160,7 @@ def run_cli_cases(steps: int) -> dict:
 
 def _arm(sadm: bool, attention: str, batch: int, steps: int, device: str = "cuda", dit_config: dict | None = None,
          ) -> dict:
-    """One arm. `device`/`dit_config` exist for the CPU smoke test (tests/test_gpu_check.py) only."""
+    """One arm. `device`/`dit_config` exist for the CPU smoke test (tests/benchmarks/test_gpu_check.py) only."""
     import torch
     from diffusers import DDPMScheduler, DiTTransformer2DModel
     from diffusers.training_utils import compute_snr

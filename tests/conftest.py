@@ -135,7 +135,7 @@ def repa_sddit_ddp_run(tmp_path_factory):
     from types import SimpleNamespace
 
     from launch import accelerate_launch, offline_env, tiny_run_args
-    from test_repa import build_tiny_encoder, repa_args
+    from tiny_encoders import build_tiny_encoder, repa_args
     from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
     tmp = tmp_path_factory.mktemp("repa_sddit_ddp_run")

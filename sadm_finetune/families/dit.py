@@ -61,7 +61,7 @@ class DiTAdapter(FamilyAdapter):
         if config.model.pos_embed_transfer == "interpolate":
             # DiTPipeline samples at transformer.config.sample_size, where a DiTTransformer2DModel places its tokens
             # at positions 0..n-1; only Transformer2DModel has interpolation_scale, and diffusers loads a saved one
-            # with DiT's norm as DiTTransformer2DModel, dropping it (tests/test_dit.py pins this).
+            # with DiT's norm as DiTTransformer2DModel, dropping it (tests/families/test_dit.py pins this).
             raise ConfigError(
                 "pos_embed_transfer",
                 "interpolate cannot be exported: a stock DiTPipeline at the new sample_size always extends the base's "

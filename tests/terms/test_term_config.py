@@ -1,8 +1,9 @@
-"""terms/config.py: REPA's and SD-DiT's sections, off at weight 0, with one-line range checks."""
+"""terms/repa/config.py and terms/sddit/config.py: REPA's and SD-DiT's sections, off at weight 0, with one-line range checks."""
 
 import pytest
 
-from sadm_finetune.terms.config import RepaConfig, SDDiTConfig
+from sadm_finetune.terms.repa.config import RepaConfig
+from sadm_finetune.terms.sddit.config import SDDiTConfig
 from sadm_finetune.utils.errors import ConfigError
 
 

@@ -36,7 +36,7 @@ class StructureDiscriminator(ModelMixin, ConfigMixin):
 
     The forward always runs in fp32 (autocast disabled inside it, which also overrides the autocast that
     accelerate wraps a prepared model's forward in): relations of unit embeddings of a nearly perfect
-    x0_hat differ from the real ones by less than bf16 resolves (tests/test_discriminator.py bounds the
+    x0_hat differ from the real ones by less than bf16 resolves (tests/terms/sadm/test_discriminator.py bounds the
     structure gradient's error under bf16 autocast).
     """
 

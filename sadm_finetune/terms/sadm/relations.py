@@ -67,7 +67,7 @@ class StructureLoss:
     With geometric weights a pair of a noisy sample i (w_i = SNR_i / gamma) and a clean one (w_j = 1) pushes
     x0_hat_i with weight sqrt(SNR_i / gamma); since d x0_hat / d eps_hat = -1 / sqrt(SNR) (epsilon models),
     the push on the noise prediction is the constant 1 / sqrt(gamma) however noisy the sample. With min
-    weights it is sqrt(SNR_i) / gamma: it vanishes at high noise (tests/test_losses.py measures both)."""
+    weights it is sqrt(SNR_i) / gamma: it vanishes at high noise (tests/diffusion/test_losses.py measures both)."""
 
     def __init__(
         self, relation: Literal["cosine", "euclidean", "rbf"] = "cosine",

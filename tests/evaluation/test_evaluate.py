@@ -224,7 +224,7 @@ def test_the_paper_protocol_script_runs_the_evaluation_it_describes(tiny_dit, di
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_eval.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_eval.py"
     spec = importlib.util.spec_from_file_location("paper_eval", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,17 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from launch import ROOT, offline_env, tiny_run_args, train_in_process
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+from checkpoint_weights import _max_diff, _resumed_step, _weights
+
 
 pytestmark = pytest.mark.slow
-
-
-def _weights(folder):
-    return load_file(str(next(folder.glob("*.safetensors"))))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def _nudge_checkpoint(folder, lora):
@@ -44,12 +37,6 @@ def _nudge_checkpoint(folder, lora):
 
 
 NUDGE = 0.5
-
-
-def _resumed_step(text):
-    found = re.findall(r"Resumed from \S+ at step (\d+)", text)
-    assert len(found) == 1, text[-3000:]
-    return int(found[0])
 
 
 @pytest.mark.parametrize("lora, ema, optimizer", [(False, True, None), (True, True, None), (False, False, None),

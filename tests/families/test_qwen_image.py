@@ -19,7 +19,7 @@ from sadm_finetune.diffusion.latents import decode, encode, sample_latents
 from sadm_finetune.diffusion.process import FlowMatchProcess, make_process
 from sadm_finetune.families.loading import load_family
 from sadm_finetune.families.qwen_image import QwenImageAdapter, pack, trim_text, unpack
-from test_repa import build_tiny_encoder, repa_args
+from tiny_encoders import build_tiny_encoder, repa_args
 from tiny_qwen_image import LATENTS_MEAN, LATENTS_STD, SCHEDULER, build_tiny_qwen_image_pipeline
 from tiny_sd import build_captioned_folder
 

@@ -21,7 +21,7 @@ from sadm_finetune.diffusion.process import FlowMatchProcess, make_process
 from tiny_flux import SCALING_FACTOR, SCHEDULER, SHIFT_FACTOR, build_tiny_flux_pipeline
 from tiny_sd import CAPTIONS, build_captioned_folder
 from tiny_sd3 import build_tiny_sd3_pipeline
-from test_repa import build_tiny_encoder, repa_args
+from tiny_encoders import build_tiny_encoder, repa_args
 
 CPU = torch.device("cpu")
 

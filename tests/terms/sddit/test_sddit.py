@@ -314,7 +314,7 @@ def _state_tensor(out, name, key):
 @pytest.mark.slow
 def test_resume_restores_the_teacher_and_the_centre(tmp_path):
     from launch import tiny_run_args, train_in_process
-    from test_resume import _max_diff, _resumed_step, _weights
+    from checkpoint_weights import _max_diff, _resumed_step, _weights
     from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2, num_layers=2)

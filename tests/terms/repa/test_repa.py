@@ -2,7 +2,6 @@
 
 Tiny random DINOv2 encoders built in code and saved to a temp folder; never the network."""
 
-import json
 import re
 import shutil
 
@@ -17,30 +16,7 @@ from sadm_finetune.utils.errors import ConfigError, InputError
 from sadm_finetune.terms.repa.term import (FEATURES_KEY, RepaTerm, VisionEncoder, denoiser_tokens, match_grid,
                                       repa_loss)
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
-
-TINY_ENCODER = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=7,
-                    image_size=28)
-
-
-def build_tiny_encoder(path, registers: int = 0, seed: int = 0, mean=None, std=None):
-    """A random DINOv2 (with `registers` register tokens) saved with save_pretrained; a preprocessor config if
-    mean/std are given."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    torch.manual_seed(seed)
-    if registers:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **TINY_ENCODER))
-    else:
-        model = Dinov2Model(Dinov2Config(**TINY_ENCODER))
-    model.save_pretrained(path, safe_serialization=True)
-    if mean is not None:
-        (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
-    return path
-
-
-def repa_args(encoder, depth=1, resolution=42):
-    return ["--repa_weight", "0.5", "--repa_encoder", str(encoder), "--repa_depth", str(depth),
-            "--repa_projector_dim", "16", "--repa_encoder_resolution", str(resolution)]
+from tiny_encoders import build_tiny_encoder, repa_args
 
 
 # -- the loss on hand-made tensors ------------------------------------------------------------------------

@@ -369,7 +369,7 @@ def test_the_adaptive_weight_makes_the_structure_gradient_a_fixed_fraction_of_th
 
 def _feature_space(tmp_path):
     from diffusers import AutoencoderKL
-    from test_repa import build_tiny_encoder
+    from tiny_encoders import build_tiny_encoder
 
     from sadm_finetune.terms.sadm.feature_space import FeatureSpace
 
@@ -405,7 +405,7 @@ def test_feature_space_d_reads_the_encoders_features_and_l_s_reaches_x0_hat_thro
 
 def test_a_feature_space_run_trains_saves_d_on_the_encoders_width_and_sadm_eval_probes_it(tmp_path):
     from launch import tiny_run_args, train_in_process
-    from test_repa import build_tiny_encoder
+    from tiny_encoders import build_tiny_encoder
     from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
     from sadm_finetune.evaluation.separability import load_discriminator, probe

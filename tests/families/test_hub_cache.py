@@ -4,43 +4,19 @@ the weights; a model missing from the cache, or gated, is one line saying what t
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
 from sadm_finetune.cli import main
+from hub_cache import cache_model, hub_cache  # noqa: F401, F811 (fixture)
+
 
 DIT_ID = "facebook/DiT-XL-2-256"
 SD_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MAIN, V2 = "a" * 40, "b" * 40  # commits
-
-
-def cache_model(cache: Path, repo_id: str, folder: Path, commit: str, refs: list[str]) -> Path:
-    """Put a saved pipeline into the cache as snapshot `commit` (files directly in the snapshot, no blobs)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hub cache, offline, that huggingface_hub (and so diffusers) reads for this test."""
-    import huggingface_hub.constants as hf_constants
-
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def weights(folder: Path, component: str, variant: str | None = None) -> dict[str, torch.Tensor]:

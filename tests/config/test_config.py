@@ -110,7 +110,7 @@ def test_dry_run_prints_resolved_yaml_that_round_trips(tmp_path, capsys):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "train_sadm.py"), *REQUIRED, "--train_batch_size", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -17,7 +17,7 @@ from sadm_finetune.families.pixart import PixArtAdapter
 from sadm_finetune.families.sd import StableDiffusionAdapter
 from sadm_finetune.families.sd3 import StableDiffusion3Adapter
 from sadm_finetune.families.sdxl import StableDiffusionXLAdapter
-from test_hub_cache import cache_model, hub_cache  # noqa: F401 (fixture)
+from hub_cache import cache_model, hub_cache  # noqa: F401 (fixture)
 
 CASES = [  # adapter class, a Hub base, the tags its family's diffusers training scripts write
     (DiTAdapter, "facebook/DiT-XL-2-256", {"dit"}),

@@ -17,7 +17,8 @@ from sadm_finetune.config.fields import help_field
 from sadm_finetune.config.run import RunConfig, SECTIONS, build_config, load_yaml
 from sadm_finetune.families.base import FamilyAdapter
 from sadm_finetune.families.dit import DiTAdapter
-from sadm_finetune.terms import Term, TermConfig, register_term, term_sections, unregister_term
+from sadm_finetune.terms import Term
+from sadm_finetune.terms.registry import TermConfig, register_term, term_sections, unregister_term
 from sadm_finetune.terms.repa.config import RepaConfig
 from sadm_finetune.utils.errors import ConfigError
 
