@@ -136,7 +136,7 @@ def test_a_family_lacking_a_required_capability_refuses_the_term_in_one_line(toy
     monkeypatch.setattr(ToyConfig, "requires", frozenset({"toy_capability"}))
     monkeypatch.setattr(ToyConfig, "requirement", "toy blocks")
     config = RunConfig(toy=ToyConfig(toy_weight=1.0))
-    with pytest.raises(ConfigError, match=r"^toy_weight: Toy needs toy blocks; the dit family does not declare "
+    with pytest.raises(ConfigError, match=r"^toy_weight: Toy needs toy blocks; the DiT family does not declare "
                                           r"'toy_capability'; drop --toy_weight$") as error:
         DiTAdapter.check_config(config)
     assert "\n" not in str(error.value)
