@@ -55,6 +55,14 @@ def refuse_options(*rows: tuple[bool, str, str, str]) -> None:
 
 
 # -- what a family can declare ---------------------------------------------------------------------------------------
+# The generic reason a family lacks a capability that a loss term requires (a family may word its own in
+# `capability_gaps`); the options' refusals carry theirs in REQUIREMENTS.
+GAPS: dict[str, str] = {
+    "class_labels": "{name} is {conditioning} and has no class labels",
+    "class_label_blocks": "{name} has no class-conditional DiT-style transformer whose first blocks form an encoder",
+    "block_hidden_states": "{name}'s adapter exposes no per-block hidden states (feature_blocks)",
+}
+
 CAPABILITIES: dict[str, str] = {
     "class_labels": "class-conditional: class ids condition the denoiser (--validation_class_labels, "
                     "--disc_class_conditional)",
@@ -199,6 +207,14 @@ class FamilyAdapter(ABC):
         return "stock_lora_loader" in self.capabilities
 
     # -- what the family honours, checked before any weights load --------------------------------------------------
+    @classmethod
+    def lacks(cls, capability: str) -> str:
+        """Why this family lacks `capability`, in one clause: its own `capability_gaps` wording, else the generic one
+        of `GAPS` (a loss term's refusal, terms/registry.capability_gap, reads it too)."""
+        reason = cls.capability_gaps.get(capability) or GAPS.get(capability)
+        words = cls.describe()
+        return reason.format(**words) if reason else f"the {words['name']} family does not declare {capability!r}"
+
     @classmethod
     def describe(cls) -> dict[str, str]:
         """The family in words for `REQUIREMENTS`' messages: its name, conditioning and noise process as declared."""

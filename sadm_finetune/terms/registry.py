@@ -129,12 +129,13 @@ def term_sections() -> dict[str, type]:
 
 
 def capability_gap(family: type, capability: str) -> str:
-    """Why `family` lacks `capability`, in the family's words (FamilyAdapter.capability_gaps, formatted with the
-    family's `describe()`: "{name}", "{conditioning}", "{process}") or generically."""
-    describe = getattr(family, "describe", None)
-    words = describe() if describe else {"name": getattr(family, "display_name", "") or family.__name__}
-    reason = getattr(family, "capability_gaps", {}).get(capability)
-    return reason.format(**words) if reason else f"the {words['name']} family does not declare {capability!r}"
+    """Why `family` lacks `capability`, in the family's words (FamilyAdapter.lacks: its `capability_gaps`, else the
+    generic wording) or, for a class that is no FamilyAdapter, generically."""
+    lacks = getattr(family, "lacks", None)
+    if lacks is not None:
+        return lacks(capability)
+    name = getattr(family, "display_name", "") or family.__name__
+    return f"the {name} family does not declare {capability!r}"
 
 
 def check_requirements(config: Any, family: type) -> None:

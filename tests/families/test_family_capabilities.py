@@ -103,7 +103,7 @@ def test_a_family_words_its_own_reason_and_the_generic_words_its_declaration():
     with pytest.raises(ConfigError, match=r"^validation_prompts: DiT is class-conditional and takes no prompts"):
         DiTAdapter.check_config(_config("validation_prompts"))
     with pytest.raises(ConfigError, match=r"^disc_class_conditional: Bare is unconditional and has no class labels"):
-        Bare.check_config(_config("disc_class_conditional"))
+        Bare.check_config(build_config({**BASE, "disc_class_conditional": True}))  # SADM's section, by its own check
 
 
 def test_declarations_match_the_code_behind_them():

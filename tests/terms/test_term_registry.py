@@ -150,11 +150,11 @@ def test_a_family_that_declares_nothing_refuses_the_optional_terms():
         display_name = "Bare"
 
     with pytest.raises(ConfigError, match=r"^repa_weight: REPA needs the denoiser's per-block hidden states on its "
-                                          r"token grid; the Bare family does not declare 'block_hidden_states'"):
+                                          r"token grid; Bare's adapter exposes no per-block hidden states \(feature_blocks\)"):
         Bare.check_config(RunConfig(repa=RepaConfig(repa_weight=0.5)))
     with pytest.raises(ConfigError, match=r"^sddit_weight: SD-DiT needs a DiT-style transformer"):
         Bare.check_config(dataclasses.replace(RunConfig(), term_sections={"sddit": RunConfig().sddit.__class__(
             sddit_weight=0.1)}))
-    with pytest.raises(ConfigError, match=r"^disc_class_conditional: the Bare family does not declare 'class_labels'"):
+    with pytest.raises(ConfigError, match=r"^disc_class_conditional: Bare is unconditional and has no class labels"):
         Bare.check_config(RunConfig(sadm=RunConfig().sadm.__class__(disc_class_conditional=True)))
     Bare.check_config(RunConfig())  # SADM alone needs nothing of the family
