@@ -93,7 +93,7 @@ COVERAGE: dict[str, list[str]] = {
     "evaluation/test_evaluate.py": ["evaluation.evaluate"],
     "evaluation/test_features.py": ["evaluation.features", "evaluation.digits_classifier"],
     "evaluation/test_metrics.py": ["evaluation.metrics"],
-    "evaluation/test_separability.py": ["evaluation.separability"],
+    "terms/sadm/test_probe.py": ["terms.sadm.probe"],
     "evaluation/test_grid.py": ["evaluation.grid"],
     "evaluation/test_reference.py": ["evaluation.reference"],
     # utils/

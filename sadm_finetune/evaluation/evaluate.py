@@ -405,7 +405,7 @@ def evaluate_pipeline(config: EvalConfig) -> dict:
 
     probes = {}
     if config.probe_images > 0:
-        from .separability import probe_reference
+        from ..terms.sadm.probe import probe_reference  # SADM's structure probe
 
         probes = {key: probe_reference(pipe, getattr(config, key), reference, names, prompts is not None, config, device)
                   for key, pipe in pipelines.items()}

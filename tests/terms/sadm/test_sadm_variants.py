@@ -408,7 +408,7 @@ def test_a_feature_space_run_trains_saves_d_on_the_encoders_width_and_sadm_eval_
     from tiny_encoders import build_tiny_encoder
     from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
 
-    from sadm_finetune.evaluation.separability import load_discriminator, probe
+    from sadm_finetune.terms.sadm.probe import load_discriminator, probe
     from diffusers import DiTPipeline
 
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)

@@ -33,8 +33,8 @@ def load_discriminator(source: str, device: str):
     """The run's structure discriminator and its SADM options, or (None, None) when the source has none."""
     import yaml
 
-    from ..terms.sadm.config import SADMConfig
-    from ..terms.sadm.discriminator import StructureDiscriminator
+    from .config import SADMConfig
+    from .discriminator import StructureDiscriminator
 
     folder = Path(source).expanduser() / "structure_discriminator"
     if not (folder / "config.json").is_file():
@@ -65,15 +65,15 @@ def probe(pipe, images: np.ndarray, class_labels: list[int] | None, prompts: lis
           timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS, disc=None, sadm_options=None, seed: int = 0,
           batch_size: int = 32) -> dict:
     """uint8 (N, R, R, 3) reference images -> {"timesteps", "structure_gap_fixed", "d_pair_cos"} lists."""
-    from ..diffusion.latents import encode
-    from ..diffusion.process import DDPMProcess
-    from ..terms.sadm.objective import SADMObjective, fixed_structure_gap
+    from ...diffusion.latents import encode
+    from ...diffusion.process import DDPMProcess
+    from .objective import SADMObjective, fixed_structure_gap
 
     device = pipe.vae.device
     process = DDPMProcess(pipe.scheduler.config, device)
     objective = SADMObjective(sadm_options, process) if disc is not None else None
     if objective is not None and sadm_options.disc_space == "features":  # D read the encoder's features
-        from ..terms.sadm.feature_space import FeatureSpace
+        from .feature_space import FeatureSpace
 
         objective.space = FeatureSpace.from_pretrained(pipe.vae, sadm_options.disc_encoder,
                                                        sadm_options.disc_encoder_resolution)

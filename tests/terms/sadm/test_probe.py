@@ -1,4 +1,4 @@
-"""sadm-eval's structure probe (separability.py): by noise level, the fixed-encoder structure gap and how
+"""sadm-eval's structure probe (terms/sadm/probe.py): by noise level, the fixed-encoder structure gap and how
 well the run's discriminator tells z0 from x0_hat."""
 
 import shutil
@@ -12,7 +12,7 @@ from diffusers import DiTPipeline
 from sadm_finetune.data.digits import load_digits_images
 from sadm_finetune.evaluation.evaluate import format_table
 from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
-from sadm_finetune.evaluation.separability import load_discriminator, native_resolution, probe
+from sadm_finetune.terms.sadm.probe import load_discriminator, native_resolution, probe
 
 DEMO = "sadm_finetune/assets/demo-dit-digits"
 
