@@ -112,6 +112,19 @@ class ModelConfig:
         "interpolate (the new grid squeezed onto the base's range) is refused: a stock DiTPipeline cannot hold it "
         "(docs/design.md §7). DiT only.",
     )
+    quantize_base: Literal["none", "int8", "nf4"] = _f(
+        "none", "LoRA runs: load the frozen denoiser's weights quantized (int8, or nf4 on a CUDA GPU) through "
+        "diffusers' quantization configs; the LoRA trains in fp32 on top and its file applies to the full-precision "
+        "base. A merged export merges the LoRA into the base re-read at full precision (docs/design.md).",
+    )
+    quantize_text_encoders: Literal["none", "int8", "nf4"] = _f(
+        "none", "Load the frozen text encoders quantized (same backends as --quantize_base); the export carries them "
+        "at full precision. --cache_text_embeddings instead frees them after one pass over the prompts.",
+    )
+    quantize_backend: Literal["bitsandbytes", "torchao"] | None = _f(
+        None, "Who quantizes: bitsandbytes (int8 LLM.int8, nf4; CUDA only) or torchao (int8 weight-only; runs on a "
+        "CPU). Default: bitsandbytes where CUDA is visible, else torchao; nf4 is bitsandbytes only.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):
@@ -129,6 +142,15 @@ class ModelConfig:
         if self.export_merged and not self.use_lora:
             raise ConfigError("export_merged", f"is a LoRA option and --trainable {self.trainable} always writes the "
                               "full pipeline", "drop --export_merged")
+        if self.quantize_base != "none" and not self.use_lora:
+            raise ConfigError("quantize_base", f"quantizes a frozen base under LoRA and --trainable {self.trainable} "
+                              "trains the base's own weights", "add --trainable lora, or drop --quantize_base")
+        if self.quantize_backend is not None and self.quantize_base == self.quantize_text_encoders == "none":
+            raise ConfigError("quantize_backend", "is given and nothing is quantized",
+                              "add --quantize_base int8 (or --quantize_text_encoders int8), or drop --quantize_backend")
+        if self.quantize_backend == "torchao" and "nf4" in (self.quantize_base, self.quantize_text_encoders):
+            raise ConfigError("quantize_backend", "torchao has no nf4 here (nf4 is bitsandbytes' 4-bit type)",
+                              "use int8 with torchao, or --quantize_backend bitsandbytes on a CUDA GPU")
 
     @property
     def use_lora(self) -> bool:
@@ -444,6 +466,10 @@ class RunConfig:
                 "disc_steps", "> 1 cannot be combined with gradient_accumulation_steps > 1",
                 "use --disc_steps 1, or no gradient accumulation",
             )
+        if self.model.quantize_text_encoders != "none" and self.data.cache_text_embeddings:
+            raise ConfigError("quantize_text_encoders", "is given with --cache_text_embeddings, which encodes every "
+                              "prompt once and frees the text encoders before training",
+                              "drop --quantize_text_encoders (or --cache_text_embeddings)")
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
         if self.model.enable_xformers_memory_efficient_attention:

@@ -52,7 +52,8 @@ def prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dt
     if config.model.use_lora:
         # The frozen base is held in weight_dtype (half the memory under bf16/fp16); LoRA weights stay fp32.
         denoiser.to(device)
-        if weight_dtype != torch.float32:
+        if weight_dtype != torch.float32 and not getattr(denoiser, "is_quantized", False):
+            # (a quantized base was loaded with its unquantized layers in weight_dtype: families/loading.py)
             denoiser.to(dtype=weight_dtype)
         lora.attach_lora(denoiser, lora.make_lora_config(config.model, adapter.lora_target_modules))
     elif config.model.trainable == "difffit":
