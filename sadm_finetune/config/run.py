@@ -472,6 +472,10 @@ class RunConfig:
                               "drop --quantize_text_encoders (or --cache_text_embeddings)")
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
+        if self.model.quantize_base != "none" or self.model.quantize_text_encoders != "none":
+            from ..tuners.quantization import check_environment  # CUDA for bitsandbytes, the backend installed
+
+            check_environment(self.model)
         if self.model.enable_xformers_memory_efficient_attention:
             import torch  # only here: a dry run of a plain recipe stays light
 

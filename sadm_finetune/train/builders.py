@@ -165,6 +165,16 @@ def tracker_config(config: RunConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.flat().items()}
 
 
+def _quantized_note(config: RunConfig, denoiser) -> str:
+    """`; base int8 (torchao, 12 quantized Linear layers)` for a quantized base (--quantize_base), else nothing."""
+    if config.model.quantize_base == "none":
+        return ""
+    from ..tuners.quantization import backend_for, quantized_weights
+
+    return (f"; base {config.model.quantize_base} ({backend_for(config.model)}, "
+            f"{quantized_weights(denoiser)} quantized Linear layers)")
+
+
 def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -> None:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     denoiser = run.denoiser
@@ -174,7 +184,7 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
         f"steps: {config.training.max_train_steps}, effective batch "
         f"{global_batch * config.training.gradient_accumulation_steps} ({accelerator.num_processes} processes)",
         f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable"
-        + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else ""),
+        + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else "") + _quantized_note(config, denoiser),
         f"precision: {accelerator.mixed_precision} (VAE in {str(run.adapter.vae.dtype).removeprefix('torch.')}), "
         f"device: {accelerator.device}",
     ]
