@@ -150,7 +150,11 @@ def build(work: Path, depth: tuple[int, int]) -> dict:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     pipeline = work / f"flux_{depth[0]}_{depth[1]}"
-    if not (pipeline / "model_index.json").exists():
+    if not pipeline.exists():  # built under another name and renamed when complete
+        import shutil
+
+        partial = pipeline.with_name(pipeline.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         torch.manual_seed(0)
         symbols = list(bytes_to_unicode().values())  # CLIP's vocabulary files are data: a byte-level one stands in
         vocab = {"<|startoftext|>": 0, "<|endoftext|>": 2, "!": 1}
@@ -165,12 +169,13 @@ def build(work: Path, depth: tuple[int, int]) -> dict:
             text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=49408, **CLIP_L_TEXT)), tokenizer=tokenizer,
             text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **T5_XXL_ONE_LAYER)),
             tokenizer_2=tokenizer_2, transformer=None)
-        pipe.save_pretrained(pipeline, safe_serialization=True)
+        pipe.save_pretrained(partial, safe_serialization=True)
         del pipe
-        index = json.loads((pipeline / "model_index.json").read_text())
+        index = json.loads((partial / "model_index.json").read_text())
         index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
-        write_transformer(pipeline / "transformer", depth)
-        (pipeline / "model_index.json").write_text(json.dumps(index, indent=2))
+        write_transformer(partial / "transformer", depth)
+        (partial / "model_index.json").write_text(json.dumps(index, indent=2))
+        partial.rename(pipeline)
     data = work / "data"
     if not data.exists():
         data.mkdir(parents=True)
@@ -203,6 +208,7 @@ def run_arm(work: Path, pipeline: str, data: str, extra: list[str], out: Path) -
         record["quantized_linear_layers"] = quantized_weights(model)
         record["parameters"] = sum(p.numel() for p in model.parameters())
         record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        out.write_text(json.dumps(record))  # what is known before the step, should the step be killed
         step["start"] = time.perf_counter()
         return loop(run, dataloader, dataset, state, callback)
 
@@ -219,6 +225,7 @@ def run_arm(work: Path, pipeline: str, data: str, extra: list[str], out: Path) -
             "--overwrite_output_dir", "--resolution", "256", "--center_crop", "--train_batch_size", "1",
             "--max_train_steps", "1", "--trainable", "lora", "--quantize_base", "int8", "--quantize_backend", "torchao",
             "--cache_text_embeddings", "--text_cache_dir", str(work / "text"), "--structure_weight", "0",
+            "--no_structure_diagnostics",  # the structure probe compares pairs: it needs batch 2
             "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--report_to", "none", "--seed", "0", *extra]
     record["rc"] = main(args)
     record["total_s"] = time.perf_counter() - start
