@@ -130,3 +130,29 @@ def test_dit_merged_export_of_an_int8_base_is_the_fp32_base_with_the_lora_merged
     assert all(v.dtype == torch.float32 and torch.equal(v, want[k]) for k, v in got.items())
     base_weights = DiTTransformer2DModel.from_pretrained(base, subfolder="transformer").state_dict()
     assert any(not torch.equal(got[k], base_weights[k]) for k in got)  # the LoRA is in it
+
+
+def test_the_backward_keeps_a_torchao_base_quantized():
+    import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from sadm_finetune.tuners.quantization import keep_quantized_for_backward
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).requires_grad_(False)
+    quantize_(plain, Int8WeightOnlyConfig())
+    kept = copy.deepcopy(plain)
+    assert keep_quantized_for_backward(kept) == 2
+
+    def step(model):
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = model(x)
+        y.pow(2).sum().backward()
+        return y, x.grad, sum(saved)
+
+    (y1, g1, saved1), (y2, g2, saved2) = step(plain), step(kept)
+    assert torch.equal(y1, y2) and torch.allclose(g1, g2, rtol=0, atol=1e-6)  # the same function and gradient
+    assert saved1 >= 64 * 128 + 128 * 64 and saved2 == 4 * 128  # autograd's own graph saved both fp32 weights

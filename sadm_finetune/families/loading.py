@@ -87,6 +87,10 @@ def load_family(config: ModelConfig, weight_dtype=None) -> FamilyAdapter:
         ) from None
     pipeline.register_to_config(**{k: v for k, v in index.items() if not k.startswith("_") and k not in
                                    pipeline.components})  # e.g. DiT's id2label, which loading drops
+    if config.quantize_base != "none":  # the backward keeps the base quantized (tuners/quantization.py)
+        from ..tuners.quantization import keep_quantized_for_backward
+
+        keep_quantized_for_backward(getattr(pipeline, adapter_class.denoiser_name))
     if config.pretrained_vae_model_name_or_path:  # encodes, samples and is exported in place of the base's vae/
         pipeline.vae = load_separate_vae(config, type(pipeline.vae), pipeline.vae.config)
     return adapter_class(pipeline, config)

@@ -132,3 +132,41 @@ def quantized_weights(module: nn.Module) -> int:
         if kind.startswith(("torchao", "bitsandbytes")):
             count += 1
     return count
+
+
+class _KeepQuantizedForBackward(torch.autograd.Function):
+    """`F.linear(x, W, b)` for a frozen quantized W whose backward keeps W quantized: autograd's own graph through a
+    torchao weight saves the dequantized full-precision copy of W (measured on CPU: a 1024x1024 int8 layer saves a
+    1024x1024 fp32 tensor), so a LoRA step would hold every base weight in fp32 again. Here only the input's
+    gradient flows (W and b are frozen) and W is dequantized in the backward, one layer at a time, as bitsandbytes'
+    own MatMul8bitLt / MatMul4Bit do."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight, ctx.x_dtype = weight, x.dtype  # the quantized tensor itself, not a copy
+        with torch.no_grad():
+            return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.weight.dequantize().to(grad.dtype)
+        return (grad @ weight).to(ctx.x_dtype), None, None
+
+
+def _frozen_quantized_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled() or not x.requires_grad or self.weight.requires_grad:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return _KeepQuantizedForBackward.apply(x, self.weight, self.bias)
+
+
+def keep_quantized_for_backward(model: nn.Module) -> int:
+    """Route every torchao-quantized Linear of `model` through `_KeepQuantizedForBackward`; returns how many.
+    (bitsandbytes' layers already keep their weight quantized in the backward.)"""
+    import types
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and type(module.weight).__module__.startswith("torchao"):
+            module.forward = types.MethodType(_frozen_quantized_forward, module)
+            count += 1
+    return count
