@@ -312,6 +312,8 @@ def main() -> None:
         "transformer_on_disk_gb": round(sum(f.stat().st_size for f in transformer.glob("*.safetensors")) / GB, 2),
         "build_s": round(build_s, 1), **{k: v for k, v in seen.items() if k != "log_tail"}, **record,
         "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
     }
     if seen["returncode"] != 0 or record.get("rc"):
         result["log_tail"] = seen["log_tail"]
