@@ -66,6 +66,7 @@ COVERAGE: dict[str, list[str]] = {
     "tuners/test_difffit.py": ["tuners.difffit"],
     "tuners/test_kohya.py": ["tuners.kohya"],
     "tuners/test_lora_options.py": ["tuners.lora", "train.optimizers"],
+    "tuners/test_quantized_base.py": ["tuners.quantization"],
     # terms/
     "terms/test_base.py": ["terms.base"],
     "terms/test_term_config.py": ["terms.repa.config", "terms.sddit.config"],
@@ -125,6 +126,8 @@ LAYERS: list[tuple[str, ...]] = [
 # (importer, imported) -> why this upward import is allowed for now. Each is a function-level import.
 UPWARD_IMPORTS: dict[tuple[str, str], str] = {
     ("data.prior", "train.validation"): "class images for prior preservation are sampled like validation grids",
+    ("config.run", "tuners.quantization"): "the quantization options' environment check (CUDA for bitsandbytes, the "
+                                           "backend installed) lives beside the backends it checks",
     # a term's config section builds and checks its term: the implementation is imported when the term is on
     ("terms.sadm.config", "terms.sadm.term"): "SADMConfig.build makes the term (function-level, SADM on only)",
     ("terms.sadm.config", "terms.sadm.objective"): "SADMConfig.build makes the structure probe's objective",
@@ -137,7 +140,7 @@ UPWARD_IMPORTS: dict[tuple[str, str], str] = {
 LAZY_CYCLES: dict[tuple[str, ...], str] = {
     ("config.run", "data.buckets", "data.datasets", "data.folder", "data.latent_cache", "families.defaults",
      "terms", "terms.repa.cache", "terms.repa.config", "terms.sadm.config", "terms.sadm.objective",
-     "terms.sadm.term", "terms.sddit.config", "terms.sddit.term"):
+     "terms.sadm.term", "terms.sddit.config", "terms.sddit.term", "tuners.quantization"):
         "one component through function-level imports only: build_config asks the family for its defaults (which "
         "read model_index.json through a ModelConfig), and each term's section builds its term when the run starts, "
         "whose implementation reads the run config; at import time the layers hold",

@@ -125,6 +125,19 @@ class ModelConfig:
     lora_alpha_pattern: dict[str, float] | None = _f(
         None, "Per-module alphas overriding --lora_alpha (peft's alpha_pattern), written like --lora_rank_pattern; "
         "the LoRA file's metadata carries them (the kohya file: folded into each module's lora_up).")
+    quantize_base: Literal["none", "int8", "nf4"] = _f(
+        "none", "LoRA runs: load the frozen denoiser's weights quantized (int8, or nf4 on a CUDA GPU) through "
+        "diffusers' quantization configs; the LoRA trains in fp32 on top and its file applies to the full-precision "
+        "base. A merged export merges the LoRA into the base re-read at full precision (docs/design.md).",
+    )
+    quantize_text_encoders: Literal["none", "int8", "nf4"] = _f(
+        "none", "Load the frozen text encoders quantized (same backends as --quantize_base); the export carries them "
+        "at full precision. --cache_text_embeddings instead frees them after one pass over the prompts.",
+    )
+    quantize_backend: Literal["bitsandbytes", "torchao"] | None = _f(
+        None, "Who quantizes: bitsandbytes (int8 LLM.int8, nf4; CUDA only) or torchao (int8 weight-only; runs on a "
+        "CPU). Default: bitsandbytes where CUDA is visible, else torchao; nf4 is bitsandbytes only.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):
@@ -145,6 +158,7 @@ class ModelConfig:
         if self.enable_xformers_memory_efficient_attention:
             _check_xformers()
         self._check_lora_options()
+        self._check_quantization()
 
     def _check_lora_options(self) -> None:
         given = [name for name in ("lora_rank_pattern", "lora_alpha_pattern") if getattr(self, name) is not None]
@@ -167,6 +181,17 @@ class ModelConfig:
         if self.lora_type == "dora" and self.lora_export_format in ("kohya", "both"):
             raise ConfigError("lora_export_format", "kohya's LoRA format has no DoRA magnitude vectors",
                               "use --lora_export_format diffusers (diffusers' load_lora_weights reads DoRA)")
+
+    def _check_quantization(self) -> None:
+        if self.quantize_base != "none" and not self.use_lora:
+            raise ConfigError("quantize_base", f"quantizes a frozen base under LoRA and --trainable {self.trainable} "
+                              "trains the base's own weights", "add --trainable lora, or drop --quantize_base")
+        if self.quantize_backend is not None and self.quantize_base == self.quantize_text_encoders == "none":
+            raise ConfigError("quantize_backend", "is given and nothing is quantized",
+                              "add --quantize_base int8 (or --quantize_text_encoders int8), or drop --quantize_backend")
+        if self.quantize_backend == "torchao" and "nf4" in (self.quantize_base, self.quantize_text_encoders):
+            raise ConfigError("quantize_backend", "torchao has no nf4 here (nf4 is bitsandbytes' 4-bit type)",
+                              "use int8 with torchao, or --quantize_backend bitsandbytes on a CUDA GPU")
 
     @property
     def use_lora(self) -> bool:
@@ -465,6 +490,14 @@ class RunConfig:
             section.check(self)
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
+        if self.model.quantize_text_encoders != "none" and self.data.cache_text_embeddings:
+            raise ConfigError("quantize_text_encoders", "is given with --cache_text_embeddings, which encodes every "
+                              "prompt once and frees the text encoders before training",
+                              "drop --quantize_text_encoders (or --cache_text_embeddings)")
+        if self.model.quantize_base != "none" or self.model.quantize_text_encoders != "none":
+            from ..tuners.quantization import check_environment  # CUDA for bitsandbytes, the backend installed
+
+            check_environment(self.model)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(section) for name, section in self.sections().items()}

@@ -49,20 +49,29 @@ def family_class(config: ModelConfig) -> type[FamilyAdapter]:
     return _adapter_class(read_pipeline_index(config)["_class_name"], config.pretrained_model_name_or_path)
 
 
-def load_family(config: ModelConfig) -> FamilyAdapter:
-    """Load the pipeline in fp32 (safetensors only unless allowed) and wrap it in its family adapter."""
+def load_family(config: ModelConfig, weight_dtype=None) -> FamilyAdapter:
+    """Load the pipeline in fp32 (safetensors only unless allowed) and wrap it in its family adapter. With
+    --quantize_base / --quantize_text_encoders those components load quantized (tuners/quantization.py), their
+    unquantized layers in `weight_dtype` (the run's frozen dtype; fp32 when None)."""
     from diffusers import DiffusionPipeline
+
+    from ..tuners.quantization import check_environment, quantized_load_kwargs
 
     source = config.pretrained_model_name_or_path
     index = read_pipeline_index(config)
     adapter_class = _adapter_class(index["_class_name"], source)
+    check_environment(config)
+    null = saved_as_null(index)
+    present = {name for name in index if not name.startswith("_") and name not in null}
+    encoders = getattr(adapter_class, "text_encoder_names", ())  # text families only (families/text.py)
+    quantized = quantized_load_kwargs(config, adapter_class.denoiser_name, encoders, present, weight_dtype)
     try:
         pipeline = DiffusionPipeline.from_pretrained(
             source,
             revision=config.revision,
             variant=config.variant,
             use_safetensors=None if config.allow_pickle_weights else True,
-            **{**saved_as_null(index), **adapter_class.load_kwargs},
+            **{**null, **adapter_class.load_kwargs, **quantized},
         )
     except (OSError, ValueError, EnvironmentError) as e:
         text = first_line(e)
@@ -79,6 +88,10 @@ def load_family(config: ModelConfig) -> FamilyAdapter:
         ) from None
     pipeline.register_to_config(**{k: v for k, v in index.items() if not k.startswith("_") and k not in
                                    pipeline.components})  # e.g. DiT's id2label, which loading drops
+    if config.quantize_base != "none":  # the backward keeps the base quantized (tuners/quantization.py)
+        from ..tuners.quantization import keep_quantized_for_backward
+
+        keep_quantized_for_backward(getattr(pipeline, adapter_class.denoiser_name))
     if config.pretrained_vae_model_name_or_path:  # encodes, samples and is exported in place of the base's vae/
         pipeline.vae = load_separate_vae(config, type(pipeline.vae), pipeline.vae.config)
     return adapter_class(pipeline, config)

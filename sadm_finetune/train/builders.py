@@ -53,7 +53,8 @@ def prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dt
     if config.model.use_lora:
         # The frozen base is held in weight_dtype (half the memory under bf16/fp16); LoRA weights stay fp32.
         denoiser.to(device)
-        if weight_dtype != torch.float32:
+        if weight_dtype != torch.float32 and not getattr(denoiser, "is_quantized", False):
+            # (a quantized base was loaded with its unquantized layers in weight_dtype: families/loading.py)
             denoiser.to(dtype=weight_dtype)
         lora.attach_lora(denoiser, lora.make_lora_config(config.model, adapter.lora_target_modules))
     elif config.model.trainable == "difffit":
@@ -148,6 +149,16 @@ def tracker_config(config: RunConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.flat().items()}
 
 
+def _quantized_note(config: RunConfig, denoiser) -> str:
+    """`; base int8 (torchao, 12 quantized Linear layers)` for a quantized base (--quantize_base), else nothing."""
+    if config.model.quantize_base == "none":
+        return ""
+    from ..tuners.quantization import backend_for, quantized_weights
+
+    return (f"; base {config.model.quantize_base} ({backend_for(config.model)}, "
+            f"{quantized_weights(denoiser)} quantized Linear layers)")
+
+
 def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -> None:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     denoiser = run.denoiser
@@ -157,7 +168,7 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
         f"steps: {config.training.max_train_steps}, effective batch "
         f"{global_batch * config.training.gradient_accumulation_steps} ({accelerator.num_processes} processes)",
         f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable"
-        + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else ""),
+        + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else "") + _quantized_note(config, denoiser),
         f"precision: {accelerator.mixed_precision} (VAE in {str(run.adapter.vae.dtype).removeprefix('torch.')}), "
         f"device: {accelerator.device}",
     ]

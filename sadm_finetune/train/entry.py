@@ -36,9 +36,14 @@ def check_output_dir(config: RunConfig) -> Path:
 def place_frozen_modules(adapter, device: torch.device, weight_dtype: torch.dtype) -> None:
     """The modules that never train, frozen, in eval mode, on the device in weight_dtype; the VAE fp32 under fp16
     (`FamilyAdapter.frozen_dtype`, models/vae.py)."""
+    from ..tuners.quantization import is_quantized
+
     for module in adapter.frozen_modules():
         module.requires_grad_(False)
-        module.to(device, dtype=adapter.frozen_dtype(module, weight_dtype))
+        if is_quantized(module):  # --quantize_text_encoders: loaded in its dtype, which a quantized model keeps
+            module.to(device)
+        else:
+            module.to(device, dtype=adapter.frozen_dtype(module, weight_dtype))
         module.eval()
 
 
@@ -69,7 +74,7 @@ def train(config: RunConfig, argv: list[str] | None = None) -> RunSummary:
     set_seed(t.seed)
 
     _check_distributed_type(config, accelerator)
-    adapter = load_family(config.model)
+    adapter = load_family(config.model, weight_dtype_of(accelerator))  # a quantized base: its layers' dtype
     resolution = config.data.resolution or adapter.default_resolution()
     adapter.set_resolution(resolution)  # a DiT at another size: sample_size and positional embedding
     adapter.check_data(data)

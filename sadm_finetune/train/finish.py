@@ -92,8 +92,8 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
     components."""
     config, accelerator, adapter = run.config, run.accelerator, run.adapter
     t, m = config.training, config.model
-    if run.weight_dtype != torch.float32 or adapter.released_text_encoders:
-        adapter.reload_frozen_fp32()
+    if run.weight_dtype != torch.float32 or adapter.released_text_encoders or m.quantize_text_encoders != "none":
+        adapter.reload_frozen_fp32()  # the export carries the base's frozen weights as stored, never quantized ones
     extra = {folder: module for term in run.terms for folder, module in term.export_modules().items()}
     dtypes = export_dtypes(config, adapter)
     with_pipeline = adapter.exports_pipeline(m)
