@@ -171,4 +171,6 @@ class StructureProbe(Term):
         return 0.0
 
     def log(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if ctx.latents.shape[0] < 2:  # a batch of one has no pairs: nothing to measure (--structure_weight 0 runs it)
+            return {}
         return self.objective.diagnostics(*ctx.structure_inputs(), ctx.timesteps)

@@ -425,3 +425,16 @@ def test_a_feature_space_run_trains_saves_d_on_the_encoders_width_and_sadm_eval_
     images = (torch.rand(4, 32, 32, 3) * 255).to(torch.uint8).numpy()
     result = probe(pipe, images, [0, 1, 0, 1], None, timesteps=(100, 500), disc=disc, sadm_options=options)
     assert len(result["d_pair_cos"]) == 2 and all(-1 <= c <= 1 for c in result["d_pair_cos"])
+
+
+def test_a_plain_run_with_a_batch_of_one_trains_with_the_default_diagnostics(tmp_path):
+    """structure_diagnostics is on by default; a batch of one has no pairs, so the probe logs nothing that step."""
+    from launch import tiny_run_args, train_in_process
+    from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
+
+    base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2)
+    data = build_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=2)
+    proc = train_in_process(tiny_run_args(base, data, tmp_path / "out", steps=2)
+                            + ["--structure_weight", "0", "--train_batch_size", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "model_index.json").is_file()
