@@ -24,7 +24,7 @@ def no_weights(monkeypatch):
     """entry.load_family replaced: reaching it raises WeightsLoaded."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
 
-    def load_family(config):
+    def load_family(config, *args, **kwargs):
         raise WeightsLoaded(config.pretrained_model_name_or_path)
 
     monkeypatch.setattr(entry, "load_family", load_family)
