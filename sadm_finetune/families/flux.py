@@ -28,9 +28,8 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 from torch import nn
 
-from ..utils.errors import ConfigError
 from .base import ModelOutput
-from .text import TextFamilyAdapter
+from .text import PackedLatentsMixin, TextFamilyAdapter
 
 FLUX_GUIDANCE_DEFAULT = 3.5  # train_dreambooth_lora_flux.py --guidance_scale, FluxPipeline.__call__'s default
 
@@ -46,7 +45,7 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return FluxPipeline._unpack_latents(tokens, h, w, 1)  # vae factor 1: h and w are latent sizes already
 
 
-class FluxAdapter(TextFamilyAdapter):
+class FluxAdapter(PackedLatentsMixin, TextFamilyAdapter):
     family = "flux"
     display_name = "Flux.1"
     pipeline_classes = ("FluxPipeline",)
@@ -81,26 +80,6 @@ class FluxAdapter(TextFamilyAdapter):
     def t5_length(self) -> int:
         return min(self.max_sequence_length, self.pipeline.tokenizer_2.model_max_length) \
             if self.pipeline.tokenizer_2 is not None else self.max_sequence_length
-
-    def default_resolution(self) -> int:
-        return self.pipeline.default_sample_size * self.vae_scale_factor  # FluxPipeline's default height / width
-
-    @property
-    def patch_multiple(self) -> int:
-        return self.vae_scale_factor * self.latent_patch_size
-
-    def check_resolution(self, resolution: int) -> None:
-        m = self.patch_multiple
-        if resolution % m:
-            raise ConfigError("resolution", f"{resolution} is not a multiple of the VAE factor times Flux's 2x2 "
-                              f"packing ({m})", f"use a multiple of {m}, e.g. {self.default_resolution()}")
-
-    def set_resolution(self, resolution: int) -> None:
-        self.check_resolution(resolution)
-        self.resolution = resolution
-
-    def aspect_ratio_bucket_multiple(self) -> int:
-        return self.patch_multiple  # packed 2x2: both latent sides even
 
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:

@@ -42,9 +42,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..config.run import RunConfig
-from ..utils.errors import ConfigError
 from .base import ModelOutput, refuse_options
-from .text import TextFamilyAdapter
+from .text import PackedLatentsMixin, TextFamilyAdapter
 from .vae import vae_dtype
 
 QWEN_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s and train_dreambooth_lora_qwen_image.py's default
@@ -121,7 +120,7 @@ class QwenImageLatentVAE(nn.Module):
         return DecoderOutput(sample=self.model.decode(z / inv_std + mean).sample[:, :, 0])
 
 
-class QwenImageAdapter(TextFamilyAdapter):
+class QwenImageAdapter(PackedLatentsMixin, TextFamilyAdapter):
     family = "qwen-image"
     display_name = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
@@ -157,26 +156,6 @@ class QwenImageAdapter(TextFamilyAdapter):
         )
 
     # -- sizes: packed 2x2 latents, the pipeline's default size --------------------------------------------------
-    def default_resolution(self) -> int:
-        return self.pipeline.default_sample_size * self.vae_scale_factor  # QwenImagePipeline's default height / width
-
-    @property
-    def patch_multiple(self) -> int:
-        return self.vae_scale_factor * self.latent_patch_size
-
-    def check_resolution(self, resolution: int) -> None:
-        m = self.patch_multiple
-        if resolution % m:
-            raise ConfigError("resolution", f"{resolution} is not a multiple of the VAE factor times Qwen-Image's 2x2 "
-                              f"packing ({m})", f"use a multiple of {m}, e.g. {self.default_resolution()}")
-
-    def set_resolution(self, resolution: int) -> None:
-        self.check_resolution(resolution)
-        self.resolution = resolution
-
-    def aspect_ratio_bucket_multiple(self) -> int:
-        return self.patch_multiple  # packed 2x2: both latent sides even (the pipeline's own multiple of 16 px)
-
     # -- the 3D VAE behind the 2D interface ------------------------------------------------------------------------
     @property
     def latent_channels(self) -> int:
