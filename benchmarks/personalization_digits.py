@@ -75,7 +75,7 @@ def _save(images: np.ndarray, folder: Path, captions: list[str] | None = None) -
 
 
 def build_data(work: Path, subject_class: int, subject_images: int, seed: int,
-               base_images: int | None = None) -> tuple[Path, Path]:
+               base_images: int | None = None, style: str = "mirrored") -> tuple[Path, Path]:
     """(base training folder: the digits (the first `base_images`, default all) captioned `digit <k>`, subject
     folder: `subject_images` inverted images of one digit, picked by `seed`)."""
     from sadm_finetune.data.digits import load_digits_images
@@ -85,11 +85,12 @@ def build_data(work: Path, subject_class: int, subject_images: int, seed: int,
     if not (base / "metadata.jsonl").is_file():
         n = base_images or len(images)
         _save(images[:n], base, [f"digit {k}" for k in labels[:n].tolist()])
-    subject = work / f"subject_{subject_class}_{subject_images}_seed{seed}"
+    prefix = "subject" if style == "inverted" else f"subject_{style}"  # the inverted folders keep their old name
+    subject = work / f"{prefix}_{subject_class}_{subject_images}_seed{seed}"
     if not subject.is_dir():
         rng = np.random.default_rng(seed)
         rows = rng.choice(np.flatnonzero(labels == subject_class), subject_images, replace=False)
-        _save(255 - images[rows], subject)
+        _save(255 - images[rows] if style == "inverted" else np.ascontiguousarray(images[rows][:, :, ::-1]), subject)
     return base, subject
 
 
@@ -142,6 +143,29 @@ def is_inverted(images: np.ndarray) -> np.ndarray:
     return border.mean(axis=1) > 0.5
 
 
+def unstyle(images: np.ndarray, style: str) -> np.ndarray:
+    """The subject's style undone: colours inverted back, or the image mirrored back."""
+    return 1 - images if style == "inverted" else np.ascontiguousarray(images[:, :, ::-1])
+
+
+def is_styled(classifier, images: np.ndarray, targets: np.ndarray, style: str) -> np.ndarray:
+    """(N,) bool: the sample carries the subject's style. Inverted: a light border. Mirrored: the classifier finds
+    digit `targets` more in the mirrored-back image than in the sample itself (a plain digit loses by mirroring)."""
+    if style == "inverted":
+        return is_inverted(images)
+    own, back = logits(classifier, images), logits(classifier, unstyle(images, style))
+    rows = np.arange(len(images))
+    return back[rows, targets] > own[rows, targets]
+
+
+def logits(classifier, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
+        return classifier(pixels).logits.numpy()
+
+
 def classify(classifier, images: np.ndarray) -> np.ndarray:
     """(N,) digit predicted by the bundled classifier for (N, H, W, 3) float images in [0, 1]."""
     import torch
@@ -151,7 +175,8 @@ def classify(classifier, images: np.ndarray) -> np.ndarray:
         return classifier(pixels).logits.argmax(dim=1).numpy()
 
 
-def evaluate(base: Path, lora: Path | None, subject_class: int, samples: int, steps: int, guidance: float) -> dict:
+def evaluate(base: Path, lora: Path | None, subject_class: int, samples: int, steps: int, guidance: float,
+             style: str = "mirrored") -> dict:
     """The metrics of one run (`lora` None: the base itself); sampler seeds fixed per prompt."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -169,19 +194,19 @@ def evaluate(base: Path, lora: Path | None, subject_class: int, samples: int, st
         return pipe([prompt] * samples, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                     output_type="np").images
 
+    k = np.full(samples, subject_class)
     subject = sample(f"sks digit {subject_class}", 0)
-    inverted = is_inverted(subject)
-    metrics = {"subject_style": float(inverted.mean()),
-               "subject_digit": float((classify(classifier, 1 - subject) == subject_class).mean())}
+    metrics = {"subject_style": float(is_styled(classifier, subject, k, style).mean()),
+               "subject_digit": float((classify(classifier, unstyle(subject, style)) == subject_class).mean())}
     own = sample(f"digit {subject_class}", 1)
-    metrics["class_drift"] = float(is_inverted(own).mean())
+    metrics["class_drift"] = float(is_styled(classifier, own, k, style).mean())
     correct, leaked, total = 0, 0, 0
     for j in range(10):
         if j == subject_class:
             continue
         images = sample(f"digit {j}", 2 + j)
         correct += int((classify(classifier, images) == j).sum())
-        leaked += int(is_inverted(images).sum())
+        leaked += int(is_styled(classifier, images, np.full(samples, j), style).sum())
         total += len(images)
     metrics.update(other_accuracy=correct / total, style_leak=leaked / total)
     return metrics
@@ -193,6 +218,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one DreamBooth run per seed "
                         "and variant (the seed also picks the subject's images)")
     parser.add_argument("--subject_class", type=int, default=3)
+    parser.add_argument("--subject_style", choices=("mirrored", "inverted"), default="mirrored",
+                        help="the subject: the digit mirrored left-right (a shape the base never drew, which the "
+                             "bundled digits VAE reconstructs), or inverted (dark on white: the VAE, trained on light "
+                             "strokes on black, cannot reconstruct it, so no LoRA can learn it; kept to show that)")
     parser.add_argument("--subject_images", type=int, default=8)
     parser.add_argument("--base_steps", type=int, default=3000)
     parser.add_argument("--base_images", type=int, default=None, help="train the base on the first N digits "
@@ -219,12 +248,13 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     untrained = build_base(work / "untrained_base")
-    base_data, _ = build_data(work, args.subject_class, args.subject_images, args.seeds[0], args.base_images)
+    base_data, _ = build_data(work, args.subject_class, args.subject_images, args.seeds[0], args.base_images,
+                              args.subject_style)
     base_out = work / "base"
     plan = [("base", base_command(untrained, base_data, base_out, args.base_steps), base_out, "model_index.json")]
     for name in args.variants.split(","):
         for seed in args.seeds:
-            _, subject = build_data(work, args.subject_class, args.subject_images, seed)
+            _, subject = build_data(work, args.subject_class, args.subject_images, seed, style=args.subject_style)
             out = work / f"{name}-seed{seed}"
             # the class images are the base's own samples: one folder per base, shared by the runs
             command = dreambooth_command(base_out, subject, out, work / "class_images", args.subject_class,
@@ -238,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"args": vars(args), "runs": {}}
     for name, command, out, done in plan:
         train(command, out, done)
-    evaluation = (args.subject_class, args.samples, args.num_inference_steps, args.guidance_scale)
+    evaluation = (args.subject_class, args.samples, args.num_inference_steps, args.guidance_scale, args.subject_style)
     results["base"] = evaluate(base_out, None, *evaluation)
     for name, _, out, _ in plan[1:]:
         variant, seed = name.split("/")
