@@ -487,7 +487,7 @@ def test_dreambooth_lora_with_prior_preservation_on_tiny_sd3(tmp_path):
 def test_the_personalization_benchmark_plans_resolvable_runs_and_measures(tmp_path):
     """benchmarks/personalization_digits.py, not the study: its --dry_run builds the data and the untrained base and
     checks every planned command with sadm-train --dry_run; its metrics on real digits and on the untrained base."""
-    from benchmarks.personalization_digits import classify, evaluate, is_inverted, main
+    from benchmarks.personalization_digits import classify, evaluate, is_inverted, is_styled, main
     from sadm_finetune.data.digits import load_digits_images
     from sadm_finetune.evaluation.features import DIGITS_CLASSIFIER_PATH, load_classifier
 
@@ -495,14 +495,19 @@ def test_the_personalization_benchmark_plans_resolvable_runs_and_measures(tmp_pa
                 "--base_images", "20", "--work_dir", str(tmp_path)])
     assert out["plan"] == ["base", "plain/0", "plain/1", "prior+sadm/0", "prior+sadm/1"]
     subjects = sorted(p.name for p in tmp_path.glob("subject_*"))
-    assert subjects == ["subject_3_4_seed0", "subject_3_4_seed1"]
-    images = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "subject_3_4_seed0").glob("*.png"))])
-    assert len(images) == 4 and is_inverted(images / 255.0).all()
+    assert subjects == ["subject_mirrored_3_4_seed0", "subject_mirrored_3_4_seed1"]  # the default subject: mirrored
     digits, labels = load_digits_images(32)
     real = digits[labels == 3][:20] / 255.0
-    assert not is_inverted(real).any()
+    subject = tmp_path / "subject_mirrored_3_4_seed0"
+    images = np.stack([np.asarray(Image.open(p)) for p in sorted(subject.glob("*.png"))])
     classifier = load_classifier(DIGITS_CLASSIFIER_PATH)
-    assert (classify(classifier, real) == 3).mean() > 0.9 and (classify(classifier, 1 - (1 - real)) == 3).mean() > 0.9
+    threes = np.full(20, 3)
+    # the detectors: a mirrored 3 is styled, a plain 3 is not; an inverted digit has a light border, a plain one not
+    assert len(images) == 4 and is_styled(classifier, images / 255.0, threes[:4], "mirrored").all()
+    assert is_styled(classifier, np.ascontiguousarray(real[:, :, ::-1]), threes, "mirrored").mean() > 0.9
+    assert not is_styled(classifier, real, threes, "mirrored").any()
+    assert is_inverted(1 - real).all() and not is_inverted(real).any()
+    assert (classify(classifier, real) == 3).mean() > 0.9
     metrics = evaluate(tmp_path / "untrained_base", None, 3, samples=1, steps=2, guidance=1.0)
     assert set(metrics) == {"subject_style", "subject_digit", "class_drift", "other_accuracy", "style_leak"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
