@@ -65,30 +65,20 @@ def _require(module: str, field: str, package: str) -> None:
         raise ConfigError(field, f"the {package} backend is not installed", "pip install 'sadm-finetune[quant]'")
 
 
-def _diffusers_config(level: str, backend: str, compute_dtype: torch.dtype):
-    if backend == "bitsandbytes":
-        from diffusers import BitsAndBytesConfig
+def _quantization_config(library: str, level: str, backend: str, compute_dtype: torch.dtype):
+    """The quantization config of `library` ("diffusers" for the denoiser, "transformers" for the text encoders):
+    both export `BitsAndBytesConfig` and `TorchAoConfig` with the same arguments."""
+    import importlib
 
+    lib = importlib.import_module(library)
+    if backend == "bitsandbytes":
         if level == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
-    from diffusers import TorchAoConfig
+            return lib.BitsAndBytesConfig(load_in_8bit=True)
+        return lib.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=compute_dtype)
     from torchao.quantization import Int8WeightOnlyConfig
 
-    return TorchAoConfig(Int8WeightOnlyConfig())
-
-
-def _transformers_config(level: str, backend: str, compute_dtype: torch.dtype):
-    if backend == "bitsandbytes":
-        from transformers import BitsAndBytesConfig
-
-        if level == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
-
-    return TorchAoConfig(Int8WeightOnlyConfig())
+    return lib.TorchAoConfig(Int8WeightOnlyConfig())
 
 
 def quantized_load_kwargs(model: ModelConfig, denoiser_name: str, text_encoder_names: tuple[str, ...],
@@ -105,11 +95,11 @@ def quantized_load_kwargs(model: ModelConfig, denoiser_name: str, text_encoder_n
     dtype = weight_dtype or torch.float32
     mapping: dict[str, Any] = {}
     if model.quantize_base != "none":
-        mapping[denoiser_name] = _diffusers_config(model.quantize_base, backend, dtype)
+        mapping[denoiser_name] = _quantization_config("diffusers", model.quantize_base, backend, dtype)
     if model.quantize_text_encoders != "none":
         for name in text_encoder_names:
             if name in present:
-                mapping[name] = _transformers_config(model.quantize_text_encoders, backend, dtype)
+                mapping[name] = _quantization_config("transformers", model.quantize_text_encoders, backend, dtype)
     if not mapping:
         return {}
     return {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping),
