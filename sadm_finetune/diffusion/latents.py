@@ -21,11 +21,17 @@ def encode(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Gene
     return ((latents - _shift(vae)) * vae.config.scaling_factor).float()
 
 
+def decode_differentiable(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> (B, 3, H, W) fp32 pixels in about [-1, 1], differentiable in the latents (SADM's feature
+    space backpropagates through the frozen decoder)."""
+    latents = latents / vae.config.scaling_factor + _shift(vae)
+    return vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample.float()
+
+
 @torch.no_grad()
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Inverse of `encode`: scaled latents -> (B, 3, H, W) pixels in [-1, 1]."""
-    latents = latents / vae.config.scaling_factor + _shift(vae)
-    return vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample.float()
+    return decode_differentiable(vae, latents)
 
 
 def sample_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor,

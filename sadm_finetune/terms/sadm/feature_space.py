@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ...diffusion.latents import decode_differentiable
 from ..repa.term import VisionEncoder, load_encoder_config
 
 
@@ -32,7 +33,5 @@ class FeatureSpace:
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and latents.requires_grad):
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            scaled = latents / self.vae.config.scaling_factor + shift
-            pixels = self.vae.decode(scaled.to(self.vae.dtype)).sample  # (B, 3, H, W) in about [-1, 1]
+            pixels = decode_differentiable(self.vae, latents)  # (B, 3, H, W) in about [-1, 1]
             return self.encoder.features(pixels.clamp(-1, 1)).float()
