@@ -194,6 +194,13 @@ class FamilyAdapter(ABC):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def split_output(self, out: torch.Tensor) -> ModelOutput:
+        """The denoiser's raw output as a ModelOutput: with learned sigma, its variance channels split off."""
+        if self.learned_sigma:
+            model_pred, variance = out.split(self.latent_channels, dim=1)
+            return ModelOutput(model_pred, variance)
+        return ModelOutput(out)
+
     @property
     def learned_sigma(self) -> bool:
         """Whether this denoiser predicts a variance too (twice the latent channels out): only where declared."""

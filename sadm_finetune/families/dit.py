@@ -155,10 +155,7 @@ class DiTAdapter(FamilyAdapter):
     def predict(self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> ModelOutput:
         out = denoiser(noisy_latents, timestep=timesteps, class_labels=conditioning["class_labels"]).sample
-        if self.learned_sigma:
-            model_pred, variance = out.split(self.latent_channels, dim=1)
-            return ModelOutput(model_pred, variance)
-        return ModelOutput(out)
+        return self.split_output(out)
 
     def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
         return list(denoiser.transformer_blocks)  # outputs: (B, tokens, hidden) token states

@@ -109,10 +109,7 @@ class PixArtAdapter(TextFamilyAdapter):
         out = denoiser(noisy_latents, encoder_hidden_states=conditioning["encoder_hidden_states"],
                        encoder_attention_mask=conditioning["encoder_attention_mask"], timestep=timesteps,
                        added_cond_kwargs=added).sample
-        if self.learned_sigma:
-            model_pred, variance = out.split(self.latent_channels, dim=1)
-            return ModelOutput(model_pred, variance)
-        return ModelOutput(out)
+        return self.split_output(out)
 
     def feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
         return list(denoiser.transformer_blocks)  # outputs: (B, tokens, hidden) token states
