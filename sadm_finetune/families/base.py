@@ -152,6 +152,19 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 )
 
 
+def save_with_pipeline_writer(pipeline_class: Any, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
+                              adapter_metadata: dict[str, Any]) -> dict[str, str]:
+    """A transformer LoRA written by the pipeline class's own `save_lora_weights` (peft keys under `transformer.`, the
+    LoRA config in the metadata; Flux, Qwen-Image), to a temporary name and moved into place."""
+    from ..tuners.lora import LORA_WEIGHT_NAME
+
+    path = Path(output_dir) / LORA_WEIGHT_NAME
+    tmp = path.with_name(f".tmp-{path.name}")
+    pipeline_class.save_lora_weights(str(output_dir), transformer_lora_layers=lora_state_dict, weight_name=tmp.name,
+                                     transformer_lora_adapter_metadata=adapter_metadata)
+    os.replace(tmp, path)
+    return {"diffusers": path.name}
+
 class FamilyAdapter(ABC):
     family: str  # model-card tag, e.g. "dit"
     display_name: str = ""  # the family in messages, e.g. "Stable Diffusion XL"

@@ -19,7 +19,6 @@ docs/defaults.md):
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 from torch import nn
 
-from .base import ModelOutput
+from .base import ModelOutput, save_with_pipeline_writer
 from .text import PackedLatentsMixin, TextFamilyAdapter
 
 FLUX_GUIDANCE_DEFAULT = 3.5  # train_dreambooth_lora_flux.py --guidance_scale, FluxPipeline.__call__'s default
@@ -134,16 +133,8 @@ class FluxAdapter(PackedLatentsMixin, TextFamilyAdapter):
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
                           adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None
                           ) -> dict[str, str]:
-        """`FluxPipeline.save_lora_weights` (peft keys under `transformer.`, the LoRA config in the metadata), written
-        to a temporary name and moved into place."""
-        from ..tuners.lora import LORA_WEIGHT_NAME
-
-        path = Path(output_dir) / LORA_WEIGHT_NAME
-        tmp = path.with_name(f".tmp-{path.name}")
-        FluxPipeline.save_lora_weights(str(output_dir), transformer_lora_layers=lora_state_dict,
-                                       weight_name=tmp.name, transformer_lora_adapter_metadata=adapter_metadata)
-        os.replace(tmp, path)
-        return {"diffusers": path.name}
+        """`FluxPipeline.save_lora_weights`, which the pipeline's `load_lora_weights` reads."""
+        return save_with_pipeline_writer(FluxPipeline, output_dir, lora_state_dict, adapter_metadata)
 
     def card_tags(self) -> list[str]:
         return [self.family, "flux-diffusers", "text-to-image"]  # as train_dreambooth_lora_flux.py tags its cards

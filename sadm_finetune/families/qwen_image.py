@@ -28,7 +28,6 @@ examples/dreambooth/train_dreambooth_lora_qwen_image.py, docs/defaults.md):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..config.run import RunConfig
-from .base import ModelOutput, refuse_options
+from .base import ModelOutput, refuse_options, save_with_pipeline_writer
 from .text import PackedLatentsMixin, TextFamilyAdapter
 from .vae import vae_dtype
 
@@ -250,16 +249,8 @@ class QwenImageAdapter(PackedLatentsMixin, TextFamilyAdapter):
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
                           adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None
                           ) -> dict[str, str]:
-        """`QwenImagePipeline.save_lora_weights` (peft keys under `transformer.`, the LoRA config in the metadata),
-        written to a temporary name and moved into place."""
-        from ..tuners.lora import LORA_WEIGHT_NAME
-
-        path = Path(output_dir) / LORA_WEIGHT_NAME
-        tmp = path.with_name(f".tmp-{path.name}")
-        QwenImagePipeline.save_lora_weights(str(output_dir), transformer_lora_layers=lora_state_dict,
-                                            weight_name=tmp.name, transformer_lora_adapter_metadata=adapter_metadata)
-        os.replace(tmp, path)
-        return {"diffusers": path.name}
+        """`QwenImagePipeline.save_lora_weights`, which the pipeline's `load_lora_weights` reads."""
+        return save_with_pipeline_writer(QwenImagePipeline, output_dir, lora_state_dict, adapter_metadata)
 
     def card_tags(self) -> list[str]:
         return [self.family, "qwen-image-diffusers", "text-to-image"]
