@@ -69,6 +69,8 @@ BASES = {  # name -> make_demo_base.py flags
     "transfer": ["--dit_steps", "3000", "--classes", "0", "1", "2", "3", "4"],
     # the scale study: the continue base at 3.3x the parameters (8 heads: 6.4 M), trained the same way
     "continue-6m": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0", "--dit_heads", "8"],
+    # the third size: 16 heads (width 512, same depth): 24 M parameters
+    "continue-24m": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0", "--dit_heads", "16"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
@@ -83,6 +85,7 @@ REGIMES = {
     "transfer": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
     "converged": {"steps": 400, "samples_per_class": 100, "recipe": []},
     "continue-6m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
+    "continue-24m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
 }
 LORA = ["--trainable", "lora", "--lora_rank", "8", "--learning_rate", "1e-3"]
 DIFFFIT = ["--trainable", "difffit", "--learning_rate", "1e-3"]  # DiffFit's 10x learning rate
@@ -194,6 +197,8 @@ RECOMMEND_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue-6m", "plain"): (PLAIN, None),
     ("continue-6m", "sadm"): ([], "plain"),
+    ("continue-24m", "plain"): (PLAIN, None),
+    ("continue-24m", "sadm"): ([], "plain"),
 }
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",

@@ -70,10 +70,15 @@ TERM_OVERRIDES = {
 MODELS = {
     "tiny": dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
                  sample_size=8, patch_size=2, num_embeds_ada_norm=1000),
+    # the scale study's larger demo DiTs (make_demo_base.py --dit_heads 8 / 16): same depth, 2x / 4x the width
+    "tiny-6m": dict(num_attention_heads=8, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
+                    sample_size=8, patch_size=2, num_embeds_ada_norm=1000),
+    "tiny-24m": dict(num_attention_heads=16, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
+                     sample_size=8, patch_size=2, num_embeds_ada_norm=1000),
     "dit-s": dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
                   sample_size=32, patch_size=2, num_embeds_ada_norm=1000),
 }
-# The `sadm:` section of configs/demo.yaml (applied to the tiny model only).
+# The `sadm:` section of configs/demo.yaml (applied to the tiny models only).
 DEMO_SADM = dict(structure_weight=0.01, structure_warmup_steps=100, disc_learning_rate=1e-4, disc_width=16,
                  disc_depth=2, disc_embed_dim=64)
 
@@ -216,7 +221,7 @@ def _toolkit_run(model: str, batch_size: int, mode: str, workdir: Path, steps: i
                      train_batch_size=batch_size, report_to="none", output_dir=str(workdir / "out"),
                      max_train_steps=steps)
     if "sadm" in mode:
-        if model == "tiny":
+        if model.startswith("tiny"):
             overrides.update(DEMO_SADM)
     else:
         overrides["structure_weight"] = 0.0
@@ -398,7 +403,8 @@ def main(argv=None) -> None:
         models, args.rounds, args.tiny_steps, args.tiny_warmup = ["tiny"], 1, 5, 2
     if args.output is None:
         args.output = RESULTS.with_name("step_time_quick.json") if args.quick else RESULTS
-    plan = {"tiny": (args.tiny_warmup, args.tiny_steps), "dit-s": (args.dits_warmup, args.dits_steps)}
+    plan = {m: (args.tiny_warmup, args.tiny_steps) for m in MODELS if m.startswith("tiny")}
+    plan["dit-s"] = (args.dits_warmup, args.dits_steps)
     load_before, started = _loadavg(), time.time()
     runs = []
     for model in models:
