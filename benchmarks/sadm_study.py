@@ -194,12 +194,21 @@ RECOMMEND_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 # The scale study (--scale; results in benchmarks/results/scale_study): SADM vs plain on the continue regime with a
 # 3.3x larger DiT (6.4 M parameters, same data, latents, base recipe and fine-tuning recipe); the 1.9 M point is
 # the mechanism study's plain/sadm pair.
+# Equal compute at each size: SADM's step-time ratio shrinks as the denoiser grows around a D of fixed size
+# (benchmarks/results/step_time_scale.json, the toolkit's loop, batch 32, one thread: x1.21 at 1.9 M, x1.085 at
+# 6.4 M, x1.016 at 24 M), so plain gets 500 x ratio steps (the 1.9 M arm keeps the mechanism study's x1.39, 695).
 SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("continue", "plain"): (PLAIN, None),
+    ("continue", "sadm"): ([], "plain"),
+    ("continue", "plain-equal-compute"): (PLAIN + ["--max_train_steps", str(EQUAL_COMPUTE_STEPS)], "plain"),
     ("continue-6m", "plain"): (PLAIN, None),
     ("continue-6m", "sadm"): ([], "plain"),
+    ("continue-6m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "543"], "plain"),
     ("continue-24m", "plain"): (PLAIN, None),
     ("continue-24m", "sadm"): ([], "plain"),
+    ("continue-24m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "508"], "plain"),
 }
+SCALE_REGIMES = ("continue", "continue-6m", "continue-24m")  # the same bench at 1.9 M, 6.4 M and 24 M parameters
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
@@ -210,7 +219,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue", "sadm-lambda-0.03"): "sadm", ("continue", "sadm-lambda-0.1"): "sadm",
                ("transfer", "full-sadm-frozen-d"): "full-sadm", ("transfer", "full-per-sample-gan"): "full-sadm",
                ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
-               ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
+               ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
+               ("continue-6m", "plain-equal-compute"): "sadm", ("continue-24m", "plain-equal-compute"): "sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -317,14 +327,19 @@ def train_and_evaluate(regime: str, arm: str, flags: list[str], seed: int, setup
 
 # Evaluation noise (--eval_noise): each checkpoint of these arms evaluated again with other sampling seeds and a
 # second sampler, so the study can say whether a paired difference outlives the evaluation draw.
-EVAL_DRAWS = {  # name -> (sampler, steps, seed); "ddim25-s1234" is every run's own eval.json
-    "ddim25-s1235": ("pipeline", 25, 1235),
-    "ddim25-s1236": ("pipeline", 25, 1236),
+EVAL_DRAWS = {  # name -> (sampler, steps, seed, samples x the regime's); "ddim25-s1234" is every run's own eval.json
+    "ddim25-s1235": ("pipeline", 25, 1235, 1),
+    "ddim25-s1236": ("pipeline", 25, 1236, 1),
     # a second sampler: DDPM (ancestral) 50 steps. Euler is not usable here: DiTPipeline never scales its first
     # latents by init_noise_sigma (measured: FID 114 with Euler 50 where DDIM 25 gives 8)
-    "ddpm50-s1234": ("ddpm", 50, 1234),
+    "ddpm50-s1234": ("ddpm", 50, 1234, 1),
+    # the study's draw with 5x the samples (5,000): is the paired difference a small-sample artefact?
+    "ddim25-s1234-x5": ("pipeline", 25, 1234, 5),
 }
-EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"))
+SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  # averaged: "mean_over_draws"
+EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"),
+                   ("transfer", "full-plain"), ("transfer", "full-sadm"), ("transfer", "full-plain-equal-compute"))
+EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain"}
 
 
 def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> dict | None:
@@ -334,16 +349,18 @@ def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> di
         return json.loads(result.read_text())["metrics"]
     if not (out / "eval.json").is_file():
         return None  # not trained yet
-    sampler, steps, sample_seed = EVAL_DRAWS[draw]
-    args = ["--pipeline", str(out), "--reference_dataset", "builtin:digits", "--features", "digits", "--classifier",
-            "digits", "--samples_per_class", str(REGIMES[regime]["samples_per_class"]), "--num_inference_steps",
+    sampler, steps, sample_seed, times = EVAL_DRAWS[draw]
+    reference = regime_setup(regime, work)["reference"]  # built already: the run was trained
+    args = ["--pipeline", str(out), "--reference_dataset", reference, "--features", "digits", "--classifier",
+            "digits", "--samples_per_class", str(times * REGIMES[regime]["samples_per_class"]), "--num_inference_steps",
             str(steps), "--sampler", sampler, "--guidance_scale", "1.0", "--seed", str(sample_seed), "--batch_size",
             "250", "--probe_images", "0", "--reference_stats_cache", str(work / f"reference-{regime}.npz")]
     return sadm_eval_once(args, result, f"evaluating {out} ({draw})", _env())
 
 
 def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
-    """Per draw: each arm's paired FID difference vs plain; per checkpoint: the FID's spread over the draws."""
+    """Per draw: each arm's paired FID difference vs its regime's plain; per checkpoint: the FID's spread over the
+    1,000-sample draws (SMALL_DRAWS, also averaged per checkpoint: "mean_over_draws")."""
     draws = ["ddim25-s1234", *EVAL_DRAWS]
     fid: dict[tuple, dict[str, float]] = {}
     for regime, arm in EVAL_NOISE_ARMS:
@@ -353,24 +370,29 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
                 f = out / ("eval.json" if draw == "ddim25-s1234" else f"eval-{draw}.json")
                 if f.is_file():
                     fid.setdefault((regime, arm, seed), {})[draw] = json.loads(f.read_text())["metrics"]["fid"]
-    result: dict = {"draws": {"ddim25-s1234": ["pipeline", 25, 1234], **{k: list(v) for k, v in EVAL_DRAWS.items()}},
+
+    def small(key: tuple) -> list[float] | None:
+        got = fid.get(key, {})
+        return [got[d] for d in SMALL_DRAWS] if all(d in got for d in SMALL_DRAWS) else None
+
+    result: dict = {"draws": {"ddim25-s1234": ["pipeline", 25, 1234, 1], **{k: list(v) for k, v in EVAL_DRAWS.items()}},
+                    "draw_fields": ["sampler", "steps", "sampling seed", "samples (x the regime's 1,000)"],
                     "paired_vs_plain": {}, "checkpoint_spread": {}}
     for regime, arm in EVAL_NOISE_ARMS:
-        spreads = [statistics.stdev(v.values()) for (r, a, _), v in fid.items() if (r, a) == (regime, arm)
-                   and len(v) == len(draws)]
+        spreads = [statistics.stdev(v) for s in seeds if (v := small((regime, arm, s)))]
         result["checkpoint_spread"][f"{regime}/{arm}"] = {
             "mean_sd_over_draws": statistics.fmean(spreads) if spreads else math.nan, "checkpoints": len(spreads)}
-        if arm == "plain":
+        plain = EVAL_NOISE_PLAIN[regime]
+        if arm == plain:
             continue
         per_draw = {}
         for draw in draws:
-            diffs = [fid[(regime, arm, s)][draw] - fid[(regime, "plain", s)][draw] for s in seeds
-                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, "plain", s), {})]
+            diffs = [fid[(regime, arm, s)][draw] - fid[(regime, plain, s)][draw] for s in seeds
+                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, plain, s), {})]
             per_draw[draw] = t_interval(diffs) if diffs else None
-        # averaged over the draws: each checkpoint's mean FID over all draws, then paired over seeds
-        diffs = [statistics.fmean(fid[(regime, arm, s)].values()) - statistics.fmean(fid[(regime, "plain", s)].values())
-                 for s in seeds if len(fid.get((regime, arm, s), {})) == len(draws)
-                 and len(fid.get((regime, "plain", s), {})) == len(draws)]
+        # averaged over the 1,000-sample draws: each checkpoint's mean FID, then paired over seeds
+        diffs = [statistics.fmean(a) - statistics.fmean(p) for s in seeds
+                 if (a := small((regime, arm, s))) and (p := small((regime, plain, s)))]
         per_draw["mean_over_draws"] = t_interval(diffs) if diffs else None
         result["paired_vs_plain"][f"{regime}/{arm}"] = per_draw
     path = write_json(output.with_name(output.name + "_eval_noise.json"), result, indent=2, newline=True)
@@ -380,8 +402,8 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
             if ci:
                 print(f"  {draw:16s} n={ci['n']} dFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]")
     for key, spread in result["checkpoint_spread"].items():
-        print(f"{key}: FID sd over the {len(draws)} draws, mean over {spread['checkpoints']} checkpoints: "
-              f"{spread['mean_sd_over_draws']:.3f}")
+        print(f"{key}: FID sd over the {len(SMALL_DRAWS)} 1,000-sample draws, mean over {spread['checkpoints']} "
+              f"checkpoints: {spread['mean_sd_over_draws']:.3f}")
     print(f"wrote {path}")
     return result
 
@@ -487,10 +509,80 @@ def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict
               "base": bases, "summary": summary,
               "protocol": "DDIM 25 steps, guidance 1.0, sampling seed 1234, digits-classifier features; "
                           "paired by training seed; 95% Student-t interval of the mean paired difference"}
+    if any(r in SCALE_REGIMES[1:] for r, _ in arms):
+        result["scale"] = scale_points(summary, work)
+        if result["scale"]:
+            plot_scale(result["scale"], output.with_name(output.name.replace("_study", "") + "_dfid.png"))
     write_json(output.with_suffix(".json"), result, indent=1)
     if summary:
         plot(summary, bases, output.with_suffix(".png"))
     return result
+
+
+def transformer_parameters(base: Path) -> int:
+    """The denoiser's parameter count, from its safetensors header (no weights read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted((base / "transformer").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return total
+
+
+def scale_points(summary: dict, work: Path) -> list[dict]:
+    """Per model size: each arm's paired FID difference vs plain (absolute and relative to plain's mean FID)."""
+    points = []
+    for regime in SCALE_REGIMES:
+        arms = summary.get(regime, {})
+        if "plain" not in arms or not (work / "bases" / regime).is_dir():
+            continue
+        params = transformer_parameters(work / "bases" / regime)
+        for arm in ("sadm", "plain-equal-compute"):
+            if "paired" in arms.get(arm, {}):
+                ci = arms[arm]["paired"]["fid"]
+                plain = arms["plain"]["mean"]["fid"]
+                points.append({"regime": regime, "parameters": params, "arm": arm, "n": ci["n"],
+                               "dfid": ci["mean"], "low": ci["low"], "high": ci["high"], "relative_to": plain,
+                               "relative": ci["mean"] / plain})
+        also = arms.get("plain-equal-compute", {}).get("also_paired", {}).get("sadm")
+        if also:  # SADM vs plain given SADM's compute: the equal-compute question itself
+            ci, ref = also["fid"], arms["plain-equal-compute"]["mean"]["fid"]
+            points.append({"regime": regime, "parameters": params, "arm": "sadm vs plain-equal-compute",
+                           "n": ci["n"], "dfid": -ci["mean"], "low": -ci["high"], "high": -ci["low"],
+                           "relative_to": ref, "relative": -ci["mean"] / ref})
+    return points
+
+
+def plot_scale(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"sadm": "tab:blue", "plain-equal-compute": "tab:gray", "sadm vs plain-equal-compute": "tab:red"}
+    for arm, color in colors.items():
+        pts = sorted((p for p in points if p["arm"] == arm), key=lambda p: p["parameters"])
+        if not pts:
+            continue
+        x = [p["parameters"] / 1e6 for p in pts]
+        for ax, rel in zip(axes, (False, True)):
+            f = [100 / p["relative_to"] if rel else 1.0 for p in pts]
+            y = [k * p["dfid"] for k, p in zip(f, pts)]
+            err = [[k * (p["dfid"] - p["low"]) for k, p in zip(f, pts)], [k * (p["high"] - p["dfid"]) for k, p in zip(f, pts)]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", color=color, capsize=4,
+                        label=f"{arm} (n={min(p['n'] for p in pts)} seeds)")
+    for ax, what in zip(axes, ("paired ΔFID", "paired ΔFID / FID (%)")):
+        ax.axhline(0, color="gray", linestyle="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("DiT parameters (millions)")
+        ax.set_ylabel(what)
+        ax.set_title(f"continue regime: {what} vs plain, mean and 95% CI", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def print_table(result: dict) -> None:
