@@ -181,6 +181,9 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # (scripts/make_digits_encoder.py: a DINOv2-architecture ViT, a different network from the FID classifier)
     ("continue", "sadm-features"): (["--disc_space", "features", "--disc_encoder", str(DIGITS_ENCODER),
                                      "--disc_encoder_resolution", "32"], "plain"),
+    # the recipe in the transfer regime: no EMA, constant LR (the regime's recipe is EMA + warm-up, constant after)
+    ("transfer", "full-plain-no-recipe"): (PLAIN + NO_RECIPE, None),
+    ("transfer", "full-sadm-no-recipe"): (NO_RECIPE, "full-plain-no-recipe"),
 }
 # The recommendation (--recommend; results in benchmarks/results/recommend_study): SADM + SD-DiT (lambda 0.5), the
 # best arm of the continue regime (confirmed on fresh seeds, terms_confirm.json), measured in the transfer regime
@@ -676,6 +679,7 @@ def main() -> None:
     if args.eval_noise:
         if not args.report_only:
             jobs = [(r, a, s, d) for s in args.seeds for (r, a) in EVAL_NOISE_ARMS for d in EVAL_DRAWS]
+            jobs.sort(key=lambda j: (j[0] != "continue", j[2]))  # the continue checkpoints first, seed by seed
             with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 list(pool.map(lambda j: evaluate_draw(*j, work), jobs))
         eval_noise_report(work, args.seeds, output)
