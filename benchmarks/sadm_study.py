@@ -71,6 +71,8 @@ BASES = {  # name -> make_demo_base.py flags
     "continue-6m": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0", "--dit_heads", "8"],
     # the third size: 16 heads (width 512, same depth): 24 M parameters
     "continue-24m": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0", "--dit_heads", "16"],
+    # the transfer base at 6.4 M (8 heads), trained as the transfer base
+    "transfer-6m": ["--dit_steps", "3000", "--classes", "0", "1", "2", "3", "4", "--dit_heads", "8"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
@@ -86,6 +88,7 @@ REGIMES = {
     "converged": {"steps": 400, "samples_per_class": 100, "recipe": []},
     "continue-6m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
     "continue-24m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
+    "transfer-6m": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
 }
 LORA = ["--trainable", "lora", "--lora_rank", "8", "--learning_rate", "1e-3"]
 DIFFFIT = ["--trainable", "difffit", "--learning_rate", "1e-3"]  # DiffFit's 10x learning rate
@@ -207,11 +210,19 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue-6m", "plain"): (PLAIN, None),
     ("continue-6m", "sadm"): ([], "plain"),
     ("continue-6m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "543"], "plain"),
+    # at 24 M, SADM's x1.016 buys plain 8 more steps of 500: equal steps are equal compute there
     ("continue-24m", "plain"): (PLAIN, None),
     ("continue-24m", "sadm"): ([], "plain"),
-    ("continue-24m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "508"], "plain"),
+    ("transfer", "full-plain"): (PLAIN, None),
+    ("transfer", "full-sadm"): ([], "full-plain"),
+    ("transfer", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
+    ("transfer-6m", "full-plain"): (PLAIN, None),
+    ("transfer-6m", "full-sadm"): ([], "full-plain"),
+    ("transfer-6m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "434"], "full-plain"),
 }
-SCALE_REGIMES = ("continue", "continue-6m", "continue-24m")  # the same bench at 1.9 M, 6.4 M and 24 M parameters
+# the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
+SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
+                "transfer": (("transfer", "transfer-6m"), "full-")}
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
@@ -223,7 +234,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer", "full-sadm-frozen-d"): "full-sadm", ("transfer", "full-per-sample-gan"): "full-sadm",
                ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
-               ("continue-6m", "plain-equal-compute"): "sadm", ("continue-24m", "plain-equal-compute"): "sadm"}
+               ("continue-6m", "plain-equal-compute"): "sadm",
+               ("transfer-6m", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -291,7 +303,7 @@ def regime_setup(regime: str, work: Path) -> dict:
     if regime.startswith("continue"):
         return {"base": build_base(regime, work), "train": "builtin:digits", "reference": "builtin:digits"}
     return {
-        "base": build_base("transfer", work),
+        "base": build_base(regime, work),
         "train": str(write_digits_dataset(work / "data" / "digits-5-9-few", TRANSFER_CLASSES, TRANSFER_PER_CLASS)),
         "reference": str(write_digits_dataset(work / "data" / "digits-5-9-all", TRANSFER_CLASSES, None)),
     }
@@ -512,7 +524,7 @@ def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict
               "base": bases, "summary": summary,
               "protocol": "DDIM 25 steps, guidance 1.0, sampling seed 1234, digits-classifier features; "
                           "paired by training seed; 95% Student-t interval of the mean paired difference"}
-    if any(r in SCALE_REGIMES[1:] for r, _ in arms):
+    if any(r.endswith(("-6m", "-24m")) for r, _ in arms):
         result["scale"] = scale_points(summary, work)
         if result["scale"]:
             plot_scale(result["scale"], output.with_name(output.name.replace("_study", "") + "_dfid.png"))
@@ -534,26 +546,29 @@ def transformer_parameters(base: Path) -> int:
 
 
 def scale_points(summary: dict, work: Path) -> list[dict]:
-    """Per model size: each arm's paired FID difference vs plain (absolute and relative to plain's mean FID)."""
+    """Per regime and model size: SADM's and plain-at-equal-compute's paired FID difference vs plain (absolute and
+    relative to plain's mean FID), and SADM vs plain at equal compute."""
     points = []
-    for regime in SCALE_REGIMES:
-        arms = summary.get(regime, {})
-        if "plain" not in arms or not (work / "bases" / regime).is_dir():
-            continue
-        params = transformer_parameters(work / "bases" / regime)
-        for arm in ("sadm", "plain-equal-compute"):
-            if "paired" in arms.get(arm, {}):
-                ci = arms[arm]["paired"]["fid"]
-                plain = arms["plain"]["mean"]["fid"]
-                points.append({"regime": regime, "parameters": params, "arm": arm, "n": ci["n"],
-                               "dfid": ci["mean"], "low": ci["low"], "high": ci["high"], "relative_to": plain,
-                               "relative": ci["mean"] / plain})
-        also = arms.get("plain-equal-compute", {}).get("also_paired", {}).get("sadm")
-        if also:  # SADM vs plain given SADM's compute: the equal-compute question itself
-            ci, ref = also["fid"], arms["plain-equal-compute"]["mean"]["fid"]
-            points.append({"regime": regime, "parameters": params, "arm": "sadm vs plain-equal-compute",
-                           "n": ci["n"], "dfid": -ci["mean"], "low": -ci["high"], "high": -ci["low"],
-                           "relative_to": ref, "relative": -ci["mean"] / ref})
+    for series, (regimes, prefix) in SCALE_SERIES.items():
+        plain_name, sadm_name, pec_name = f"{prefix}plain", f"{prefix}sadm", f"{prefix}plain-equal-compute"
+        for regime in regimes:
+            arms = summary.get(regime, {})
+            if plain_name not in arms or not (work / "bases" / regime).is_dir():
+                continue
+            params = transformer_parameters(work / "bases" / regime)
+            plain = arms[plain_name]["mean"]["fid"]
+            for arm, name in ((sadm_name, "sadm"), (pec_name, "plain-equal-compute")):
+                if "paired" in arms.get(arm, {}):
+                    ci = arms[arm]["paired"]["fid"]
+                    points.append({"series": series, "regime": regime, "parameters": params, "arm": name,
+                                   "n": ci["n"], "dfid": ci["mean"], "low": ci["low"], "high": ci["high"],
+                                   "relative_to": plain, "relative": ci["mean"] / plain})
+            also = arms.get(pec_name, {}).get("also_paired", {}).get(sadm_name)
+            if also:  # SADM vs plain given SADM's compute: the equal-compute question itself
+                ci, ref = also["fid"], arms[pec_name]["mean"]["fid"]
+                points.append({"series": series, "regime": regime, "parameters": params,
+                               "arm": "sadm vs plain-equal-compute", "n": ci["n"], "dfid": -ci["mean"],
+                               "low": -ci["high"], "high": -ci["low"], "relative_to": ref, "relative": -ci["mean"] / ref})
     return points
 
 
@@ -563,26 +578,29 @@ def plot_scale(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = [name for name in SCALE_SERIES if any(p["series"] == name for p in points)]
+    fig, axes = plt.subplots(len(series), 2, figsize=(11, 4.2 * len(series)), squeeze=False)
     colors = {"sadm": "tab:blue", "plain-equal-compute": "tab:gray", "sadm vs plain-equal-compute": "tab:red"}
-    for arm, color in colors.items():
-        pts = sorted((p for p in points if p["arm"] == arm), key=lambda p: p["parameters"])
-        if not pts:
-            continue
-        x = [p["parameters"] / 1e6 for p in pts]
-        for ax, rel in zip(axes, (False, True)):
-            f = [100 / p["relative_to"] if rel else 1.0 for p in pts]
-            y = [k * p["dfid"] for k, p in zip(f, pts)]
-            err = [[k * (p["dfid"] - p["low"]) for k, p in zip(f, pts)], [k * (p["high"] - p["dfid"]) for k, p in zip(f, pts)]]
-            ax.errorbar(x, y, yerr=err, fmt="o-", color=color, capsize=4,
-                        label=f"{arm} (n={min(p['n'] for p in pts)} seeds)")
-    for ax, what in zip(axes, ("paired ΔFID", "paired ΔFID / FID (%)")):
-        ax.axhline(0, color="gray", linestyle="--")
-        ax.set_xscale("log")
-        ax.set_xlabel("DiT parameters (millions)")
-        ax.set_ylabel(what)
-        ax.set_title(f"continue regime: {what} vs plain, mean and 95% CI", fontsize=9)
-    axes[0].legend(fontsize=8)
+    for row, name in zip(axes, series):
+        for arm, color in colors.items():
+            pts = sorted((p for p in points if p["series"] == name and p["arm"] == arm), key=lambda p: p["parameters"])
+            if not pts:
+                continue
+            x = [p["parameters"] / 1e6 for p in pts]
+            for ax, rel in zip(row, (False, True)):
+                f = [100 / p["relative_to"] if rel else 1.0 for p in pts]
+                y = [k * p["dfid"] for k, p in zip(f, pts)]
+                err = [[k * (p["dfid"] - p["low"]) for k, p in zip(f, pts)],
+                       [k * (p["high"] - p["dfid"]) for k, p in zip(f, pts)]]
+                ax.errorbar(x, y, yerr=err, fmt="o-", color=color, capsize=4,
+                            label=f"{arm} (n={min(p['n'] for p in pts)} seeds)")
+        for ax, what in zip(row, ("paired ΔFID", "paired ΔFID / FID (%)")):
+            ax.axhline(0, color="gray", linestyle="--")
+            ax.set_xscale("log")
+            ax.set_xlabel("DiT parameters (millions)")
+            ax.set_ylabel(what)
+            ax.set_title(f"{name} regime: {what}, mean and 95% CI", fontsize=9)
+        row[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
