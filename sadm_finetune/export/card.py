@@ -173,10 +173,18 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
     stats = "\n".join(f"- {k}: {v}" for k, v in facts.summary.items())
     ema_note = (f"The exported weights are the exponential moving average (decay {t.ema_decay}) of the trained weights."
                 if t.use_ema else "The exported weights are the final trained weights (no EMA).")
+    if t.use_ema and m.train_text_encoder:
+        ema_note = ema_note[:-1] + "; the text encoders' LoRA is its final trained weights (no EMA)."
     kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[m.lora_type]
     trained = (f"as a {kind} (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}, on "
                f"{', '.join(m.lora_target_modules) if m.lora_target_modules else 'the family default modules'}) "
                if m.use_lora else "")
+    if m.train_text_encoder:  # the text encoders' LoRA (tuners/lora.make_text_encoder_lora_config)
+        from ..tuners.lora import TEXT_ENCODER_TARGETS
+
+        rank = m.text_encoder_lora_rank or m.lora_rank
+        trained += (f"with a LoRA on the text encoder(s) too (rank {rank}, alpha {m.lora_alpha or rank}, on "
+                    f"{', '.join(TEXT_ENCODER_TARGETS)}; in the same LoRA file(s)) ")
     usages = "\n\n".join(f"{heading}\n\n```python\n{code}\n```" for heading, code in facts.usages)
     if trigger:
         listed = "\n".join(f"- `{p}`" for p in facts.prompts)
