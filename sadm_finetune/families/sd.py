@@ -99,6 +99,12 @@ class StableDiffusionAdapter(TextFamilyAdapter):
     # kohya's sd-scripts (networks/lora.py): LORA_PREFIX_TEXT_ENCODER for one text encoder, _1 / _2 for SDXL's two
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te"}
 
+    def text_encoder_lora_exclude(self, name: str, encoder: nn.Module) -> list[str]:
+        """--train_text_encoder: the projections of text encoder `name` that get no LoRA because `encode_text` never
+        reads their output (no gradient would reach them, and DDP stops on parameters without one): none for SD's
+        last-layer hidden states."""
+        return []
+
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
                           adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None,
                           text_encoder_lora: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None

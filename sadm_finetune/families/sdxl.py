@@ -58,6 +58,16 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         # The pooled embedding is the last encoder's (CLIPTextModelWithProjection's text_embeds).
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": out.text_embeds}
 
+    def text_encoder_lora_exclude(self, name: str, encoder: nn.Module) -> list[str]:
+        """The first encoder's last layer: SDXL reads its penultimate hidden states only (the second encoder's last
+        layer feeds the pooled projection and keeps its LoRA)."""
+        if name != "text_encoder":
+            return []
+        from ..tuners.lora import TEXT_ENCODER_TARGETS
+
+        last = encoder.config.num_hidden_layers - 1
+        return [f"layers.{last}.self_attn.{target}" for target in TEXT_ENCODER_TARGETS]
+
     def cached_text_inputs(self, prompt: str, num_images: int, device: torch.device) -> dict[str, torch.Tensor]:
         inputs = super().cached_text_inputs(prompt, num_images, device)
         if self.pipeline.config.force_zeros_for_empty_prompt:  # what the pipeline itself does without a negative

@@ -73,10 +73,10 @@ def prepare_text_encoders(config: RunConfig, adapter) -> dict[str, torch.nn.Modu
     the option)."""
     if not config.model.train_text_encoder:
         return {}
-    lora_config = lora.make_text_encoder_lora_config(config.model)
     encoders = adapter.text_encoders()
-    for encoder in encoders.values():
-        lora.attach_lora(encoder, lora_config)
+    for name, encoder in encoders.items():
+        exclude = adapter.text_encoder_lora_exclude(name, encoder)  # layers whose output the family never reads
+        lora.attach_lora(encoder, lora.make_text_encoder_lora_config(config.model, exclude))
         encoder.train()  # as diffusers' scripts: the LoRA branch's dropout (--lora_dropout) is active
     return encoders
 

@@ -48,14 +48,15 @@ def make_lora_config(config: ModelConfig, default_targets: tuple[str, ...]) -> P
                       **patterns)
 
 
-def make_text_encoder_lora_config(config: ModelConfig) -> LoraConfig:
+def make_text_encoder_lora_config(config: ModelConfig, exclude: list[str] | None = None) -> LoraConfig:
     """The text encoders' LoRA (--train_text_encoder): plain LoRA on `TEXT_ENCODER_TARGETS`, rank
     --text_encoder_lora_rank (default --lora_rank), alpha --lora_alpha when given, else that rank; --lora_dropout.
-    The denoiser's --lora_target_modules and rank / alpha patterns name denoiser modules and do not apply."""
+    The denoiser's --lora_target_modules and rank / alpha patterns name denoiser modules and do not apply.
+    `exclude`: module-name suffixes left without LoRA (peft's `exclude_modules`): those the family never reads."""
     rank = config.text_encoder_lora_rank or config.lora_rank
     alpha = config.lora_alpha if config.lora_alpha is not None else rank
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(TEXT_ENCODER_TARGETS))
+                      target_modules=list(TEXT_ENCODER_TARGETS), exclude_modules=list(exclude) if exclude else None)
 
 
 def module_alphas(adapter_metadata: dict[str, Any], modules: list[str]) -> dict[str, float]:

@@ -109,8 +109,9 @@ def test_every_exported_file_gives_the_trained_text_embeddings_and_unet_output(t
     with safe_open(str(out / KOHYA_WEIGHT_NAME), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
         alphas = {k: f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    # (SDXL's first encoder: no LoRA on its last layer, whose output SDXL never reads)
     expected = {f"{prefix}_text_model_encoder_layers_{i}_self_attn_{p}.{part}" for prefix in prefixes.values()
-                for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+                for i in ((0,) if prefix == "lora_te1" else (0, 1)) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
                 for part in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert {k for k in keys if k.startswith("lora_te")} == expected
     assert keys - expected and all(k.startswith("lora_unet_") for k in keys - expected)
@@ -120,7 +121,7 @@ def test_every_exported_file_gives_the_trained_text_embeddings_and_unet_output(t
     with safe_open(str(out / LORA_WEIGHT_NAME), "pt") as f:
         keys = set(f.keys())
     for name in prefixes:
-        assert f"{name}.text_model.encoder.layers.1.self_attn.out_proj.lora_B.weight" in keys
+        assert f"{name}.text_model.encoder.layers.0.self_attn.out_proj.lora_B.weight" in keys
     assert "text encoders: LoRA rank 2 on " + ", ".join(prefixes) in proc.stdout
     assert "with a LoRA on the text encoder(s) too (rank 2, alpha 8.0" in (out / "README.md").read_text()
 
@@ -198,6 +199,35 @@ def test_caption_dropout_uses_the_lora_text_encoder_with_grad(tmp_path):
     dtypes = {p.dtype for name, p in encoder.named_parameters() if "lora_" not in name}
     assert dtypes == {torch.bfloat16}
     assert {p.dtype for p in encoder.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_text_encoder_lora_parameter_gets_a_gradient(tmp_path, family):
+    """DDP (without find_unused_parameters) stops on a trainable parameter without a gradient: each LoRA tensor of
+    the encoders must be reached by the conditioning. SDXL reads its first encoder's penultimate layer only, so that
+    encoder's last layer gets no LoRA. Mutation: LoRA on every layer (SDXL's last layer of text_encoder: no grad)."""
+    from sadm_finetune.families.loading import load_family
+    from sadm_finetune.train.builders import prepare_text_encoders
+
+    base = FAMILIES[family][0](tmp_path / "base")
+    config = build_config({"pretrained_model_name_or_path": str(base), "train_data_dir": "d", "trainable": "lora",
+                           "train_text_encoder": True})
+    adapter = load_family(config.model)
+    adapter.trained_text_encoders = encoders = prepare_text_encoders(config, adapter)
+    torch.manual_seed(0)
+    for encoder in encoders.values():
+        for name, p in encoder.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+    batch = {"pixel_values": torch.zeros(2, 3, 32, 32), "captions": PROMPTS,
+             "original_sizes": torch.tensor([[32, 32]] * 2), "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long),
+             "target_sizes": torch.tensor([[32, 32]] * 2)}
+    cond = adapter.conditioning(batch, torch.device("cpu"), torch.float32, drop=False)
+    sum(v.square().sum() for v in cond.values() if v.requires_grad).backward()
+    for component, encoder in encoders.items():
+        trainable = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+        assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()), \
+            (component, [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum()])
 
 
 @pytest.mark.parametrize("options, field", [
