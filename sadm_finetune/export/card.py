@@ -130,13 +130,16 @@ def _files_section(output_dir: Path, config: RunConfig, facts: CardFacts, repo: 
     if "diffusers" in facts.lora_files:
         loader = "with `pipe.load_lora_weights`" if facts.stock_lora_loader else \
             "through diffusers' `PeftAdapterMixin` on its denoiser (diffusers has no LoRA loader for this pipeline)"
-        lines.append(f"- `{LORA_WEIGHT_NAME}`: the LoRA for **diffusers** (peft keys, its configuration in the file's "
-                     f"metadata), applied to the base `{base}` {loader} as below.")
+        text = " (the denoiser's and the text encoders' LoRA, which the loader applies to both)" \
+            if config.model.train_text_encoder else ""
+        lines.append(f"- `{LORA_WEIGHT_NAME}`: the LoRA for **diffusers**{text} (peft keys, its configuration in the "
+                     f"file's metadata), applied to the base `{base}` {loader} as below.")
     if "kohya" in facts.lora_files:
+        te_keys = ", the text encoders' under `lora_te...`" if config.model.train_text_encoder else ""
         lines.append(f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA for **ComfyUI** (copy it to `models/loras/`, load it "
                      "with a LoraLoader node), **AUTOMATIC1111 / Forge** (`models/Lora/`, then "
                      "`<lora:pytorch_lora_weights_kohya:1>` in the prompt) and **kohya's scripts**: kohya key format (`lora_unet_...lora_down/"
-                     "lora_up.weight`, `.alpha`) and metadata (`ss_base_model_version`, `modelspec.architecture`); "
+                     f"lora_up.weight`, `.alpha`{te_keys}) and metadata (`ss_base_model_version`, `modelspec.architecture`); "
                      f"diffusers reads it too: `pipe.load_lora_weights(\"{repo}\", "
                      f"weight_name=\"{KOHYA_WEIGHT_NAME}\")`.")
     saved = "".join(f"`{folder}/` ({what}), " for section in config.term_sections.values()  # the terms' modules

@@ -121,7 +121,8 @@ class StableDiffusionAdapter(TextFamilyAdapter):
         -> `to_q.lora.down`, not `proj_in`), and a file that mixes the two key styles loses one of them in
         `load_lora_adapter`, which picks the style from the first key."""
         formats = self.lora_formats(self.config)
-        text = {name: (clip_lora_keys(state), metadata) for name, (state, metadata) in (text_encoder_lora or {}).items()}
+        text = {name: (clip_lora_keys(state), metadata)
+                for name, (state, metadata) in (text_encoder_lora or {}).items()}
         written = {}
         if "diffusers" in formats:
             from ..tuners.lora import LORA_WEIGHT_NAME

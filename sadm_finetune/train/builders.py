@@ -78,6 +78,8 @@ def prepare_text_encoders(config: RunConfig, adapter) -> dict[str, torch.nn.Modu
         exclude = adapter.text_encoder_lora_exclude(name, encoder)  # layers whose output the family never reads
         lora.attach_lora(encoder, lora.make_text_encoder_lora_config(config.model, exclude))
         encoder.train()  # as diffusers' scripts: the LoRA branch's dropout (--lora_dropout) is active
+        if config.model.gradient_checkpointing:  # as diffusers' scripts (transformers: non-reentrant by default)
+            encoder.activation_checkpointing_enable()
     return encoders
 
 
@@ -114,8 +116,8 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     params = [p for p in denoiser.parameters() if p.requires_grad]
     params += [p for module in joint.values() for p in module.parameters()]
     text_params = [p for module in text_encoders.values() for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(t.optimizer, optimizer_groups(config, params, text_params), t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
-                               t.adam_epsilon, t)
+    optimizer = make_optimizer(t.optimizer, optimizer_groups(config, params, text_params), t.learning_rate,
+                               (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=t.max_train_steps * accelerator.num_processes)
 

@@ -103,8 +103,8 @@ def test_a_family_words_its_own_reason_and_the_generic_words_its_declaration():
     with pytest.raises(ConfigError, match=r"^weighting_scheme: logit_normal is a flow-matching option and PixArt "
                                           r"trains with the DDPM process; drop --weighting_scheme"):
         PixArtAdapter.check_config(_config("weighting_scheme"))
-    with pytest.raises(ConfigError, match=r"^train_text_encoder: DiT is class-conditional; text-encoder LoRA is "
-                                          r"wired for the CLIP text encoders of Stable Diffusion 1.x/2.x and SDXL only"):
+    with pytest.raises(ConfigError, match=r"^train_text_encoder: DiT is class-conditional; text-encoder LoRA is wired "
+                                          r"for the CLIP text encoders of Stable Diffusion 1.x/2.x and SDXL only"):
         DiTAdapter.check_config(_config("train_text_encoder"))
     with pytest.raises(ConfigError, match=r"^validation_prompts: DiT is class-conditional and takes no prompts"):
         DiTAdapter.check_config(_config("validation_prompts"))

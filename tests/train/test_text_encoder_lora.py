@@ -123,7 +123,8 @@ def test_every_exported_file_gives_the_trained_text_embeddings_and_unet_output(t
     for name in prefixes:
         assert f"{name}.text_model.encoder.layers.0.self_attn.out_proj.lora_B.weight" in keys
     assert "text encoders: LoRA rank 2 on " + ", ".join(prefixes) in proc.stdout
-    assert "with a LoRA on the text encoder(s) too (rank 2, alpha 8.0" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "with a LoRA on the text encoder(s) too (rank 2, alpha 8.0" in card and "`lora_te...`" in card
 
 
 def test_resume_restores_the_text_encoders_lora_and_its_optimizer_state(tmp_path):
@@ -145,7 +146,8 @@ def test_resume_restores_the_text_encoders_lora_and_its_optimizer_state(tmp_path
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, resumed / "checkpoints" / "checkpoint-2")
-    proc = train_in_process(tiny_run_args(base, data, resumed, steps=4) + extra + ["--resume_from_checkpoint", "latest"])
+    proc = train_in_process(tiny_run_args(base, data, resumed, steps=4) + extra +
+                            ["--resume_from_checkpoint", "latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _resumed_step(proc.stdout + proc.stderr) == 2
     a, b = (load_file(str(folder / LORA_WEIGHT_NAME)) for folder in (full, resumed))
@@ -205,15 +207,17 @@ def test_caption_dropout_uses_the_lora_text_encoder_with_grad(tmp_path):
 def test_every_text_encoder_lora_parameter_gets_a_gradient(tmp_path, family):
     """DDP (without find_unused_parameters) stops on a trainable parameter without a gradient: each LoRA tensor of
     the encoders must be reached by the conditioning. SDXL reads its first encoder's penultimate layer only, so that
-    encoder's last layer gets no LoRA. Mutation: LoRA on every layer (SDXL's last layer of text_encoder: no grad)."""
+    encoder's last layer gets no LoRA. With --gradient_checkpointing, on the encoders too. Mutation: LoRA on every
+    layer (SDXL's last layer of text_encoder: no grad)."""
     from sadm_finetune.families.loading import load_family
     from sadm_finetune.train.builders import prepare_text_encoders
 
     base = FAMILIES[family][0](tmp_path / "base")
     config = build_config({"pretrained_model_name_or_path": str(base), "train_data_dir": "d", "trainable": "lora",
-                           "train_text_encoder": True})
+                           "train_text_encoder": True, "gradient_checkpointing": True})
     adapter = load_family(config.model)
     adapter.trained_text_encoders = encoders = prepare_text_encoders(config, adapter)
+    assert all(encoder.is_activation_checkpointing for encoder in encoders.values())
     torch.manual_seed(0)
     for encoder in encoders.values():
         for name, p in encoder.named_parameters():
