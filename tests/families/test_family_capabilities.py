@@ -123,6 +123,7 @@ def test_declarations_match_the_code_behind_them():
         assert ("stock_lora_loader" in caps) == (family.pipeline_class is not None and
                                                  hasattr(family.pipeline_class, "load_lora_weights"))
         assert ("kohya_lora" in caps) == hasattr(family, "kohya_labels")
+        assert ("text_encoder_lora" in caps) == hasattr(family, "text_encoder_lora_exclude")
         assert family.feature_blocks is not FamilyAdapter.feature_blocks and "block_hidden_states" in caps
     for family in (StableDiffusion3Adapter, FluxAdapter):
         assert not issubclass(family, StableDiffusionAdapter)
