@@ -86,6 +86,7 @@ COVERAGE: dict[str, list[str]] = {
     "train/test_fsdp.py": ["train.entry"],
     "train/test_nonfinite.py": ["train.builders"],
     "train/test_core_effects.py": ["train.entry"],
+    "train/test_text_encoder_lora.py": ["tuners.lora", "tuners.kohya", "train.builders"],
     "train/test_train_dit.py": [],
     # export/
     "export/test_outputs.py": ["export.outputs"],

@@ -125,6 +125,14 @@ class ModelConfig:
     lora_alpha_pattern: dict[str, float] | None = _f(
         None, "Per-module alphas overriding --lora_alpha (peft's alpha_pattern), written like --lora_rank_pattern; "
         "the LoRA file's metadata carries them (the kohya file: folded into each module's lora_up).")
+    train_text_encoder: bool = _f(
+        False, "LoRA runs of SD 1.x/2.x and SDXL: also train a LoRA on the text encoder(s)' attention projections "
+        "(q_proj, k_proj, v_proj, out_proj, as diffusers' train_dreambooth_lora*.py), saved in the same LoRA files "
+        "(text_encoder / text_encoder_2 keys; kohya: lora_te_ / lora_te1_, lora_te2_). Text embeddings are then "
+        "computed every step, so --cache_text_embeddings is refused.")
+    text_encoder_lora_rank: int | None = _f(
+        None, "--train_text_encoder: the text encoders' LoRA rank (default: --lora_rank); their alpha is --lora_alpha "
+        "when given, else this rank.")
     quantize_base: Literal["none", "int8", "nf4"] = _f(
         "none", "LoRA runs: load the frozen denoiser's weights quantized (int8, or nf4 on a CUDA GPU) through "
         "diffusers' quantization configs; the LoRA trains in fp32 on top and its file applies to the full-precision "
@@ -143,7 +151,7 @@ class ModelConfig:
         for name in ("class_dropout_prob", "caption_dropout_prob", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.1")
-        _positive(self, "lora_rank", "lora_alpha", "guidance_scale")
+        _positive(self, "lora_rank", "lora_alpha", "guidance_scale", "text_encoder_lora_rank")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "is an empty list", "name at least one module, or leave it unset")
         if self.vae_revision is not None and self.pretrained_vae_model_name_or_path is None:
@@ -178,6 +186,15 @@ class ModelConfig:
             if self.lora_export_format is not None:
                 raise ConfigError("lora_export_format", f"no stock diffusers loader reads {self.lora_type} files, so "
                                   "the run exports the merged pipeline", "drop --lora_export_format")
+        if self.train_text_encoder and (not self.use_lora or self.lora_type != "lora"):
+            raise ConfigError("train_text_encoder", "trains a LoRA on the text encoders and this run is "
+                              f"--trainable {self.trainable}" + (f" --lora_type {self.lora_type}" if self.use_lora
+                                                                 else "") + " (full fine-tuning of the text "
+                              "encoders is not offered)", "use --trainable lora --lora_type lora, or drop "
+                              "--train_text_encoder")
+        if self.text_encoder_lora_rank is not None and not self.train_text_encoder:
+            raise ConfigError("text_encoder_lora_rank", "is given without --train_text_encoder",
+                              "add --train_text_encoder, or drop --text_encoder_lora_rank")
         if self.lora_type == "dora" and self.lora_export_format in ("kohya", "both"):
             raise ConfigError("lora_export_format", "kohya's LoRA format has no DoRA magnitude vectors",
                               "use --lora_export_format diffusers (diffusers' load_lora_weights reads DoRA)")
@@ -285,6 +302,9 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
     max_train_steps: int = _f(1000, "Number of denoiser updates.")
     learning_rate: float = _f(1e-4, "Denoiser learning rate (AdamW).")
+    text_encoder_lr: float | None = _f(
+        None, "--train_text_encoder: the text encoders' LoRA learning rate (a second parameter group of the "
+        "denoiser's optimizer, under the same schedule; default: --learning_rate).")
     lr_scheduler: Literal[LR_SCHEDULERS] = _f(
         "cosine", "Learning-rate schedule (diffusers get_scheduler). The default decays to 0 over the run: with "
         "EMA, the recipe under which SADM helps (README, Does SADM help?).")
@@ -350,6 +370,7 @@ class TrainingConfig:
             "gradient_accumulation_steps",
             "max_train_steps",
             "learning_rate",
+            "text_encoder_lr",
             "max_grad_norm",
             "validation_steps",
             "num_validation_images",
@@ -494,6 +515,12 @@ class RunConfig:
             raise ConfigError("quantize_text_encoders", "is given with --cache_text_embeddings, which encodes every "
                               "prompt once and frees the text encoders before training",
                               "drop --quantize_text_encoders (or --cache_text_embeddings)")
+        if self.model.train_text_encoder and self.data.cache_text_embeddings:
+            raise ConfigError("cache_text_embeddings", "cannot be used with --train_text_encoder (the text encoders "
+                              "train, so their embeddings change every step)", "drop --cache_text_embeddings")
+        if self.training.text_encoder_lr is not None and not self.model.train_text_encoder:
+            raise ConfigError("text_encoder_lr", "is given without --train_text_encoder",
+                              "add --train_text_encoder, or drop --text_encoder_lr")
         if self.model.quantize_base != "none" or self.model.quantize_text_encoders != "none":
             from ..tuners.quantization import check_environment  # CUDA for bitsandbytes, the backend installed
 

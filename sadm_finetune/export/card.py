@@ -130,13 +130,16 @@ def _files_section(output_dir: Path, config: RunConfig, facts: CardFacts, repo: 
     if "diffusers" in facts.lora_files:
         loader = "with `pipe.load_lora_weights`" if facts.stock_lora_loader else \
             "through diffusers' `PeftAdapterMixin` on its denoiser (diffusers has no LoRA loader for this pipeline)"
-        lines.append(f"- `{LORA_WEIGHT_NAME}`: the LoRA for **diffusers** (peft keys, its configuration in the file's "
-                     f"metadata), applied to the base `{base}` {loader} as below.")
+        text = " (the denoiser's and the text encoders' LoRA, which the loader applies to both)" \
+            if config.model.train_text_encoder else ""
+        lines.append(f"- `{LORA_WEIGHT_NAME}`: the LoRA for **diffusers**{text} (peft keys, its configuration in the "
+                     f"file's metadata), applied to the base `{base}` {loader} as below.")
     if "kohya" in facts.lora_files:
+        te_keys = ", the text encoders' under `lora_te...`" if config.model.train_text_encoder else ""
         lines.append(f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA for **ComfyUI** (copy it to `models/loras/`, load it "
                      "with a LoraLoader node), **AUTOMATIC1111 / Forge** (`models/Lora/`, then "
                      "`<lora:pytorch_lora_weights_kohya:1>` in the prompt) and **kohya's scripts**: kohya key format (`lora_unet_...lora_down/"
-                     "lora_up.weight`, `.alpha`) and metadata (`ss_base_model_version`, `modelspec.architecture`); "
+                     f"lora_up.weight`, `.alpha`{te_keys}) and metadata (`ss_base_model_version`, `modelspec.architecture`); "
                      f"diffusers reads it too: `pipe.load_lora_weights(\"{repo}\", "
                      f"weight_name=\"{KOHYA_WEIGHT_NAME}\")`.")
     saved = "".join(f"`{folder}/` ({what}), " for section in config.term_sections.values()  # the terms' modules
@@ -173,10 +176,18 @@ def write_model_card(output_dir: Path, config: RunConfig, facts: CardFacts) -> P
     stats = "\n".join(f"- {k}: {v}" for k, v in facts.summary.items())
     ema_note = (f"The exported weights are the exponential moving average (decay {t.ema_decay}) of the trained weights."
                 if t.use_ema else "The exported weights are the final trained weights (no EMA).")
+    if t.use_ema and m.train_text_encoder:
+        ema_note = ema_note[:-1] + "; the text encoders' LoRA is its final trained weights (no EMA)."
     kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[m.lora_type]
     trained = (f"as a {kind} (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}, on "
                f"{', '.join(m.lora_target_modules) if m.lora_target_modules else 'the family default modules'}) "
                if m.use_lora else "")
+    if m.train_text_encoder:  # the text encoders' LoRA (tuners/lora.make_text_encoder_lora_config)
+        from ..tuners.lora import TEXT_ENCODER_TARGETS
+
+        rank = m.text_encoder_lora_rank or m.lora_rank
+        trained += (f"with a LoRA on the text encoder(s) too (rank {rank}, alpha {m.lora_alpha or rank}, on "
+                    f"{', '.join(TEXT_ENCODER_TARGETS)}; in the same LoRA file(s)) ")
     usages = "\n\n".join(f"{heading}\n\n```python\n{code}\n```" for heading, code in facts.usages)
     if trigger:
         listed = "\n".join(f"- `{p}`" for p in facts.prompts)

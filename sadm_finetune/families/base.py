@@ -79,6 +79,8 @@ CAPABILITIES: dict[str, str] = {
     "pos_embed_transfer": "rebuilds a fixed positional embedding for another --resolution: --pos_embed_transfer",
     "difffit": "has the BasicTransformerBlock branches DiffFit scales (tuners/difffit.py): --trainable difffit",
     "kohya_lora": "a LoRA run can also write kohya's file (tuners/kohya.py): --lora_export_format kohya / both",
+    "text_encoder_lora": "a LoRA run can train a LoRA on the CLIP text encoder(s) too, saved in its LoRA files and "
+                         "merged into a merged export: --train_text_encoder",
     "stock_lora_loader": "the pipeline's own `load_lora_weights` reads the diffusers-format LoRA file "
                          "(`pipeline_class`): a LoRA run writes the file alone (no merged pipeline unless "
                          "--export_merged)",
@@ -113,6 +115,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "kohya LoRA files exist for Stable Diffusion 1.x/2.x and SDXL UNets, not for {name}",
                 "drop --lora_export_format (the diffusers-format file is written)",
                 when=lambda value: value in ("kohya", "both")),
+    Requirement("model", "train_text_encoder", "text_encoder_lora",
+                "{name} is {conditioning}; text-encoder LoRA is wired for the CLIP text encoders of Stable Diffusion "
+                "1.x/2.x and SDXL only", "drop --train_text_encoder", when=bool),
     Requirement("training", "validation_class_labels", "class_labels",
                 "{name} is {conditioning} and takes no class ids",
                 "drop --validation_class_labels (a text family's grid rows: --validation_prompts)"),
@@ -457,8 +462,8 @@ image.save("sample.png")"""
     def lora_pipeline(self, output_dir: Path, weight_name: str) -> DiffusionPipeline:
         """The base pipeline (a fresh base denoiser beside the frozen components) with the LoRA file `weight_name` of
         `output_dir` applied by the pipeline's own `load_lora_weights`: what a user of the file samples. Raises unless
-        every LoRA tensor of the file sits in the denoiser (a loader may inject a module and leave the file's
-        tensor for it unread, with only a warning)."""
+        every LoRA tensor of the file sits in the denoiser or a text encoder (a loader may inject a module and leave
+        the file's tensor for it unread, with only a warning)."""
         from collections import Counter
 
         from diffusers.utils import logging as diffusers_logging
@@ -480,8 +485,9 @@ image.save("sample.png")"""
             return Counter(t.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy().tobytes()
                            for t in tensors)
 
-        denoiser = getattr(pipeline, self.denoiser_name)
-        loaded = [p for name, p in denoiser.named_parameters()
+        modules = [getattr(pipeline, self.denoiser_name), *(getattr(pipeline, name) for name in
+                                                             getattr(self, "text_encoder_names", ()))]
+        loaded = [p for module in modules if module is not None for name, p in module.named_parameters()
                   if ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name]  # DoRA's too
         missing = fingerprints(in_file.values()) - fingerprints(loaded)
         if missing:

@@ -9,6 +9,7 @@ scheduler config, as for every family.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,14 @@ from torch import nn
 from ..utils.errors import ConfigError
 from .base import ModelOutput
 from .text import TextFamilyAdapter
+
+
+def clip_lora_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's peft LoRA keys as LoRA files name them: under `text_model.`, which transformers 5's
+    CLIPTextModel no longer has as a module (`encoder.layers.0.self_attn.q_proj.lora_A.weight` ->
+    `text_model.encoder.layers.0...`); diffusers' loader and kohya's names (`lora_te_text_model_encoder_...`)
+    expect it, and the loader drops it again for a flattened encoder."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
 class StableDiffusionAdapter(TextFamilyAdapter):
@@ -33,7 +42,7 @@ class StableDiffusionAdapter(TextFamilyAdapter):
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
     capabilities = frozenset({"text", "ddpm", "aspect_ratio_buckets", "difffit", "kohya_lora", "stock_lora_loader",
-                              "block_hidden_states"})
+                              "block_hidden_states", "text_encoder_lora"})
     capability_gaps = {"pos_embed_transfer": "{name}'s UNet has no positional embedding to transfer",
                        "class_label_blocks": "{name} has a UNet"}
 
@@ -57,13 +66,13 @@ class StableDiffusionAdapter(TextFamilyAdapter):
         # SD 1.x / 2.x) never take the odd-size upsampling path.
         return self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
 
-    @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Prompts -> {"prompt_embeds": (B, tokens, dim)} CLIP hidden states, as StableDiffusionPipeline computes
-        them."""
+        them (with grad into the encoder's LoRA with --train_text_encoder: `text_grad`)."""
         input_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                    truncation=True, return_tensors="pt").input_ids
-        return {"prompt_embeds": self.text_encoder(input_ids.to(device))[0]}
+        with self.text_grad():
+            return {"prompt_embeds": self.text_encoder_module("text_encoder")(input_ids.to(device))[0]}
 
     def conditioning(self, batch: dict[str, Any], device: torch.device, weight_dtype: torch.dtype,
                      drop: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -87,23 +96,51 @@ class StableDiffusionAdapter(TextFamilyAdapter):
             requires_safety_checker=False,
         )
 
+    # kohya's sd-scripts (networks/lora.py): LORA_PREFIX_TEXT_ENCODER for one text encoder, _1 / _2 for SDXL's two
+    kohya_text_encoder_prefixes = {"text_encoder": "lora_te"}
+
+    def text_encoder_lora_exclude(self, name: str, encoder: nn.Module) -> list[str]:
+        """--train_text_encoder: the projections of text encoder `name` that get no LoRA because `encode_text` never
+        reads their output (no gradient would reach them, and DDP stops on parameters without one): none for SD's
+        last-layer hidden states."""
+        return []
+
     def save_lora_weights(self, output_dir: Path, lora_state_dict: dict[str, torch.Tensor],
-                          adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None
+                          adapter_metadata: dict[str, Any], kohya_metadata: dict[str, str] | None = None,
+                          text_encoder_lora: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
                           ) -> dict[str, str]:
-        """The stock LoRA file (`FamilyAdapter.save_lora_weights`: peft keys under the `unet.` prefix, which the
-        pipeline's `load_lora_weights` reads whole) and/or the kohya file (models/kohya.py), as `lora_formats` says.
+        """The stock LoRA file and/or the kohya file (models/kohya.py), as `lora_formats` says. `text_encoder_lora`
+        (--train_text_encoder): component name -> (its peft LoRA tensors, its LoRA config), written beside the UNet's.
+
+        The diffusers file: the pipeline class's own `save_lora_weights` (keys `unet.<peft key>` and
+        `text_encoder[_2].text_model.<peft key>`, each part's LoRA config in the metadata), which its
+        `load_lora_weights` reads whole, UNet and text encoders. The text encoders' keys carry CLIP's `text_model.`
+        (`clip_lora_keys`) as every SD LoRA file does; diffusers' loader drops it for transformers' flattened CLIP.
 
         Not diffusers' `convert_state_dict_to_diffusers`: it renames only the modules its table knows (`to_q.lora_A`
         -> `to_q.lora.down`, not `proj_in`), and a file that mixes the two key styles loses one of them in
         `load_lora_adapter`, which picks the style from the first key."""
         formats = self.lora_formats(self.config)
-        written = super().save_lora_weights(output_dir, lora_state_dict, adapter_metadata) if "diffusers" in formats \
-            else {}
+        text = {name: (clip_lora_keys(state), metadata)
+                for name, (state, metadata) in (text_encoder_lora or {}).items()}
+        written = {}
+        if "diffusers" in formats:
+            from ..tuners.lora import LORA_WEIGHT_NAME
+
+            path = Path(output_dir) / LORA_WEIGHT_NAME
+            tmp = path.with_name(f".tmp-{path.name}")
+            layers = {"unet_lora_layers": lora_state_dict, "unet_lora_adapter_metadata": adapter_metadata}
+            for name, (state, metadata) in text.items():
+                layers.update({f"{name}_lora_layers": state, f"{name}_lora_adapter_metadata": metadata})
+            self.pipeline_class.save_lora_weights(str(output_dir), weight_name=tmp.name, **layers)
+            os.replace(tmp, path)
+            written["diffusers"] = path.name
         if "kohya" in formats:
             from ..tuners.kohya import save_kohya_lora
 
             labels = {**self.kohya_labels(), **(kohya_metadata or {})}
-            written["kohya"] = save_kohya_lora(output_dir, lora_state_dict, adapter_metadata, labels).name
+            kohya_text = {self.kohya_text_encoder_prefixes[name]: part for name, part in text.items()}
+            written["kohya"] = save_kohya_lora(output_dir, lora_state_dict, adapter_metadata, labels, kohya_text).name
         return written
 
     def kohya_labels(self) -> dict[str, str]:

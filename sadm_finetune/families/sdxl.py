@@ -41,20 +41,32 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     load_kwargs: dict[str, Any] = {}  # no safety checker to skip
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
+    kohya_text_encoder_prefixes = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}  # sd-scripts' names
     vae_fp32_under_bf16 = True  # train_text_to_image_lora_sdxl.py: "The VAE is in float32 to avoid NaN losses"
 
-    @torch.no_grad()
     def encode_text(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Prompts -> {"prompt_embeds": (B, tokens, dim_1 + dim_2), "pooled_prompt_embeds": (B, proj_dim)}."""
+        """Prompts -> {"prompt_embeds": (B, tokens, dim_1 + dim_2), "pooled_prompt_embeds": (B, proj_dim)} (with grad
+        into both encoders' LoRA with --train_text_encoder: `text_grad`)."""
         hidden = []
         for name, tokenizer_name in zip(self.text_encoder_names, self.tokenizer_names):
-            tokenizer, encoder = getattr(self.pipeline, tokenizer_name), getattr(self.pipeline, name)
+            tokenizer, encoder = getattr(self.pipeline, tokenizer_name), self.text_encoder_module(name)
             input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids
-            out = encoder(input_ids.to(device), output_hidden_states=True)
+            with self.text_grad():
+                out = encoder(input_ids.to(device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both encoders
         # The pooled embedding is the last encoder's (CLIPTextModelWithProjection's text_embeds).
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": out.text_embeds}
+
+    def text_encoder_lora_exclude(self, name: str, encoder: nn.Module) -> list[str]:
+        """The first encoder's last layer: SDXL reads its penultimate hidden states only (the second encoder's last
+        layer feeds the pooled projection and keeps its LoRA)."""
+        if name != "text_encoder":
+            return []
+        from ..tuners.lora import TEXT_ENCODER_TARGETS
+
+        last = encoder.config.num_hidden_layers - 1
+        return [f"layers.{last}.self_attn.{target}" for target in TEXT_ENCODER_TARGETS]
 
     def cached_text_inputs(self, prompt: str, num_images: int, device: torch.device) -> dict[str, torch.Tensor]:
         inputs = super().cached_text_inputs(prompt, num_images, device)

@@ -12,6 +12,7 @@ family lists its capabilities (`FamilyAdapter.capabilities`), "text" among them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from abc import abstractmethod
@@ -68,12 +69,25 @@ class TextFamilyAdapter(FamilyAdapter):
         super().__init__(pipeline, config)
         self.text_cache = None  # a text_cache.TextEmbeddingCache, with --cache_text_embeddings
         self.empty_text_embeddings: dict[str, torch.Tensor] | None = None  # the empty prompt's, (1, ...), cached
+        # --train_text_encoder (SD, SDXL): the prepared text encoders with LoRA, by component name (train.builders)
+        self.trained_text_encoders: dict[str, nn.Module] = {}
 
     # -- the text encoders -------------------------------------------------------------------------------------
     def text_encoders(self) -> dict[str, nn.Module]:
         """The text encoders still in memory, by pipeline component name."""
         return {name: module for name in self.text_encoder_names
                 if (module := getattr(self.pipeline, name, None)) is not None}
+
+    def text_encoder_module(self, name: str) -> nn.Module:
+        """The module that encodes with text encoder `name`: the prepared (DDP-wrapped where launched so) LoRA'd
+        encoder with --train_text_encoder, else the pipeline's frozen one."""
+        trained = self.trained_text_encoders.get(name)
+        return trained if trained is not None else getattr(self.pipeline, name)
+
+    def text_grad(self) -> contextlib.AbstractContextManager:
+        """Where `encode_text` runs: without grad for frozen encoders; with --train_text_encoder under the caller's
+        grad mode (the loop's conditioning backpropagates into their LoRA)."""
+        return contextlib.nullcontext() if self.trained_text_encoders else torch.no_grad()
 
     def tokenizers(self) -> dict[str, Any]:
         return {name: tokenizer for name in self.tokenizer_names
@@ -123,7 +137,9 @@ class TextFamilyAdapter(FamilyAdapter):
             cached = {name: value.to(device) for name, value in batch["text_embeddings"].items()}
             return cached, self.empty_text_embeddings
         prompts = [caption_text(c) for c in batch.get("captions") or [""] * batch_size(batch)]
-        encoded = self.encode_text(prompts + [""], device)  # one encoder pass over the batch and the empty prompt
+        # One encoder pass over the batch and the empty prompt; with --train_text_encoder the empty prompt is encoded
+        # by the LoRA'd encoders too, with grad (what diffusers' empty captions before encoding compute).
+        encoded = self.encode_text(prompts + [""], device)
         return {k: v[:-1] for k, v in encoded.items()}, {k: v[-1:] for k, v in encoded.items()}
 
     def dropped_text_embeddings(self, batch: dict[str, Any], device: torch.device, drop: bool,

@@ -67,6 +67,32 @@ def prepare_denoiser(config: RunConfig, adapter, device: torch.device, weight_dt
     return denoiser
 
 
+def prepare_text_encoders(config: RunConfig, adapter) -> dict[str, torch.nn.Module]:
+    """--train_text_encoder: LoRA layers on the text encoders (already frozen and placed in weight_dtype by
+    `entry.place_frozen_modules`); only they require grad, in fp32. Returns them by component name (none without
+    the option)."""
+    if not config.model.train_text_encoder:
+        return {}
+    encoders = adapter.text_encoders()
+    for name, encoder in encoders.items():
+        exclude = adapter.text_encoder_lora_exclude(name, encoder)  # layers whose output the family never reads
+        lora.attach_lora(encoder, lora.make_text_encoder_lora_config(config.model, exclude))
+        encoder.train()  # as diffusers' scripts: the LoRA branch's dropout (--lora_dropout) is active
+        if config.model.gradient_checkpointing:  # as diffusers' scripts (transformers: non-reentrant by default)
+            encoder.activation_checkpointing_enable()
+    return encoders
+
+
+def optimizer_groups(config: RunConfig, params: list, text_params: list) -> list:
+    """The denoiser's optimizer's parameters: a list of tensors, or with --train_text_encoder two parameter groups,
+    the text encoders' at --text_encoder_lr (default: --learning_rate), as diffusers' train_dreambooth_lora*.py."""
+    if not text_params:
+        return params
+    t = config.training
+    lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
+    return [{"params": params, "lr": t.learning_rate}, {"params": text_params, "lr": lr}]
+
+
 def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) -> tuple[Run, Any, CheckpointState]:
     """The denoiser, its optimizer and LR schedule, the loss terms and their modules, EMA, all prepared by
     accelerate in one fixed order (the checkpoint layout: denoiser, its optimizer and schedule, the terms'
@@ -77,6 +103,7 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
     t = config.training
     weight_dtype = weight_dtype_of(accelerator)
     denoiser = prepare_denoiser(config, adapter, accelerator.device, weight_dtype)
+    text_encoders = prepare_text_encoders(config, adapter)
     process = make_process(adapter.pipeline.scheduler.config, accelerator.device, config.flow_matching,
                            adapter.latent_patch_size)
     terms = build_terms(config, adapter, process, accelerator.autocast)
@@ -88,8 +115,9 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
                           "use DDP (accelerate launch --multi_gpu) with these terms")
     params = [p for p in denoiser.parameters() if p.requires_grad]
     params += [p for module in joint.values() for p in module.parameters()]
-    optimizer = make_optimizer(t.optimizer, params, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.adam_weight_decay,
-                               t.adam_epsilon, t)
+    text_params = [p for module in text_encoders.values() for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(t.optimizer, optimizer_groups(config, params, text_params), t.learning_rate,
+                               (t.adam_beta1, t.adam_beta2), t.adam_weight_decay, t.adam_epsilon, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=t.max_train_steps * accelerator.num_processes)
 
@@ -108,17 +136,24 @@ def build_run(config: RunConfig, accelerator: Accelerator, adapter, dataloader) 
                     saved.add(term.checkpoint_name(name, suffix), obj)
             else:
                 to_prepare += [module, opt, sched]
+    to_prepare += list(text_encoders.values())  # last: the checkpoint's earlier model files keep their numbers
     prepared = list(accelerator.prepare(*to_prepare, dataloader))
     denoiser, optimizer, scheduler = prepared[:3]
     joint = dict(zip(joint, prepared[3:3 + len(joint)]))
-    rest = iter(prepared[3 + len(joint):-1])
+    rest = iter(prepared[3 + len(joint):-1 - len(text_encoders)])
+    text_encoders = dict(zip(text_encoders, prepared[len(prepared) - 1 - len(text_encoders):-1]))
     for term in terms:
         modules = own[term.name]
         if not sharded:
             modules = {name: (next(rest), next(rest), next(rest)) for name in modules}
         term.bind(modules, {name.split(".", 1)[1]: m for name, m in joint.items() if name.startswith(term.name + ".")})
-    if config.model.use_lora:
-        lora.register_lora_checkpointing(accelerator, denoiser)  # checkpoints hold the LoRA, not the base
+    if config.model.use_lora:  # checkpoints hold the LoRA, not the base
+        lora.register_lora_checkpointing(accelerator, denoiser, *text_encoders.values())
+    if text_encoders:
+        # The adapter encodes captions through the prepared encoders (with grad); the loop trains them as it trains
+        # the joint modules: in `accumulate`, in the denoiser's optimizer and grad-norm clipping, the replica check.
+        adapter.trained_text_encoders = text_encoders
+        joint.update(text_encoders)
 
     ema = None
     if t.use_ema:
@@ -159,6 +194,17 @@ def _quantized_note(config: RunConfig, denoiser) -> str:
             f"{quantized_weights(denoiser)} quantized Linear layers)")
 
 
+def _text_encoder_lines(config: RunConfig, adapter) -> list[str]:
+    """The summary's line on the text encoders' LoRA (--train_text_encoder), else none."""
+    encoders = getattr(adapter, "trained_text_encoders", None)
+    if not encoders:
+        return []
+    trainable = sum(p.numel() for m in encoders.values() for p in m.parameters() if p.requires_grad)
+    lr = config.training.text_encoder_lr or config.training.learning_rate
+    return [f"text encoders: LoRA rank {config.model.text_encoder_lora_rank or config.model.lora_rank} on "
+            f"{', '.join(encoders)}, {trainable / 1e6:.2f} M trainable, learning rate {lr}"]
+
+
 def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -> None:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     denoiser = run.denoiser
@@ -169,6 +215,7 @@ def log_summary(accelerator, config, data, run: Run, resolution, global_batch) -
         f"{global_batch * config.training.gradient_accumulation_steps} ({accelerator.num_processes} processes)",
         f"denoiser: {count(denoiser) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable"
         + (f" (LoRA rank {config.model.lora_rank})" if config.model.use_lora else "") + _quantized_note(config, denoiser),
+        *_text_encoder_lines(config, run.adapter),
         f"precision: {accelerator.mixed_precision} (VAE in {str(run.adapter.vae.dtype).removeprefix('torch.')}), "
         f"device: {accelerator.device}",
     ]

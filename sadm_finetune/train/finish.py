@@ -92,7 +92,10 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
     components."""
     config, accelerator, adapter = run.config, run.accelerator, run.adapter
     t, m = config.training, config.model
-    if run.weight_dtype != torch.float32 or adapter.released_text_encoders or m.quantize_text_encoders != "none":
+    # --train_text_encoder: the encoders' LoRA read out before the pipeline's encoders are replaced by fresh ones
+    text_lora = text_encoder_lora(run)
+    if run.weight_dtype != torch.float32 or adapter.released_text_encoders or m.quantize_text_encoders != "none" \
+            or text_lora:
         adapter.reload_frozen_fp32()  # the export carries the base's frozen weights as stored, never quantized ones
     extra = {folder: module for term in run.terms for folder, module in term.export_modules().items()}
     dtypes = export_dtypes(config, adapter)
@@ -106,6 +109,8 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
             if with_pipeline:  # merged into a fresh base: stock loaders, the base's keys
                 base = adapter.load_component(adapter.denoiser_name)
                 pipeline = adapter.export_pipeline(lora.merge_lora(base, lora_config, lora_state))
+                for name, (config_te, state_te) in text_lora.items():  # each text encoder's LoRA merged too
+                    setattr(pipeline, name, lora.merge_lora(adapter.load_component(name), config_te, state_te))
         elif m.trainable == "difffit":  # scale factors folded into the weights: a stock model
             from ..tuners.difffit import folded_copy
 
@@ -119,8 +124,11 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
     lora_files: dict[str, str] = {}
     if lora_state is not None and adapter.lora_formats(m):  # LoHa / LoKr: the merged pipeline only
         state_out = lora.cast_state(lora_state, dtypes[adapter.denoiser_name])
+        text_out = {name: (lora.cast_state(state_te, dtypes[name]), lora.lora_metadata(config_te))
+                    for name, (config_te, state_te) in text_lora.items()}
         lora_files = adapter.save_lora_weights(output_dir, state_out, lora.lora_metadata(lora_config),
-                                               kohya_labels(config, output_dir, adapter.default_resolution()))
+                                               kohya_labels(config, output_dir, adapter.default_resolution()),
+                                               **({"text_encoder_lora": text_out} if text_out else {}))
     # The final samples come from what was written: the reloaded pipeline, or the base with the LoRA file applied.
     if with_pipeline:
         from diffusers import DiffusionPipeline
@@ -147,6 +155,18 @@ def export_run(run: Run, data, output_dir: Path, state: TrainState, argv: list[s
     accelerator.print(f"Saved {what} to {output_dir}")
 
 
+def text_encoder_lora(run: Run) -> dict[str, tuple]:
+    """--train_text_encoder: component name -> (its LoRA config, its LoRA tensors as detached fp32 CPU copies) of
+    each trained text encoder; empty without the option. The text encoders' LoRA is never EMA-averaged (the EMA
+    covers the denoiser's trainable weights), so these are the final trained weights."""
+    trained = getattr(run.adapter, "trained_text_encoders", None) or {}
+    out = {}
+    for name, module in trained.items():
+        model = run.accelerator.unwrap_model(module)
+        out[name] = (model.peft_config[lora.ADAPTER_NAME], lora.lora_state_dict(model))
+    return out
+
+
 def kohya_labels(config: RunConfig, output_dir: Path, resolution: int) -> dict[str, str]:
     """What the kohya file records about the run besides the network and the base (kohya's `ss_*` / `modelspec.*`
     names): title, resolution, date, licence, trigger phrase and the training settings kohya records."""
@@ -164,6 +184,8 @@ def kohya_labels(config: RunConfig, output_dir: Path, resolution: int) -> dict[s
         "modelspec.trigger_phrase": trigger_words(config),
         "ss_sd_model_name": public_name(m.pretrained_model_name_or_path), "ss_output_name": output_dir.name,
         "ss_learning_rate": t.learning_rate, "ss_max_train_steps": t.max_train_steps, "ss_seed": t.seed,
+        **({"ss_unet_lr": t.learning_rate, "ss_text_encoder_lr": t.text_encoder_lr or t.learning_rate}
+           if m.train_text_encoder else {}),
         "ss_training_comment": ", ".join(["sadm-finetune", *filter(None, (section.kohya_comment() for section
                                                                           in config.term_sections.values()))]),
     }

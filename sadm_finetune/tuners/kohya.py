@@ -6,7 +6,9 @@ Keys: diffusers' `convert_state_dict_to_kohya` of the peft state dict under the 
 names, which ComfyUI, A1111 and diffusers' own kohya loader map for both families), and one `<module>.alpha` scalar
 per module. diffusers writes alpha = rank there; kohya's update scale is alpha / rank, so the run's `lora_alpha`
 replaces it (with --lora_alpha_pattern, folded into the weights: `fold_alpha_pattern`). Every tensor (alpha too,
-as kohya's `save_weights` does) is in the LoRA tensors' dtype.
+as kohya's `save_weights` does) is in the LoRA tensors' dtype. A text-encoder LoRA (--train_text_encoder) joins
+the same file under sd-scripts' own names, `lora_te_text_model_encoder_layers_<i>_self_attn_q_proj` (SD) or
+`lora_te1_...` / `lora_te2_...` (SDXL's two encoders), with its own `.alpha`.
 
 Metadata: what kohya's sd-scripts write (train_network.py's `ss_*` keys, library/sai_model_spec.py's `modelspec.*`
 keys): the network (`ss_network_module`, `ss_network_dim`, `ss_network_alpha`), the base's version
@@ -40,6 +42,22 @@ def to_kohya(lora_state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str
             for k, v in kohya.items()}
 
 
+def text_encoder_to_kohya(lora_state_dict: dict[str, torch.Tensor], prefix: str, alpha: float
+                          ) -> dict[str, torch.Tensor]:
+    """A text encoder's peft LoRA tensors (`text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`) -> kohya's
+    keys as sd-scripts' networks/lora.py names them: `<prefix>_<module path, dots as underscores>` with prefix
+    `lora_te` (SD's one encoder) or `lora_te1` / `lora_te2` (SDXL's two), `.lora_down.weight` (lora_A),
+    `.lora_up.weight` (lora_B) and one `.alpha` per module, in the tensors' dtype."""
+    out: dict[str, torch.Tensor] = {}
+    dtype = next(iter(lora_state_dict.values())).dtype
+    for key, value in lora_state_dict.items():
+        module, _, part = key.rpartition(".lora_")
+        name = f"{prefix}_{module.replace('.', '_')}"
+        out[f"{name}.{'lora_down' if part == 'A.weight' else 'lora_up'}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
 def fold_alpha_pattern(lora_state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
                        ) -> dict[str, torch.Tensor]:
     """With --lora_alpha_pattern: each module whose alpha differs from `lora_alpha` gets its `lora_B` (kohya's
@@ -61,24 +79,33 @@ def fold_alpha_pattern(lora_state_dict: dict[str, torch.Tensor], adapter_metadat
     return out
 
 
-def kohya_metadata(adapter_metadata: dict[str, Any], labels: dict[str, str]) -> dict[str, str]:
+def kohya_metadata(adapter_metadata: dict[str, Any], labels: dict[str, str], text_encoders: bool = False
+                   ) -> dict[str, str]:
     """The file's metadata: the network's `ss_*` keys from the LoRA config, the ModelSpec version and
-    implementation, then `labels` (the base's version and the run's title, resolution, ...), all strings."""
+    implementation, then `labels` (the base's version and the run's title, resolution, ...), all strings. With
+    `text_encoders` (a text-encoder LoRA in the file), kohya's `ss_network_train_unet_only` says so."""
     metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(adapter_metadata["r"]),
                 "ss_network_alpha": str(float(adapter_metadata["lora_alpha"])),
                 "ss_network_dropout": str(float(adapter_metadata.get("lora_dropout") or 0.0)),
                 "modelspec.sai_model_spec": MODELSPEC_VERSION, "modelspec.implementation": "diffusers"}
+    if text_encoders:
+        metadata["ss_network_train_unet_only"] = "False"
     metadata.update({k: str(v) for k, v in labels.items() if v is not None})
     return metadata
 
 
 def save_kohya_lora(output_dir: Path, lora_state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any],
-                    labels: dict[str, str] | None = None) -> Path:
-    """Write `KOHYA_WEIGHT_NAME` into `output_dir` atomically (a temporary file, then a rename)."""
+                    labels: dict[str, str] | None = None,
+                    text_encoders: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
+    """Write `KOHYA_WEIGHT_NAME` into `output_dir` atomically (a temporary file, then a rename). `text_encoders`:
+    kohya prefix (`lora_te`, `lora_te1`, `lora_te2`) -> (that encoder's LoRA tensors under `text_model.`, its LoRA
+    config), written in the same file (`text_encoder_to_kohya`)."""
     path = Path(output_dir) / KOHYA_WEIGHT_NAME
     tmp = path.with_name(f".tmp-{path.name}")
     tensors = to_kohya(fold_alpha_pattern(lora_state_dict, adapter_metadata), adapter_metadata["lora_alpha"])
+    for prefix, (state, metadata) in (text_encoders or {}).items():
+        tensors.update(text_encoder_to_kohya(state, prefix, metadata["lora_alpha"]))
     save_file(tensors, str(tmp),
-              metadata=kohya_metadata(adapter_metadata, labels or {}))
+              metadata=kohya_metadata(adapter_metadata, labels or {}, bool(text_encoders)))
     os.replace(tmp, path)
     return path

@@ -28,6 +28,8 @@ from ..utils.errors import ConfigError
 
 ADAPTER_NAME = "default"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' own name: load_lora_weights(folder) finds it
+# --train_text_encoder: CLIP's attention projections, as diffusers' train_dreambooth_lora.py / _sdxl.py adapt them
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def make_lora_config(config: ModelConfig, default_targets: tuple[str, ...]) -> PeftConfig:
@@ -44,6 +46,17 @@ def make_lora_config(config: ModelConfig, default_targets: tuple[str, ...]) -> P
         patterns["use_dora"] = True
     return LoraConfig(r=config.lora_rank, lora_alpha=alpha, lora_dropout=config.lora_dropout, target_modules=targets,
                       **patterns)
+
+
+def make_text_encoder_lora_config(config: ModelConfig, exclude: list[str] | None = None) -> LoraConfig:
+    """The text encoders' LoRA (--train_text_encoder): plain LoRA on `TEXT_ENCODER_TARGETS`, rank
+    --text_encoder_lora_rank (default --lora_rank), alpha --lora_alpha when given, else that rank; --lora_dropout.
+    The denoiser's --lora_target_modules and rank / alpha patterns name denoiser modules and do not apply.
+    `exclude`: module-name suffixes left without LoRA (peft's `exclude_modules`): those the family never reads."""
+    rank = config.text_encoder_lora_rank or config.lora_rank
+    alpha = config.lora_alpha if config.lora_alpha is not None else rank
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(TEXT_ENCODER_TARGETS), exclude_modules=list(exclude) if exclude else None)
 
 
 def module_alphas(adapter_metadata: dict[str, Any], modules: list[str]) -> dict[str, float]:
@@ -145,17 +158,19 @@ class _TrainableOnly:
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
-def register_lora_checkpointing(accelerator: Accelerator, denoiser: nn.Module) -> None:
-    """Make `save_state`/`load_state` write and read only the LoRA tensors of the prepared `denoiser`."""
+def register_lora_checkpointing(accelerator: Accelerator, denoiser: nn.Module, *others: nn.Module) -> None:
+    """Make `save_state`/`load_state` write and read only the LoRA tensors of the prepared `denoiser` (and of the
+    prepared text encoders in `others`, with --train_text_encoder: each its own `model_<i>.safetensors`)."""
+    adapted = [denoiser, *others]
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for i, model in enumerate(models):
-            if model is denoiser:
+            if any(model is m for m in adapted):
                 weights[i] = _TrainableOnly(model).state_dict()
 
     def load_hook(models: list, input_dir: str) -> None:
         for i, model in enumerate(models):
-            if model is denoiser:
+            if any(model is m for m in adapted):
                 models[i] = _TrainableOnly(model)
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -21,6 +21,7 @@ BASE = {"pretrained_model_name_or_path": "org/base", "train_data_dir": "d"}
 # One config per row of REQUIREMENTS, asking for that option alone.
 ASKS = {
     "lora_export_format": {"trainable": "lora", "lora_export_format": "kohya"},
+    "train_text_encoder": {"trainable": "lora", "train_text_encoder": True},
     "validation_class_labels": {"validation_class_labels": [0]},
     "validation_prompts": {"validation_prompts": ["a dog"]},
     "cache_text_embeddings": {"cache_text_embeddings": True},
@@ -41,8 +42,10 @@ TEXT_OPTIONS = {"validation_prompts", "cache_text_embeddings", "with_prior_prese
 # lets an option through, or refuses one, shows here.
 ACCEPTS = {
     DiTAdapter: {"validation_class_labels", "pos_embed_transfer", "snr_gamma", "trainable"},
-    StableDiffusionAdapter: TEXT_OPTIONS | {"lora_export_format", "snr_gamma", "trainable", "aspect_ratio_buckets"},
-    StableDiffusionXLAdapter: TEXT_OPTIONS | {"lora_export_format", "snr_gamma", "trainable", "aspect_ratio_buckets"},
+    StableDiffusionAdapter: TEXT_OPTIONS | {"lora_export_format", "snr_gamma", "trainable", "aspect_ratio_buckets",
+                                            "train_text_encoder"},
+    StableDiffusionXLAdapter: TEXT_OPTIONS | {"lora_export_format", "snr_gamma", "trainable", "aspect_ratio_buckets",
+                                              "train_text_encoder"},
     PixArtAdapter: TEXT_OPTIONS | {"snr_gamma", "trainable", "aspect_ratio_buckets"},
     StableDiffusion3Adapter: TEXT_OPTIONS | {"aspect_ratio_buckets", "weighting_scheme", "precondition_outputs"},
     FluxAdapter: TEXT_OPTIONS | {"aspect_ratio_buckets", "weighting_scheme", "precondition_outputs", "guidance_scale"},
@@ -100,6 +103,9 @@ def test_a_family_words_its_own_reason_and_the_generic_words_its_declaration():
     with pytest.raises(ConfigError, match=r"^weighting_scheme: logit_normal is a flow-matching option and PixArt "
                                           r"trains with the DDPM process; drop --weighting_scheme"):
         PixArtAdapter.check_config(_config("weighting_scheme"))
+    with pytest.raises(ConfigError, match=r"^train_text_encoder: DiT is class-conditional; text-encoder LoRA is wired "
+                                          r"for the CLIP text encoders of Stable Diffusion 1.x/2.x and SDXL only"):
+        DiTAdapter.check_config(_config("train_text_encoder"))
     with pytest.raises(ConfigError, match=r"^validation_prompts: DiT is class-conditional and takes no prompts"):
         DiTAdapter.check_config(_config("validation_prompts"))
     with pytest.raises(ConfigError, match=r"^disc_class_conditional: Bare is unconditional and has no class labels"):
@@ -117,6 +123,7 @@ def test_declarations_match_the_code_behind_them():
         assert ("stock_lora_loader" in caps) == (family.pipeline_class is not None and
                                                  hasattr(family.pipeline_class, "load_lora_weights"))
         assert ("kohya_lora" in caps) == hasattr(family, "kohya_labels")
+        assert ("text_encoder_lora" in caps) == hasattr(family, "text_encoder_lora_exclude")
         assert family.feature_blocks is not FamilyAdapter.feature_blocks and "block_hidden_states" in caps
     for family in (StableDiffusion3Adapter, FluxAdapter):
         assert not issubclass(family, StableDiffusionAdapter)
