@@ -79,7 +79,9 @@ def prepare_text_encoders(config: RunConfig, adapter) -> dict[str, torch.nn.Modu
         lora.attach_lora(encoder, lora.make_text_encoder_lora_config(config.model, exclude))
         encoder.train()  # as diffusers' scripts: the LoRA branch's dropout (--lora_dropout) is active
         if config.model.gradient_checkpointing:  # as diffusers' scripts (transformers: non-reentrant by default)
-            encoder.activation_checkpointing_enable()
+            # transformers' newer name; `gradient_checkpointing_enable` is its deprecated alias in later 5.x releases
+            enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+            enable()
     return encoders
 
 
