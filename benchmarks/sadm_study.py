@@ -353,8 +353,9 @@ EVAL_DRAWS = {  # name -> (sampler, steps, seed, samples x the regime's); "ddim2
 }
 SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  # averaged: "mean_over_draws"
 EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"),
-                   ("transfer", "full-plain"), ("transfer", "full-sadm"), ("transfer", "full-plain-equal-compute"))
-EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain"}
+                   ("transfer", "full-plain"), ("transfer", "full-sadm"), ("transfer", "full-plain-equal-compute"),
+                   ("continue-6m", "plain"), ("continue-6m", "sadm"), ("continue-6m", "plain-equal-compute"))
+EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain", "continue-6m": "plain"}
 
 
 def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> dict | None:
@@ -666,6 +667,8 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true",
                         help="SADM vs plain with a 3.3x larger DiT (continue regime); results in "
                              "benchmarks/results/scale_study")
+    parser.add_argument("--draws", nargs="+", default=None, choices=list(EVAL_DRAWS),
+                        help="--eval_noise: the extra draws to evaluate (default: all)")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--report_only", action="store_true", help="summarise finished runs, train nothing")
@@ -690,13 +693,14 @@ def main() -> None:
     args.output = args.output or str(ROOT / "benchmarks" / "results" / name)
     if args.only:
         wanted = set(args.only.split(","))
-        unknown = wanted - {f"{r}/{a}" for r, a in arms}
+        unknown = wanted - {f"{r}/{a}" for r, a in (EVAL_NOISE_ARMS if args.eval_noise else arms)}
         if unknown:
             raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in arms)}")
     work, output = Path(args.work_dir), Path(args.output)
     if args.eval_noise:
         if not args.report_only:
-            jobs = [(r, a, s, d) for s in args.seeds for (r, a) in EVAL_NOISE_ARMS for d in EVAL_DRAWS]
+            jobs = [(r, a, s, d) for s in args.seeds for (r, a) in EVAL_NOISE_ARMS for d in (args.draws or EVAL_DRAWS)
+                    if not args.only or f"{r}/{a}" in args.only.split(",")]
             jobs.sort(key=lambda j: (j[0] != "continue", j[2]))  # the continue checkpoints first, seed by seed
             with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 list(pool.map(lambda j: evaluate_draw(*j, work), jobs))
