@@ -103,6 +103,23 @@ def test_due_every_n_updates_on_the_last_micro_batch_of_the_main_process():
     assert not probe.due(10, False, True) and not probe.due(10, True, False)
 
 
+def test_off_by_default_and_refused_where_the_denoiser_is_sharded():
+    from accelerate.utils import DistributedType
+
+    def run(bands, distributed_type):
+        training = SimpleNamespace(grad_bands=bands, grad_bands_every=1)
+        return SimpleNamespace(config=SimpleNamespace(training=training),
+                               process=SimpleNamespace(num_train_timesteps=T), accelerator=SimpleNamespace(distributed_type=distributed_type),
+                               denoiser=torch.nn.Linear(2, 2).requires_grad_(True))
+
+    assert GradBands.for_run(run(0, DistributedType.FSDP)) is None
+    assert len(GradBands.for_run(run(2, DistributedType.MULTI_GPU)).params) == 2
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match=r"^grad_bands: measures gradient norms over the whole denoiser") as e:
+            GradBands.for_run(run(2, sharded))
+        assert "\n" not in str(e.value)
+
+
 def test_the_options_are_checked_in_one_line():
     for field, value in (("grad_bands", -1), ("grad_bands_every", 0)):
         with pytest.raises(ConfigError, match=rf"^{field}: ") as error:
