@@ -78,6 +78,7 @@ COVERAGE: dict[str, list[str]] = {
     "terms/sddit/test_sddit.py": ["terms.sddit.term"],
     # train/
     "train/test_loop.py": ["train.loop"],
+    "train/test_diagnostics.py": ["train.diagnostics"],
     "train/test_builders.py": ["train.builders"],
     "train/test_entry.py": ["train.entry"],
     "train/test_checkpoint_state.py": ["train.checkpointing"],

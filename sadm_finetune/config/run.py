@@ -337,6 +337,12 @@ class TrainingConfig:
     noise_offset: float = _f(0.0, "Offset noise scale.")
     report_to: str = _f("tensorboard", "Tracker for logs: tensorboard, wandb, comet_ml, mlflow, all or none.")
     logging_dir: str = _f("logs", "Tracker folder, relative to output_dir.")
+    grad_bands: int = _f(
+        0, "Diagnostic: split the timesteps into K equal bands (band 0 the cleanest) and log, per band and loss term "
+        "(the denoising loss as `diffusion`), the norm of the weighted term's gradient on the denoiser's trainable "
+        "parameters from that band's samples (grad_band{k}_{term}) and its share of the band's sum "
+        "(grad_share_band{k}_{term}); one extra backward per band and term, on the main process; 0: off.")
+    grad_bands_every: int = _f(10, "With --grad_bands: measure every N updates (the update's last micro-batch).")
     validation_steps: int | None = _f(None, "Sample a validation grid every N steps (None: only at the end).")
     num_validation_images: int = _f(4, "Images per class / prompt in validation grids.")
     validation_class_labels: list[int] | None = _f(None, "Class ids in validation grids (default: up to 10).")
@@ -382,7 +388,8 @@ class TrainingConfig:
         )
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("ema_decay", f"must be in (0, 1), got {self.ema_decay}", "use e.g. 0.9999")
-        _non_negative(self, "lr_warmup_steps", "adam_weight_decay", "noise_offset")
+        _non_negative(self, "lr_warmup_steps", "adam_weight_decay", "noise_offset", "grad_bands")
+        _positive(self, "grad_bands_every")
         if self.lr_warmup_steps is None:
             self.lr_warmup_steps = min(500, self.max_train_steps // 20)
         for name in ("adam_beta1", "adam_beta2"):

@@ -10,7 +10,8 @@ updates, then gives each term its own phase (a discriminator update, a teacher's
 - `state()`: extra checkpointed state (EMA teachers, running centres), objects with
   `state_dict()` / `load_state_dict()`, saved as safetensors/JSON.
 - `feature_blocks`: denoiser blocks whose hidden states it reads (the adapter hooks them).
-- `weight(step)`, `loss(ctx)` and `phase(ctx, update)`.
+- `weight(step)`, `loss(ctx)` and `phase(ctx, update)`; `per_sample_loss(ctx, value)` for the per-band
+  gradient diagnostic (a per-sample loss needs nothing more).
 - `summary_lines(denoiser)`: its lines of the run summary; `export_modules()`: modules saved beside the exported
   pipeline (SADM's discriminator), each in its own folder; `checkpoint_name(module, suffix)`: the file names of
   its modules' state in checkpoints written outside accelerate's lists (FSDP).
@@ -109,6 +110,16 @@ class Term:
         """This term's loss for the batch (a scalar, or per-sample (B,) which the loop averages) and its
         detached logs. Called only while weight(step) > 0."""
         raise NotImplementedError
+
+    def per_sample_loss(self, ctx: StepContext, value: torch.Tensor) -> torch.Tensor | None:
+        """For the gradient diagnostic (--grad_bands, train/diagnostics.py): (B,) per-sample losses with the graph,
+        given `value` as `loss(ctx)` returned it, such that the gradient of `sum_{i in S} l_i / B` is this term's push
+        on the samples in S (summed over all samples: the gradient of the loss the loop adds). By default the loss
+        itself when it is per-sample; a term coupling samples (SADM's pairs) overrides this with a surrogate of the
+        same gradient. None: not measurable (the diagnostic says so once and leaves the term out)."""
+        if value.dim() == 1 and value.shape[0] == ctx.latents.shape[0]:
+            return value
+        return None
 
     def log(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Diagnostics logged every step whatever the weight (no gradient)."""

@@ -22,6 +22,7 @@ from accelerate.utils import extract_model_from_parallel
 from tqdm.auto import tqdm
 
 from .checkpointing import TrainState
+from .diagnostics import DIFFUSION, GradBands
 from ..config.run import RunConfig
 from .distributed import any_rank
 from ..diffusion.latents import clean_latents, latent_loss_mask
@@ -138,6 +139,7 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
         return apply_update(acc, optimizer, scheduler, loss, params, max_norm)
 
     generator = torch.Generator(device=device)
+    grad_bands = GradBands.for_run(run)  # --grad_bands: None when off
     progress = tqdm(total=t.max_train_steps, initial=state.global_step, desc="steps",
                     disable=not acc.is_local_main_process)
     with StopRequest() as stop, progress:
@@ -178,20 +180,32 @@ def train_loop(run: Run, dataloader, dataset, state: TrainState,
                     loss_diffusion = weighted_mean(per_sample, weights)
                     loss = ctx.loss_diffusion = loss_diffusion
                     logs: dict[str, Any] = {"loss_diffusion": loss_diffusion.detach()}
+                    per_sample_vlb = None
                     if run.vlb is not None:
-                        loss_vlb = weighted_mean(run.vlb(model_pred, out.variance, latents, noisy_latents, timesteps,
-                                                         loss_mask), weights)
+                        per_sample_vlb = run.vlb(model_pred, out.variance, latents, noisy_latents, timesteps, loss_mask)
+                        loss_vlb = weighted_mean(per_sample_vlb, weights)
                         loss = loss + loss_vlb
                         logs["loss_vlb"] = loss_vlb.detach()
+                    bands = grad_bands is not None and grad_bands.due(state.global_step, acc.sync_gradients,
+                                                                      acc.is_main_process)
+                    if bands:  # the denoising loss per sample, as loss_diffusion (+ loss_vlb) weighs it
+                        denoising = per_sample if per_sample_vlb is None else per_sample + per_sample_vlb
+                        grad_bands.add(DIFFUSION, 1.0,
+                                       denoising if weights is None else denoising * weights.to(denoising))
                     for term in run.terms:
                         logs.update(term.log(ctx))
                         lam = term.weight(state.global_step)
                         if term.weight_key:
                             logs[term.weight_key] = lam
+                        value = None
                         if lam > 0:
                             value, term_logs = term.loss(ctx)
                             loss = loss + lam * value.mean()
                             logs.update(term_logs)
+                        if bands:
+                            grad_bands.add_term(term, ctx, lam, value)
+                    if bands:  # on the step's graph (retained), before its backward; .grad untouched
+                        logs.update(grad_bands.measure(timesteps))
                     acc.backward(loss)
                     if not acc.sync_gradients:
                         continue  # mid-accumulation

@@ -40,3 +40,11 @@ def test_a_terms_defaults_and_its_nonfinite_key():
     assert plain.log(context()) == {} and plain.phase(context(), None) == ({}, None) and plain.feature_blocks == ()
     assert plain.nonfinite_key == "nonfinite_plain_updates"
     assert WithModule().nonfinite_key == "nonfinite_critic_updates"
+
+
+def test_the_per_sample_loss_is_the_loss_itself_when_per_sample_and_none_otherwise():
+    ctx, term = context(), Term()
+    per_sample = ctx.x0_hat.mean(dim=(1, 2, 3))
+    assert term.per_sample_loss(ctx, per_sample) is per_sample
+    assert term.per_sample_loss(ctx, per_sample.mean()) is None  # a scalar: not measurable by default
+    assert term.per_sample_loss(ctx, torch.cat([per_sample, per_sample])) is None  # not one value per sample

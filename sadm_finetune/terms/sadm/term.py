@@ -105,6 +105,18 @@ class SADMTerm(Term):
             logs.update(self.gradient_bands(ctx, value))
         return value, logs
 
+    def per_sample_loss(self, ctx: StepContext, value: torch.Tensor) -> torch.Tensor:
+        """L_S relates pairs, so it has no per-sample value; the gradient diagnostic gets a surrogate
+        l_i = B <x0_hat_i, dL_S/dx0_hat_i> (the derivative detached): restricted to a set of samples its gradient is
+        L_S's with those samples' x0_hat kept and the others' detached, the push that lands on them. (x0_hat is L_S's
+        only path to the denoiser: D enters frozen.) One extra backward through D; nothing is recomputed."""
+        x0_hat = ctx.x0_hat
+        (g,) = (torch.autograd.grad(value, x0_hat, retain_graph=True, allow_unused=True) if value.requires_grad
+                else (None,))
+        if g is None:  # L_S does not reach x0_hat (a batch without pairs): no push
+            g = torch.zeros_like(x0_hat)
+        return x0_hat.shape[0] * (x0_hat * g.detach()).flatten(1).sum(dim=1)
+
     def adaptive_factor(self, ctx: StepContext, value: torch.Tensor) -> torch.Tensor:
         """||dL_diff/d out|| / (||dL_S/d out|| + 1e-8), clamped to [0, adaptive_weight_max] and detached (VQGAN's
         rule at the denoiser's output)."""

@@ -438,3 +438,25 @@ def test_a_plain_run_with_a_batch_of_one_trains_with_the_default_diagnostics(tmp
                             + ["--structure_weight", "0", "--train_batch_size", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_the_per_sample_surrogate_restricted_to_some_samples_is_the_push_that_lands_on_them():
+    """--grad_bands: L_S couples pairs; restricted to a set S, the surrogate's gradient is L_S's with the x0_hat of the
+    samples outside S detached (computed here by detaching them and recomputing L_S); over all samples, L_S's."""
+    term = _term(structure_weight=0.5)
+    ctx = _ctx(batch=8)
+    value, _ = term.loss(ctx)
+    per_sample = term.per_sample_loss(ctx, value)
+    assert per_sample.shape == (8,)
+    inside = ctx.timesteps < 500  # the cleaner half
+    (restricted,) = torch.autograd.grad((per_sample * inside).sum() / 8, ctx.model_pred, retain_graph=True)
+    (whole,) = torch.autograd.grad(per_sample.mean(), ctx.model_pred, retain_graph=True)
+    other = _ctx(batch=8)
+    keep = inside[:, None, None, None]
+    other.x0_hat = torch.where(keep, other.x0_hat, other.x0_hat.detach())
+    value_detached, _ = term.loss(other)
+    assert torch.equal(value_detached, value)
+    (expected,) = torch.autograd.grad(value_detached, other.model_pred)
+    torch.testing.assert_close(restricted, expected)
+    assert restricted[~inside].abs().max() == 0 and restricted[inside].abs().max() > 0
+    torch.testing.assert_close(whole, torch.autograd.grad(value, ctx.model_pred)[0])
