@@ -173,7 +173,9 @@ def _encode_shard(vae, data: TrainData, cfg: DataConfig, rows: range, target_siz
     tensors: dict[str, torch.Tensor] = {}
     for (h, w), positions in groups.items():
         rows_here = _PixelRows(data, [rows[p] for p in positions], (h, w), cfg.on_bad_image)
-        loader = torch.utils.data.DataLoader(rows_here, batch_size=batch_size, num_workers=cfg.dataloader_num_workers)
+        loader = torch.utils.data.DataLoader(rows_here, batch_size=batch_size, num_workers=cfg.dataloader_num_workers,
+                                             generator=torch.Generator())  # leaves the global RNG alone (a run
+        # that builds the cache must train as one that finds it: the iterator draws its base seed from this one)
         parts: dict[str, list[torch.Tensor]] = {}
         for item in loader:
             pixels = item["pixels"].to(device=vae.device, dtype=vae.dtype)

@@ -132,3 +132,12 @@ def test_unreadable_image_is_skipped_like_the_pixel_path(tmp_path, folder, vae, 
 def test_cache_needs_center_crop():
     with pytest.raises(ConfigError, match="cache_latents.*center_crop"):
         build_config({"pretrained_model_name_or_path": "x", "train_data_dir": "d", "cache_latents": True})
+
+
+def test_building_the_cache_leaves_the_global_random_generator_alone(tmp_path, folder, vae, accelerator):
+    """A run that builds the cache must train as one that finds it: encoding draws nothing from torch's global
+    generator (a DataLoader's iterator takes its base seed from it unless given its own)."""
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    _build(accelerator, vae, _cfg(folder, tmp_path / "cache"))
+    assert torch.equal(torch.random.get_rng_state(), before)

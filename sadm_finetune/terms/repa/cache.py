@@ -59,7 +59,9 @@ def _encode_shard(encoder: VisionEncoder, data: TrainData, cfg: DataConfig, late
     for shape, positions in groups.items():
         h, w = (int(side) for side in shape.split("x"))
         rows = _PixelRows(data, [first_row + int(p) for p in positions], (h, w), cfg.on_bad_image)
-        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=cfg.dataloader_num_workers)
+        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=cfg.dataloader_num_workers,
+                                             generator=torch.Generator())  # leaves the global RNG alone (a run
+        # that builds the cache must train as one that finds it: the iterator draws its base seed from this one)
         parts: dict[str, list[torch.Tensor]] = {}
         for item in loader:
             pixels = item["pixels"]

@@ -264,6 +264,25 @@ def test_bf16_run_keeps_the_encoder_in_the_weight_dtype_and_the_loss_in_fp32(tmp
         AcceleratorState._reset_state()
 
 
+def test_building_the_feature_cache_leaves_the_global_random_generator_alone(tmp_path, monkeypatch):
+    """A run that builds REPA's feature cache trains as one that finds it: encoding draws nothing from torch's global
+    generator."""
+    from sadm_finetune.terms.repa import cache
+
+    states = []
+    real = cache.build_feature_cache
+
+    def build(*args, **kwargs):
+        states.append(torch.random.get_rng_state())
+        out = real(*args, **kwargs)
+        states.append(torch.random.get_rng_state())
+        return out
+
+    monkeypatch.setattr(cache, "build_feature_cache", build)
+    _build_run(tmp_path, "--cache_latents", "--center_crop")
+    assert len(states) == 2 and torch.equal(*states)
+
+
 def test_cached_latents_carry_the_features_of_the_orientation_drawn(tmp_path, monkeypatch):
     from sadm_finetune.data.datasets import open_train_data
     from sadm_finetune.data.latent_cache import _PixelRows
