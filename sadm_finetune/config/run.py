@@ -132,7 +132,8 @@ class ModelConfig:
     )
     quantize_text_encoders: Literal["none", "int8", "nf4"] = _f(
         "none", "Load the frozen text encoders quantized (same backends as --quantize_base); the export carries them "
-        "at full precision. --cache_text_embeddings instead frees them after one pass over the prompts.",
+        "at full precision. With --cache_text_embeddings they encode the prompts once, quantized, and are freed (the "
+        "cache's key records the quantization).",
     )
     quantize_backend: Literal["bitsandbytes", "torchao"] | None = _f(
         None, "Who quantizes: bitsandbytes (int8 LLM.int8, nf4; CUDA only) or torchao (int8 weight-only; runs on a "
@@ -490,10 +491,6 @@ class RunConfig:
             section.check(self)
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
-        if self.model.quantize_text_encoders != "none" and self.data.cache_text_embeddings:
-            raise ConfigError("quantize_text_encoders", "is given with --cache_text_embeddings, which encodes every "
-                              "prompt once and frees the text encoders before training",
-                              "drop --quantize_text_encoders (or --cache_text_embeddings)")
         if self.model.quantize_base != "none" or self.model.quantize_text_encoders != "none":
             from ..tuners.quantization import check_environment  # CUDA for bitsandbytes, the backend installed
 
