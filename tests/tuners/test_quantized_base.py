@@ -185,7 +185,8 @@ def test_int8_text_encoders_fill_the_text_cache_once_then_leave_and_the_export_c
 
     line = run("int8", "--quantize_text_encoders", "int8")  # a full fine-tune: the export holds the encoders
     labels = "text_encoder: Int8WeightOnlyConfig (torchao), text_encoder_2: Int8WeightOnlyConfig (torchao)"
-    assert line.startswith("text cache: 0 of 5 prompts cached in ") and line.endswith(f"; encoding 5 (encoders {labels})")
+    assert line.startswith("text cache: 0 of 5 prompts cached in ")
+    assert line.endswith(f"; encoding 5 (encoders {labels})")
     (int8_folder, int8_files), = _cache_folders(text_dir).items()
     with safe_open(str(int8_files[0]), "pt") as f:
         assert f.metadata()["text_encoders"] == labels  # the cache records who encoded it
