@@ -23,7 +23,8 @@ from sadm_finetune.data.text_cache import build_text_cache
 from sadm_finetune.families.flux import FluxAdapter
 from sadm_finetune.families.loading import load_family
 from sadm_finetune.tuners import lora
-from sadm_finetune.tuners.quantization import check_environment, quantized_weights
+from sadm_finetune.tuners.quantization import (check_environment, quantization_label, quantization_of,
+                                               quantized_weights)
 from sadm_finetune.utils.errors import ConfigError
 from tiny_flux import build_tiny_flux_pipeline
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
@@ -163,6 +164,25 @@ def test_the_backward_keeps_a_torchao_base_quantized():
     (y1, g1, saved1), (y2, g2, saved2) = step(plain), step(kept)
     assert torch.equal(y1, y2) and torch.allclose(g1, g2, rtol=0, atol=1e-6)  # the same function and gradient
     assert saved1 >= 64 * 128 + 128 * 64 and saved2 == 4 * 128  # autograd's own graph saved both fp32 weights
+
+
+def test_quantization_labels_name_the_level_and_the_backend():
+    from types import SimpleNamespace
+
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    def loaded(config):  # a model as transformers / diffusers leave it after a quantized load
+        module = torch.nn.Linear(2, 2)
+        module.is_quantized, module.hf_quantizer = True, SimpleNamespace(quantization_config=config)
+        return module
+
+    assert quantization_label(loaded(BitsAndBytesConfig(load_in_8bit=True))) == "int8 (bitsandbytes)"
+    nf4 = loaded(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.bfloat16))
+    assert quantization_label(nf4) == "nf4 (bitsandbytes)" and quantization_of(nf4)["load_in_4bit"] is True
+    assert quantization_label(loaded(TorchAoConfig(Int8WeightOnlyConfig()))) == "Int8WeightOnlyConfig (torchao)"
+    assert quantization_of(torch.nn.Linear(2, 2)) is None and quantization_label(None) is None
 
 
 def _cache_folders(text_dir):
