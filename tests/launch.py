@@ -21,16 +21,54 @@ def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def accelerate_launch(args: list[str], env: dict[str, str], num_processes: int = 1,
-                      timeout: int = 300, quiet: bool = False) -> subprocess.CompletedProcess:
+def launch_command(args: list[str], num_processes: int = 1, quiet: bool = False) -> list[str]:
+    """`accelerate launch [options] train_sadm.py ARGS` as this interpreter runs it."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     if quiet:  # accelerate re-raises a child's non-zero exit as its own traceback unless --quiet
         launcher += ["--quiet"]
     if num_processes > 1:
         launcher += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=1: several CPU processes over gloo
-    cmd = [*launcher, str(ROOT / "train_sadm.py"), *args]
+    return [*launcher, str(ROOT / "train_sadm.py"), *args]
+
+
+def accelerate_launch(args: list[str], env: dict[str, str], num_processes: int = 1,
+                      timeout: int = 300, quiet: bool = False) -> subprocess.CompletedProcess:
+    cmd = launch_command(args, num_processes, quiet)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch_together(runs: list[tuple[list[str], dict[str, str]]],
+                               timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Several one-process `accelerate_launch` runs (ARGS, env) started at once, each its own launcher and child;
+    returns their results in order. A tiny run's time is mostly its two interpreters importing torch, diffusers and
+    transformers, single-threaded (OMP_NUM_THREADS=1): side by side, those of two runs overlap on a 2-core
+    machine. Output goes through files, so no run blocks on a full pipe while another is waited for."""
+    import tempfile
+    import time
+
+    with contextlib.ExitStack() as stack:
+        started = []
+        for args, env in runs:
+            out, err = (stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(2))
+            cmd = launch_command(args)
+            started.append((cmd, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=err, text=True,
+                                                  start_new_session=True), out, err))
+        deadline, results = time.monotonic() + timeout, []
+        try:
+            for cmd, proc, out, err in started:
+                code = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                out.seek(0)
+                err.seek(0)
+                results.append(subprocess.CompletedProcess(cmd, code, out.read(), err.read()))
+        finally:
+            for _, proc, _, _ in started:
+                if proc.poll() is None:  # a run past the deadline: stopped with its child, not left running
+                    import signal
+
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: the launcher and the trainer it started
+                    proc.wait()
+    return results
 
 
 def reset_accelerate_state() -> None:

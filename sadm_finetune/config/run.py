@@ -140,7 +140,8 @@ class ModelConfig:
     )
     quantize_text_encoders: Literal["none", "int8", "nf4"] = _f(
         "none", "Load the frozen text encoders quantized (same backends as --quantize_base); the export carries them "
-        "at full precision. --cache_text_embeddings instead frees them after one pass over the prompts.",
+        "at full precision. With --cache_text_embeddings they encode the prompts once, quantized, and are freed (the "
+        "cache's key records the quantization).",
     )
     quantize_backend: Literal["bitsandbytes", "torchao"] | None = _f(
         None, "Who quantizes: bitsandbytes (int8 LLM.int8, nf4; CUDA only) or torchao (int8 weight-only; runs on a "
@@ -518,10 +519,6 @@ class RunConfig:
             section.check(self)
         if self.training.push_to_hub and not self.training.hub_model_id:
             raise ConfigError("hub_model_id", "is required with --push_to_hub", "pass --hub_model_id org/name")
-        if self.model.quantize_text_encoders != "none" and self.data.cache_text_embeddings:
-            raise ConfigError("quantize_text_encoders", "is given with --cache_text_embeddings, which encodes every "
-                              "prompt once and frees the text encoders before training",
-                              "drop --quantize_text_encoders (or --cache_text_embeddings)")
         if self.model.train_text_encoder and self.data.cache_text_embeddings:
             raise ConfigError("cache_text_embeddings", "cannot be used with --train_text_encoder (the text encoders "
                               "train, so their embeddings change every step)", "drop --cache_text_embeddings")

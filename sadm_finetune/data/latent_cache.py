@@ -59,10 +59,17 @@ _ROW_GEOMETRY = ("original_size", "crop_top_left", "crop_top_left_flipped")  # (
 
 
 def hash_tensors(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
-    """Feed a state dict (names, dtypes, shapes and bytes, in name order) into a hash."""
+    """Feed a state dict (names, dtypes, shapes and bytes, in name order) into a hash. A tensor subclass that holds
+    its data in inner tensors (torchao's quantized weights: int8 values and their scales) is fed as its class, its
+    metadata and those inner tensors."""
     for name in sorted(state):
         tensor = state[name].detach()
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+            inner, meta = tensor.__tensor_flatten__()
+            h.update(f"{type(tensor).__name__}:{meta!r}".encode())
+            hash_tensors(h, {f"{name}.{part}": getattr(tensor, part) for part in inner})
+            continue
         h.update(tensor.reshape(-1).view(torch.uint8).cpu().numpy())
 
 

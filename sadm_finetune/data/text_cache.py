@@ -12,10 +12,13 @@ encoders come back only for the export (`FamilyAdapter.reload_frozen_fp32`), who
 sampled from the reloaded pipeline with its own encoders, as a user would.
 
 Key: a folder per fingerprint of the text encoding (the adapter class and its `encode_text_version`,
-each encoder's class, config and weights, each tokenizer, the dtype), and in it a file per prompt,
-named by the sha256 of the prompt: `<text_cache_dir>/<fingerprint>/<h[:2]>/<h>.safetensors`, written
-atomically. Prompts are added one by one, so runs on other captions with the same encoders share the
-folder. Stale folders are never deleted: remove them by hand.
+each encoder's class, config and weights, each tokenizer, the dtype, and the quantization of encoders
+loaded quantized by --quantize_text_encoders), and in it a file per prompt, named by the sha256 of the
+prompt: `<text_cache_dir>/<fingerprint>/<h[:2]>/<h>.safetensors`, written atomically. Embeddings made by
+quantized encoders therefore never serve a full-precision run (nor the other way round), and their files
+say so in their metadata ("text_encoders": e.g. "text_encoder_2: Int8WeightOnlyConfig (torchao)").
+Prompts are added one by one, so runs on other captions with the same encoders share the folder.
+Stale folders are never deleted: remove them by hand.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..config.run import DataConfig, TrainingConfig
 from .datasets import TrainData, caption_text
 from ..utils.errors import ConfigError, InputError
 from .latent_cache import hash_tensors
+from ..tuners.quantization import is_quantized, quantization_label, quantization_of
 
 CACHE_FORMAT = 1
 
@@ -50,10 +54,15 @@ def _tokenizer_state(tokenizer: Any) -> str:
 
 
 def text_fingerprint(adapter: Any, dtype: torch.dtype) -> str:
-    """sha256 of the text encoding: other encoders, weights, tokenizers, dtype or encode recipe never hit."""
-    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "adapter": type(adapter).__name__,
-                                   "encode_text_version": adapter.encode_text_version,
-                                   "dtype": str(dtype).removeprefix("torch.")}).encode())
+    """sha256 of the text encoding: other encoders, weights, tokenizers, dtype, quantization or encode recipe never
+    hit. (The quantization is in the key only where an encoder is quantized: full-precision keys are unchanged.)"""
+    head = {"format": CACHE_FORMAT, "adapter": type(adapter).__name__,
+            "encode_text_version": adapter.encode_text_version, "dtype": str(dtype).removeprefix("torch.")}
+    quantized = {name: quantization_of(encoder) for name, encoder in sorted(adapter.text_encoders().items())
+                 if is_quantized(encoder)}
+    if quantized:
+        head["quantization"] = quantized
+    h = hashlib.sha256(json.dumps(head).encode())
     for name, encoder in sorted(adapter.text_encoders().items()):
         h.update(f"{name}:{type(encoder).__name__}:{encoder.config.to_json_string()}".encode())
         hash_tensors(h, encoder.state_dict())
@@ -63,10 +72,12 @@ def text_fingerprint(adapter: Any, dtype: torch.dtype) -> str:
 
 
 class TextEmbeddingCache:
-    """The prompt -> {name: tensor} files of one fingerprint folder."""
+    """The prompt -> {name: tensor} files of one fingerprint folder. `metadata`: written into every file beside the
+    prompt (what made the embeddings, where it is worth saying: quantized encoders)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, metadata: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
+        self.metadata = dict(metadata or {})
 
     @staticmethod
     def digest(prompt: str) -> str:
@@ -83,7 +94,8 @@ class TextEmbeddingCache:
         path = self.path(prompt)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"prompt": prompt})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={**self.metadata, "prompt": prompt})
         os.replace(tmp, path)
 
     def load(self, prompt: str) -> dict[str, torch.Tensor]:
@@ -116,18 +128,24 @@ def build_text_cache(accelerator: Accelerator, adapter: Any, prompts: Iterable[s
     if not adapter.text_encoders():
         raise ConfigError("cache_text_embeddings", f"the {adapter.family} family has no text encoder",
                           "drop --cache_text_embeddings")
-    cache = TextEmbeddingCache(Path(cfg.text_cache_dir).expanduser() / text_fingerprint(adapter, weight_dtype)[:24])
+    quantized = ", ".join(f"{name}: {quantization_label(encoder)}" for name, encoder in adapter.text_encoders().items()
+                          if is_quantized(encoder))  # --quantize_text_encoders: they encode quantized, once
+    cache = TextEmbeddingCache(Path(cfg.text_cache_dir).expanduser() / text_fingerprint(adapter, weight_dtype)[:24],
+                               {"text_encoders": quantized} if quantized else None)
     prompts = list(prompts)
     todo = [p for p in prompts if p not in cache]
     # A prompt's process is decided by the prompt itself, so ranks that list the folder at different moments
     # (another rank or run already writing) never leave a prompt to nobody.
     mine = [p for p in todo if int(cache.digest(p)[:8], 16) % accelerator.num_processes == accelerator.process_index]
     accelerator.print(f"text cache: {len(prompts) - len(todo)} of {len(prompts)} prompts cached in {cache.folder}"
-                      + (f"; encoding {len(todo)}" if todo else ""))
+                      + (f"; encoding {len(todo)}" if todo else "") + (f" (encoders {quantized})" if quantized else ""))
     if mine:
         for encoder in adapter.text_encoders().values():
             encoder.requires_grad_(False)
-            encoder.to(accelerator.device, dtype=weight_dtype).eval()
+            if is_quantized(encoder):  # loaded with its unquantized layers in weight_dtype, which it keeps
+                encoder.to(accelerator.device).eval()
+            else:
+                encoder.to(accelerator.device, dtype=weight_dtype).eval()
         for start in tqdm(range(0, len(mine), batch_size), desc="encoding prompts",
                           disable=not accelerator.is_local_main_process):
             batch = mine[start:start + batch_size]

@@ -111,6 +111,37 @@ def is_quantized(module: nn.Module | None) -> bool:
     return bool(getattr(module, "is_quantized", False)) or getattr(module, "hf_quantizer", None) is not None
 
 
+def quantization_of(module: nn.Module | None) -> dict[str, Any] | None:
+    """The quantization config `module` was loaded with (transformers' and diffusers' `quantization_config`), as a
+    JSON-able dict with sorted keys; None for a module loaded at full precision."""
+    if not is_quantized(module):
+        return None
+    import json
+
+    quantizer = getattr(module, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None) or getattr(module.config, "quantization_config", None)
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    return json.loads(json.dumps(as_dict, sort_keys=True, default=lambda v: getattr(v, "value", str(v))))
+
+
+def quantization_label(module: nn.Module | None) -> str | None:
+    """`module`'s quantization in words: "int8 (bitsandbytes)", "nf4 (bitsandbytes)", "Int8WeightOnlyConfig
+    (torchao)"; None for a module loaded at full precision."""
+    config = quantization_of(module)
+    if config is None:
+        return None
+    method = config.get("quant_method", "quantized")
+    if method == "bitsandbytes":
+        kind = "int8" if config.get("load_in_8bit") else config.get("bnb_4bit_quant_type", "4-bit")
+    elif method == "torchao":
+        quant_type = config.get("quant_type")
+        quant_type = quant_type.get("default", quant_type) if isinstance(quant_type, dict) else quant_type
+        kind = quant_type.get("_type", "quantized") if isinstance(quant_type, dict) else str(quant_type)
+    else:
+        kind = "quantized"
+    return f"{kind} ({method})"
+
+
 def quantized_weights(module: nn.Module) -> int:
     """How many of `module`'s Linear weights are quantized tensors (torchao) or bitsandbytes parameters."""
     count = 0

@@ -1,18 +1,21 @@
 """Qwen-Image family: text encoding as QwenImagePipeline's encode_prompt (the template's system prefix dropped, the
 mask, padding that changes nothing), the 3D VAE's normalised one-frame latents as the script and the pipeline make
 them, packed 2x2 latents and the transformer call as the script's, the scheduler's dynamic shift, one-line
-refusals, and two runs through the CLI (LoRA with SADM, REPA, buckets and cached text, read by stock
-load_lora_weights; a full fine-tune with SADM off whose export stock DiffusionPipeline loads and samples)."""
+refusals, and two runs through `accelerate launch` (LoRA with SADM, REPA, buckets and cached text, which stock
+load_lora_weights applies to the base; a full fine-tune with SADM off, whose export stock DiffusionPipeline loads and
+samples), each read in a process that never imports sadm_finetune. (SD-DiT is refused for Qwen-Image: no
+class-conditional encoder blocks.)"""
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from launch import tiny_run_args, train_in_process
+from launch import accelerate_launch_together, offline_env, tiny_run_args
 from sadm_finetune.cli import main
 from sadm_finetune.config.run import ModelConfig, build_config
 from sadm_finetune.diffusion.latents import decode, encode, sample_latents
@@ -181,17 +184,34 @@ def test_refusals_are_one_line_before_loading(tiny_qwen, tmp_path, capsys):
         assert err.startswith(f"sadm-train: error: {field}: ") and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.slow
-def test_lora_with_sadm_repa_buckets_and_cached_text_then_a_full_export_through_the_cli(tiny_qwen, tmp_path,
-                                                                                        stock_diffusers):
-    data = build_captioned_folder(tmp_path / "data")
-    out = tmp_path / "lora"
-    args = tiny_run_args(tiny_qwen, data, out, steps=2) + [
+# -- end to end: `accelerate launch`, each export read by a process that never imports sadm_finetune ----------------
+def _changed(out, base, name="transformer/diffusion_pytorch_model.safetensors"):
+    trained, original = load_file(str(out / name)), load_file(str(base / name))
+    assert trained.keys() == original.keys()
+    return max((trained[k] - original[k]).abs().max().item() for k in trained)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_qwen):
+    """Two `accelerate launch` runs side by side (their interpreters' imports overlap): a LoRA with SADM, REPA,
+    buckets and cached text, and a full fine-tune with SADM off: {"lora" / "full": (output folder, its result)}."""
+    tmp = tmp_path_factory.mktemp("launched")
+    data = build_captioned_folder(tmp / "data")
+    lora = tiny_run_args(tiny_qwen, data, tmp / "lora", steps=2) + [
         "--resolution", "32", "--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2",
-        "--cache_text_embeddings", "--text_cache_dir", str(tmp_path / "text"), "--aspect_ratio_buckets",
+        "--cache_text_embeddings", "--text_cache_dir", str(tmp / "text"), "--aspect_ratio_buckets",
         "--cache_latents", "--center_crop", "--validation_prompts", "a red square", "--report_to", "none",
-        *repa_args(build_tiny_encoder(tmp_path / "encoder"), depth=2)]  # REPA on the second block
-    proc = train_in_process(args)
+        *repa_args(build_tiny_encoder(tmp / "encoder"), depth=2)]  # REPA on the second block
+    full = tiny_run_args(tiny_qwen, data, tmp / "full", steps=1) + [
+        "--resolution", "32", "--structure_weight", "0", "--validation_prompts", "a red square", "--report_to", "none"]
+    procs = accelerate_launch_together([(lora, offline_env(tmp / "lora-env")), (full, offline_env(tmp / "full-env"))])
+    return {"lora": (tmp / "lora", procs[0]), "full": (tmp / "full", procs[1])}
+
+
+@pytest.mark.slow
+def test_launched_lora_with_sadm_repa_buckets_and_cached_text_is_read_by_stock_load_lora_weights(tiny_qwen, launched,
+                                                                                                 stock_diffusers):
+    out, proc = launched["lora"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SADM: lambda" in proc.stdout and "REPA: lambda 0.5, block 2" in proc.stdout
     assert "family defaults (docs/defaults.md; set them to override): adam_weight_decay 0.0001" in proc.stdout
@@ -202,27 +222,18 @@ def test_lora_with_sadm_repa_buckets_and_cached_text_then_a_full_export_through_
     assert not (out / "model_index.json").exists()  # lean: diffusers loads Qwen-Image LoRAs
     card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert {"qwen-image", "qwen-image-diffusers", "sadm"} <= set(card["tags"])
-
-    pipe = QwenImagePipeline.from_pretrained(tiny_qwen)
-    pipe.set_progress_bar_config(disable=True)
-    call = dict(prompt="a red square", height=32, width=32, num_inference_steps=2, output_type="np")
-    before = pipe(**call, generator=torch.manual_seed(0)).images
-    pipe.load_lora_weights(out)
-    after = pipe(**call, generator=torch.manual_seed(0)).images
-    assert abs(after - before).max() > 1e-3
-
-    full = tmp_path / "full"
-    args = tiny_run_args(tiny_qwen, data, full, steps=1) + [
-        "--resolution", "32", "--structure_weight", "0", "--validation_prompts", "a red square", "--report_to", "none"]
-    proc = train_in_process(args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SADM: lambda" not in proc.stdout
-    seen = stock_diffusers.load(full, prompts=["a red square"], lora=out)  # a process without sadm_finetune
+    seen = stock_diffusers.load(tiny_qwen, prompts=["a red square"], lora=out)  # the base + the file, stock
     assert seen.get("error") is None, seen["error"]
     assert seen["cls"] == "QwenImagePipeline" and not seen["sadm_finetune_imported"] and seen["finite"]
     assert seen["shape"] == [1, 512, 512, 3] and seen["lora_change"] > 1e-3  # QwenImagePipeline's default size
-    stock = DiffusionPipeline.from_pretrained(full)
-    assert type(stock) is QwenImagePipeline
-    stock.set_progress_bar_config(disable=True)
-    images = stock(**call, generator=torch.manual_seed(0)).images
-    assert images.shape == (1, 32, 32, 3) and abs(images - before).max() > 1e-4  # trained, and samples
+
+
+@pytest.mark.slow
+def test_launched_full_fine_tune_without_sadm_exports_a_pipeline_stock_diffusers_samples(tiny_qwen, launched,
+                                                                                       stock_diffusers):
+    out, proc = launched["full"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SADM: off" in proc.stdout and _changed(out, tiny_qwen) > 1e-5  # trained (EMA-averaged)
+    seen = stock_diffusers.load(out, prompts=["a red square"])
+    assert seen == {"cls": "QwenImagePipeline", "labels": None, "shape": [1, 512, 512, 3], "finite": True,
+                    "sadm_finetune_imported": False}, seen.get("error")

@@ -1,21 +1,30 @@
 """LoRA on a quantized base (--quantize_base, --quantize_text_encoders): one-line refusals; a Flux LoRA run on an int8
 base (torchao, the CPU backend) whose file stock `load_lora_weights` applies whole to the fp32 base, with the output
 close to the quantized-trained model's; a DiT LoRA run on an int8 base whose merged export is the fp32 base with the
-LoRA merged (never a dequantized int8 base)."""
+LoRA merged (never a dequantized int8 base); int8 text encoders that fill the text cache once and leave (a cache
+keyed by their quantization, which a full-precision run does not reuse; an export with the encoders as stored)."""
+
+import gc
+import json
+import weakref
 
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import DiTTransformer2DModel, FluxPipeline
 from peft.functional import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from launch import tiny_run_args, train_in_process
 from sadm_finetune.cli import main
 from sadm_finetune.config.run import ModelConfig, build_config
+from sadm_finetune.data.text_cache import build_text_cache
 from sadm_finetune.families.flux import FluxAdapter
 from sadm_finetune.families.loading import load_family
 from sadm_finetune.tuners import lora
-from sadm_finetune.tuners.quantization import check_environment, quantized_weights
+from sadm_finetune.tuners.quantization import (check_environment, quantization_label, quantization_of,
+                                               quantized_weights)
 from sadm_finetune.utils.errors import ConfigError
 from tiny_flux import build_tiny_flux_pipeline
 from tiny_pipelines import build_image_folder, build_tiny_dit_pipeline
@@ -29,7 +38,6 @@ pytest.importorskip("torchao")
     ({"quantize_base": "int8", "trainable": "difffit"}, "quantize_base"),
     ({"trainable": "lora", "quantize_backend": "torchao"}, "quantize_backend"),
     ({"trainable": "lora", "quantize_base": "nf4", "quantize_backend": "torchao"}, "quantize_backend"),
-    ({"quantize_text_encoders": "int8", "cache_text_embeddings": True}, "quantize_text_encoders"),
 ])
 def test_refusals(flags, field):
     with pytest.raises(ConfigError, match=f"^{field}: "):
@@ -156,3 +164,78 @@ def test_the_backward_keeps_a_torchao_base_quantized():
     (y1, g1, saved1), (y2, g2, saved2) = step(plain), step(kept)
     assert torch.equal(y1, y2) and torch.allclose(g1, g2, rtol=0, atol=1e-6)  # the same function and gradient
     assert saved1 >= 64 * 128 + 128 * 64 and saved2 == 4 * 128  # autograd's own graph saved both fp32 weights
+
+
+def test_quantization_labels_name_the_level_and_the_backend():
+    from types import SimpleNamespace
+
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    def loaded(config):  # a model as transformers / diffusers leave it after a quantized load
+        module = torch.nn.Linear(2, 2)
+        module.is_quantized, module.hf_quantizer = True, SimpleNamespace(quantization_config=config)
+        return module
+
+    assert quantization_label(loaded(BitsAndBytesConfig(load_in_8bit=True))) == "int8 (bitsandbytes)"
+    nf4 = loaded(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.bfloat16))
+    assert quantization_label(nf4) == "nf4 (bitsandbytes)" and quantization_of(nf4)["load_in_4bit"] is True
+    assert quantization_label(loaded(TorchAoConfig(Int8WeightOnlyConfig()))) == "Int8WeightOnlyConfig (torchao)"
+    assert quantization_of(torch.nn.Linear(2, 2)) is None and quantization_label(None) is None
+
+
+def _cache_folders(text_dir):
+    return {folder.name: sorted(folder.glob("*/*.safetensors")) for folder in text_dir.iterdir()}
+
+
+@pytest.mark.slow
+def test_int8_text_encoders_fill_the_text_cache_once_then_leave_and_the_export_carries_them_as_stored(
+        tmp_path, stock_diffusers):
+    base = build_tiny_flux_pipeline(tmp_path / "flux")
+    data, text_dir = build_captioned_folder(tmp_path / "data"), tmp_path / "text"
+
+    def run(name, *flags):
+        args = tiny_run_args(base, data, tmp_path / name, steps=1) + [
+            "--resolution", "32", "--structure_weight", "0", "--cache_text_embeddings", "--text_cache_dir",
+            str(text_dir), "--validation_prompts", "a red square", "--report_to", "none", *flags]
+        proc = train_in_process(args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return next(line for line in proc.stdout.splitlines() if line.startswith("text cache: "))
+
+    line = run("int8", "--quantize_text_encoders", "int8")  # a full fine-tune: the export holds the encoders
+    labels = "text_encoder: Int8WeightOnlyConfig (torchao), text_encoder_2: Int8WeightOnlyConfig (torchao)"
+    assert line.startswith("text cache: 0 of 5 prompts cached in ")
+    assert line.endswith(f"; encoding 5 (encoders {labels})")
+    (int8_folder, int8_files), = _cache_folders(text_dir).items()
+    with safe_open(str(int8_files[0]), "pt") as f:
+        assert f.metadata()["text_encoders"] == labels  # the cache records who encoded it
+    out = tmp_path / "int8"
+    for encoder in ("text_encoder", "text_encoder_2"):  # re-read from the source for the export, bit for bit
+        a, b = (load_file(str(p / encoder / "model.safetensors")) for p in (out, base))
+        assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+        assert "quantization_config" not in json.loads((out / encoder / "config.json").read_text())
+    seen = stock_diffusers.load(out)  # a process without sadm_finetune (or torchao's config) reads it
+    assert seen.get("error") is None and seen["cls"] == "FluxPipeline" and not seen["sadm_finetune_imported"], seen
+
+    # A full-precision run on the same captions and cache folder reuses nothing: another key, every prompt encoded.
+    line = run("fp32")
+    folders = _cache_folders(text_dir)
+    assert set(folders) == {int8_folder, line.split(" cached in ")[1].split("/")[-1].split(";")[0]}
+    assert line.endswith("; encoding 5") and len(folders) == 2
+    fp32_files = next(files for name, files in folders.items() if name != int8_folder)
+    int8_embeds, fp32_embeds = (load_file(str(files[0]))["prompt_embeds"] for files in (int8_files, fp32_files))
+    with safe_open(str(fp32_files[0]), "pt") as f:
+        assert "text_encoders" not in f.metadata()
+    assert 0 < (int8_embeds - fp32_embeds).abs().max() < 0.05  # the same prompt, encoded by int8 weights
+
+    # The quantized encoders leave memory once the cache is filled (nothing else holds them).
+    config = build_config({"pretrained_model_name_or_path": str(base), "train_data_dir": str(data),
+                           "cache_text_embeddings": True, "text_cache_dir": str(text_dir),
+                           "quantize_text_encoders": "int8"})
+    adapter = load_family(config.model)
+    t5 = weakref.ref(adapter.pipeline.text_encoder_2)
+    assert quantized_weights(t5()) > 0
+    cache = build_text_cache(Accelerator(cpu=True), adapter, ["", "a red square"], config.data, torch.float32, 2)
+    gc.collect()
+    assert cache.folder.name == int8_folder and t5() is None and adapter.text_encoders() == {}
