@@ -143,3 +143,28 @@ def tiny_run_args(pretrained: Path, data: Path, out: Path, steps: int = 4) -> li
             "--max_train_steps", str(steps), "--train_batch_size", "4", "--learning_rate", "1e-3",
             "--structure_warmup_steps", "0", "--disc_width", "8", "--disc_depth", "2", "--disc_embed_dim", "16",
             "--num_validation_images", "1", "--validation_inference_steps", "2", "--report_to", "tensorboard"]
+
+
+def weights_changed(out: Path, base: Path, name: str = "transformer/diffusion_pytorch_model.safetensors") -> float:
+    """The largest change of any tensor of file `name` between an export and its base (same keys asserted)."""
+    from safetensors.torch import load_file
+
+    trained, original = load_file(str(out / name)), load_file(str(base / name))
+    assert trained.keys() == original.keys()
+    return max((trained[k] - original[k]).abs().max().item() for k in trained)
+
+
+def launch_lora_and_full(tmp: Path, base: Path, lora_extra: list[str]) -> dict:
+    """A text family's two launched end-to-end runs, side by side (their interpreters' imports overlap): a 2-step
+    LoRA with SADM, cached text, buckets and `lora_extra`, and a 1-step full fine-tune with SADM off, both at 32 px
+    on the captioned tiny folder: {"lora" / "full": (output folder, its CompletedProcess)}."""
+    from tiny_sd import build_captioned_folder
+
+    data = build_captioned_folder(tmp / "data")
+    common = ["--resolution", "32", "--validation_prompts", "a red square", "--report_to", "none"]
+    lora = tiny_run_args(base, data, tmp / "lora", steps=2) + common + [
+        "--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2", "--cache_text_embeddings",
+        "--text_cache_dir", str(tmp / "text"), "--aspect_ratio_buckets", *lora_extra]
+    full = tiny_run_args(base, data, tmp / "full", steps=1) + common + ["--structure_weight", "0"]
+    procs = accelerate_launch_together([(lora, offline_env(tmp / "lora-env")), (full, offline_env(tmp / "full-env"))])
+    return {"lora": (tmp / "lora", procs[0]), "full": (tmp / "full", procs[1])}

@@ -13,9 +13,8 @@ import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from launch import accelerate_launch_together, offline_env, tiny_run_args
+from launch import launch_lora_and_full, weights_changed
 from sadm_finetune.cli import main
 from sadm_finetune.config.run import ModelConfig, build_config
 from sadm_finetune.diffusion.latents import decode, encode, sample_latents
@@ -24,7 +23,6 @@ from sadm_finetune.families.loading import load_family
 from sadm_finetune.families.qwen_image import QwenImageAdapter, pack, trim_text, unpack
 from tiny_encoders import build_tiny_encoder, repa_args
 from tiny_qwen_image import LATENTS_MEAN, LATENTS_STD, SCHEDULER, build_tiny_qwen_image_pipeline
-from tiny_sd import build_captioned_folder
 
 CPU = torch.device("cpu")
 PROMPTS = ["a red square", "a small bright green triangle on the grass", ""]  # 3, 8 and 0 words
@@ -185,27 +183,11 @@ def test_refusals_are_one_line_before_loading(tiny_qwen, tmp_path, capsys):
 
 
 # -- end to end: `accelerate launch`, each export read by a process that never imports sadm_finetune ----------------
-def _changed(out, base, name="transformer/diffusion_pytorch_model.safetensors"):
-    trained, original = load_file(str(out / name)), load_file(str(base / name))
-    assert trained.keys() == original.keys()
-    return max((trained[k] - original[k]).abs().max().item() for k in trained)
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, tiny_qwen):
-    """Two `accelerate launch` runs side by side (their interpreters' imports overlap): a LoRA with SADM, REPA,
-    buckets and cached text, and a full fine-tune with SADM off: {"lora" / "full": (output folder, its result)}."""
+    """A LoRA with SADM, REPA, buckets and cached text, and a full fine-tune with SADM off, launched side by side."""
     tmp = tmp_path_factory.mktemp("launched")
-    data = build_captioned_folder(tmp / "data")
-    lora = tiny_run_args(tiny_qwen, data, tmp / "lora", steps=2) + [
-        "--resolution", "32", "--trainable", "lora", "--lora_rank", "4", "--learning_rate", "1e-2",
-        "--cache_text_embeddings", "--text_cache_dir", str(tmp / "text"), "--aspect_ratio_buckets",
-        "--cache_latents", "--center_crop", "--validation_prompts", "a red square", "--report_to", "none",
-        *repa_args(build_tiny_encoder(tmp / "encoder"), depth=2)]  # REPA on the second block
-    full = tiny_run_args(tiny_qwen, data, tmp / "full", steps=1) + [
-        "--resolution", "32", "--structure_weight", "0", "--validation_prompts", "a red square", "--report_to", "none"]
-    procs = accelerate_launch_together([(lora, offline_env(tmp / "lora-env")), (full, offline_env(tmp / "full-env"))])
-    return {"lora": (tmp / "lora", procs[0]), "full": (tmp / "full", procs[1])}
+    return launch_lora_and_full(tmp, tiny_qwen, ["--cache_latents", "--center_crop", *repa_args(build_tiny_encoder(tmp / "encoder"), depth=2)])  # REPA on the second block
 
 
 @pytest.mark.slow
@@ -233,7 +215,7 @@ def test_launched_full_fine_tune_without_sadm_exports_a_pipeline_stock_diffusers
                                                                                        stock_diffusers):
     out, proc = launched["full"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SADM: off" in proc.stdout and _changed(out, tiny_qwen) > 1e-5  # trained (EMA-averaged)
+    assert "SADM: off" in proc.stdout and weights_changed(out, tiny_qwen) > 1e-5  # trained (EMA-averaged)
     seen = stock_diffusers.load(out, prompts=["a red square"])
     assert seen == {"cls": "QwenImagePipeline", "labels": None, "shape": [1, 512, 512, 3], "finite": True,
                     "sadm_finetune_imported": False}, seen.get("error")
