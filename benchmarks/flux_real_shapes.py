@@ -25,6 +25,16 @@ Per arm: time to load (trainer start to the loop), the step's wall time, peak RS
 counts the mmapped safetensors pages the loader touched, which the kernel can drop; anonymous memory is what must
 fit), and the quantized layer count.
 
+The arm runs with MALLOC_MMAP_THRESHOLD_=65536 (--malloc_mmap_threshold 0: glibc's default). glibc raises its mmap
+threshold to the size of each large block it frees (up to 32 MiB); from then on the step's activations (9-38 MiB at
+768 tokens x 3072) come from its heap arenas, and what one checkpointed block frees stays there, fragmented, beside
+the small tensors the next block keeps: anonymous memory grew with depth while the tensors alive did not. Measured
+with checkpointing (glibc's mallinfo2 at each block boundary, 1+2 blocks): during the step live malloc bytes rose
+0.16 GiB and the arenas' free bytes 0.69 GiB; with the fixed threshold the step added 0.55 GiB at 1+2 blocks and
+0.56 GiB at 2+4 (1.25 and 1.57 GiB under glibc's default); step 44 and 79 s (41 and 69 s), within this shared
+CPU's noise. That is the allocator, not the toolkit:
+a CPU run sets the variable in its own environment (README, LoRA on a quantized base).
+
     python benchmarks/flux_real_shapes.py --depth 2 4            # reduced depth first
     python benchmarks/flux_real_shapes.py --depth 19 38          # the full model (only if the reduced runs say it fits)
 appends to benchmarks/results/flux_real_shapes.json.
