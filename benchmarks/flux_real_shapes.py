@@ -32,8 +32,8 @@ the small tensors the next block keeps: anonymous memory grew with depth while t
 with checkpointing (glibc's mallinfo2 at each block boundary, 1+2 blocks): during the step live malloc bytes rose
 0.16 GiB and the arenas' free bytes 0.69 GiB; with the fixed threshold the step added 0.55 GiB at 1+2 blocks and
 0.56 GiB at 2+4 (1.25 and 1.57 GiB under glibc's default); step 44 and 79 s (41 and 69 s), within this shared
-CPU's noise. That is the allocator, not the toolkit:
-a CPU run sets the variable in its own environment (README, LoRA on a quantized base).
+CPU's noise. That is the allocator, not the toolkit: a CPU run sets the variable in its own environment (README,
+LoRA on a quantized base).
 
     python benchmarks/flux_real_shapes.py --depth 2 4            # reduced depth first
     python benchmarks/flux_real_shapes.py --depth 19 38          # the full model (only if the reduced runs say it fits)
