@@ -36,7 +36,7 @@ CPU's noise. That is the allocator, not the toolkit: a CPU run sets the variable
 LoRA on a quantized base).
 
     python benchmarks/flux_real_shapes.py --depth 2 4            # reduced depth first
-    python benchmarks/flux_real_shapes.py --depth 19 38 --gradient_checkpointing   # the full model (if the reduced runs say it fits)
+    python benchmarks/flux_real_shapes.py --depth 19 38 --gradient_checkpointing  # the full model
 appends to benchmarks/results/flux_real_shapes.json. Measured: the full model's step with checkpointing peaks at
 12.71 GiB anonymous memory (11.73 GiB loaded; load 259 s, step 712 s), so it fits in 20 GB.
 """
