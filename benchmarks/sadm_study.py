@@ -89,6 +89,8 @@ REGIMES = {
     "continue-6m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
     "continue-24m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
     "transfer-6m": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
+    # run length (--length): the transfer-6m regime (same base, data and recipe) at 3x the steps
+    "transfer-6m-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-6m"},
 }
 LORA = ["--trainable", "lora", "--lora_rank", "8", "--learning_rate", "1e-3"]
 DIFFFIT = ["--trainable", "difffit", "--learning_rate", "1e-3"]  # DiffFit's 10x learning rate
@@ -220,6 +222,14 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m", "full-sadm"): ([], "full-plain"),
     ("transfer-6m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "434"], "full-plain"),
 }
+# Run length (--length; results in benchmarks/results/length_study): is transfer's equal-compute loss a property of
+# 400 steps, far from converged (plain's 34 extra steps gain 0.9 FID at 6.4 M)? The transfer-6m regime at 3x the
+# steps, SADM's x1.085 at 6.4 M buying plain 1302.
+LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
+    ("transfer-6m-long", "full-plain"): (PLAIN, None),
+    ("transfer-6m-long", "full-sadm"): ([], "full-plain"),
+    ("transfer-6m-long", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1302"], "full-plain"),
+}
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
                 "transfer": (("transfer", "transfer-6m"), "full-")}
@@ -235,7 +245,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
                ("continue-6m", "plain-equal-compute"): "sadm",
-               ("transfer-6m", "full-plain-equal-compute"): "full-sadm"}
+               ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
+               ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -297,13 +308,18 @@ def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int 
     return folder
 
 
+def base_name(regime: str) -> str:
+    """The base a regime fine-tunes (a regime may share another's base, e.g. a longer run of it)."""
+    return REGIMES[regime].get("base", regime)
+
+
 def regime_setup(regime: str, work: Path) -> dict:
     if regime == "converged":
         return {"base": DEMO_BASE, "train": "builtin:digits", "reference": "builtin:digits"}
     if regime.startswith("continue"):
-        return {"base": build_base(regime, work), "train": "builtin:digits", "reference": "builtin:digits"}
+        return {"base": build_base(base_name(regime), work), "train": "builtin:digits", "reference": "builtin:digits"}
     return {
-        "base": build_base(regime, work),
+        "base": build_base(base_name(regime), work),
         "train": str(write_digits_dataset(work / "data" / "digits-5-9-few", TRANSFER_CLASSES, TRANSFER_PER_CLASS)),
         "reference": str(write_digits_dataset(work / "data" / "digits-5-9-all", TRANSFER_CLASSES, None)),
     }
@@ -554,9 +570,9 @@ def scale_points(summary: dict, work: Path) -> list[dict]:
         plain_name, sadm_name, pec_name = f"{prefix}plain", f"{prefix}sadm", f"{prefix}plain-equal-compute"
         for regime in regimes:
             arms = summary.get(regime, {})
-            if plain_name not in arms or not (work / "bases" / regime).is_dir():
+            if plain_name not in arms or not (work / "bases" / base_name(regime)).is_dir():
                 continue
-            params = transformer_parameters(work / "bases" / regime)
+            params = transformer_parameters(work / "bases" / base_name(regime))
             plain = arms[plain_name]["mean"]["fid"]
             for arm, name in ((sadm_name, "sadm"), (pec_name, "plain-equal-compute")):
                 if "paired" in arms.get(arm, {}):
@@ -667,6 +683,9 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true",
                         help="SADM vs plain with a 3.3x larger DiT (continue regime); results in "
                              "benchmarks/results/scale_study")
+    parser.add_argument("--length", action="store_true",
+                        help="the transfer regime at 6.4 M with 3x the steps: SADM vs plain at equal steps and equal "
+                             "compute; results in benchmarks/results/length_study")
     parser.add_argument("--draws", nargs="+", default=None, choices=list(EVAL_DRAWS),
                         help="--eval_noise: the extra draws to evaluate (default: all)")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
@@ -688,8 +707,10 @@ def main() -> None:
         arms = dict(SCALE_ARMS)
     if args.recommend:
         arms = dict(RECOMMEND_ARMS)
+    if args.length:
+        arms = dict(LENGTH_ARMS)
     name = ("terms_study" if args.terms else "mechanism_study" if args.mechanism else "scale_study" if args.scale
-            else "recommend_study" if args.recommend else "sadm_study")
+            else "recommend_study" if args.recommend else "length_study" if args.length else "sadm_study")
     args.output = args.output or str(ROOT / "benchmarks" / "results" / name)
     if args.only:
         wanted = set(args.only.split(","))

@@ -54,7 +54,7 @@ from harness import (answer, offline_env, proc_status_kb, quantiles as _quantile
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 MODES = ("bare", "plain", "sadm")
-# --terms: the related papers' terms on the tiny model, each as one more column (settings of the terms study,
+# --terms: the related papers' terms on the tiny models, each as one more column (settings of the terms study,
 # benchmarks/sadm_study.py --terms). REPA reads cached encoder features (the --cache_latents batch), so the
 # column times the projector and its loss, not the frozen encoder.
 TERM_MODES = ("repa", "sddit", "sadm+repa", "sadm+sddit")
@@ -380,7 +380,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke check: tiny model only, 1 round, 2 warm-up + 5 timed steps")
     p.add_argument("--terms", action="store_true",
-                   help=f"also time the loss terms' columns ({', '.join(TERM_MODES)}) on the tiny model; REPA needs "
+                   help=f"also time the loss terms' columns ({', '.join(TERM_MODES)}) on the tiny models; REPA needs "
                         "scripts/make_digits_encoder.py --output_dir runs/digits-encoder first")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -410,7 +410,7 @@ def main(argv=None) -> None:
     for model in models:
         warmup, steps = plan[model]
         for r in range(args.rounds):
-            modes = MODES + (TERM_MODES if args.terms and model == "tiny" else ())
+            modes = MODES + (TERM_MODES if args.terms and model.startswith("tiny") else ())
             order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate which column goes first
             for mode in order:
                 t0 = time.time()
