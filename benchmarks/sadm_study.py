@@ -213,6 +213,10 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue-6m", "sadm"): ([], "plain"),
     ("continue-6m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "543"], "plain"),
     # at 24 M, SADM's x1.016 buys plain 8 more steps of 500: equal steps are equal compute there
+    # the recommended SADM + SD-DiT 0.5 at 6.4 M, at equal compute: x1.281 step time there
+    # (benchmarks/results/step_time_terms_6m.json, 3 rounds), so plain gets 641 steps against it
+    ("continue-6m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
+    ("continue-6m", "plain-equal-compute-1.28"): (PLAIN + ["--max_train_steps", "641"], "plain"),
     ("continue-24m", "plain"): (PLAIN, None),
     ("continue-24m", "sadm"): ([], "plain"),
     ("transfer", "full-plain"): (PLAIN, None),
@@ -245,6 +249,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
                ("continue-6m", "plain-equal-compute"): "sadm",
+               ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
