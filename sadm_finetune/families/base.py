@@ -186,7 +186,7 @@ class FamilyAdapter(ABC):
     capability_gaps: dict[str, str] = {}
     vae_fp32_under_bf16: bool = False  # the family's script keeps the VAE fp32 under bf16 too (vae.vae_dtype)
     hidden_output_index: int = 0  # which element of a feature block's tuple output is the image's hidden states
-    latent_patch_size: int = 1  # latents per image-token side (Flux packs 2x2): a dynamic shift's token count
+    resolution: int | None = None  # the run's image size (set_resolution): validation grids sample at it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -297,14 +297,36 @@ class FamilyAdapter(ABC):
         """The base's native image size: the denoiser's `sample_size` latents times the VAE factor."""
         return self.denoiser.config.sample_size * self.vae_scale_factor
 
-    @abstractmethod
+    @property
+    def latent_patch_size(self) -> int:
+        """Latents per image-token side: the transformer's patch size (DiT, PixArt, SD3), 1 for a UNet; a family
+        that packs latents itself says so (Flux: 2). Image sides are multiples of the VAE factor times it
+        (`patch_multiple`), and a dynamic timestep shift counts tokens with it."""
+        return getattr(self.denoiser.config, "patch_size", None) or 1
+
+    @property
+    def patch_multiple(self) -> int:
+        """Pixels per image-token side: image sides must be multiples of it."""
+        return self.vae_scale_factor * self.latent_patch_size
+
     def check_resolution(self, resolution: int) -> None:
-        """Raise ConfigError if the model cannot take images of this size."""
+        """Raise ConfigError if the model cannot take images of this size (a family with more limits adds them)."""
+        m, p = self.patch_multiple, self.latent_patch_size
+        if resolution % m:
+            made_of = f"VAE factor {self.vae_scale_factor} x patch size {p}" if p > 1 else "the VAE factor"
+            raise ConfigError("resolution", f"{resolution} is not divisible by {m} ({made_of})",
+                              f"use a multiple of {m}, e.g. {self.default_resolution()}")
 
     def set_resolution(self, resolution: int) -> None:
         """Check `resolution` and make the denoiser (and each copy `load_component` makes of it) train and export at
-        it; a family whose denoiser does not depend on the image size only checks."""
+        it; a family whose denoiser does not depend on the image size only checks and records it."""
         self.check_resolution(resolution)
+        self.resolution = resolution
+
+    def sample_resolution(self) -> int:
+        """The size validation grids sample at: the run's, else the base's native one (a pipeline's own default
+        may differ, e.g. FluxPipeline's 1024 px whatever the run trained)."""
+        return self.resolution or self.default_resolution()
 
     @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:

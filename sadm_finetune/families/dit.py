@@ -84,18 +84,8 @@ class DiTAdapter(FamilyAdapter):
         id2label = getattr(self.pipeline.config, "id2label", None)
         return {int(k): v for k, v in id2label.items()} if id2label else None
 
-    def check_resolution(self, resolution: int) -> None:
-        multiple = self.vae_scale_factor * self.denoiser.config.patch_size
-        if resolution % multiple:
-            raise ConfigError(
-                "resolution",
-                f"{resolution} is not divisible by {multiple} (VAE factor {self.vae_scale_factor} x patch size "
-                f"{self.denoiser.config.patch_size})",
-                f"use a multiple of {multiple}, e.g. {self.default_resolution()}",
-            )
-
     def set_resolution(self, resolution: int) -> None:
-        self.check_resolution(resolution)
+        super().set_resolution(resolution)
         self.base_sample_size = self.base_sample_size or self.denoiser.config.sample_size
         self.trained_sample_size = resolution // self.vae_scale_factor
         self.pipeline.transformer = dit_at_sample_size(self.denoiser, self.trained_sample_size)

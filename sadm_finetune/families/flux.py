@@ -64,7 +64,6 @@ class FluxAdapter(PackedLatentsMixin, TextFamilyAdapter):
                                              "--repa_weight)"}
     vae_fp32_under_bf16 = False  # the script casts the VAE to the weight dtype
     hidden_output_index = 1  # FluxTransformerBlock and FluxSingleTransformerBlock return (text, image) tokens
-    latent_patch_size = 2  # 2x2 latents per token
     max_sequence_length = 512  # T5 tokens: FluxPipeline.__call__'s default
 
     @property
@@ -84,7 +83,7 @@ class FluxAdapter(PackedLatentsMixin, TextFamilyAdapter):
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
         rows = self.prompt_rows(pipeline, conditions, num_per_row)
         # At the trained size (FluxPipeline's default is 1024 px whatever the run trained), T5 as in training.
-        size = getattr(self, "resolution", None) or self.default_resolution()
+        size = self.sample_resolution()
         fixed = {"height": size, "width": size, "max_sequence_length": self.t5_length}
         return self._sample_rows(pipeline, [{**row, **fixed} for row in rows], num_inference_steps, guidance_scale,
                                  seed)

@@ -27,7 +27,6 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from ..utils.errors import ConfigError
 from .base import ModelOutput
 from .text import TextFamilyAdapter
 
@@ -54,27 +53,11 @@ class PixArtAdapter(TextFamilyAdapter):
     capability_gaps = {"pos_embed_transfer": "PixArt's positional embedding already follows the token grid around "
                                              "the base's size",
                        "class_label_blocks": "PixArt's transformer is text-conditioned (no class labels)"}
-    resolution: int | None = None  # set by set_resolution: validation grids sample at it
 
     @property
     def max_sequence_length(self) -> int:
         """The T5 length the pipeline's `encode_prompt` pads to by default (300 for Σ, 120 for α)."""
         return inspect.signature(self.pipeline.encode_prompt).parameters["max_sequence_length"].default
-
-    @property
-    def patch_multiple(self) -> int:
-        return self.vae_scale_factor * self.denoiser.config.patch_size
-
-    def check_resolution(self, resolution: int) -> None:
-        if resolution % self.patch_multiple:
-            raise ConfigError(
-                "resolution", f"{resolution} is not divisible by {self.patch_multiple} (VAE factor "
-                f"{self.vae_scale_factor} x patch size {self.denoiser.config.patch_size})",
-                f"use a multiple of {self.patch_multiple}, e.g. {self.default_resolution()}")
-
-    def set_resolution(self, resolution: int) -> None:
-        self.check_resolution(resolution)
-        self.resolution = resolution
 
     def aspect_ratio_bucket_multiple(self) -> int:
         return self.patch_multiple
@@ -122,7 +105,7 @@ class PixArtAdapter(TextFamilyAdapter):
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
         rows = self.prompt_rows(pipeline, conditions, num_per_row)
         # At the trained size (binning would move it to the base's bins), encoded as in training (no cleaning).
-        size = self.resolution or self.default_resolution()
+        size = self.sample_resolution()
         fixed = {"height": size, "width": size, "use_resolution_binning": False, "clean_caption": False,
                  "max_sequence_length": self.max_sequence_length}
         return self._sample_rows(pipeline, [{**row, **fixed} for row in rows], num_inference_steps, guidance_scale,

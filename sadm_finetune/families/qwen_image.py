@@ -138,7 +138,6 @@ class QwenImageAdapter(PackedLatentsMixin, TextFamilyAdapter):
                                              "--repa_weight)"}
     vae_fp32_under_bf16 = False  # the script casts the VAE to the weight dtype
     hidden_output_index = 1  # QwenImageTransformerBlock returns (text tokens, image tokens)
-    latent_patch_size = 2  # 2x2 latents per token
     max_sequence_length = QWEN_MAX_SEQUENCE_LENGTH
 
     def __init__(self, pipeline: DiffusionPipeline, config) -> None:
@@ -224,7 +223,7 @@ class QwenImageAdapter(PackedLatentsMixin, TextFamilyAdapter):
     def sample_grid(self, pipeline: DiffusionPipeline, num_per_row: int, num_inference_steps: int,
                     guidance_scale: float, seed: int, conditions: list[str] | None) -> np.ndarray:
         rows = self.prompt_rows(pipeline, conditions, num_per_row)
-        size = getattr(self, "resolution", None) or self.default_resolution()
+        size = self.sample_resolution()
         # QwenImagePipeline guides with true_cfg_scale against a negative prompt: the empty one, which caption
         # dropout trains (the cached rows carry its embeddings already).
         guided = guidance_scale > 1

@@ -17,7 +17,6 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
-from ..utils.errors import ConfigError
 from .base import ModelOutput
 from .text import TextFamilyAdapter
 
@@ -54,12 +53,6 @@ class StableDiffusionAdapter(TextFamilyAdapter):
     @property
     def tokenizer(self) -> Any:
         return self.pipeline.tokenizer
-
-    def check_resolution(self, resolution: int) -> None:
-        # StableDiffusionPipeline's own rule: the UNet forwards upsample sizes, so any whole latent size works.
-        if resolution % self.vae_scale_factor:
-            raise ConfigError("resolution", f"{resolution} is not divisible by the VAE factor {self.vae_scale_factor}",
-                              f"use a multiple of {self.vae_scale_factor}, e.g. {self.default_resolution()}")
 
     def aspect_ratio_bucket_multiple(self) -> int:
         # The UNet halves the latent once per down block after the first: sides that divide evenly (64 pixels for

@@ -47,16 +47,9 @@ class StableDiffusion3Adapter(TextFamilyAdapter):
     hidden_output_index = 1  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
     max_sequence_length = 256  # T5 tokens: the pipeline's __call__ default, so training sees what sampling sees
 
-    @property
-    def patch_multiple(self) -> int:
-        """Pixels per transformer patch side: image sides must be multiples of it."""
-        return self.vae_scale_factor * self.denoiser.config.patch_size
-
     def check_resolution(self, resolution: int) -> None:
+        super().check_resolution(resolution)
         m = self.patch_multiple
-        if resolution % m:
-            raise ConfigError("resolution", f"{resolution} is not a multiple of the VAE factor times the patch size "
-                              f"({m})", f"use a multiple of {m}, e.g. {self.default_resolution()}")
         max_size = self.denoiser.config.pos_embed_max_size
         if max_size is not None and resolution // m > max_size:
             raise ConfigError("resolution", f"{resolution} needs {resolution // m} patches per side, more than the "

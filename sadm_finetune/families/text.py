@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config.run import ModelConfig, TrainingConfig
 from ..data.datasets import caption_text
-from ..utils.errors import ConfigError, InputError
+from ..utils.errors import InputError
 from .base import FamilyAdapter, batch_size
 
 NUM_DEFAULT_PROMPTS = 4  # validation-grid rows of a text family when --validation_prompts is not given
@@ -191,30 +191,14 @@ class TextFamilyAdapter(FamilyAdapter):
 
 
 class PackedLatentsMixin:
-    """Sizes of a family whose transformer packs 2x2 latents into one token (Flux, Qwen-Image): images at multiples
-    of the VAE factor times the packing, the pipeline's default size, and the run's size for validation grids. Put
-    before the adapter base: `class FluxAdapter(PackedLatentsMixin, TextFamilyAdapter)`."""
+    """Sizes of a family whose pipeline packs 2x2 latents into one token (Flux, Qwen-Image): the packing as its
+    patch size (images at multiples of the VAE factor times it), and the pipeline's default size. Put before the
+    adapter base: `class FluxAdapter(PackedLatentsMixin, TextFamilyAdapter)`."""
 
-    display_name: str
-    latent_patch_size: int
+    latent_patch_size = 2  # 2x2 latents per token, packed by the pipeline (the transformer's own patch size is 1)
 
     def default_resolution(self) -> int:
         return self.pipeline.default_sample_size * self.vae_scale_factor  # the pipeline's default height / width
-
-    @property
-    def patch_multiple(self) -> int:
-        return self.vae_scale_factor * self.latent_patch_size
-
-    def check_resolution(self, resolution: int) -> None:
-        m = self.patch_multiple
-        if resolution % m:
-            raise ConfigError("resolution", f"{resolution} is not a multiple of the VAE factor times "
-                              f"{self.display_name}'s {self.latent_patch_size}x{self.latent_patch_size} packing ({m})",
-                              f"use a multiple of {m}, e.g. {self.default_resolution()}")
-
-    def set_resolution(self, resolution: int) -> None:
-        self.check_resolution(resolution)
-        self.resolution = resolution
 
     def aspect_ratio_bucket_multiple(self) -> int:
         return self.patch_multiple  # packed: both latent sides a multiple of the packing

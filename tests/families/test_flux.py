@@ -124,7 +124,9 @@ def test_schnell_has_no_guidance_input_and_buckets_predict_on_their_grid(tmp_pat
     with schnell.capture_hidden(schnell.denoiser, (1,)) as hidden:
         out = schnell.predict(schnell.denoiser, x, torch.tensor([500.0]), cond).model_pred
     assert out.shape == x.shape and hidden[1].shape == (1, 24, 32)
-    with pytest.raises(ConfigError, match="resolution: 36 is not a multiple"):
+    # the pipeline's 2x2 packing is the patch (the transformer's own patch_size is 1): sizes and the shift's tokens
+    assert schnell.denoiser.config.patch_size == 1 and schnell.latent_patch_size == 2
+    with pytest.raises(ConfigError, match=r"resolution: 36 is not divisible by 8 \(VAE factor 4 x patch size 2\)"):
         schnell.check_resolution(36)
 
 

@@ -31,8 +31,9 @@ def test_loads_as_the_sd_family(adapter):
     assert isinstance(adapter, StableDiffusionAdapter)
     assert adapter.frozen_modules() == [adapter.vae, adapter.text_encoder]
     assert adapter.default_resolution() == 32 and adapter.denoiser is adapter.pipeline.unet
+    assert adapter.latent_patch_size == 1 and adapter.patch_multiple == 4  # a UNet: no patches
     adapter.check_resolution(36)  # latents 9x9: the UNet forwards upsample sizes, as in the pipeline
-    with pytest.raises(ConfigError, match="resolution: 34 is not divisible by the VAE factor 4"):
+    with pytest.raises(ConfigError, match=r"resolution: 34 is not divisible by 4 \(the VAE factor\)"):
         adapter.check_resolution(34)
 
 

@@ -166,9 +166,11 @@ def test_loads_as_the_sd3_family(adapter, tiny_sd3):
     assert isinstance(adapter, StableDiffusion3Adapter) and adapter.denoiser is p.transformer
     assert adapter.frozen_modules() == [adapter.vae, p.text_encoder, p.text_encoder_2, p.text_encoder_3]
     assert adapter.default_resolution() == 32 and adapter.aspect_ratio_bucket_multiple() == 8
+    # tokens are 2x2 latent patches: the dynamic shift counts them as StableDiffusion3Pipeline does
+    assert adapter.latent_patch_size == adapter.denoiser.config.patch_size == 2
     assert isinstance(make_process(p.scheduler.config, "cpu"), FlowMatchProcess)
     assert "StableDiffusion3Pipeline" in _supported()
-    with pytest.raises(ConfigError, match="resolution: 36 is not a multiple"):
+    with pytest.raises(ConfigError, match=r"resolution: 36 is not divisible by 8 \(VAE factor 4 x patch size 2\)"):
         adapter.check_resolution(36)
     with pytest.raises(ConfigError, match="at most 64"):
         adapter.check_resolution(72)  # pos_embed_max_size 8 patches of 8 pixels
