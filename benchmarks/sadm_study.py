@@ -155,6 +155,7 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 SDDIT_05 = SDDIT[:1] + ["0.5"] + SDDIT[2:]
 EQUAL_COMPUTE_STEPS = 695  # 500 x 1.39, SADM's step-time ratio on the demo DiT (benchmarks/results/step_time.json)
 NO_RECIPE = ["--no_use_ema", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
+COSINE = ["--lr_scheduler", "cosine"]  # on top of transfer's EMA_CONSTANT: EMA_COSINE, the toolkit's defaults
 MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "plain"): (PLAIN, None),
     ("continue", "sadm"): ([], "plain"),
@@ -189,6 +190,11 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # the recipe in the transfer regime: no EMA, constant LR (the regime's recipe is EMA + warm-up, constant after)
     ("transfer", "full-plain-no-recipe"): (PLAIN + NO_RECIPE, None),
     ("transfer", "full-sadm-no-recipe"): (NO_RECIPE, "full-plain-no-recipe"),
+    # the toolkit's default recipe in transfer (EMA + warm-up + cosine decay, as continue): does the EMA's cost
+    # (1.1 FID with a constant LR) remain when the LR decays?
+    ("transfer", "full-plain-cosine"): (PLAIN + COSINE, None),
+    ("transfer", "full-sadm-cosine"): (COSINE, "full-plain-cosine"),
+    ("transfer", "full-plain-cosine-no-ema"): (PLAIN + COSINE + ["--no_use_ema"], "full-plain-cosine"),
 }
 # The recommendation (--recommend; results in benchmarks/results/recommend_study): SADM + SD-DiT (lambda 0.5), the
 # best arm of the continue regime (confirmed on fresh seeds, terms_confirm.json), measured in the transfer regime
@@ -248,6 +254,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer", "full-sadm-frozen-d"): "full-sadm", ("transfer", "full-per-sample-gan"): "full-sadm",
                ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
+               ("transfer", "full-plain-cosine"): "full-plain", ("transfer", "full-plain-cosine-no-ema"): "full-plain-no-recipe",
                ("continue-6m", "plain-equal-compute"): "sadm",
                ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
