@@ -91,6 +91,10 @@ REGIMES = {
     "transfer-6m": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
     # run length (--length): the transfer-6m regime (same base, data and recipe) at 3x the steps
     "transfer-6m-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-6m"},
+    # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
+    # and data; equal compute then compares two schedules that both anneal
+    "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
+    "transfer-6m-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-6m"},
 }
 LORA = ["--trainable", "lora", "--lora_rank", "8", "--learning_rate", "1e-3"]
 DIFFFIT = ["--trainable", "difffit", "--learning_rate", "1e-3"]  # DiffFit's 10x learning rate
@@ -155,7 +159,6 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 SDDIT_05 = SDDIT[:1] + ["0.5"] + SDDIT[2:]
 EQUAL_COMPUTE_STEPS = 695  # 500 x 1.39, SADM's step-time ratio on the demo DiT (benchmarks/results/step_time.json)
 NO_RECIPE = ["--no_use_ema", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
-COSINE = ["--lr_scheduler", "cosine"]  # on top of transfer's EMA_CONSTANT: EMA_COSINE, the toolkit's defaults
 MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "plain"): (PLAIN, None),
     ("continue", "sadm"): ([], "plain"),
@@ -190,11 +193,10 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # the recipe in the transfer regime: no EMA, constant LR (the regime's recipe is EMA + warm-up, constant after)
     ("transfer", "full-plain-no-recipe"): (PLAIN + NO_RECIPE, None),
     ("transfer", "full-sadm-no-recipe"): (NO_RECIPE, "full-plain-no-recipe"),
-    # the toolkit's default recipe in transfer (EMA + warm-up + cosine decay, as continue): does the EMA's cost
-    # (1.1 FID with a constant LR) remain when the LR decays?
-    ("transfer", "full-plain-cosine"): (PLAIN + COSINE, None),
-    ("transfer", "full-sadm-cosine"): (COSINE, "full-plain-cosine"),
-    ("transfer", "full-plain-cosine-no-ema"): (PLAIN + COSINE + ["--no_use_ema"], "full-plain-cosine"),
+    # the toolkit's default recipe in transfer (EMA + warm-up + cosine decay): does the EMA's cost (1.1 FID with a
+    # constant LR) remain when the LR decays? (full-plain and full-sadm there: --scale)
+    ("transfer-cosine", "full-plain"): (PLAIN, None),
+    ("transfer-cosine", "full-plain-no-ema"): (PLAIN + ["--no_use_ema"], "full-plain"),
 }
 # The recommendation (--recommend; results in benchmarks/results/recommend_study): SADM + SD-DiT (lambda 0.5), the
 # best arm of the continue regime (confirmed on fresh seeds, terms_confirm.json), measured in the transfer regime
@@ -231,6 +233,13 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m", "full-plain"): (PLAIN, None),
     ("transfer-6m", "full-sadm"): ([], "full-plain"),
     ("transfer-6m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "434"], "full-plain"),
+    # transfer under the default recipe (cosine decay; the runs above keep a constant LR after warm-up)
+    ("transfer-cosine", "full-plain"): (PLAIN, None),
+    ("transfer-cosine", "full-sadm"): ([], "full-plain"),
+    ("transfer-cosine", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
+    ("transfer-6m-cosine", "full-plain"): (PLAIN, None),
+    ("transfer-6m-cosine", "full-sadm"): ([], "full-plain"),
+    ("transfer-6m-cosine", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "434"], "full-plain"),
 }
 # Run length (--length; results in benchmarks/results/length_study): is transfer's equal-compute loss a property of
 # 400 steps, far from converged (plain's 34 extra steps gain 0.9 FID at 6.4 M)? The transfer-6m regime at 3x the
@@ -242,7 +251,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
-                "transfer": (("transfer", "transfer-6m"), "full-")}
+                "transfer": (("transfer", "transfer-6m"), "full-"),
+                "transfer-cosine": (("transfer-cosine", "transfer-6m-cosine"), "full-")}
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
@@ -254,7 +264,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer", "full-sadm-frozen-d"): "full-sadm", ("transfer", "full-per-sample-gan"): "full-sadm",
                ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
                ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
-               ("transfer", "full-plain-cosine"): "full-plain", ("transfer", "full-plain-cosine-no-ema"): "full-plain-no-recipe",
+               ("transfer-cosine", "full-plain-equal-compute"): "full-sadm",
+               ("transfer-6m-cosine", "full-plain-equal-compute"): "full-sadm",
                ("continue-6m", "plain-equal-compute"): "sadm",
                ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
@@ -453,7 +464,7 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
 
 
 def base_metrics(regime: str, setup: dict, work: Path) -> dict:
-    return evaluate(Path(setup["base"]), setup, regime, work, work / f"base-{regime}.json")
+    return evaluate(Path(setup["base"]), setup, regime, work, work / f"base-{base_name(regime)}.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,8 +551,8 @@ def collect(work: Path, arms: dict, seeds: list[int]) -> tuple[dict, dict]:
             f = work / "runs" / regime / f"{arm}-seed{seed}" / "eval.json"
             if f.is_file():
                 runs.setdefault(regime, {}).setdefault(arm, {})[str(seed)] = json.loads(f.read_text())["metrics"]
-    bases = {r: json.loads((work / f"base-{r}.json").read_text())["metrics"]
-             for r in REGIMES if (work / f"base-{r}.json").is_file()}
+    bases = {r: json.loads((work / f"base-{base_name(r)}.json").read_text())["metrics"]
+             for r in REGIMES if (work / f"base-{base_name(r)}.json").is_file()}
     return runs, bases
 
 
