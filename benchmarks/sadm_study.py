@@ -73,6 +73,9 @@ BASES = {  # name -> make_demo_base.py flags
     "continue-24m": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0", "--dit_heads", "16"],
     # the transfer base at 6.4 M (8 heads), trained as the transfer base
     "transfer-6m": ["--dit_steps", "3000", "--classes", "0", "1", "2", "3", "4", "--dit_heads", "8"],
+    # the transfer base at 23.1 M (16 heads): 1,500 steps, half the smaller transfer bases' (a 3,000-step base at
+    # this size takes about 75 min of one core); pre-training only has to teach digits 0-4
+    "transfer-24m": ["--dit_steps", "1500", "--classes", "0", "1", "2", "3", "4", "--dit_heads", "16"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
@@ -89,6 +92,7 @@ REGIMES = {
     "continue-6m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
     "continue-24m": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
     "transfer-6m": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
+    "transfer-24m": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
     # run length (--length): the transfer-6m regime (same base, data and recipe) at 3x the steps
     "transfer-6m-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-6m"},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
@@ -233,6 +237,11 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m", "full-plain"): (PLAIN, None),
     ("transfer-6m", "full-sadm"): ([], "full-plain"),
     ("transfer-6m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "434"], "full-plain"),
+    # transfer at 23.1 M: SADM's x1.016 buys plain 6 steps of 400, which this regime (far from converged) may still
+    # turn into FID, so the equal-compute arm runs here too
+    ("transfer-24m", "full-plain"): (PLAIN, None),
+    ("transfer-24m", "full-sadm"): ([], "full-plain"),
+    ("transfer-24m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "406"], "full-plain"),
     # transfer under the default recipe (cosine decay; the runs above keep a constant LR after warm-up)
     ("transfer-cosine", "full-plain"): (PLAIN, None),
     ("transfer-cosine", "full-sadm"): ([], "full-plain"),
@@ -251,7 +260,7 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
-                "transfer": (("transfer", "transfer-6m"), "full-"),
+                "transfer": (("transfer", "transfer-6m", "transfer-24m"), "full-"),
                 "transfer-cosine": (("transfer-cosine", "transfer-6m-cosine"), "full-")}
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
 ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
@@ -269,6 +278,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue-6m", "plain-equal-compute"): "sadm",
                ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
+               ("transfer-24m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
@@ -393,8 +403,9 @@ EVAL_DRAWS = {  # name -> (sampler, steps, seed, samples x the regime's); "ddim2
 SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  # averaged: "mean_over_draws"
 EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"),
                    ("transfer", "full-plain"), ("transfer", "full-sadm"), ("transfer", "full-plain-equal-compute"),
-                   ("continue-6m", "plain"), ("continue-6m", "sadm"), ("continue-6m", "plain-equal-compute"))
-EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain", "continue-6m": "plain"}
+                   ("continue-6m", "plain"), ("continue-6m", "sadm"), ("continue-6m", "plain-equal-compute"),
+                   ("transfer-6m", "full-plain"), ("transfer-6m", "full-sadm"), ("transfer-6m", "full-plain-equal-compute"))
+EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain", "continue-6m": "plain", "transfer-6m": "full-plain"}
 
 
 def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> dict | None:
