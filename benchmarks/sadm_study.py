@@ -242,6 +242,9 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-24m", "full-plain"): (PLAIN, None),
     ("transfer-24m", "full-sadm"): ([], "full-plain"),
     ("transfer-24m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "406"], "full-plain"),
+    # the recommended SADM + SD-DiT 0.5 in transfer at 23.1 M, where SADM alone came within -1.5% of plain at equal
+    # compute; its step-time ratio there is measured by benchmarks/step_time.py --models tiny-24m --terms
+    ("transfer-24m", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
     # transfer under the default recipe (cosine decay; the runs above keep a constant LR after warm-up)
     ("transfer-cosine", "full-plain"): (PLAIN, None),
     ("transfer-cosine", "full-sadm"): ([], "full-plain"),
