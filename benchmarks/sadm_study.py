@@ -632,6 +632,8 @@ def plot_scale(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     series = [name for name in SCALE_SERIES if any(p["series"] == name for p in points)]
     fig, axes = plt.subplots(len(series), 2, figsize=(11, 4.2 * len(series)), squeeze=False)
     colors = {"sadm": "tab:blue", "plain-equal-compute": "tab:gray", "sadm vs plain-equal-compute": "tab:red"}
@@ -648,9 +650,12 @@ def plot_scale(points: list[dict], path: Path) -> None:
                        [k * (p["high"] - p["dfid"]) for k, p in zip(f, pts)]]
                 ax.errorbar(x, y, yerr=err, fmt="o-", color=color, capsize=4,
                             label=f"{arm} (n={min(p['n'] for p in pts)} seeds)")
+        sizes = sorted({p["parameters"] / 1e6 for p in points if p["series"] == name})
         for ax, what in zip(row, ("paired ΔFID", "paired ΔFID / FID (%)")):
             ax.axhline(0, color="gray", linestyle="--")
             ax.set_xscale("log")
+            ax.set_xticks(sizes, [f"{m:.1f}" for m in sizes])  # the measured sizes, not log-scale decades
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("DiT parameters (millions)")
             ax.set_ylabel(what)
             ax.set_title(f"{name} regime: {what}, mean and 95% CI", fontsize=9)
