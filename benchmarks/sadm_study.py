@@ -407,8 +407,11 @@ SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  
 EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"),
                    ("transfer", "full-plain"), ("transfer", "full-sadm"), ("transfer", "full-plain-equal-compute"),
                    ("continue-6m", "plain"), ("continue-6m", "sadm"), ("continue-6m", "plain-equal-compute"),
-                   ("transfer-6m", "full-plain"), ("transfer-6m", "full-sadm"), ("transfer-6m", "full-plain-equal-compute"))
-EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain", "continue-6m": "plain", "transfer-6m": "full-plain"}
+                   ("transfer-6m", "full-plain"), ("transfer-6m", "full-sadm"), ("transfer-6m", "full-plain-equal-compute"),
+                   ("transfer-24m", "full-plain"), ("transfer-24m", "full-sadm"),
+                   ("transfer-24m", "full-plain-equal-compute"))
+EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain", "continue-6m": "plain", "transfer-6m": "full-plain",
+                    "transfer-24m": "full-plain"}
 
 
 def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> dict | None:
