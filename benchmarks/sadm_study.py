@@ -245,6 +245,8 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # the recommended SADM + SD-DiT 0.5 in transfer at 23.1 M, where SADM alone came within -1.5% of plain at equal
     # compute; its step-time ratio there is measured by benchmarks/step_time.py --models tiny-24m --terms
     ("transfer-24m", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
+    # x1.208 there (benchmarks/results/step_time_terms_24m.json, 3 rounds): plain gets 483 steps against it
+    ("transfer-24m", "full-plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "483"], "full-plain"),
     # transfer under the default recipe (cosine decay; the runs above keep a constant LR after warm-up)
     ("transfer-cosine", "full-plain"): (PLAIN, None),
     ("transfer-cosine", "full-sadm"): ([], "full-plain"),
@@ -280,6 +282,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-6m-cosine", "full-plain-equal-compute"): "full-sadm",
                ("continue-6m", "plain-equal-compute"): "sadm",
                ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
+               ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm"}
