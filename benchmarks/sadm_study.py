@@ -224,13 +224,15 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue-6m", "plain"): (PLAIN, None),
     ("continue-6m", "sadm"): ([], "plain"),
     ("continue-6m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "543"], "plain"),
-    # at 24 M, SADM's x1.016 buys plain 8 more steps of 500: equal steps are equal compute there
     # the recommended SADM + SD-DiT 0.5 at 6.4 M, at equal compute: x1.281 step time there
     # (benchmarks/results/step_time_terms_6m.json, 3 rounds), so plain gets 641 steps against it
     ("continue-6m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
     ("continue-6m", "plain-equal-compute-1.28"): (PLAIN + ["--max_train_steps", "641"], "plain"),
     ("continue-24m", "plain"): (PLAIN, None),
     ("continue-24m", "sadm"): ([], "plain"),
+    # at 23.1 M SADM costs x1.016 (step_time_scale.json, 2 rounds) to x1.029 (step_time_terms_24m.json, 3 rounds):
+    # plain gets the larger, 515 steps of 500 (a few steps still paid in transfer at this size)
+    ("continue-24m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "515"], "plain"),
     ("transfer", "full-plain"): (PLAIN, None),
     ("transfer", "full-sadm"): ([], "full-plain"),
     ("transfer", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
@@ -281,6 +283,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-cosine", "full-plain-equal-compute"): "full-sadm",
                ("transfer-6m-cosine", "full-plain-equal-compute"): "full-sadm",
                ("continue-6m", "plain-equal-compute"): "sadm",
+               ("continue-24m", "plain-equal-compute"): "sadm",
                ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
                ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
