@@ -415,9 +415,10 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("continue-6m", "plain"), ("continue-6m", "sadm"), ("continue-6m", "plain-equal-compute"),
                    ("transfer-6m", "full-plain"), ("transfer-6m", "full-sadm"), ("transfer-6m", "full-plain-equal-compute"),
                    ("transfer-24m", "full-plain"), ("transfer-24m", "full-sadm"),
-                   ("transfer-24m", "full-plain-equal-compute"))
+                   ("transfer-24m", "full-plain-equal-compute"),
+                   ("continue-24m", "plain"), ("continue-24m", "sadm"), ("continue-24m", "plain-equal-compute"))
 EVAL_NOISE_PLAIN = {"continue": "plain", "transfer": "full-plain", "continue-6m": "plain", "transfer-6m": "full-plain",
-                    "transfer-24m": "full-plain"}
+                    "transfer-24m": "full-plain", "continue-24m": "plain"}
 
 
 def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> dict | None:
