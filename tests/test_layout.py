@@ -33,6 +33,7 @@ COVERAGE: dict[str, list[str]] = {
     "test_layout.py": [],
     "benchmarks/test_gpu_check.py": [],  # benchmarks/ scripts, outside the package
     "benchmarks/test_harness.py": [],
+    "benchmarks/test_study_arms.py": [],
     # config/
     "config/test_config.py": ["config.run", "cli"],
     "config/test_flags.py": ["config.flags", "config.fields"],
