@@ -233,6 +233,10 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # at 23.1 M SADM costs x1.016 (step_time_scale.json, 2 rounds) to x1.029 (step_time_terms_24m.json, 3 rounds):
     # plain gets the larger, 515 steps of 500 (a few steps still paid in transfer at this size)
     ("continue-24m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "515"], "plain"),
+    # the recommended SADM + SD-DiT 0.5 in continue at 23.1 M, where SADM alone gains -10.9% at equal compute:
+    # x1.208 step time there (step_time_terms_24m.json, 3 rounds), so plain gets 604 steps against it
+    ("continue-24m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
+    ("continue-24m", "plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "604"], "plain"),
     ("transfer", "full-plain"): (PLAIN, None),
     ("transfer", "full-sadm"): ([], "full-plain"),
     ("transfer", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
@@ -284,6 +288,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-6m-cosine", "full-plain-equal-compute"): "full-sadm",
                ("continue-6m", "plain-equal-compute"): "sadm",
                ("continue-24m", "plain-equal-compute"): "sadm",
+               ("continue-24m", "plain-equal-compute-1.21"): "sadm+sddit-0.5",
                ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
                ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
