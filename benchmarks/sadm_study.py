@@ -421,7 +421,8 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-6m", "full-plain"), ("transfer-6m", "full-sadm"), ("transfer-6m", "full-plain-equal-compute"),
                    ("transfer-24m", "full-plain"), ("transfer-24m", "full-sadm"),
                    ("transfer-24m", "full-plain-equal-compute"),
-                   ("continue-24m", "plain"), ("continue-24m", "sadm"), ("continue-24m", "plain-equal-compute"))
+                   ("continue-24m", "plain"), ("continue-24m", "sadm"), ("continue-24m", "plain-equal-compute"),
+                   ("continue-24m", "sadm+sddit-0.5"), ("continue-24m", "plain-equal-compute-1.21"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
@@ -444,8 +445,9 @@ def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> di
 
 
 def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
-    """Per draw: each arm's paired FID difference vs its regime's plain; per checkpoint: the FID's spread over the
-    1,000-sample draws (SMALL_DRAWS, also averaged per checkpoint: "mean_over_draws")."""
+    """Per draw: each arm's paired FID difference vs its regime's plain, and each SADM arm's vs plain given its
+    compute ("equal_compute"); per checkpoint: the FID's spread over the 1,000-sample draws (SMALL_DRAWS, also
+    averaged per checkpoint: "mean_over_draws")."""
     draws = ["ddim25-s1234", *EVAL_DRAWS]
     fid: dict[tuple, dict[str, float]] = {}
     for regime, arm in EVAL_NOISE_ARMS:
@@ -462,7 +464,7 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
 
     result: dict = {"draws": {"ddim25-s1234": ["pipeline", 25, 1234, 1], **{k: list(v) for k, v in EVAL_DRAWS.items()}},
                     "draw_fields": ["sampler", "steps", "sampling seed", "samples (x the regime's 1,000)"],
-                    "paired_vs_plain": {}, "checkpoint_spread": {}}
+                    "paired_vs_plain": {}, "equal_compute": {}, "checkpoint_spread": {}}
     for regime, arm in EVAL_NOISE_ARMS:
         spreads = [statistics.stdev(v) for s in seeds if (v := small((regime, arm, s)))]
         result["checkpoint_spread"][f"{regime}/{arm}"] = {
@@ -480,8 +482,18 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
                  if (a := small((regime, arm, s))) and (p := small((regime, plain, s)))]
         per_draw["mean_over_draws"] = t_interval(diffs) if diffs else None
         result["paired_vs_plain"][f"{regime}/{arm}"] = per_draw
+    # the equal-compute question on every draw: the SADM arm minus plain given that arm's compute (ALSO_PAIRED)
+    for (regime, arm), other in ALSO_PAIRED.items():
+        if "equal-compute" not in arm or (regime, arm) not in EVAL_NOISE_ARMS or (regime, other) not in EVAL_NOISE_ARMS:
+            continue
+        per_draw = {}
+        for draw in draws:
+            diffs = [fid[(regime, other, s)][draw] - fid[(regime, arm, s)][draw] for s in seeds
+                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, other, s), {})]
+            per_draw[draw] = t_interval(diffs) if diffs else None
+        result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw
     path = write_json(output.with_name(output.name + "_eval_noise.json"), result, indent=2, newline=True)
-    for key, per_draw in result["paired_vs_plain"].items():
+    for key, per_draw in (*result["paired_vs_plain"].items(), *result["equal_compute"].items()):
         print(key)
         for draw, ci in per_draw.items():
             if ci:

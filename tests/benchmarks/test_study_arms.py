@@ -33,3 +33,25 @@ def test_plain_at_equal_compute_gets_more_steps_than_its_regime():
         assert (regime, arm) in study.ALSO_PAIRED, f"{regime}/{arm}: pair it with the SADM arm whose compute it has"
         checked += 1
     assert checked >= 10
+
+
+def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_every_draw(tmp_path):
+    import json
+
+    regime, sadm, plain_eq, plain = "continue-24m", "sadm", "plain-equal-compute", "plain"
+    fids = {sadm: [5.0, 6.0, 7.0], plain_eq: [5.5, 6.25, 7.75], plain: [6.0, 7.0, 8.0]}
+    for arm, values in fids.items():
+        for seed, fid in enumerate(values):
+            out = tmp_path / "runs" / regime / f"{arm}-seed{seed}"
+            out.mkdir(parents=True)
+            (out / "eval.json").write_text(json.dumps({"metrics": {"fid": fid}}))
+            # a second draw, 1 FID higher everywhere: the paired differences stay the same
+            (out / "eval-ddim25-s1235.json").write_text(json.dumps({"metrics": {"fid": fid + 1}}))
+    result = study.eval_noise_report(tmp_path, [0, 1, 2], tmp_path / "report")
+    ec = result["equal_compute"][f"{regime}/{sadm} - {plain_eq}"]
+    for draw in ("ddim25-s1234", "ddim25-s1235"):
+        assert ec[draw]["n"] == 3 and abs(ec[draw]["mean"] - (-0.5)) < 1e-9, (draw, ec[draw])
+    assert ec["ddpm50-s1234"] is None  # a draw nobody ran is reported as missing, not as 0
+    vs_plain = result["paired_vs_plain"][f"{regime}/{sadm}"]["ddim25-s1234"]
+    assert vs_plain["n"] == 3 and abs(vs_plain["mean"] - (-1.0)) < 1e-9
+    assert (tmp_path / "report_eval_noise.json").is_file()
