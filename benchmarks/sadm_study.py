@@ -248,6 +248,9 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-24m", "full-plain"): (PLAIN, None),
     ("transfer-24m", "full-sadm"): ([], "full-plain"),
     ("transfer-24m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "406"], "full-plain"),
+    # the best lambda of the continue sweep (0.03: -4.9% at equal steps at 1.9 M) where SADM's cost is smallest:
+    # lambda does not change the step time, so plain at 406 steps is its equal compute too
+    ("transfer-24m", "full-sadm-lambda-0.03"): (["--structure_weight", "0.03"], "full-plain"),
     # the recommended SADM + SD-DiT 0.5 in transfer at 23.1 M, where SADM alone came within -1.5% of plain at equal
     # compute; its step-time ratio there is measured by benchmarks/step_time.py --models tiny-24m --terms
     ("transfer-24m", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
@@ -293,6 +296,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m", "full-plain-equal-compute"): "full-sadm",
+               ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
@@ -422,7 +426,8 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-24m", "full-plain"), ("transfer-24m", "full-sadm"),
                    ("transfer-24m", "full-plain-equal-compute"),
                    ("continue-24m", "plain"), ("continue-24m", "sadm"), ("continue-24m", "plain-equal-compute"),
-                   ("continue-24m", "sadm+sddit-0.5"), ("continue-24m", "plain-equal-compute-1.21"))
+                   ("continue-24m", "sadm+sddit-0.5"), ("continue-24m", "plain-equal-compute-1.21"),
+                   ("transfer-24m", "full-sadm-lambda-0.03"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
@@ -484,6 +489,8 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
         result["paired_vs_plain"][f"{regime}/{arm}"] = per_draw
     # the equal-compute question on every draw: the SADM arm minus plain given that arm's compute (ALSO_PAIRED)
     for (regime, arm), other in ALSO_PAIRED.items():
+        if "equal-compute" in other:  # a SADM arm paired with plain at its compute, the other way round
+            arm, other = other, arm
         if "equal-compute" not in arm or (regime, arm) not in EVAL_NOISE_ARMS or (regime, other) not in EVAL_NOISE_ARMS:
             continue
         per_draw = {}

@@ -40,9 +40,12 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
 
     regime, sadm, plain_eq, plain = "continue-24m", "sadm", "plain-equal-compute", "plain"
     fids = {sadm: [5.0, 6.0, 7.0], plain_eq: [5.5, 6.25, 7.75], plain: [6.0, 7.0, 8.0]}
-    for arm, values in fids.items():
+    # ALSO_PAIRED the other way round: the SADM arm names plain at its compute
+    lam = {"full-sadm-lambda-0.03": [3.0, 3.0, 3.0], "full-plain-equal-compute": [4.0, 4.0, 4.0]}
+    for (reg, arm), values in [*(((regime, a), v) for a, v in fids.items()),
+                               *((("transfer-24m", a), v) for a, v in lam.items())]:
         for seed, fid in enumerate(values):
-            out = tmp_path / "runs" / regime / f"{arm}-seed{seed}"
+            out = tmp_path / "runs" / reg / f"{arm}-seed{seed}"
             out.mkdir(parents=True)
             (out / "eval.json").write_text(json.dumps({"metrics": {"fid": fid}}))
             # a second draw, 1 FID higher everywhere: the paired differences stay the same
@@ -54,4 +57,6 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
     assert ec["ddpm50-s1234"] is None  # a draw nobody ran is reported as missing, not as 0
     vs_plain = result["paired_vs_plain"][f"{regime}/{sadm}"]["ddim25-s1234"]
     assert vs_plain["n"] == 3 and abs(vs_plain["mean"] - (-1.0)) < 1e-9
+    reverse = result["equal_compute"]["transfer-24m/full-sadm-lambda-0.03 - full-plain-equal-compute"]
+    assert reverse["ddim25-s1234"]["mean"] == -1.0
     assert (tmp_path / "report_eval_noise.json").is_file()
