@@ -467,6 +467,15 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
         got = fid.get(key, {})
         return [got[d] for d in SMALL_DRAWS] if all(d in got for d in SMALL_DRAWS) else None
 
+    def per_draw(regime: str, arm: str, ref: str) -> dict[str, dict | None]:
+        """Per draw: arm minus ref, paired over the seeds where both were drawn (None where none were)."""
+        out = {}
+        for draw in draws:
+            diffs = [fid[(regime, arm, s)][draw] - fid[(regime, ref, s)][draw] for s in seeds
+                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, ref, s), {})]
+            out[draw] = t_interval(diffs) if diffs else None
+        return out
+
     result: dict = {"draws": {"ddim25-s1234": ["pipeline", 25, 1234, 1], **{k: list(v) for k, v in EVAL_DRAWS.items()}},
                     "draw_fields": ["sampler", "steps", "sampling seed", "samples (x the regime's 1,000)"],
                     "paired_vs_plain": {}, "equal_compute": {}, "checkpoint_spread": {}}
@@ -477,32 +486,23 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
         plain = EVAL_NOISE_PLAIN[regime]
         if arm == plain:
             continue
-        per_draw = {}
-        for draw in draws:
-            diffs = [fid[(regime, arm, s)][draw] - fid[(regime, plain, s)][draw] for s in seeds
-                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, plain, s), {})]
-            per_draw[draw] = t_interval(diffs) if diffs else None
+        vs_plain = per_draw(regime, arm, plain)
         # averaged over the 1,000-sample draws: each checkpoint's mean FID, then paired over seeds
         diffs = [statistics.fmean(a) - statistics.fmean(p) for s in seeds
                  if (a := small((regime, arm, s))) and (p := small((regime, plain, s)))]
-        per_draw["mean_over_draws"] = t_interval(diffs) if diffs else None
-        result["paired_vs_plain"][f"{regime}/{arm}"] = per_draw
+        vs_plain["mean_over_draws"] = t_interval(diffs) if diffs else None
+        result["paired_vs_plain"][f"{regime}/{arm}"] = vs_plain
     # the equal-compute question on every draw: the SADM arm minus plain given that arm's compute (ALSO_PAIRED)
     for (regime, arm), other in ALSO_PAIRED.items():
         if "equal-compute" in other:  # a SADM arm paired with plain at its compute, the other way round
             arm, other = other, arm
         if "equal-compute" not in arm or (regime, arm) not in EVAL_NOISE_ARMS or (regime, other) not in EVAL_NOISE_ARMS:
             continue
-        per_draw = {}
-        for draw in draws:
-            diffs = [fid[(regime, other, s)][draw] - fid[(regime, arm, s)][draw] for s in seeds
-                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, other, s), {})]
-            per_draw[draw] = t_interval(diffs) if diffs else None
-        result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw
+        result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw(regime, other, arm)
     path = write_json(output.with_name(output.name + "_eval_noise.json"), result, indent=2, newline=True)
-    for key, per_draw in (*result["paired_vs_plain"].items(), *result["equal_compute"].items()):
+    for key, cis in (*result["paired_vs_plain"].items(), *result["equal_compute"].items()):
         print(key)
-        for draw, ci in per_draw.items():
+        for draw, ci in cis.items():
             if ci:
                 print(f"  {draw:16s} n={ci['n']} dFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]")
     for key, spread in result["checkpoint_spread"].items():
