@@ -237,6 +237,8 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # x1.208 step time there (step_time_terms_24m.json, 3 rounds), so plain gets 604 steps against it
     ("continue-24m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
     ("continue-24m", "plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "604"], "plain"),
+    # SD-DiT alone there: is SADM's share of the combination more than noise at this size?
+    ("continue-24m", "sddit-0.5"): (SDDIT_05 + PLAIN, "plain"),
     ("transfer", "full-plain"): (PLAIN, None),
     ("transfer", "full-sadm"): ([], "full-plain"),
     ("transfer", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
@@ -292,6 +294,7 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue-6m", "plain-equal-compute"): "sadm",
                ("continue-24m", "plain-equal-compute"): "sadm",
                ("continue-24m", "plain-equal-compute-1.21"): "sadm+sddit-0.5",
+               ("continue-24m", "sadm+sddit-0.5"): "sddit-0.5",
                ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
                ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
