@@ -418,6 +418,8 @@ EVAL_DRAWS = {  # name -> (sampler, steps, seed, samples x the regime's); "ddim2
     # a second sampler: DDPM (ancestral) 50 steps. Euler is not usable here: DiTPipeline never scales its first
     # latents by init_noise_sigma (measured: FID 114 with Euler 50 where DDIM 25 gives 8)
     "ddpm50-s1234": ("ddpm", 50, 1234, 1),
+    # DDIM with twice the steps: does a gain seen with DDIM 25 belong to few-step deterministic sampling?
+    "ddim50-s1234": ("pipeline", 50, 1234, 1),
     # the study's draw with 5x the samples (5,000): is the paired difference a small-sample artefact?
     "ddim25-s1234-x5": ("pipeline", 25, 1234, 5),
 }
@@ -471,12 +473,15 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
         return [got[d] for d in SMALL_DRAWS] if all(d in got for d in SMALL_DRAWS) else None
 
     def per_draw(regime: str, arm: str, ref: str) -> dict[str, dict | None]:
-        """Per draw: arm minus ref, paired over the seeds where both were drawn (None where none were)."""
+        """Per draw: arm minus ref, paired over the seeds where both were drawn (None where none were), with ref's
+        mean FID over those seeds ("relative_to": the interval as a share of it is mean / relative_to)."""
         out = {}
         for draw in draws:
-            diffs = [fid[(regime, arm, s)][draw] - fid[(regime, ref, s)][draw] for s in seeds
-                     if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, ref, s), {})]
-            out[draw] = t_interval(diffs) if diffs else None
+            both = [s for s in seeds if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, ref, s), {})]
+            out[draw] = None
+            if both:
+                out[draw] = t_interval([fid[(regime, arm, s)][draw] - fid[(regime, ref, s)][draw] for s in both])
+                out[draw]["relative_to"] = statistics.fmean(fid[(regime, ref, s)][draw] for s in both)
         return out
 
     result: dict = {"draws": {"ddim25-s1234": ["pipeline", 25, 1234, 1], **{k: list(v) for k, v in EVAL_DRAWS.items()}},
@@ -503,16 +508,54 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
             continue
         result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw(regime, other, arm)
     path = write_json(output.with_name(output.name + "_eval_noise.json"), result, indent=2, newline=True)
+    plot_eval_noise(result["equal_compute"], output.with_name(output.name + "_eval_noise.png"))
     for key, cis in (*result["paired_vs_plain"].items(), *result["equal_compute"].items()):
         print(key)
         for draw, ci in cis.items():
             if ci:
-                print(f"  {draw:16s} n={ci['n']} dFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]")
+                rel = f" ({100 * ci['mean'] / ci['relative_to']:+.1f}%)" if "relative_to" in ci else ""
+                print(f"  {draw:16s} n={ci['n']} dFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]{rel}")
     for key, spread in result["checkpoint_spread"].items():
         print(f"{key}: FID sd over the {len(SMALL_DRAWS)} 1,000-sample draws, mean over {spread['checkpoints']} "
               f"checkpoints: {spread['mean_sd_over_draws']:.3f}")
     print(f"wrote {path}")
     return result
+
+
+def plot_eval_noise(equal_compute: dict, path: Path) -> None:
+    """A forest plot: per comparison (SADM arm minus plain at its compute), the paired ΔFID as a share of plain's FID
+    on each evaluation draw, mean and 95% CI over the training seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(key, draws) for key, draws in equal_compute.items() if any(ci for ci in draws.values())]
+    draw_names = [d for d in ("ddim25-s1234", *EVAL_DRAWS) if any(draws.get(d) for _, draws in rows)]
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.3 * len(rows) * max(2, len(draw_names))))
+    height = 0.8 / max(1, len(draw_names))
+    for i, draw in enumerate(draw_names):
+        ys, xs, lo, hi = [], [], [], []
+        for row, (_, draws) in enumerate(rows):
+            ci = draws.get(draw)
+            if not ci or math.isnan(ci["low"]):
+                continue
+            f = 100 / ci["relative_to"]
+            ys.append(row + (i - (len(draw_names) - 1) / 2) * height)
+            xs.append(f * ci["mean"])
+            lo.append(f * (ci["mean"] - ci["low"]))
+            hi.append(f * (ci["high"] - ci["mean"]))
+        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, label=draw)
+    ax.axvline(0, color="gray", linestyle="--")
+    ax.set_yticks(range(len(rows)), [key for key, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired ΔFID / FID of plain at equal compute (%), mean and 95% CI over training seeds")
+    ax.set_title("SADM arm − plain given its compute, on each evaluation draw (draws with < 2 seeds left out)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def base_metrics(regime: str, setup: dict, work: Path) -> dict:
@@ -755,8 +798,9 @@ def main() -> None:
                         help="the mechanism study's controls (frozen D, per-sample GAN, equal compute), min pair "
                              "weights and the recipe arms; results in benchmarks/results/mechanism_study")
     parser.add_argument("--eval_noise", action="store_true",
-                        help="with --mechanism: evaluate plain, sadm and plain-equal-compute again with two more "
-                             "sampling seeds and DDPM 50 steps; results in <output>_eval_noise.json")
+                        help="with --mechanism: evaluate EVAL_NOISE_ARMS' checkpoints again with two more "
+                             "sampling seeds, DDPM 50, DDIM 50 and 5x the samples; results in <output>_eval_noise.json "
+                             "and .png")
     parser.add_argument("--recommend", action="store_true",
                         help="SADM + SD-DiT 0.5, SD-DiT 0.5 and SADM vs plain in the transfer regime (full fine-tune); "
                              "results in benchmarks/results/recommend_study")
@@ -796,7 +840,8 @@ def main() -> None:
         wanted = set(args.only.split(","))
         unknown = wanted - {f"{r}/{a}" for r, a in (EVAL_NOISE_ARMS if args.eval_noise else arms)}
         if unknown:
-            raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in arms)}")
+            known = EVAL_NOISE_ARMS if args.eval_noise else arms
+            raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in known)}")
     work, output = Path(args.work_dir), Path(args.output)
     if args.eval_noise:
         if not args.report_only:

@@ -54,9 +54,12 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
     ec = result["equal_compute"][f"{regime}/{sadm} - {plain_eq}"]
     for draw in ("ddim25-s1234", "ddim25-s1235"):
         assert ec[draw]["n"] == 3 and abs(ec[draw]["mean"] - (-0.5)) < 1e-9, (draw, ec[draw])
+    # the share is of plain-at-equal-compute's mean FID on that draw (6.5, then 7.5)
+    assert abs(ec["ddim25-s1234"]["relative_to"] - 6.5) < 1e-9 and abs(ec["ddim25-s1235"]["relative_to"] - 7.5) < 1e-9
     assert ec["ddpm50-s1234"] is None  # a draw nobody ran is reported as missing, not as 0
     vs_plain = result["paired_vs_plain"][f"{regime}/{sadm}"]["ddim25-s1234"]
     assert vs_plain["n"] == 3 and abs(vs_plain["mean"] - (-1.0)) < 1e-9
     reverse = result["equal_compute"]["transfer-24m/full-sadm-lambda-0.03 - full-plain-equal-compute"]
     assert reverse["ddim25-s1234"]["mean"] == -1.0
     assert (tmp_path / "report_eval_noise.json").is_file()
+    assert (tmp_path / "report_eval_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
