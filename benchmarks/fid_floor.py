@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""How low can the study's FID go? The floor of a finite-sample FID against the study's reference.
+
+An FID from n generated samples against a reference of N images is biased upwards by about c (1/n + 1/N) even
+when the generator draws from the data distribution itself (the bias of a Gaussian fit to finite samples,
+linear in 1/n: Chong & Forsyth, "Effectively Unbiased FID", CVPR 2020). Near that floor, paired FID differences
+shrink whatever the models do, so a small gap between two arms on a sampler that reaches the floor means less
+than the same gap far above it. This script measures the floor on the reference's own features (an .npz that
+`sadm-eval --reference_stats_cache` writes, with its features and labels):
+
+  memorizer    n images drawn from the reference itself (class-balanced, without replacement) against the whole
+               reference: a model that reproduces its training set
+  bootstrap    the same with replacement
+  split halves the reference split at random into two disjoint sets of n each, FID of one against the other, for
+               several n; c is fitted to FID = c (2/n) over those sizes (the per-size c shows whether 1/n holds)
+  independent  c (1/n + 1/N): the expected FID of n fresh draws from the data distribution against the fixed
+               reference of N, for the study's 1,000 and 5,000 samples (an extrapolation from the fitted c)
+
+    python benchmarks/fid_floor.py --reference_stats runs/study/reference-continue-24m.npz   # all 1,797 digits
+    python benchmarks/fid_floor.py --reference_stats runs/study/reference-transfer-24m.npz --halves 100 200 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py
+from harness import ROOT, write_json  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from sadm_finetune.evaluation.metrics import feature_statistics, frechet_distance  # noqa: E402
+
+
+def fid_of(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    return frechet_distance(*feature_statistics(features), mu, sigma)
+
+
+def balanced(labels: np.ndarray, per_class: int, replace: bool, rng: np.random.Generator) -> np.ndarray:
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=replace)
+                           for c in np.unique(labels)])
+
+
+def floors(features: np.ndarray, labels: np.ndarray, samples: list[int], halves: list[int], repeats: int,
+           seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    mu, sigma = feature_statistics(features)
+    n_ref, n_classes = len(features), len(np.unique(labels))
+    if max(halves) * 2 > n_ref:
+        raise ValueError(f"--halves: {max(halves)} per half needs {2 * max(halves)} reference images, it has {n_ref}")
+    out: dict = {"reference_images": n_ref, "repeats": repeats, "memorizer": {}, "bootstrap": {}, "split_halves": {}}
+    for n in samples:
+        per = n // n_classes
+        for name, replace in (("memorizer", False), ("bootstrap", True)):
+            if not replace and per > np.bincount(labels).min():
+                continue  # more per class than the reference holds
+            v = [fid_of(features[balanced(labels, per, replace, rng)], mu, sigma) for _ in range(repeats)]
+            out[name][str(n)] = {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
+    for n in halves:
+        v = []
+        for _ in range(repeats):
+            p = rng.permutation(n_ref)
+            a, b = features[p[:n]], features[p[n:2 * n]]
+            v.append(fid_of(a, *feature_statistics(b)))
+        out["split_halves"][str(n)] = {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)),
+                                       "c": float(np.mean(v)) * n / 2}
+    x = np.array([2 / n for n in halves])
+    y = np.array([out["split_halves"][str(n)]["mean"] for n in halves])
+    c = float(x @ y / (x @ x))  # least squares through the origin
+    out["c"] = c
+    out["independent"] = {str(n): c * (1 / n + 1 / n_ref) for n in samples}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reference_stats", default=str(ROOT / "runs" / "study" / "reference-continue-24m.npz"),
+                        help="an .npz from sadm-eval --reference_stats_cache (its features and labels)")
+    parser.add_argument("--samples", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--halves", type=int, nargs="+", default=[150, 300, 600, 898])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output", default=None,
+                        help="default: benchmarks/results/fid_floor_<the .npz's name>.json")
+    args = parser.parse_args()
+    path = Path(args.reference_stats)
+    if not path.is_file():
+        raise SystemExit(f"--reference_stats: {path} does not exist; run the study (it writes reference-<regime>.npz "
+                         "into its --work_dir) or sadm-eval --reference_stats_cache first")
+    data = np.load(path, allow_pickle=False)
+    if "features" not in data.files or "labels" not in data.files:
+        raise SystemExit(f"--reference_stats: {path} has no features and labels; write it with sadm-eval "
+                         "--reference_stats_cache on a labelled reference")
+    try:
+        result = floors(data["features"], data["labels"], args.samples, args.halves, args.repeats)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    result["reference_stats"] = path.name
+    args.output = args.output or str(ROOT / "benchmarks" / "results" / f"fid_floor_{path.stem}.json")
+    write_json(args.output, result, indent=2, newline=True)
+    for name in ("memorizer", "bootstrap"):
+        for n, v in result[name].items():
+            print(f"{name:10s} n={n:>5s}: FID {v['mean']:.3f} (sd {v['sd']:.3f})")
+    for n, v in result["split_halves"].items():
+        print(f"split halves {n:>4s} vs {n:>4s}: FID {v['mean']:.3f} (sd {v['sd']:.3f}), c = {v['c']:.0f}")
+    for n, v in result["independent"].items():
+        print(f"independent  n={n:>5s} vs the reference's {result['reference_images']}: expected FID {v:.3f} "
+              f"(c = {result['c']:.0f})")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
