@@ -424,6 +424,9 @@ EVAL_DRAWS = {  # name -> (sampler, steps, seed, samples x the regime's); "ddim2
     "ddim25-s1234-x5": ("pipeline", 25, 1234, 5),
 }
 SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  # averaged: "mean_over_draws"
+# the evaluation noise of one checkpoint: its FID's spread over sampling seeds of one sampler (DDPM 50 sits at another
+# level, half DDIM 25's FID at 23.1 M, so a spread that mixed samplers would measure the sampler, not the noise)
+SEED_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236"]
 EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"),
                    ("transfer", "full-plain"), ("transfer", "full-sadm"), ("transfer", "full-plain-equal-compute"),
                    ("continue-6m", "plain"), ("continue-6m", "sadm"), ("continue-6m", "plain-equal-compute"),
@@ -456,7 +459,8 @@ def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> di
 
 def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
     """Per draw: each arm's paired FID difference vs its regime's plain, and each SADM arm's vs plain given its
-    compute ("equal_compute"); per checkpoint: the FID's spread over the 1,000-sample draws (SMALL_DRAWS, also
+    compute ("equal_compute"); per checkpoint: the FID's spread over the DDIM sampling seeds (SEED_DRAWS), and the
+    1,000-sample draws (SMALL_DRAWS) also
     averaged per checkpoint: "mean_over_draws")."""
     draws = ["ddim25-s1234", *EVAL_DRAWS]
     fid: dict[tuple, dict[str, float]] = {}
@@ -468,9 +472,9 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
                 if f.is_file():
                     fid.setdefault((regime, arm, seed), {})[draw] = json.loads(f.read_text())["metrics"]["fid"]
 
-    def small(key: tuple) -> list[float] | None:
+    def small(key: tuple, names: list[str] = SMALL_DRAWS) -> list[float] | None:
         got = fid.get(key, {})
-        return [got[d] for d in SMALL_DRAWS] if all(d in got for d in SMALL_DRAWS) else None
+        return [got[d] for d in names] if all(d in got for d in names) else None
 
     def per_draw(regime: str, arm: str, ref: str) -> dict[str, dict | None]:
         """Per draw: arm minus ref, paired over the seeds where both were drawn (None where none were), with ref's
@@ -488,9 +492,10 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
                     "draw_fields": ["sampler", "steps", "sampling seed", "samples (x the regime's 1,000)"],
                     "paired_vs_plain": {}, "equal_compute": {}, "checkpoint_spread": {}}
     for regime, arm in EVAL_NOISE_ARMS:
-        spreads = [statistics.stdev(v) for s in seeds if (v := small((regime, arm, s)))]
+        spreads = [statistics.stdev(v) for s in seeds if (v := small((regime, arm, s), SEED_DRAWS))]
         result["checkpoint_spread"][f"{regime}/{arm}"] = {
-            "mean_sd_over_draws": statistics.fmean(spreads) if spreads else math.nan, "checkpoints": len(spreads)}
+            "mean_sd_over_sampling_seeds": statistics.fmean(spreads) if spreads else math.nan,
+            "checkpoints": len(spreads)}
         plain = EVAL_NOISE_PLAIN[regime]
         if arm == plain:
             continue
@@ -516,8 +521,8 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
                 rel = f" ({100 * ci['mean'] / ci['relative_to']:+.1f}%)" if "relative_to" in ci else ""
                 print(f"  {draw:16s} n={ci['n']} dFID {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]{rel}")
     for key, spread in result["checkpoint_spread"].items():
-        print(f"{key}: FID sd over the {len(SMALL_DRAWS)} 1,000-sample draws, mean over {spread['checkpoints']} "
-              f"checkpoints: {spread['mean_sd_over_draws']:.3f}")
+        print(f"{key}: FID sd over the {len(SEED_DRAWS)} DDIM sampling seeds, mean over {spread['checkpoints']} "
+              f"checkpoints: {spread['mean_sd_over_sampling_seeds']:.3f}")
     print(f"wrote {path}")
     return result
 

@@ -50,13 +50,19 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
             (out / "eval.json").write_text(json.dumps({"metrics": {"fid": fid}}))
             # a second draw, 1 FID higher everywhere: the paired differences stay the same
             (out / "eval-ddim25-s1235.json").write_text(json.dumps({"metrics": {"fid": fid + 1}}))
+            (out / "eval-ddim25-s1236.json").write_text(json.dumps({"metrics": {"fid": fid + 2}}))
+            # another sampler at another level: it must not count as evaluation noise
+            (out / "eval-ddpm50-s1234.json").write_text(json.dumps({"metrics": {"fid": fid / 10}}))
     result = study.eval_noise_report(tmp_path, [0, 1, 2], tmp_path / "report")
     ec = result["equal_compute"][f"{regime}/{sadm} - {plain_eq}"]
     for draw in ("ddim25-s1234", "ddim25-s1235"):
         assert ec[draw]["n"] == 3 and abs(ec[draw]["mean"] - (-0.5)) < 1e-9, (draw, ec[draw])
     # the share is of plain-at-equal-compute's mean FID on that draw (6.5, then 7.5)
     assert abs(ec["ddim25-s1234"]["relative_to"] - 6.5) < 1e-9 and abs(ec["ddim25-s1235"]["relative_to"] - 7.5) < 1e-9
-    assert ec["ddpm50-s1234"] is None  # a draw nobody ran is reported as missing, not as 0
+    assert ec["ddim25-s1234-x5"] is None  # a draw nobody ran is reported as missing, not as 0
+    # one checkpoint's FID over the three DDIM sampling seeds is fid, fid + 1, fid + 2: sd 1, whatever DDPM gave
+    spread = result["checkpoint_spread"][f"{regime}/{sadm}"]
+    assert spread["checkpoints"] == 3 and abs(spread["mean_sd_over_sampling_seeds"] - 1.0) < 1e-9, spread
     vs_plain = result["paired_vs_plain"][f"{regime}/{sadm}"]["ddim25-s1234"]
     assert vs_plain["n"] == 3 and abs(vs_plain["mean"] - (-1.0)) < 1e-9
     reverse = result["equal_compute"]["transfer-24m/full-sadm-lambda-0.03 - full-plain-equal-compute"]
