@@ -513,7 +513,10 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
             continue
         result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw(regime, other, arm)
     path = write_json(output.with_name(output.name + "_eval_noise.json"), result, indent=2, newline=True)
-    plot_eval_noise(result["equal_compute"], output.with_name(output.name + "_eval_noise.png"))
+    try:
+        plot_eval_noise(result["equal_compute"], output.with_name(output.name + "_eval_noise.png"))
+    except ImportError:  # matplotlib is not a dependency of the toolkit
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
     for key, cis in (*result["paired_vs_plain"].items(), *result["equal_compute"].items()):
         print(key)
         for draw, ci in cis.items():

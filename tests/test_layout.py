@@ -34,6 +34,7 @@ COVERAGE: dict[str, list[str]] = {
     "benchmarks/test_gpu_check.py": [],  # benchmarks/ scripts, outside the package
     "benchmarks/test_harness.py": [],
     "benchmarks/test_study_arms.py": [],
+    "benchmarks/test_fid_floor.py": [],
     # config/
     "config/test_config.py": ["config.run", "cli"],
     "config/test_flags.py": ["config.flags", "config.fields"],

@@ -1,6 +1,7 @@
 """benchmarks/sadm_study.py's arm tables: every arm a report pairs or re-evaluates is one the study can run, and
 every plain-at-equal-compute arm really gets more steps than its regime."""
 
+import importlib.util
 import sys
 
 from launch import ROOT
@@ -68,4 +69,8 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
     reverse = result["equal_compute"]["transfer-24m/full-sadm-lambda-0.03 - full-plain-equal-compute"]
     assert reverse["ddim25-s1234"]["mean"] == -1.0
     assert (tmp_path / "report_eval_noise.json").is_file()
-    assert (tmp_path / "report_eval_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = tmp_path / "report_eval_noise.png"
+    if importlib.util.find_spec("matplotlib"):  # a plot where matplotlib is installed, the report without it
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists()
