@@ -48,14 +48,15 @@ def floors(features: np.ndarray, labels: np.ndarray, samples: list[int], halves:
            seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     mu, sigma = feature_statistics(features)
-    n_ref, n_classes = len(features), len(np.unique(labels))
+    n_ref = len(features)
+    counts = np.unique(labels, return_counts=True)[1]  # the classes present, whatever their ids (transfer: 5-9)
     if max(halves) * 2 > n_ref:
         raise ValueError(f"--halves: {max(halves)} per half needs {2 * max(halves)} reference images, it has {n_ref}")
     out: dict = {"reference_images": n_ref, "repeats": repeats, "memorizer": {}, "bootstrap": {}, "split_halves": {}}
     for n in samples:
-        per = n // n_classes
+        per = n // len(counts)
         for name, replace in (("memorizer", False), ("bootstrap", True)):
-            if not replace and per > np.bincount(labels).min():
+            if not replace and per > counts.min():
                 continue  # more per class than the reference holds
             v = [fid_of(features[balanced(labels, per, replace, rng)], mu, sigma) for _ in range(repeats)]
             out[name][str(n)] = {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}

@@ -38,6 +38,12 @@ def test_floors_follow_one_over_n_and_order_as_they_should():
     assert "2000" not in out["memorizer"]  # 500 per class: more than the reference holds without replacement
 
 
+def test_class_ids_need_not_start_at_zero():
+    features, labels = gaussian_reference()
+    out = fid_floor.floors(features, labels + 5, samples=[400], halves=[100], repeats=2)  # transfer's digits 5-9
+    assert set(out["memorizer"]) == {"400"}  # 100 per class of the 400 each class holds
+
+
 def test_halves_larger_than_the_reference_are_refused():
     features, labels = gaussian_reference(n_per_class=50)
     with pytest.raises(ValueError, match="--halves: 150 per half needs 300 reference images, it has 200"):
