@@ -423,6 +423,8 @@ EVAL_DRAWS = {  # name -> (sampler, steps, seed, samples x the regime's); "ddim2
     # the study's draw with 5x the samples (5,000): is the paired difference a small-sample artefact?
     "ddim25-s1234-x5": ("pipeline", 25, 1234, 5),
 }
+STUDY_DRAW = ("ddim25-s1234", ("pipeline", 25, 1234, 1))  # every run's own eval.json
+ALL_DRAWS = [STUDY_DRAW[0], *EVAL_DRAWS]
 SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  # averaged: "mean_over_draws"
 # the evaluation noise of one checkpoint: its FID's spread over sampling seeds of one sampler (DDPM 50 sits at another
 # level, half DDIM 25's FID at 23.1 M, so a spread that mixed samplers would measure the sampler, not the noise)
@@ -462,13 +464,13 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
     compute ("equal_compute"); per checkpoint: the FID's spread over the DDIM sampling seeds (SEED_DRAWS), and the
     1,000-sample draws (SMALL_DRAWS) also
     averaged per checkpoint: "mean_over_draws")."""
-    draws = ["ddim25-s1234", *EVAL_DRAWS]
+    draws = ALL_DRAWS
     fid: dict[tuple, dict[str, float]] = {}
     for regime, arm in EVAL_NOISE_ARMS:
         for seed in seeds:
             out = work / "runs" / regime / f"{arm}-seed{seed}"
             for draw in draws:
-                f = out / ("eval.json" if draw == "ddim25-s1234" else f"eval-{draw}.json")
+                f = out / ("eval.json" if draw == STUDY_DRAW[0] else f"eval-{draw}.json")
                 if f.is_file():
                     fid.setdefault((regime, arm, seed), {})[draw] = json.loads(f.read_text())["metrics"]["fid"]
 
@@ -488,7 +490,7 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
                 out[draw]["relative_to"] = statistics.fmean(fid[(regime, ref, s)][draw] for s in both)
         return out
 
-    result: dict = {"draws": {"ddim25-s1234": ["pipeline", 25, 1234, 1], **{k: list(v) for k, v in EVAL_DRAWS.items()}},
+    result: dict = {"draws": {k: list(v) for k, v in (STUDY_DRAW, *EVAL_DRAWS.items())},
                     "draw_fields": ["sampler", "steps", "sampling seed", "samples (x the regime's 1,000)"],
                     "paired_vs_plain": {}, "equal_compute": {}, "checkpoint_spread": {}}
     for regime, arm in EVAL_NOISE_ARMS:
@@ -539,7 +541,7 @@ def plot_eval_noise(equal_compute: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(key, draws) for key, draws in equal_compute.items() if any(ci for ci in draws.values())]
-    draw_names = [d for d in ("ddim25-s1234", *EVAL_DRAWS) if any(draws.get(d) for _, draws in rows)]
+    draw_names = [d for d in ALL_DRAWS if any(draws.get(d) for _, draws in rows)]
     fig, ax = plt.subplots(figsize=(11, 1.2 + 0.3 * len(rows) * max(2, len(draw_names))))
     height = 0.8 / max(1, len(draw_names))
     for i, draw in enumerate(draw_names):
@@ -846,9 +848,9 @@ def main() -> None:
     args.output = args.output or str(ROOT / "benchmarks" / "results" / name)
     if args.only:
         wanted = set(args.only.split(","))
-        unknown = wanted - {f"{r}/{a}" for r, a in (EVAL_NOISE_ARMS if args.eval_noise else arms)}
+        known = EVAL_NOISE_ARMS if args.eval_noise else arms
+        unknown = wanted - {f"{r}/{a}" for r, a in known}
         if unknown:
-            known = EVAL_NOISE_ARMS if args.eval_noise else arms
             raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in known)}")
     work, output = Path(args.work_dir), Path(args.output)
     if args.eval_noise:
