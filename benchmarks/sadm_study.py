@@ -459,7 +459,7 @@ def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> di
     return sadm_eval_once(args, result, f"evaluating {out} ({draw})", _env())
 
 
-def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
+def eval_noise_result(work: Path, seeds: list[int]) -> dict:
     """Per draw: each arm's paired FID difference vs its regime's plain, and each SADM arm's vs plain given its
     compute ("equal_compute"); per checkpoint: the FID's spread over the DDIM sampling seeds (SEED_DRAWS), and the
     1,000-sample draws (SMALL_DRAWS) also
@@ -514,7 +514,18 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
         if "equal-compute" not in arm or (regime, arm) not in EVAL_NOISE_ARMS or (regime, other) not in EVAL_NOISE_ARMS:
             continue
         result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw(regime, other, arm)
-    path = write_json(output.with_name(output.name + "_eval_noise.json"), result, indent=2, newline=True)
+    return result
+
+
+def eval_noise_path(output: Path) -> Path:
+    return output.with_name(output.name + "_eval_noise.json")
+
+
+def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
+    """eval_noise_result written to <output>_eval_noise.json (and its forest plot to .png), and printed."""
+    result = eval_noise_result(work, seeds)
+    refuse_to_shrink(eval_noise_path(output), result, work)
+    path = write_json(eval_noise_path(output), result, indent=2, newline=True)
     try:
         plot_eval_noise(result["equal_compute"], output.with_name(output.name + "_eval_noise.png"))
     except ImportError:  # matplotlib is not a dependency of the toolkit
@@ -661,7 +672,27 @@ def collect(work: Path, arms: dict, seeds: list[int]) -> tuple[dict, dict]:
     return runs, bases
 
 
-def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict:
+def report_size(result: dict) -> int:
+    """How much a report summarises: a study report's finished runs, an eval-noise report's paired seeds summed over
+    its pairings and draws."""
+    if "summary" in result:
+        return sum(entry["n"] for arms in result["summary"].values() for entry in arms.values())
+    return sum(ci["n"] for block in ("paired_vs_plain", "equal_compute") for cis in result.get(block, {}).values()
+               for ci in cis.values() if ci)
+
+
+def refuse_to_shrink(path: Path, result: dict, work: Path) -> None:
+    """Stop before a report from a work dir with fewer finished runs replaces one written from more (a fresh clone's
+    empty runs/study would otherwise overwrite the committed results in benchmarks/results)."""
+    if path.is_file():
+        old, new = report_size(json.loads(path.read_text())), report_size(result)
+        if new < old:
+            raise SystemExit(f"--output: {path} summarises {old} runs and draws, the work dir {work} only {new}; "
+                             f"writing would lose results: pass --output <another path> (or --work_dir <the folder "
+                             f"with the finished runs>)")
+
+
+def build_report(work: Path, arms: dict, seeds: list[int]) -> dict:
     runs, bases = collect(work, arms, seeds)
     summary = summarise(runs, bases, arms)
     result = {"regimes": {r: {k: v for k, v in REGIMES[r].items()} for r in REGIMES}, "seeds": seeds,
@@ -671,11 +702,17 @@ def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict
                           "paired by training seed; 95% Student-t interval of the mean paired difference"}
     if any(r.endswith(("-6m", "-24m")) for r, _ in arms):
         result["scale"] = scale_points(summary, work)
-        if result["scale"]:
-            plot_scale(result["scale"], output.with_name(output.name.replace("_study", "") + "_dfid.png"))
+    return result
+
+
+def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict:
+    result = build_report(work, arms, seeds)
+    refuse_to_shrink(output.with_suffix(".json"), result, work)
+    if result.get("scale"):
+        plot_scale(result["scale"], output.with_name(output.name.replace("_study", "") + "_dfid.png"))
     write_json(output.with_suffix(".json"), result, indent=1)
-    if summary:
-        plot(summary, bases, output.with_suffix(".png"))
+    if result["summary"]:
+        plot(result["summary"], result["base"], output.with_suffix(".png"))
     return result
 
 
@@ -853,6 +890,11 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in known)}")
     work, output = Path(args.work_dir), Path(args.output)
+    # before any training: a report from this work dir must not replace one written from more runs
+    if args.eval_noise:
+        refuse_to_shrink(eval_noise_path(output), eval_noise_result(work, args.seeds), work)
+    else:
+        refuse_to_shrink(output.with_suffix(".json"), build_report(work, arms, args.seeds), work)
     if args.eval_noise:
         if not args.report_only:
             jobs = [(r, a, s, d) for s in args.seeds for (r, a) in EVAL_NOISE_ARMS for d in (args.draws or EVAL_DRAWS)

@@ -74,3 +74,41 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not png.exists()
+
+
+def test_a_report_from_a_work_dir_with_fewer_runs_never_replaces_a_fuller_one(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    full, empty, regime = tmp_path / "full", tmp_path / "empty", "continue-24m"
+    for arm in ("sadm", "plain-equal-compute", "plain"):
+        for seed in range(3):
+            out = full / "runs" / regime / f"{arm}-seed{seed}"
+            out.mkdir(parents=True)
+            (out / "eval.json").write_text(json.dumps({"metrics": {m: 5.0 + seed + (arm == "sadm")
+                                                                   for m in study.METRICS}}))
+    report = tmp_path / "results" / "study"
+    study.eval_noise_report(full, [0, 1, 2], report)
+    written = study.eval_noise_path(report).read_text()
+    study.eval_noise_report(full, [0, 1, 2], report)  # as many runs: rewritten
+    with pytest.raises(SystemExit, match=r"--output: .*study_eval_noise.json summarises 9 runs and draws, the "
+                                         r"work dir .*empty only 0; writing would lose results"):
+        study.eval_noise_report(empty, [0, 1, 2], report)
+    assert study.eval_noise_path(report).read_text() == written
+
+    # the command line refuses before it trains anything (a broken check would reach regime_setup)
+    def trained(*_):
+        raise AssertionError("the study started training")
+
+    monkeypatch.setattr(study, "regime_setup", trained)
+    monkeypatch.setattr(study, "evaluate_draw", trained)
+    arms = {k: v for k, v in study.SCALE_ARMS.items() if k[0] == regime}
+    built = study.build_report(full, arms, [0, 1, 2])
+    assert study.report_size(built) == 9  # three arms, three seeds
+    report.with_suffix(".json").write_text(json.dumps(built))
+    for argv in (["--scale"], ["--mechanism", "--eval_noise"]):
+        monkeypatch.setattr(sys, "argv", ["sadm_study.py", *argv, "--work_dir", str(empty), "--output", str(report)])
+        with pytest.raises(SystemExit, match="writing would lose results"):
+            study.main()
+    assert json.loads(report.with_suffix(".json").read_text()) == built
