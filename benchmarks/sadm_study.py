@@ -492,7 +492,9 @@ def eval_noise_result(work: Path, seeds: list[int]) -> dict:
 
     result: dict = {"draws": {k: list(v) for k, v in (STUDY_DRAW, *EVAL_DRAWS.items())},
                     "draw_fields": ["sampler", "steps", "sampling seed", "samples (x the regime's 1,000)"],
-                    "paired_vs_plain": {}, "equal_compute": {}, "checkpoint_spread": {}}
+                    "paired_vs_plain": {}, "equal_compute": {}, "checkpoint_spread": {},
+                    # every checkpoint's FID per draw: the report can be checked (or extended) without the work dir
+                    "fid": {f"{r}/{a}/seed{s}": draws_of for (r, a, s), draws_of in sorted(fid.items())}}
     for regime, arm in EVAL_NOISE_ARMS:
         spreads = [statistics.stdev(v) for s in seeds if (v := small((regime, arm, s), SEED_DRAWS))]
         result["checkpoint_spread"][f"{regime}/{arm}"] = {

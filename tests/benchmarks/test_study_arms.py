@@ -68,7 +68,8 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
     assert vs_plain["n"] == 3 and abs(vs_plain["mean"] - (-1.0)) < 1e-9
     reverse = result["equal_compute"]["transfer-24m/full-sadm-lambda-0.03 - full-plain-equal-compute"]
     assert reverse["ddim25-s1234"]["mean"] == -1.0
-    assert (tmp_path / "report_eval_noise.json").is_file()
+    assert json.loads((tmp_path / "report_eval_noise.json").read_text())["fid"]["continue-24m/sadm/seed2"] == {
+        "ddim25-s1234": 7.0, "ddim25-s1235": 8.0, "ddim25-s1236": 9.0, "ddpm50-s1234": 0.7}
     png = tmp_path / "report_eval_noise.png"
     if importlib.util.find_spec("matplotlib"):  # a plot where matplotlib is installed, the report without it
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
