@@ -626,10 +626,12 @@ def summarise(runs: dict, bases: dict, arms: dict) -> dict:
                          for m in METRICS}}
         if regime in bases:
             entry["minus_base"] = {m: entry["mean"][m] - bases[regime][m] for m in METRICS}
-        if paired_with:
-            entry["paired"] = paired(seeds, runs.get(regime, {}).get(paired_with, {}))
+        # a pairing needs seeds both arms finished (`--only` may run an arm without its plain)
+        base_seeds = runs.get(regime, {}).get(paired_with, {}) if paired_with else {}
+        if set(seeds) & set(base_seeds):
+            entry["paired"] = paired(seeds, base_seeds)
         also = ALSO_PAIRED.get((regime, arm))
-        if also and runs.get(regime, {}).get(also):
+        if also and set(seeds) & set(runs.get(regime, {}).get(also, {})):
             entry["also_paired"] = {also: paired(seeds, runs[regime][also])}
         summary.setdefault(regime, {})[arm] = entry
     return summary

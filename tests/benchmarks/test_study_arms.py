@@ -113,3 +113,20 @@ def test_a_report_from_a_work_dir_with_fewer_runs_never_replaces_a_fuller_one(tm
         with pytest.raises(SystemExit, match="writing would lose results"):
             study.main()
     assert json.loads(report.with_suffix(".json").read_text()) == built
+
+
+def test_a_report_on_arms_run_without_their_plain_pairs_what_it_can(tmp_path):
+    """`--only continue-24m/sadm,continue-24m/plain-equal-compute` trains no plain: the report after each run must
+    not fail on the missing pairing (it did: t_interval of no differences), and still pairs the two arms it has."""
+    import json
+
+    for arm, fids in (("sadm", [1.0, 2.0]), ("plain-equal-compute", [1.5, 2.0, 9.0])):
+        for seed, fid in enumerate(fids):
+            out = tmp_path / "runs" / "continue-24m" / f"{arm}-seed{seed}"
+            out.mkdir(parents=True)
+            (out / "eval.json").write_text(json.dumps({"metrics": {m: fid for m in study.METRICS}}))
+    arms = {k: v for k, v in study.SCALE_ARMS.items() if k[0] == "continue-24m"}
+    summary = study.build_report(tmp_path, arms, [0, 1, 2])["summary"]["continue-24m"]
+    assert "paired" not in summary["sadm"] and "paired" not in summary["plain-equal-compute"]
+    also = summary["plain-equal-compute"]["also_paired"]["sadm"]["fid"]  # over the two seeds both have
+    assert also["n"] == 2 and also["mean"] == 0.25, also
