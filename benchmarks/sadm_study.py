@@ -715,8 +715,8 @@ def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict
     if result.get("scale"):
         plot_scale(result["scale"], output.with_name(output.name.replace("_study", "") + "_dfid.png"))
     write_json(output.with_suffix(".json"), result, indent=1)
-    if result["summary"]:
-        plot(result["summary"], result["base"], output.with_suffix(".png"))
+    if any("paired" in entry for arms in result["summary"].values() for entry in arms.values()):
+        plot(result["summary"], result["base"], output.with_suffix(".png"))  # arms vs their plain: none, no plot
     return result
 
 
