@@ -529,7 +529,7 @@ def eval_noise_report(work: Path, seeds: list[int], output: Path) -> dict:
     refuse_to_shrink(eval_noise_path(output), result, work)
     path = write_json(eval_noise_path(output), result, indent=2, newline=True)
     try:
-        plot_eval_noise(result["equal_compute"], output.with_name(output.name + "_eval_noise.png"))
+        plot_eval_noise(result["equal_compute"], path.with_suffix(".png"))
     except ImportError:  # matplotlib is not a dependency of the toolkit
         print("matplotlib is not installed: no plot (pip install matplotlib)")
     for key, cis in (*result["paired_vs_plain"].items(), *result["equal_compute"].items()):
@@ -603,9 +603,12 @@ def verdict(metric: str, ci: dict) -> str:
     return word if ci["n"] >= PROTOCOL_SEEDS else f"{word} (preliminary: {ci['n']} seeds)"
 
 
-def paired(seeds: dict, other: dict) -> dict:
-    """Per metric: the mean paired difference (this arm minus `other`, over their common seeds), CI and verdict."""
+def paired(seeds: dict, other: dict) -> dict | None:
+    """Per metric: the mean paired difference (this arm minus `other`, over their common seeds), CI and verdict;
+    None where the two arms share no finished seed (`--only` may run an arm without its plain)."""
     common = sorted(set(seeds) & set(other), key=int)
+    if not common:
+        return None
     out = {}
     for m in METRICS:
         ci = t_interval([seeds[s][m] - other[s][m] for s in common])
@@ -626,13 +629,11 @@ def summarise(runs: dict, bases: dict, arms: dict) -> dict:
                          for m in METRICS}}
         if regime in bases:
             entry["minus_base"] = {m: entry["mean"][m] - bases[regime][m] for m in METRICS}
-        # a pairing needs seeds both arms finished (`--only` may run an arm without its plain)
-        base_seeds = runs.get(regime, {}).get(paired_with, {}) if paired_with else {}
-        if set(seeds) & set(base_seeds):
-            entry["paired"] = paired(seeds, base_seeds)
+        if paired_with and (ci := paired(seeds, runs.get(regime, {}).get(paired_with, {}))):
+            entry["paired"] = ci
         also = ALSO_PAIRED.get((regime, arm))
-        if also and set(seeds) & set(runs.get(regime, {}).get(also, {})):
-            entry["also_paired"] = {also: paired(seeds, runs[regime][also])}
+        if also and (ci := paired(seeds, runs.get(regime, {}).get(also, {}))):
+            entry["also_paired"] = {also: ci}
         summary.setdefault(regime, {})[arm] = entry
     return summary
 
@@ -894,13 +895,10 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {sorted(f'{r}/{a}' for r, a in known)}")
     work, output = Path(args.work_dir), Path(args.output)
-    # before any training: a report from this work dir must not replace one written from more runs
-    if args.eval_noise:
-        refuse_to_shrink(eval_noise_path(output), eval_noise_result(work, args.seeds), work)
-    else:
-        refuse_to_shrink(output.with_suffix(".json"), build_report(work, arms, args.seeds), work)
+    # before any run (the writers check again): a report from this work dir must not replace one written from more
     if args.eval_noise:
         if not args.report_only:
+            refuse_to_shrink(eval_noise_path(output), eval_noise_result(work, args.seeds), work)
             jobs = [(r, a, s, d) for s in args.seeds for (r, a) in EVAL_NOISE_ARMS for d in (args.draws or EVAL_DRAWS)
                     if not args.only or f"{r}/{a}" in args.only.split(",")]
             jobs.sort(key=lambda j: (j[0] != "continue", j[2]))  # the continue checkpoints first, seed by seed
@@ -913,6 +911,7 @@ def main() -> None:
         print_table(result)
         print("\n" + markdown(result))
         return
+    refuse_to_shrink(output.with_suffix(".json"), build_report(work, arms, args.seeds), work)
 
     # Seed-major within each priority block: paired arms finish together, so CIs appear early.
     jobs = [(r, a, f, s) for s in args.seeds for (r, a), (f, _) in arms.items()
