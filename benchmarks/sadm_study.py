@@ -95,6 +95,8 @@ REGIMES = {
     "transfer-24m": {"steps": 400, "samples_per_class": 200, "recipe": EMA_CONSTANT},
     # run length (--length): the transfer-6m regime (same base, data and recipe) at 3x the steps
     "transfer-6m-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-6m"},
+    # and at 23.1 M, where continued training gains -11% at equal compute: does transfer pay once its run is long?
+    "transfer-24m-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-24m"},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -273,6 +275,12 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m-long", "full-plain"): (PLAIN, None),
     ("transfer-6m-long", "full-sadm"): ([], "full-plain"),
     ("transfer-6m-long", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1302"], "full-plain"),
+    # the same at 23.1 M, where SADM costs x1.016-1.029 (as continue-24m, plain gets the larger: 1235 steps). At 400
+    # steps SADM gains -4.5% there at equal steps and plain's 6 extra steps take two thirds of it (-1.5%): is that a
+    # property of a short run, where every step still moves the EMA?
+    ("transfer-24m-long", "full-plain"): (PLAIN, None),
+    ("transfer-24m-long", "full-sadm"): ([], "full-plain"),
+    ("transfer-24m-long", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1235"], "full-plain"),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -300,7 +308,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
-               ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm"}
+               ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm",
+               ("transfer-24m-long", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -860,7 +869,7 @@ def main() -> None:
                         help="SADM vs plain with a 3.3x larger DiT (continue regime); results in "
                              "benchmarks/results/scale_study")
     parser.add_argument("--length", action="store_true",
-                        help="the transfer regime at 6.4 M with 3x the steps: SADM vs plain at equal steps and equal "
+                        help="the transfer regime at 6.4 M and 23.1 M with 3x the steps: SADM vs plain at equal steps and equal "
                              "compute; results in benchmarks/results/length_study")
     parser.add_argument("--draws", nargs="+", default=None, choices=list(EVAL_DRAWS),
                         help="--eval_noise: the extra draws to evaluate (default: all)")
