@@ -446,7 +446,9 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-24m", "full-plain-equal-compute"),
                    ("continue-24m", "plain"), ("continue-24m", "sadm"), ("continue-24m", "plain-equal-compute"),
                    ("continue-24m", "sadm+sddit-0.5"), ("continue-24m", "plain-equal-compute-1.21"),
-                   ("transfer-24m", "full-sadm-lambda-0.03"))
+                   ("transfer-24m", "full-sadm-lambda-0.03"),
+                   ("transfer-24m-long", "full-plain"), ("transfer-24m-long", "full-sadm"),
+                   ("transfer-24m-long", "full-plain-equal-compute"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
