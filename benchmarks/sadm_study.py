@@ -97,6 +97,9 @@ REGIMES = {
     "transfer-6m-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-6m"},
     # and at 23.1 M, where continued training gains -11% at equal compute: does transfer pay once its run is long?
     "transfer-24m-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-24m"},
+    # the same run under a decaying LR (EMA + warm-up + cosine to 0, as continue): once the schedule anneals, do
+    # plain's extra steps stop paying in transfer as they do in continue?
+    "transfer-24m-long-cosine": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m"},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -281,6 +284,10 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-24m-long", "full-plain"): (PLAIN, None),
     ("transfer-24m-long", "full-sadm"): ([], "full-plain"),
     ("transfer-24m-long", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1235"], "full-plain"),
+    # and under a cosine decay: plain's 35 extra steps stretch its schedule (it still ends at LR 0), as in continue
+    ("transfer-24m-long-cosine", "full-plain"): (PLAIN, None),
+    ("transfer-24m-long-cosine", "full-sadm"): ([], "full-plain"),
+    ("transfer-24m-long-cosine", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1235"], "full-plain"),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -309,7 +316,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-24m", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m-long", "full-plain-equal-compute"): "full-sadm"}
+               ("transfer-24m-long", "full-plain-equal-compute"): "full-sadm",
+               ("transfer-24m-long-cosine", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -448,7 +456,9 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("continue-24m", "sadm+sddit-0.5"), ("continue-24m", "plain-equal-compute-1.21"),
                    ("transfer-24m", "full-sadm-lambda-0.03"),
                    ("transfer-24m-long", "full-plain"), ("transfer-24m-long", "full-sadm"),
-                   ("transfer-24m-long", "full-plain-equal-compute"))
+                   ("transfer-24m-long", "full-plain-equal-compute"),
+                   ("transfer-24m-long-cosine", "full-plain"), ("transfer-24m-long-cosine", "full-sadm"),
+                   ("transfer-24m-long-cosine", "full-plain-equal-compute"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
