@@ -84,6 +84,16 @@ EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
 PLAIN = ["--structure_weight", "0"]
 
+
+def equal_compute_arms(regime: str, steps: int,
+                       prefix: str = "full-") -> dict[tuple[str, str], tuple[list[str], str | None]]:
+    """A regime's plain, SADM, and plain given SADM's compute (``steps`` instead of the regime's), each paired with
+    plain (ALSO_PAIRED pairs the last with SADM too)."""
+    plain = f"{prefix}plain"
+    return {(regime, plain): (PLAIN, None), (regime, f"{prefix}sadm"): ([], plain),
+            (regime, f"{plain}-equal-compute"): (PLAIN + ["--max_train_steps", str(steps)], plain)}
+
+
 # regime -> base, data, steps, samples per class, the recipe shared by every arm
 REGIMES = {
     "continue": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
@@ -223,38 +233,26 @@ RECOMMEND_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 # (benchmarks/results/step_time_scale.json, the toolkit's loop, batch 32, one thread: x1.21 at 1.9 M, x1.085 at
 # 6.4 M, x1.016 at 24 M), so plain gets 500 x ratio steps (the 1.9 M arm keeps the mechanism study's x1.39, 695).
 SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
-    ("continue", "plain"): (PLAIN, None),
-    ("continue", "sadm"): ([], "plain"),
-    ("continue", "plain-equal-compute"): (PLAIN + ["--max_train_steps", str(EQUAL_COMPUTE_STEPS)], "plain"),
-    ("continue-6m", "plain"): (PLAIN, None),
-    ("continue-6m", "sadm"): ([], "plain"),
-    ("continue-6m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "543"], "plain"),
+    **equal_compute_arms("continue", EQUAL_COMPUTE_STEPS, prefix=""),
+    **equal_compute_arms("continue-6m", 543, prefix=""),
     # the recommended SADM + SD-DiT 0.5 at 6.4 M, at equal compute: x1.281 step time there
     # (benchmarks/results/step_time_terms_6m.json, 3 rounds), so plain gets 641 steps against it
     ("continue-6m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
     ("continue-6m", "plain-equal-compute-1.28"): (PLAIN + ["--max_train_steps", "641"], "plain"),
-    ("continue-24m", "plain"): (PLAIN, None),
-    ("continue-24m", "sadm"): ([], "plain"),
     # at 23.1 M SADM costs x1.016 (step_time_scale.json, 2 rounds) to x1.029 (step_time_terms_24m.json, 3 rounds):
     # plain gets the larger, 515 steps of 500 (a few steps still paid in transfer at this size)
-    ("continue-24m", "plain-equal-compute"): (PLAIN + ["--max_train_steps", "515"], "plain"),
+    **equal_compute_arms("continue-24m", 515, prefix=""),
     # the recommended SADM + SD-DiT 0.5 in continue at 23.1 M, where SADM alone gains -10.9% at equal compute:
     # x1.208 step time there (step_time_terms_24m.json, 3 rounds), so plain gets 604 steps against it
     ("continue-24m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
     ("continue-24m", "plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "604"], "plain"),
     # SD-DiT alone there: is SADM's share of the combination more than noise at this size?
     ("continue-24m", "sddit-0.5"): (SDDIT_05 + PLAIN, "plain"),
-    ("transfer", "full-plain"): (PLAIN, None),
-    ("transfer", "full-sadm"): ([], "full-plain"),
-    ("transfer", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
-    ("transfer-6m", "full-plain"): (PLAIN, None),
-    ("transfer-6m", "full-sadm"): ([], "full-plain"),
-    ("transfer-6m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "434"], "full-plain"),
+    **equal_compute_arms("transfer", 556),
+    **equal_compute_arms("transfer-6m", 434),
     # transfer at 23.1 M: SADM's x1.016 buys plain 6 steps of 400, which this regime (far from converged) may still
     # turn into FID, so the equal-compute arm runs here too
-    ("transfer-24m", "full-plain"): (PLAIN, None),
-    ("transfer-24m", "full-sadm"): ([], "full-plain"),
-    ("transfer-24m", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "406"], "full-plain"),
+    **equal_compute_arms("transfer-24m", 406),
     # the best lambda of the continue sweep (0.03: -4.9% at equal steps at 1.9 M) where SADM's cost is smallest:
     # lambda does not change the step time, so plain at 406 steps is its equal compute too
     ("transfer-24m", "full-sadm-lambda-0.03"): (["--structure_weight", "0.03"], "full-plain"),
@@ -264,30 +262,20 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # x1.208 there (benchmarks/results/step_time_terms_24m.json, 3 rounds): plain gets 483 steps against it
     ("transfer-24m", "full-plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "483"], "full-plain"),
     # transfer under the default recipe (cosine decay; the runs above keep a constant LR after warm-up)
-    ("transfer-cosine", "full-plain"): (PLAIN, None),
-    ("transfer-cosine", "full-sadm"): ([], "full-plain"),
-    ("transfer-cosine", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "556"], "full-plain"),
-    ("transfer-6m-cosine", "full-plain"): (PLAIN, None),
-    ("transfer-6m-cosine", "full-sadm"): ([], "full-plain"),
-    ("transfer-6m-cosine", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "434"], "full-plain"),
+    **equal_compute_arms("transfer-cosine", 556),
+    **equal_compute_arms("transfer-6m-cosine", 434),
 }
 # Run length (--length; results in benchmarks/results/length_study): is transfer's equal-compute loss a property of
 # 400 steps, far from converged (plain's 34 extra steps gain 0.9 FID at 6.4 M)? The transfer-6m regime at 3x the
 # steps, SADM's x1.085 at 6.4 M buying plain 1302.
 LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
-    ("transfer-6m-long", "full-plain"): (PLAIN, None),
-    ("transfer-6m-long", "full-sadm"): ([], "full-plain"),
-    ("transfer-6m-long", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1302"], "full-plain"),
+    **equal_compute_arms("transfer-6m-long", 1302),
     # the same at 23.1 M, where SADM costs x1.016-1.029 (as continue-24m, plain gets the larger: 1235 steps). At 400
     # steps SADM gains -4.5% there at equal steps and plain's 6 extra steps take two thirds of it (-1.5%): is that a
     # property of a short run, where every step still moves the EMA?
-    ("transfer-24m-long", "full-plain"): (PLAIN, None),
-    ("transfer-24m-long", "full-sadm"): ([], "full-plain"),
-    ("transfer-24m-long", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1235"], "full-plain"),
+    **equal_compute_arms("transfer-24m-long", 1235),
     # and under a cosine decay: plain's 35 extra steps stretch its schedule (it still ends at LR 0), as in continue
-    ("transfer-24m-long-cosine", "full-plain"): (PLAIN, None),
-    ("transfer-24m-long-cosine", "full-sadm"): ([], "full-plain"),
-    ("transfer-24m-long-cosine", "full-plain-equal-compute"): (PLAIN + ["--max_train_steps", "1235"], "full-plain"),
+    **equal_compute_arms("transfer-24m-long-cosine", 1235),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
