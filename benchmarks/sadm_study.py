@@ -110,6 +110,12 @@ REGIMES = {
     # the same run under a decaying LR (EMA + warm-up + cosine to 0, as continue): once the schedule anneals, do
     # plain's extra steps stop paying in transfer as they do in continue?
     "transfer-24m-long-cosine": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m"},
+    # a second stage of transfer: the 1,200-step plain transfer fine-tune at 23.1 M (transfer-24m-long, seed 0, near
+    # its plateau) continued on the same 150 images for 500 steps under the continue recipe. Continued training of a
+    # base on its own data pays SADM -10.9% at equal compute, where plain's extra steps gain nothing: is that the
+    # plateau (then SADM pays in transfer once plain has converged), or the base having been pre-trained on that data?
+    "transfer-24m-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                            "base_run": ["transfer-24m-long", "full-plain", 0]},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -276,6 +282,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("transfer-24m-long", 1235),
     # and under a cosine decay: plain's 35 extra steps stretch its schedule (it still ends at LR 0), as in continue
     **equal_compute_arms("transfer-24m-long-cosine", 1235),
+    # the second stage: SADM's x1.016-1.029 at 23.1 M buys plain 515 steps of 500, as in continue-24m
+    **equal_compute_arms("transfer-24m-stage2", 515),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -305,7 +313,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m-long", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m-long-cosine", "full-plain-equal-compute"): "full-sadm"}
+               ("transfer-24m-long-cosine", "full-plain-equal-compute"): "full-sadm",
+               ("transfer-24m-stage2", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -368,13 +377,22 @@ def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int 
 
 
 def base_name(regime: str) -> str:
-    """The base a regime fine-tunes (a regime may share another's base, e.g. a longer run of it)."""
+    """The base a regime fine-tunes (a regime may share another's base, e.g. a longer run of it, or start from
+    another regime's fine-tuned run: "base_run")."""
+    if "base_run" in REGIMES[regime]:
+        run_regime, arm, seed = REGIMES[regime]["base_run"]
+        return f"{run_regime}-{arm}-seed{seed}"
     return REGIMES[regime].get("base", regime)
 
 
 def regime_setup(regime: str, work: Path) -> dict:
     if regime == "converged":
         return {"base": DEMO_BASE, "train": "builtin:digits", "reference": "builtin:digits"}
+    if "base_run" in REGIMES[regime]:  # a fine-tune's output as the base (trained first if missing), on its data
+        run_regime, arm, seed = REGIMES[regime]["base_run"]
+        setup = regime_setup(run_regime, work)
+        train_and_evaluate(run_regime, arm, _STUDY_ARMS[(run_regime, arm)][0], seed, setup, work)
+        return {**setup, "base": work / "runs" / run_regime / f"{arm}-seed{seed}"}
     if regime.startswith("continue"):
         return {"base": build_base(base_name(regime), work), "train": "builtin:digits", "reference": "builtin:digits"}
     return {
@@ -446,7 +464,9 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-24m-long", "full-plain"), ("transfer-24m-long", "full-sadm"),
                    ("transfer-24m-long", "full-plain-equal-compute"),
                    ("transfer-24m-long-cosine", "full-plain"), ("transfer-24m-long-cosine", "full-sadm"),
-                   ("transfer-24m-long-cosine", "full-plain-equal-compute"))
+                   ("transfer-24m-long-cosine", "full-plain-equal-compute"),
+                   ("transfer-24m-stage2", "full-plain"), ("transfer-24m-stage2", "full-sadm"),
+                   ("transfer-24m-stage2", "full-plain-equal-compute"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
