@@ -130,3 +130,22 @@ def test_a_report_on_arms_run_without_their_plain_pairs_what_it_can(tmp_path):
     assert "paired" not in summary["sadm"] and "paired" not in summary["plain-equal-compute"]
     also = summary["plain-equal-compute"]["also_paired"]["sadm"]["fid"]  # over the two seeds both have
     assert also["n"] == 2 and also["mean"] == 0.25, also
+
+
+def test_a_regime_on_a_fine_tuned_run_trains_that_run_first_and_fine_tunes_its_output(tmp_path, monkeypatch):
+    regime = "transfer-24m-stage2"
+    run_regime, arm, seed = study.REGIMES[regime]["base_run"]
+    assert (run_regime, arm) in study._STUDY_ARMS and study._STUDY_ARMS[(run_regime, arm)][1] is None
+    trained = []
+    monkeypatch.setattr(study, "build_base", lambda name, work: work / "bases" / name)
+    monkeypatch.setattr(study, "write_digits_dataset", lambda folder, *_: folder)
+    monkeypatch.setattr(study, "train_and_evaluate", lambda *a: trained.append(a[:4]))
+    setup = study.regime_setup(regime, tmp_path)
+    # the base is that run's output, fine-tuned on the data it was trained on, judged against the same reference
+    assert setup["base"] == tmp_path / "runs" / run_regime / f"{arm}-seed{seed}"
+    assert {k: v for k, v in setup.items() if k != "base"} == {
+        k: v for k, v in study.regime_setup(run_regime, tmp_path).items() if k != "base"}
+    assert setup["train"].endswith("digits-5-9-few")
+    assert trained[0] == (run_regime, arm, study._STUDY_ARMS[(run_regime, arm)][0], seed)
+    # its base metrics get their own file, not the pre-trained base's
+    assert study.base_name(regime) == f"{run_regime}-{arm}-seed{seed}" != study.base_name(run_regime)
