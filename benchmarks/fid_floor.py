@@ -15,9 +15,13 @@ than the same gap far above it. This script measures the floor on the reference'
                several n; c is fitted to FID = c (2/n) over those sizes (the per-size c shows whether 1/n holds)
   independent  c (1/n + 1/N): the expected FID of n fresh draws from the data distribution against the fixed
                reference of N, for the study's 1,000 and 5,000 samples (an extrapolation from the fitted c)
+  training set with --training_set: n draws (class-balanced, with replacement) from the images a model was
+               fine-tuned on, against the whole reference: the FID of a model that reproduces its few-shot training
+               set (transfer trains on 150 of the 896 digits 5-9 it is judged against)
 
     python benchmarks/fid_floor.py --reference_stats runs/study/reference-continue-24m.npz   # all 1,797 digits
-    python benchmarks/fid_floor.py --reference_stats runs/study/reference-transfer-24m.npz --halves 100 200 400
+    python benchmarks/fid_floor.py --reference_stats runs/study/reference-transfer-24m.npz --halves 100 200 400 \
+        --training_set runs/study/data/digits-5-9-few
 """
 
 from __future__ import annotations
@@ -76,6 +80,41 @@ def floors(features: np.ndarray, labels: np.ndarray, samples: list[int], halves:
     return out
 
 
+def training_set_floor(train_features: np.ndarray, train_labels: np.ndarray, features: np.ndarray,
+                       samples: list[int], repeats: int, seed: int = 0) -> dict:
+    """FID of n class-balanced draws (with replacement) from a training set's features against the reference."""
+    rng = np.random.default_rng(seed)
+    mu, sigma = feature_statistics(features)
+    out: dict = {"images": len(train_features)}
+    for n in samples:
+        v = [fid_of(train_features[balanced(train_labels, n // len(np.unique(train_labels)), True, rng)], mu, sigma)
+             for _ in range(repeats)]
+        out[str(n)] = {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
+    return out
+
+
+def dataset_features(dataset: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled `datasets` set's features in the reference's feature space (its cache key names the extractor and
+    the resolution; the study's references use the bundled digits classifier)."""
+    import re
+    from types import SimpleNamespace
+
+    from sadm_finetune.evaluation.features import build_feature_extractor
+    from sadm_finetune.evaluation.reference import open_reference
+
+    extractor = build_feature_extractor("digits", batch_size=250)
+    if not key.startswith(f"features={extractor.name};"):
+        raise SystemExit(f"--training_set: the reference's features are not the digits classifier's ({key}); "
+                         "measure the training-set floor against a study reference")
+    source = SimpleNamespace(reference_dir=None, reference_dataset=dataset, reference_split="train",
+                             image_column="image", label_column="label")  # sadm-eval's defaults
+    reference = open_reference(source)
+    if reference.labels is None:
+        raise SystemExit(f"--training_set: {dataset} has no label column; the draws are class-balanced")
+    resolution = int(re.search(r"resolution=(\d+)", key).group(1))
+    return extractor(reference.load(np.arange(reference.num_images), resolution)), reference.labels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference_stats", default=str(ROOT / "runs" / "study" / "reference-continue-24m.npz"),
@@ -83,6 +122,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--halves", type=int, nargs="+", default=[150, 300, 600, 898])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--training_set", default=None,
+                        help="a labelled `datasets` folder the models trained on: the FID of reproducing it")
     parser.add_argument("--output", default=None,
                         help="default: benchmarks/results/fid_floor_<the .npz's name>.json")
     args = parser.parse_args()
@@ -98,12 +139,21 @@ def main() -> None:
         result = floors(data["features"], data["labels"], args.samples, args.halves, args.repeats)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if args.training_set:
+        train_features, train_labels = dataset_features(args.training_set, str(data["key"]))
+        result["training_set"] = training_set_floor(train_features, train_labels, data["features"], args.samples,
+                                                    args.repeats)
+        result["training_set"]["dataset"] = Path(args.training_set).name
     result["reference_stats"] = path.name
     args.output = args.output or str(ROOT / "benchmarks" / "results" / f"fid_floor_{path.stem}.json")
     write_json(args.output, result, indent=2, newline=True)
     for name in ("memorizer", "bootstrap"):
         for n, v in result[name].items():
             print(f"{name:10s} n={n:>5s}: FID {v['mean']:.3f} (sd {v['sd']:.3f})")
+    for n, v in result.get("training_set", {}).items():
+        if isinstance(v, dict):
+            print(f"training set n={n:>5s} drawn from its {result['training_set']['images']} images: FID {v['mean']:.3f} "
+                  f"(sd {v['sd']:.3f})")
     for n, v in result["split_halves"].items():
         print(f"split halves {n:>4s} vs {n:>4s}: FID {v['mean']:.3f} (sd {v['sd']:.3f}), c = {v['c']:.0f}")
     for n, v in result["independent"].items():

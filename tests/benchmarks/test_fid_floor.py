@@ -48,3 +48,20 @@ def test_halves_larger_than_the_reference_are_refused():
     features, labels = gaussian_reference(n_per_class=50)
     with pytest.raises(ValueError, match="--halves: 150 per half needs 300 reference images, it has 200"):
         fid_floor.floors(features, labels, samples=[100], halves=[150], repeats=2)
+
+
+def test_a_small_training_set_sits_above_the_references_own_draws_and_below_another_distribution():
+    features, labels = gaussian_reference()
+    out = fid_floor.floors(features, labels, samples=[400], halves=[100], repeats=4)
+    few = np.concatenate([np.flatnonzero(labels == c)[:10] for c in range(4)])  # 10 images per class
+    train = fid_floor.training_set_floor(features[few], labels[few], features, samples=[400], repeats=4)
+    assert train["images"] == 40
+    # reproducing 40 of the reference's images covers less of it than drawing from all 1,600 of them
+    assert out["bootstrap"]["400"]["mean"] < train["400"]["mean"]
+    shifted = fid_floor.training_set_floor(features[few] + 1.0, labels[few], features, samples=[400], repeats=4)
+    assert shifted["400"]["mean"] > train["400"]["mean"] + 1.0  # a mean shift of 1 in 8 dims adds about 8
+
+
+def test_a_training_set_floor_needs_the_digits_feature_space():
+    with pytest.raises(SystemExit, match="--training_set: the reference's features are not the digits classifier's"):
+        fid_floor.dataset_features("unused", "features=InceptionV3; reference=x; resolution=299; max_images=None")
