@@ -114,6 +114,11 @@ REGIMES = {
     # its plateau) continued on the same 150 images for 500 steps under the continue recipe. Continued training of a
     # base on its own data pays SADM -10.9% at equal compute, where plain's extra steps gain nothing: is that the
     # plateau (then SADM pays in transfer once plain has converged), or the base having been pre-trained on that data?
+    # continued training at 23.1 M (the continue-24m base and recipe) on 150 of the 1,797 digits (15 per class), judged
+    # against all of them: transfer's data size with continue's classes and base. Does SADM's -10.9% at equal compute
+    # need the data (a discriminator that sees 150 images), or is it the base and its ten classes?
+    "continue-24m-few": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE, "base": "continue-24m",
+                         "train_per_class": 15},
     "transfer-24m-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                             "base_run": ["transfer-24m-long", "full-plain", 0]},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
@@ -282,6 +287,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("transfer-24m-long", 1235),
     # and under a cosine decay: plain's 35 extra steps stretch its schedule (it still ends at LR 0), as in continue
     **equal_compute_arms("transfer-24m-long-cosine", 1235),
+    # continue at 23.1 M on 150 images: plain gets 515 steps, as in continue-24m
+    **equal_compute_arms("continue-24m-few", 515, prefix=""),
     # the second stage: SADM's x1.016-1.029 at 23.1 M buys plain 515 steps of 500, as in continue-24m
     **equal_compute_arms("transfer-24m-stage2", 515),
 }
@@ -314,7 +321,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m-long", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m-long-cosine", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m-stage2", "full-plain-equal-compute"): "full-sadm"}
+               ("transfer-24m-stage2", "full-plain-equal-compute"): "full-sadm",
+               ("continue-24m-few", "plain-equal-compute"): "sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -393,8 +401,11 @@ def regime_setup(regime: str, work: Path) -> dict:
         setup = regime_setup(run_regime, work)
         train_and_evaluate(run_regime, arm, _STUDY_ARMS[(run_regime, arm)][0], seed, setup, work)
         return {**setup, "base": work / "runs" / run_regime / f"{arm}-seed{seed}"}
-    if regime.startswith("continue"):
-        return {"base": build_base(base_name(regime), work), "train": "builtin:digits", "reference": "builtin:digits"}
+    if regime.startswith("continue"):  # all 1,797 digits, or a class-balanced subset of them ("train_per_class")
+        per_class = REGIMES[regime].get("train_per_class")
+        train = (str(write_digits_dataset(work / "data" / f"digits-0-9-{per_class}", tuple(range(10)), per_class))
+                 if per_class else "builtin:digits")
+        return {"base": build_base(base_name(regime), work), "train": train, "reference": "builtin:digits"}
     return {
         "base": build_base(base_name(regime), work),
         "train": str(write_digits_dataset(work / "data" / "digits-5-9-few", TRANSFER_CLASSES, TRANSFER_PER_CLASS)),
@@ -466,7 +477,8 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-24m-long-cosine", "full-plain"), ("transfer-24m-long-cosine", "full-sadm"),
                    ("transfer-24m-long-cosine", "full-plain-equal-compute"),
                    ("transfer-24m-stage2", "full-plain"), ("transfer-24m-stage2", "full-sadm"),
-                   ("transfer-24m-stage2", "full-plain-equal-compute"))
+                   ("transfer-24m-stage2", "full-plain-equal-compute"),
+                   ("continue-24m-few", "plain"), ("continue-24m-few", "sadm"), ("continue-24m-few", "plain-equal-compute"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}

@@ -149,3 +149,17 @@ def test_a_regime_on_a_fine_tuned_run_trains_that_run_first_and_fine_tunes_its_o
     assert trained[0] == (run_regime, arm, study._STUDY_ARMS[(run_regime, arm)][0], seed)
     # its base metrics get their own file, not the pre-trained base's
     assert study.base_name(regime) == f"{run_regime}-{arm}-seed{seed}" != study.base_name(run_regime)
+
+
+def test_continue_on_a_subset_trains_on_that_many_images_per_class_and_is_judged_on_all(tmp_path, monkeypatch):
+    import collections
+
+    import datasets
+
+    monkeypatch.setattr(study, "build_base", lambda name, work: work / "bases" / name)
+    few, full = study.regime_setup("continue-24m-few", tmp_path), study.regime_setup("continue-24m", tmp_path)
+    assert few["base"] == full["base"] and few["reference"] == full["reference"] == "builtin:digits"
+    assert full["train"] == "builtin:digits" != few["train"]
+    labels = datasets.load_dataset(few["train"], split="train")["label"]
+    per_class = study.REGIMES["continue-24m-few"]["train_per_class"]
+    assert collections.Counter(labels) == {c: per_class for c in range(10)}
