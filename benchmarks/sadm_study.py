@@ -901,8 +901,10 @@ def main() -> None:
                         help="SADM vs plain with a 3.3x larger DiT (continue regime); results in "
                              "benchmarks/results/scale_study")
     parser.add_argument("--length", action="store_true",
-                        help="the transfer regime at 6.4 M and 23.1 M with 3x the steps: SADM vs plain at equal "
-                             "steps and equal compute; results in benchmarks/results/length_study")
+                        help="why transfer is not continue: the transfer regime at 6.4 M and 23.1 M with 3x the "
+                             "steps (constant and cosine LR), a second stage on a converged transfer fine-tune, and "
+                             "continue on 150 images; SADM vs plain at equal steps and equal compute; results in "
+                             "benchmarks/results/length_study")
     parser.add_argument("--draws", nargs="+", default=None, choices=list(EVAL_DRAWS),
                         help="--eval_noise: the extra draws to evaluate (default: all)")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
