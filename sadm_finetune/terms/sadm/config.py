@@ -80,6 +80,11 @@ class SADMConfig(TermConfig):
         "predicted latents carry the same detail (the posterior mean's blur is then no tell).",
     )
     disc_pool: int = _f(1, "Average-pool both sides by this factor before D (relations on low-resolution features).")
+    disc_augment: Literal["none", "translation", "cutout", "translation,cutout"] = _f(
+        "none", "DiffAugment for D, paired (few-shot data, where D sees the same few images again and again): sample "
+        "i's real and predicted latents get the same random translation (up to 1/8 of the side, zero fill) and/or "
+        "cutout (a zeroed square of half the side), drawn anew at every D call; differentiable in x0_hat.",
+    )
     disc_space: Literal["latents", "features"] = _f(
         "latents", "What D reads: latents (the VAE latents z0 and x0_hat), or features (a frozen vision encoder's "
         "patch features of the VAE-decoded z0 and x0_hat: relations in a semantic space; the structure gradient "

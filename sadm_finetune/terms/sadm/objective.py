@@ -41,6 +41,34 @@ def wiener_lowpass(latents: torch.Tensor, sample_snr: torch.Tensor) -> torch.Ten
     return torch.fft.ifft2(spectrum * gain, norm="ortho").real.to(latents.dtype)
 
 
+def paired_augment(real: torch.Tensor, fake: torch.Tensor, policy: str,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffAugment (Zhao et al., NeurIPS 2020) for the structure discriminator, paired: sample i's real and fake
+    get the same random translation (up to 1/8 of the side each way, zero fill) and cutout (a zeroed square of half
+    the side, centred anywhere, clipped at the border), so the two relation matrices still compare like with like.
+    Differentiable in both inputs. `policy`: "translation", "cutout" or "translation,cutout"."""
+    b, c, h, w = real.shape
+    both = torch.stack([real, fake.to(real.dtype)])  # (2, B, C, H, W)
+    kw = {"generator": generator, "device": real.device}
+    if "translation" in policy:
+        sy, sx = max(1, h // 8), max(1, w // 8)
+        dy, dx = torch.randint(-sy, sy + 1, (b,), **kw), torch.randint(-sx, sx + 1, (b,), **kw)
+        padded = F.pad(both, (sx, sx, sy, sy))  # (2, B, C, H + 2sy, W + 2sx)
+        rows = torch.arange(h, device=real.device)[None, :] + sy - dy[:, None]  # out[y] = in[y - dy]
+        cols = torch.arange(w, device=real.device)[None, :] + sx - dx[:, None]
+        both = padded.gather(3, rows[None, :, None, :, None].expand(2, b, c, h, w + 2 * sx))
+        both = both.gather(4, cols[None, :, None, None, :].expand(2, b, c, h, w))
+    if "cutout" in policy:
+        ch, cw = max(1, h // 2), max(1, w // 2)
+        top = torch.randint(0, h, (b,), **kw)[:, None] - ch // 2
+        left = torch.randint(0, w, (b,), **kw)[:, None] - cw // 2
+        ys, xs = torch.arange(h, device=real.device)[None, :], torch.arange(w, device=real.device)[None, :]
+        in_y, in_x = (ys >= top) & (ys < top + ch), (xs >= left) & (xs < left + cw)  # (B, H), (B, W)
+        keep = ~(in_y[:, :, None] & in_x[:, None, :])  # (B, H, W)
+        both = both * keep[None, :, None].to(both.dtype)
+    return both[0], both[1]
+
+
 def fixed_structure_gap(latents: torch.Tensor, x0_hat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The real/fake structure gap seen by a fixed encoder that nobody trains: latents average-pooled to
     2x2 and unit-normalised, then the default L_S (cosine relations, MSE, the same pair weights). A
@@ -113,7 +141,8 @@ class SADMObjective:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What D compares: (real, fake, D's timesteps). The options take the posterior mean's blur away
         from D as a tell: the real side low-passed to the detail x0_hat can carry at t; both sides
-        re-noised to a common level s <= t with one shared noise draw (instance noise); both pooled."""
+        re-noised to a common level s <= t with one shared noise draw (instance noise); both pooled. Last,
+        paired DiffAugment (few-shot data)."""
         c = self.config
         real, fake, t_disc = latents, x0_hat.to(latents.dtype), timesteps
         if c.disc_real_lowpass:
@@ -124,6 +153,8 @@ class SADMObjective:
             real, fake = self.space(real), self.space(fake)
         if c.disc_pool > 1:
             real, fake = F.avg_pool2d(real, c.disc_pool), F.avg_pool2d(fake, c.disc_pool)
+        if c.disc_augment != "none":
+            real, fake = paired_augment(real, fake, c.disc_augment, generator)
         return real, fake, t_disc
 
     def _embed(self, disc_call, latents, x0_hat, timesteps, class_labels, generator=None):

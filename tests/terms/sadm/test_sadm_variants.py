@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from sadm_finetune.terms.sadm.config import SADMConfig
 from sadm_finetune.diffusion.process import DDPMProcess
 from sadm_finetune.terms.sadm.discriminator import StructureDiscriminator
-from sadm_finetune.terms.sadm.objective import SADMObjective, fixed_structure_gap, wiener_lowpass
+from sadm_finetune.terms.sadm.objective import SADMObjective, fixed_structure_gap, paired_augment, wiener_lowpass
 
 PROCESS = DDPMProcess(DDPMScheduler(beta_schedule="linear").config, "cpu")
 ALPHAS = PROCESS.alphas_cumprod
@@ -60,7 +60,45 @@ def test_pool_and_lowpass_change_what_d_sees_and_default_changes_nothing():
     assert torch.equal(fake, x0_hat) and not torch.allclose(real, latents)
 
 
+def test_paired_augment_moves_and_cuts_each_samples_real_and_fake_alike():
+    b = 64
+    spot = torch.zeros(b, 2, 16, 16)
+    spot[:, :, 8, 8] = 1.0
+    real, fake = paired_augment(spot, spot.clone(), "translation", torch.Generator().manual_seed(0))
+    assert torch.equal(real, fake) and real.shape == spot.shape
+    moved = real[:, 0].flatten(1).argmax(dim=1)
+    dy, dx = moved // 16 - 8, moved % 16 - 8
+    assert dy.abs().max() == dx.abs().max() == 2  # up to 1/8 of the side each way, and it does move
+    assert (dy != 0).any() and (dx != 0).any() and real.sum() == spot.sum()  # nothing lost away from the border
+
+    ones = torch.ones(b, 2, 16, 16)
+    real, fake = paired_augment(ones, 2 * ones, "cutout", torch.Generator().manual_seed(0))
+    assert torch.equal(2 * real, fake)  # one mask per sample, the same on both sides
+    cut = (real[:, 0] == 0).sum(dim=(1, 2))
+    assert cut.max() == 64 and cut.min() > 0  # an 8x8 square, clipped where it meets the border
+    assert torch.equal(real[:, 0] == 0, real[:, 1] == 0)  # every channel alike
+
+    x = torch.randn(b, 2, 16, 16, requires_grad=True)
+    real, fake = paired_augment(ones, x, "translation,cutout", torch.Generator().manual_seed(0))
+    fake.sum().backward()  # differentiable in the predicted side: the gradient is the kept pixels' mask
+    assert set(x.grad.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(x.grad.sum(dim=(1, 2, 3)), (real != 0).sum(dim=(1, 2, 3)).float())
+
+
+def test_d_sees_the_augmented_pair_only_with_the_option():
+    latents, x0_hat, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,))
+    real, fake, _ = _objective(disc_augment="cutout").disc_inputs(latents, x0_hat, t, torch.Generator().manual_seed(0))
+    assert not torch.equal(real, latents) and torch.equal(real == 0, fake == 0)
+    import typing
+
+    from sadm_finetune.config.fields import coerce
+
+    with pytest.raises(Exception, match="disc_augment: got 'flip'; set disc_augment to one of 'none', 'translation'"):
+        coerce("disc_augment", typing.get_type_hints(SADMConfig)["disc_augment"], "flip")  # a recipe's typo
+
+
 VARIANTS = [{}, {"disc_renoise": 1.0}, {"disc_real_lowpass": True}, {"disc_pool": 2},
+            {"disc_augment": "translation,cutout"},
             {"disc_renoise": 0.5, "disc_real_lowpass": True, "disc_pool": 2},
             {"timestep_weighting": "cutoff"}, {"disc_spectral_norm": False}]
 
@@ -170,6 +208,7 @@ def test_a_run_with_every_d_input_option_trains_and_logs_the_diagnostics(tmp_pat
     out = tmp_path / "out"
     args = tiny_run_args(base, data, out, steps=3) + ["--structure_weight", "0.1", "--disc_renoise", "0.5",
                                                      "--disc_real_lowpass", "--disc_pool", "2",
+                                                     "--disc_augment", "translation,cutout",
                                                      "--pair_weighting", "min", "--structure_grad_bands", "2",
                                                      "--adaptive_weight"]
     proc = train_in_process(args)
