@@ -83,6 +83,7 @@ TRANSFER_PER_CLASS = 30
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
 PLAIN = ["--structure_weight", "0"]
+DISC_AUGMENT = ["--disc_augment", "translation,cutout"]
 
 
 def equal_compute_arms(regime: str, steps: int,
@@ -291,6 +292,10 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("continue-24m-few", 515, prefix=""),
     # the second stage: SADM's x1.016-1.029 at 23.1 M buys plain 515 steps of 500, as in continue-24m
     **equal_compute_arms("transfer-24m-stage2", 515),
+    # on 150 images D sees the same images in every batch: paired DiffAugment (translation + cutout) for D, in both
+    # few-image regimes (D's inputs only: the step time stays SADM's, so plain's 515 steps are its equal compute too)
+    ("transfer-24m-stage2", "full-sadm-augment"): (DISC_AUGMENT, "full-plain"),
+    ("continue-24m-few", "sadm-augment"): (DISC_AUGMENT, "plain"),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -322,7 +327,9 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-24m-long", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m-long-cosine", "full-plain-equal-compute"): "full-sadm",
                ("transfer-24m-stage2", "full-plain-equal-compute"): "full-sadm",
-               ("continue-24m-few", "plain-equal-compute"): "sadm"}
+               ("continue-24m-few", "plain-equal-compute"): "sadm",
+               ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
+               ("continue-24m-few", "sadm-augment"): "plain-equal-compute"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
