@@ -111,15 +111,15 @@ REGIMES = {
     # the same run under a decaying LR (EMA + warm-up + cosine to 0, as continue): once the schedule anneals, do
     # plain's extra steps stop paying in transfer as they do in continue?
     "transfer-24m-long-cosine": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m"},
-    # a second stage of transfer: the 1,200-step plain transfer fine-tune at 23.1 M (transfer-24m-long, seed 0, near
-    # its plateau) continued on the same 150 images for 500 steps under the continue recipe. Continued training of a
-    # base on its own data pays SADM -10.9% at equal compute, where plain's extra steps gain nothing: is that the
-    # plateau (then SADM pays in transfer once plain has converged), or the base having been pre-trained on that data?
     # continued training at 23.1 M (the continue-24m base and recipe) on 150 of the 1,797 digits (15 per class), judged
     # against all of them: transfer's data size with continue's classes and base. Does SADM's -10.9% at equal compute
     # need the data (a discriminator that sees 150 images), or is it the base and its ten classes?
     "continue-24m-few": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE, "base": "continue-24m",
                          "train_per_class": 15},
+    # a second stage of transfer: the 1,200-step plain transfer fine-tune at 23.1 M (transfer-24m-long, seed 0, near
+    # its plateau) continued on the same 150 images for 500 steps under the continue recipe. Continued training of a
+    # base on its own data pays SADM -10.9% at equal compute, where plain's extra steps gain nothing: is that the
+    # plateau (then SADM pays in transfer once plain has converged), or the base having been pre-trained on that data?
     "transfer-24m-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                             "base_run": ["transfer-24m-long", "full-plain", 0]},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
