@@ -48,6 +48,13 @@ def balanced(labels: np.ndarray, per_class: int, replace: bool, rng: np.random.G
                            for c in np.unique(labels)])
 
 
+def balanced_draws(features: np.ndarray, labels: np.ndarray, per_class: int, replace: bool, mu: np.ndarray,
+                   sigma: np.ndarray, repeats: int, rng: np.random.Generator) -> dict:
+    """Mean and sd of the FID against (mu, sigma) of `repeats` class-balanced draws from `features`."""
+    v = [fid_of(features[balanced(labels, per_class, replace, rng)], mu, sigma) for _ in range(repeats)]
+    return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
+
+
 def floors(features: np.ndarray, labels: np.ndarray, samples: list[int], halves: list[int], repeats: int,
            seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
@@ -62,8 +69,7 @@ def floors(features: np.ndarray, labels: np.ndarray, samples: list[int], halves:
         for name, replace in (("memorizer", False), ("bootstrap", True)):
             if not replace and per > counts.min():
                 continue  # more per class than the reference holds
-            v = [fid_of(features[balanced(labels, per, replace, rng)], mu, sigma) for _ in range(repeats)]
-            out[name][str(n)] = {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
+            out[name][str(n)] = balanced_draws(features, labels, per, replace, mu, sigma, repeats, rng)
     for n in halves:
         v = []
         for _ in range(repeats):
@@ -85,12 +91,10 @@ def training_set_floor(train_features: np.ndarray, train_labels: np.ndarray, fea
     """FID of n class-balanced draws (with replacement) from a training set's features against the reference."""
     rng = np.random.default_rng(seed)
     mu, sigma = feature_statistics(features)
-    out: dict = {"images": len(train_features)}
-    for n in samples:
-        v = [fid_of(train_features[balanced(train_labels, n // len(np.unique(train_labels)), True, rng)], mu, sigma)
-             for _ in range(repeats)]
-        out[str(n)] = {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
-    return out
+    classes = len(np.unique(train_labels))
+    return {"images": len(train_features),
+            "draws": {str(n): balanced_draws(train_features, train_labels, n // classes, True, mu, sigma, repeats, rng)
+                      for n in samples}}
 
 
 def dataset_features(dataset: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,10 +154,9 @@ def main() -> None:
     for name in ("memorizer", "bootstrap"):
         for n, v in result[name].items():
             print(f"{name:10s} n={n:>5s}: FID {v['mean']:.3f} (sd {v['sd']:.3f})")
-    for n, v in result.get("training_set", {}).items():
-        if isinstance(v, dict):
-            print(f"training set n={n:>5s} drawn from its {result['training_set']['images']} images: FID {v['mean']:.3f} "
-                  f"(sd {v['sd']:.3f})")
+    for n, v in result.get("training_set", {}).get("draws", {}).items():
+        print(f"training set n={n:>5s} drawn from its {result['training_set']['images']} images: FID {v['mean']:.3f} "
+              f"(sd {v['sd']:.3f})")
     for n, v in result["split_halves"].items():
         print(f"split halves {n:>4s} vs {n:>4s}: FID {v['mean']:.3f} (sd {v['sd']:.3f}), c = {v['c']:.0f}")
     for n, v in result["independent"].items():

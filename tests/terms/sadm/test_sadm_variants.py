@@ -92,8 +92,9 @@ def test_d_sees_the_augmented_pair_only_with_the_option():
     import typing
 
     from sadm_finetune.config.fields import coerce
+    from sadm_finetune.utils.errors import ConfigError
 
-    with pytest.raises(Exception, match="disc_augment: got 'flip'; set disc_augment to one of 'none', 'translation'"):
+    with pytest.raises(ConfigError, match="disc_augment: got 'flip'; set disc_augment to one of 'none', 'translation'"):
         coerce("disc_augment", typing.get_type_hints(SADMConfig)["disc_augment"], "flip")  # a recipe's typo
 
 
