@@ -122,6 +122,15 @@ REGIMES = {
     # plateau (then SADM pays in transfer once plain has converged), or the base having been pre-trained on that data?
     "transfer-24m-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                             "base_run": ["transfer-24m-long", "full-plain", 0]},
+    # transfer on all of digits 5-9 (about 180 per class, 6x transfer's 150 images) under the continue recipe: on
+    # 150 images continue's win held on DDIM 25 but tied on DDPM 50, so does transfer pay once it has the data?
+    "transfer-24m-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m",
+                          "train_per_class": None},
+    # the continue-24m base (pre-trained on all ten digits) continued on digits 5-9 only, all of them, judged on 5-9:
+    # transfer-24m-full's data, recipe and evaluation with continue's base. Against transfer-24m-full it separates
+    # the base's history (it has seen these digits) from the data; against continue-24m, five classes from ten
+    "continue-24m-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "continue-24m",
+                          "classes": list(TRANSFER_CLASSES)},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -296,6 +305,9 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # few-image regimes (D's inputs only: the step time stays SADM's, so plain's 515 steps are its equal compute too)
     ("transfer-24m-stage2", "full-sadm-augment"): (DISC_AUGMENT, "full-plain"),
     ("continue-24m-few", "sadm-augment"): (DISC_AUGMENT, "plain"),
+    # transfer on all of digits 5-9, and continue on them: plain gets 515 steps, as in continue-24m
+    **equal_compute_arms("transfer-24m-full", 515),
+    **equal_compute_arms("continue-24m-5to9", 515, prefix=""),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -329,7 +341,9 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-24m-stage2", "full-plain-equal-compute"): "full-sadm",
                ("continue-24m-few", "plain-equal-compute"): "sadm",
                ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
-               ("continue-24m-few", "sadm-augment"): "plain-equal-compute"}
+               ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
+               ("transfer-24m-full", "full-plain-equal-compute"): "full-sadm",
+               ("continue-24m-5to9", "plain-equal-compute"): "sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -408,16 +422,28 @@ def regime_setup(regime: str, work: Path) -> dict:
         setup = regime_setup(run_regime, work)
         train_and_evaluate(run_regime, arm, _STUDY_ARMS[(run_regime, arm)][0], seed, setup, work)
         return {**setup, "base": work / "runs" / run_regime / f"{arm}-seed{seed}"}
-    if regime.startswith("continue"):  # all 1,797 digits, or a class-balanced subset of them ("train_per_class")
-        per_class = REGIMES[regime].get("train_per_class")
-        train = (str(write_digits_dataset(work / "data" / f"digits-0-9-{per_class}", tuple(range(10)), per_class))
-                 if per_class else "builtin:digits")
-        return {"base": build_base(base_name(regime), work), "train": train, "reference": "builtin:digits"}
-    return {
-        "base": build_base(base_name(regime), work),
-        "train": str(write_digits_dataset(work / "data" / "digits-5-9-few", TRANSFER_CLASSES, TRANSFER_PER_CLASS)),
-        "reference": str(write_digits_dataset(work / "data" / "digits-5-9-all", TRANSFER_CLASSES, None)),
-    }
+    classes, per_class = regime_data(regime)
+    return {"base": build_base(base_name(regime), work), "train": digits_set(work, classes, per_class),
+            "reference": digits_set(work, classes, None)}
+
+
+def regime_data(regime: str) -> tuple[tuple[int, ...], int | None]:
+    """The digits a regime trains on and is judged against, and how many training images per digit (None: all).
+    Continue regimes default to all ten digits, all images; transfer regimes to digits 5-9, 30 images each."""
+    r = REGIMES[regime]
+    if regime.startswith("continue"):
+        return tuple(r.get("classes", range(10))), r.get("train_per_class")
+    return tuple(r.get("classes", TRANSFER_CLASSES)), r.get("train_per_class", TRANSFER_PER_CLASS)
+
+
+def digits_set(work: Path, classes: tuple[int, ...], per_class: int | None) -> str:
+    """The built-in set for all of all ten digits, else a parquet subset under work/data (named as the study always
+    named them, so finished runs keep their data: digits-5-9-few, digits-5-9-all, digits-0-9-15)."""
+    if classes == tuple(range(10)) and per_class is None:
+        return "builtin:digits"
+    size = ("all" if per_class is None else
+            "few" if (classes, per_class) == (TRANSFER_CLASSES, TRANSFER_PER_CLASS) else str(per_class))
+    return str(write_digits_dataset(work / "data" / f"digits-{classes[0]}-{classes[-1]}-{size}", classes, per_class))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +511,11 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-24m-long-cosine", "full-plain-equal-compute"),
                    ("transfer-24m-stage2", "full-plain"), ("transfer-24m-stage2", "full-sadm"),
                    ("transfer-24m-stage2", "full-plain-equal-compute"),
-                   ("continue-24m-few", "plain"), ("continue-24m-few", "sadm"), ("continue-24m-few", "plain-equal-compute"))
+                   ("continue-24m-few", "plain"), ("continue-24m-few", "sadm"), ("continue-24m-few", "plain-equal-compute"),
+                   ("transfer-24m-full", "full-plain"), ("transfer-24m-full", "full-sadm"),
+                   ("transfer-24m-full", "full-plain-equal-compute"),
+                   ("continue-24m-5to9", "plain"), ("continue-24m-5to9", "sadm"),
+                   ("continue-24m-5to9", "plain-equal-compute"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
@@ -630,7 +660,16 @@ def plot_eval_noise(equal_compute: dict, path: Path) -> None:
 
 
 def base_metrics(regime: str, setup: dict, work: Path) -> dict:
-    return evaluate(Path(setup["base"]), setup, regime, work, work / f"base-{base_name(regime)}.json")
+    return evaluate(Path(setup["base"]), setup, regime, work, base_file(regime, work))
+
+
+def base_file(regime: str, work: Path) -> Path:
+    """The base's metrics, shared by the regimes that judge it as its own regime does (base-<base>.json); a regime
+    that judges it on other digits or sample counts (continue-24m-5to9) gets its own file."""
+    r = REGIMES[regime]
+    home = r["base_run"][0] if "base_run" in r else r.get("base", regime)
+    same = (regime_data(home)[0], REGIMES[home]["samples_per_class"]) == (regime_data(regime)[0], r["samples_per_class"])
+    return work / f"base-{base_name(regime)}{'' if same else f'-on-{regime}'}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,8 +759,7 @@ def collect(work: Path, arms: dict, seeds: list[int]) -> tuple[dict, dict]:
             f = work / "runs" / regime / f"{arm}-seed{seed}" / "eval.json"
             if f.is_file():
                 runs.setdefault(regime, {}).setdefault(arm, {})[str(seed)] = json.loads(f.read_text())["metrics"]
-    bases = {r: json.loads((work / f"base-{base_name(r)}.json").read_text())["metrics"]
-             for r in REGIMES if (work / f"base-{base_name(r)}.json").is_file()}
+    bases = {r: json.loads(base_file(r, work).read_text())["metrics"] for r in REGIMES if base_file(r, work).is_file()}
     return runs, bases
 
 
