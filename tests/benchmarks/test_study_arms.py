@@ -163,3 +163,25 @@ def test_continue_on_a_subset_trains_on_that_many_images_per_class_and_is_judged
     labels = datasets.load_dataset(few["train"], split="train")["label"]
     per_class = study.REGIMES["continue-24m-few"]["train_per_class"]
     assert collections.Counter(labels) == {c: per_class for c in range(10)}
+
+
+def test_regimes_on_all_of_digits_5_to_9_train_and_judge_on_them_and_keep_their_own_base_metrics(tmp_path, monkeypatch):
+    import collections
+
+    import datasets
+    import numpy as np
+
+    from sadm_finetune.data.digits import load_digits_images
+
+    monkeypatch.setattr(study, "build_base", lambda name, work: work / "bases" / name)
+    full, seen, few = (study.regime_setup(r, tmp_path) for r in ("transfer-24m-full", "continue-24m-5to9", "transfer-24m"))
+    # transfer's base on all of 5-9; continue's base (pre-trained on all ten digits) on the same data and reference
+    assert full["base"] == few["base"] and seen["base"] == study.regime_setup("continue-24m", tmp_path)["base"]
+    assert full["train"] == full["reference"] == seen["train"] == seen["reference"] == few["reference"] != few["train"]
+    _, labels = load_digits_images(32)
+    counts = collections.Counter(datasets.load_dataset(full["train"], split="train")["label"])
+    assert counts == {c: int(np.sum(labels == c)) for c in study.TRANSFER_CLASSES}
+    # the continue-24m base judged on 5-9 (200 samples per digit) is not continue-24m's evaluation of it (0-9, 100)
+    assert study.base_file("continue-24m-5to9", tmp_path) != study.base_file("continue-24m", tmp_path)
+    assert study.base_file("transfer-24m-full", tmp_path) == study.base_file("transfer-24m", tmp_path)
+    assert study.base_file("continue-24m-few", tmp_path) == study.base_file("continue-24m", tmp_path)
