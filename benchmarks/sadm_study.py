@@ -660,7 +660,13 @@ def plot_eval_noise(equal_compute: dict, path: Path) -> None:
 
 
 def base_metrics(regime: str, setup: dict, work: Path) -> dict:
-    return evaluate(Path(setup["base"]), setup, regime, work, base_file(regime, work))
+    out = base_file(regime, work)
+    run = Path(setup["base"]) / "eval.json"
+    if "base_run" in REGIMES[regime] and out.name == f"base-{base_name(regime)}.json" and not out.is_file():
+        # a study run judged as its own regime judges it: its eval.json is this very draw (same reference, samples
+        # and sampler seed), so it is not sampled again
+        write_json(out, json.loads(run.read_text()))
+    return evaluate(Path(setup["base"]), setup, regime, work, out)
 
 
 def base_file(regime: str, work: Path) -> Path:

@@ -4,6 +4,8 @@ every plain-at-equal-compute arm really gets more steps than its regime."""
 import importlib.util
 import sys
 
+import pytest
+
 from launch import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -185,3 +187,25 @@ def test_regimes_on_all_of_digits_5_to_9_train_and_judge_on_them_and_keep_their_
     assert study.base_file("continue-24m-5to9", tmp_path) != study.base_file("continue-24m", tmp_path)
     assert study.base_file("transfer-24m-full", tmp_path) == study.base_file("transfer-24m", tmp_path)
     assert study.base_file("continue-24m-few", tmp_path) == study.base_file("continue-24m", tmp_path)
+
+
+def test_a_fine_tuned_run_as_base_reuses_its_own_evaluation_instead_of_sampling_it_again(tmp_path, monkeypatch):
+    import json
+
+    regime = "transfer-24m-stage2"
+    run_regime, arm, seed = study.REGIMES[regime]["base_run"]
+    run = tmp_path / "runs" / run_regime / f"{arm}-seed{seed}"
+    run.mkdir(parents=True)
+    (run / "eval.json").write_text(json.dumps({"metrics": {m: 1.5 for m in study.METRICS}}))
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("the base was sampled again")
+
+    monkeypatch.setattr(sys.modules["harness"], "run_checked", sampled)  # what sadm_eval_once samples with
+    metrics = study.base_metrics(regime, {"base": run, "train": "t", "reference": "r"}, tmp_path)
+    assert metrics == {m: 1.5 for m in study.METRICS}
+    assert json.loads(study.base_file(regime, tmp_path).read_text())["metrics"] == metrics
+    # a pre-trained base (no eval.json of its own) is still evaluated
+    with pytest.raises(AssertionError, match="sampled again"):
+        study.base_metrics("transfer-24m", {"base": tmp_path / "bases" / "transfer-24m", "train": "t", "reference": "r"},
+                           tmp_path)
