@@ -437,8 +437,8 @@ def regime_data(regime: str) -> tuple[tuple[int, ...], int | None]:
 
 
 def digits_set(work: Path, classes: tuple[int, ...], per_class: int | None) -> str:
-    """The built-in set for all of all ten digits, else a parquet subset under work/data (named as the study always
-    named them, so finished runs keep their data: digits-5-9-few, digits-5-9-all, digits-0-9-15)."""
+    """The built-in set for every image of all ten digits, else a parquet subset under work/data (named as the
+    study always named them, so finished runs keep their data: digits-5-9-few, digits-5-9-all, digits-0-9-15)."""
     if classes == tuple(range(10)) and per_class is None:
         return "builtin:digits"
     size = ("all" if per_class is None else
@@ -511,7 +511,8 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-24m-long-cosine", "full-plain-equal-compute"),
                    ("transfer-24m-stage2", "full-plain"), ("transfer-24m-stage2", "full-sadm"),
                    ("transfer-24m-stage2", "full-plain-equal-compute"),
-                   ("continue-24m-few", "plain"), ("continue-24m-few", "sadm"), ("continue-24m-few", "plain-equal-compute"),
+                   ("continue-24m-few", "plain"), ("continue-24m-few", "sadm"),
+                   ("continue-24m-few", "plain-equal-compute"),
                    ("transfer-24m-full", "full-plain"), ("transfer-24m-full", "full-sadm"),
                    ("transfer-24m-full", "full-plain-equal-compute"),
                    ("continue-24m-5to9", "plain"), ("continue-24m-5to9", "sadm"),
@@ -674,7 +675,8 @@ def base_file(regime: str, work: Path) -> Path:
     that judges it on other digits or sample counts (continue-24m-5to9) gets its own file."""
     r = REGIMES[regime]
     home = r["base_run"][0] if "base_run" in r else r.get("base", regime)
-    same = (regime_data(home)[0], REGIMES[home]["samples_per_class"]) == (regime_data(regime)[0], r["samples_per_class"])
+    judged = (regime_data(regime)[0], r["samples_per_class"])
+    same = judged == (regime_data(home)[0], REGIMES[home]["samples_per_class"])
     return work / f"base-{base_name(regime)}{'' if same else f'-on-{regime}'}.json"
 
 

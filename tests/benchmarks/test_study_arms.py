@@ -176,7 +176,8 @@ def test_regimes_on_all_of_digits_5_to_9_train_and_judge_on_them_and_keep_their_
     from sadm_finetune.data.digits import load_digits_images
 
     monkeypatch.setattr(study, "build_base", lambda name, work: work / "bases" / name)
-    full, seen, few = (study.regime_setup(r, tmp_path) for r in ("transfer-24m-full", "continue-24m-5to9", "transfer-24m"))
+    full, seen, few = (study.regime_setup(r, tmp_path)
+                       for r in ("transfer-24m-full", "continue-24m-5to9", "transfer-24m"))
     # transfer's base on all of 5-9; continue's base (pre-trained on all ten digits) on the same data and reference
     assert full["base"] == few["base"] and seen["base"] == study.regime_setup("continue-24m", tmp_path)["base"]
     assert full["train"] == full["reference"] == seen["train"] == seen["reference"] == few["reference"] != few["train"]
@@ -207,5 +208,5 @@ def test_a_fine_tuned_run_as_base_reuses_its_own_evaluation_instead_of_sampling_
     assert json.loads(study.base_file(regime, tmp_path).read_text())["metrics"] == metrics
     # a pre-trained base (no eval.json of its own) is still evaluated
     with pytest.raises(AssertionError, match="sampled again"):
-        study.base_metrics("transfer-24m", {"base": tmp_path / "bases" / "transfer-24m", "train": "t", "reference": "r"},
-                           tmp_path)
+        base = tmp_path / "bases" / "transfer-24m"
+        study.base_metrics("transfer-24m", {"base": base, "train": "t", "reference": "r"}, tmp_path)
