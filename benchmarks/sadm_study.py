@@ -131,6 +131,14 @@ REGIMES = {
     # the base's history (it has seen these digits) from the data; against continue-24m, five classes from ten
     "continue-24m-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "continue-24m",
                           "classes": list(TRANSFER_CLASSES)},
+    # the two differ in the base: continue's has learned digits 5-9 and reaches its plateau in the run, transfer's
+    # must learn them first. A transferred base that has learned them on all their images: 1,200 steps of plain
+    # transfer at a constant LR on all of 5-9 (one run, seed 0, the base of the next regime) ...
+    "transfer-24m-full-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-24m",
+                               "train_per_class": None},
+    # ... then continued 500 steps on the same images under the continue recipe, as transfer-24m-stage2 did on 150
+    "transfer-24m-full-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                 "base_run": ["transfer-24m-full-long", "full-plain", 0]},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -308,6 +316,9 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # transfer on all of digits 5-9, and continue on them: plain gets 515 steps, as in continue-24m
     **equal_compute_arms("transfer-24m-full", 515),
     **equal_compute_arms("continue-24m-5to9", 515, prefix=""),
+    # the base of the second stage on all of 5-9 (trained by the stage when missing), and the stage
+    ("transfer-24m-full-long", "full-plain"): (PLAIN, None),
+    **equal_compute_arms("transfer-24m-full-stage2", 515),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -343,7 +354,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                ("transfer-24m-full", "full-plain-equal-compute"): "full-sadm",
-               ("continue-24m-5to9", "plain-equal-compute"): "sadm"}
+               ("continue-24m-5to9", "plain-equal-compute"): "sadm",
+               ("transfer-24m-full-stage2", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -516,7 +528,9 @@ EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "pl
                    ("transfer-24m-full", "full-plain"), ("transfer-24m-full", "full-sadm"),
                    ("transfer-24m-full", "full-plain-equal-compute"),
                    ("continue-24m-5to9", "plain"), ("continue-24m-5to9", "sadm"),
-                   ("continue-24m-5to9", "plain-equal-compute"))
+                   ("continue-24m-5to9", "plain-equal-compute"),
+                   ("transfer-24m-full-stage2", "full-plain"), ("transfer-24m-full-stage2", "full-sadm"),
+                   ("transfer-24m-full-stage2", "full-plain-equal-compute"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}

@@ -188,6 +188,14 @@ def test_regimes_on_all_of_digits_5_to_9_train_and_judge_on_them_and_keep_their_
     assert study.base_file("continue-24m-5to9", tmp_path) != study.base_file("continue-24m", tmp_path)
     assert study.base_file("transfer-24m-full", tmp_path) == study.base_file("transfer-24m", tmp_path)
     assert study.base_file("continue-24m-few", tmp_path) == study.base_file("continue-24m", tmp_path)
+    # the second stage on all of 5-9 fine-tunes the 1,200-step plain run on them (trained first), on the same data
+    trained = []
+    monkeypatch.setattr(study, "train_and_evaluate", lambda *a: trained.append(a[:4]))
+    stage = study.regime_setup("transfer-24m-full-stage2", tmp_path)
+    assert trained == [("transfer-24m-full-long", "full-plain", study.PLAIN, 0)]
+    assert stage["base"] == tmp_path / "runs" / "transfer-24m-full-long" / "full-plain-seed0"
+    assert stage["train"] == stage["reference"] == full["train"]
+    assert study.REGIMES["transfer-24m-full-long"]["base"] == "transfer-24m"
 
 
 def test_a_fine_tuned_run_as_base_reuses_its_own_evaluation_instead_of_sampling_it_again(tmp_path, monkeypatch):
