@@ -90,9 +90,13 @@ def equal_compute_arms(regime: str, steps: int,
                        prefix: str = "full-") -> dict[tuple[str, str], tuple[list[str], str | None]]:
     """A regime's plain, SADM, and plain given SADM's compute (``steps`` instead of the regime's), each paired with
     plain (ALSO_PAIRED pairs the last with SADM too)."""
-    plain = f"{prefix}plain"
-    return {(regime, plain): (PLAIN, None), (regime, f"{prefix}sadm"): ([], plain),
-            (regime, f"{plain}-equal-compute"): (PLAIN + ["--max_train_steps", str(steps)], plain)}
+    plain, sadm, equal = equal_compute_trio(regime, prefix)
+    return {plain: (PLAIN, None), sadm: ([], plain[1]), equal: (PLAIN + ["--max_train_steps", str(steps)], plain[1])}
+
+
+def equal_compute_trio(regime: str, prefix: str = "full-") -> tuple[tuple[str, str], ...]:
+    """A regime's plain, SADM and plain-at-SADM's-compute arms, as (regime, arm)."""
+    return tuple((regime, f"{prefix}{arm}") for arm in ("plain", "sadm", "plain-equal-compute"))
 
 
 # regime -> base, data, steps, samples per class, the recipe shared by every arm
@@ -508,29 +512,18 @@ SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  
 # the evaluation noise of one checkpoint: its FID's spread over sampling seeds of one sampler (DDPM 50 sits at another
 # level, half DDIM 25's FID at 23.1 M, so a spread that mixed samplers would measure the sampler, not the noise)
 SEED_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236"]
-EVAL_NOISE_ARMS = (("continue", "plain"), ("continue", "sadm"), ("continue", "plain-equal-compute"),
-                   ("transfer", "full-plain"), ("transfer", "full-sadm"), ("transfer", "full-plain-equal-compute"),
-                   ("continue-6m", "plain"), ("continue-6m", "sadm"), ("continue-6m", "plain-equal-compute"),
-                   ("transfer-6m", "full-plain"), ("transfer-6m", "full-sadm"), ("transfer-6m", "full-plain-equal-compute"),
-                   ("transfer-24m", "full-plain"), ("transfer-24m", "full-sadm"),
-                   ("transfer-24m", "full-plain-equal-compute"),
-                   ("continue-24m", "plain"), ("continue-24m", "sadm"), ("continue-24m", "plain-equal-compute"),
+
+
+
+EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("transfer"),
+                   *equal_compute_trio("continue-6m", ""), *equal_compute_trio("transfer-6m"),
+                   *equal_compute_trio("transfer-24m"), *equal_compute_trio("continue-24m", ""),
                    ("continue-24m", "sadm+sddit-0.5"), ("continue-24m", "plain-equal-compute-1.21"),
                    ("transfer-24m", "full-sadm-lambda-0.03"),
-                   ("transfer-24m-long", "full-plain"), ("transfer-24m-long", "full-sadm"),
-                   ("transfer-24m-long", "full-plain-equal-compute"),
-                   ("transfer-24m-long-cosine", "full-plain"), ("transfer-24m-long-cosine", "full-sadm"),
-                   ("transfer-24m-long-cosine", "full-plain-equal-compute"),
-                   ("transfer-24m-stage2", "full-plain"), ("transfer-24m-stage2", "full-sadm"),
-                   ("transfer-24m-stage2", "full-plain-equal-compute"),
-                   ("continue-24m-few", "plain"), ("continue-24m-few", "sadm"),
-                   ("continue-24m-few", "plain-equal-compute"),
-                   ("transfer-24m-full", "full-plain"), ("transfer-24m-full", "full-sadm"),
-                   ("transfer-24m-full", "full-plain-equal-compute"),
-                   ("continue-24m-5to9", "plain"), ("continue-24m-5to9", "sadm"),
-                   ("continue-24m-5to9", "plain-equal-compute"),
-                   ("transfer-24m-full-stage2", "full-plain"), ("transfer-24m-full-stage2", "full-sadm"),
-                   ("transfer-24m-full-stage2", "full-plain-equal-compute"))
+                   *equal_compute_trio("transfer-24m-long"), *equal_compute_trio("transfer-24m-long-cosine"),
+                   *equal_compute_trio("transfer-24m-stage2"), *equal_compute_trio("continue-24m-few", ""),
+                   *equal_compute_trio("transfer-24m-full"), *equal_compute_trio("continue-24m-5to9", ""),
+                   *equal_compute_trio("transfer-24m-full-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
