@@ -512,9 +512,6 @@ SMALL_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236", "ddpm50-s1234"]  
 # the evaluation noise of one checkpoint: its FID's spread over sampling seeds of one sampler (DDPM 50 sits at another
 # level, half DDIM 25's FID at 23.1 M, so a spread that mixed samplers would measure the sampler, not the noise)
 SEED_DRAWS = ["ddim25-s1234", "ddim25-s1235", "ddim25-s1236"]
-
-
-
 EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("transfer"),
                    *equal_compute_trio("continue-6m", ""), *equal_compute_trio("transfer-6m"),
                    *equal_compute_trio("transfer-24m"), *equal_compute_trio("continue-24m", ""),
@@ -669,22 +666,26 @@ def plot_eval_noise(equal_compute: dict, path: Path) -> None:
 
 def base_metrics(regime: str, setup: dict, work: Path) -> dict:
     out = base_file(regime, work)
-    run = Path(setup["base"]) / "eval.json"
-    if "base_run" in REGIMES[regime] and out.name == f"base-{base_name(regime)}.json" and not out.is_file():
+    if "base_run" in REGIMES[regime] and judged_as_at_home(regime) and not out.is_file():
         # a study run judged as its own regime judges it: its eval.json is this very draw (same reference, samples
         # and sampler seed), so it is not sampled again
-        write_json(out, json.loads(run.read_text()))
+        write_json(out, json.loads((Path(setup["base"]) / "eval.json").read_text()))
     return evaluate(Path(setup["base"]), setup, regime, work, out)
+
+
+def judged_as_at_home(regime: str) -> bool:
+    """Whether a regime judges its base on the digits and sample counts of the regime the base comes from (the
+    pre-trained base's namesake, or the regime of a "base_run")."""
+    r = REGIMES[regime]
+    home = r["base_run"][0] if "base_run" in r else r.get("base", regime)
+    judged = (regime_data(regime)[0], r["samples_per_class"])
+    return judged == (regime_data(home)[0], REGIMES[home]["samples_per_class"])
 
 
 def base_file(regime: str, work: Path) -> Path:
     """The base's metrics, shared by the regimes that judge it as its own regime does (base-<base>.json); a regime
     that judges it on other digits or sample counts (continue-24m-5to9) gets its own file."""
-    r = REGIMES[regime]
-    home = r["base_run"][0] if "base_run" in r else r.get("base", regime)
-    judged = (regime_data(regime)[0], r["samples_per_class"])
-    same = judged == (regime_data(home)[0], REGIMES[home]["samples_per_class"])
-    return work / f"base-{base_name(regime)}{'' if same else f'-on-{regime}'}.json"
+    return work / f"base-{base_name(regime)}{'' if judged_as_at_home(regime) else f'-on-{regime}'}.json"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def test_a_small_training_set_sits_above_the_references_own_draws_and_below_anot
     # reproducing 40 of the reference's images covers less of it than drawing from all 1,600 of them
     assert out["bootstrap"]["400"]["mean"] < train["draws"]["400"]["mean"]
     shifted = fid_floor.training_set_floor(features[few] + 1.0, labels[few], features, samples=[400], repeats=4)
-    assert shifted["draws"]["400"]["mean"] > train["draws"]["400"]["mean"] + 1.0  # a mean shift of 1 in 8 dims adds about 8
+    # a mean shift of 1 in 8 dims adds about 8
+    assert shifted["draws"]["400"]["mean"] > train["draws"]["400"]["mean"] + 1.0
 
 
 def test_a_training_set_floor_needs_the_digits_feature_space():

@@ -215,6 +215,6 @@ def test_a_fine_tuned_run_as_base_reuses_its_own_evaluation_instead_of_sampling_
     assert metrics == {m: 1.5 for m in study.METRICS}
     assert json.loads(study.base_file(regime, tmp_path).read_text())["metrics"] == metrics
     # a pre-trained base (no eval.json of its own) is still evaluated
+    base = tmp_path / "bases" / "transfer-24m"
     with pytest.raises(AssertionError, match="sampled again"):
-        base = tmp_path / "bases" / "transfer-24m"
         study.base_metrics("transfer-24m", {"base": base, "train": "t", "reference": "r"}, tmp_path)
