@@ -79,6 +79,14 @@ BASES = {  # name -> make_demo_base.py flags
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
+# bases derived from a built one: name -> (source base, the class ids whose label-embedding rows are re-drawn).
+# continue-24m with rows 5-9 of every block's label table re-drawn from the tables' own init, N(0, 1), with a seed
+# of their own: the trunk was pre-trained on digits 5-9, but the vectors that now ask for them are new to it, as
+# in a transfer base (whose rows 5-9 are their never-trained init). Pre-training moves a row by only 2-5% of its
+# norm (0.4-1.1 of about 22.6 at 23.1 M), so resetting the rows to their init would leave the trunk reading them
+# as before; fresh draws do not.
+DERIVED_BASES = {"continue-24m-5to9-redrawn": ("continue-24m", TRANSFER_CLASSES)}
+REDRAW_SEED = 1
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
@@ -143,6 +151,12 @@ REGIMES = {
     # ... then continued 500 steps on the same images under the continue recipe, as transfer-24m-stage2 did on 150
     "transfer-24m-full-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                  "base_run": ["transfer-24m-full-long", "full-plain", 0]},
+    # continue-24m-5to9 from the continue-24m base with the label rows of 5-9 re-drawn (DERIVED_BASES): its trunk
+    # has learned digits 5-9 in pre-training, but the class vectors asking for them are new, as in transfer. SADM
+    # pays there from the base as pre-trained (-8.7% at equal compute) and not from a transferred one: do the
+    # class rows decide, or the trunk?
+    "continue-24m-5to9-redrawn": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                  "classes": list(TRANSFER_CLASSES)},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -323,6 +337,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # the base of the second stage on all of 5-9 (trained by the stage when missing), and the stage
     ("transfer-24m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-24m-full-stage2", 515),
+    # continue's base with new class rows for 5-9, on all of them: plain gets 515 steps, as in continue-24m-5to9
+    **equal_compute_arms("continue-24m-5to9-redrawn", 515, prefix=""),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -359,7 +375,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                ("transfer-24m-full", "full-plain-equal-compute"): "full-sadm",
                ("continue-24m-5to9", "plain-equal-compute"): "sadm",
-               ("transfer-24m-full-stage2", "full-plain-equal-compute"): "full-sadm"}
+               ("transfer-24m-full-stage2", "full-plain-equal-compute"): "full-sadm",
+               ("continue-24m-5to9-redrawn", "plain-equal-compute"): "sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -387,10 +404,41 @@ def _run(cmd: list[str], what: str) -> None:
 
 def build_base(name: str, work: Path) -> Path:
     out = work / "bases" / name
-    if not (out / "model_index.json").is_file():
+    if name in DERIVED_BASES and not (out / "model_index.json").is_file():
+        source, classes = DERIVED_BASES[name]
+        print(f"deriving the {name} base from {source}: label rows {list(classes)} re-drawn", flush=True)
+        redraw_class_rows(build_base(source, work), out, classes, REDRAW_SEED)
+    elif not (out / "model_index.json").is_file():
         print(f"building the {name} base (make_demo_base.py {' '.join(BASES[name])})", flush=True)
         _run([sys.executable, str(ROOT / "scripts" / "make_demo_base.py"), "--output_dir", str(out), "--vae_from",
               str(DEMO_BASE), "--num_threads", "1", "--no_samples", *BASES[name]], f"base {name}")
+    return out
+
+
+def redraw_class_rows(source: Path, out: Path, classes: tuple[int, ...], seed: int) -> Path:
+    """A copy of the pipeline folder ``source`` whose transformer has the rows ``classes`` of every label-embedding
+    table (``...class_embedder.embedding_table.weight``) re-drawn from N(0, 1), nn.Embedding's init; every other
+    tensor and file is copied unchanged. Written next to ``out`` and moved into place when complete."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    weights = tmp / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    tables = sorted(k for k in state if k.endswith("class_embedder.embedding_table.weight"))
+    if not tables:
+        raise ValueError(f"{source}: the transformer has no class-label embedding table to re-draw rows of")
+    gen = torch.Generator().manual_seed(seed)
+    rows = list(classes)
+    for k in tables:
+        fresh = torch.randn((len(rows), state[k].shape[1]), generator=gen, dtype=torch.float32)
+        state[k][rows] = fresh.to(state[k].dtype)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    os.replace(tmp, out)
     return out
 
 
@@ -520,7 +568,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-24m-long"), *equal_compute_trio("transfer-24m-long-cosine"),
                    *equal_compute_trio("transfer-24m-stage2"), *equal_compute_trio("continue-24m-few", ""),
                    *equal_compute_trio("transfer-24m-full"), *equal_compute_trio("continue-24m-5to9", ""),
-                   *equal_compute_trio("transfer-24m-full-stage2"))
+                   *equal_compute_trio("transfer-24m-full-stage2"),
+                   *equal_compute_trio("continue-24m-5to9-redrawn", ""))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}

@@ -218,3 +218,39 @@ def test_a_fine_tuned_run_as_base_reuses_its_own_evaluation_instead_of_sampling_
     base = tmp_path / "bases" / "transfer-24m"
     with pytest.raises(AssertionError, match="sampled again"):
         study.base_metrics("transfer-24m", {"base": base, "train": "t", "reference": "r"}, tmp_path)
+
+
+def test_a_derived_base_redraws_the_label_rows_of_its_classes_and_copies_everything_else(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    source = study.DEMO_BASE
+    out = study.redraw_class_rows(source, tmp_path / "redrawn", (5, 6, 7, 8, 9), seed=1)
+    before, after = load_file(source / weights), load_file(out / weights)
+    tables = [k for k in before if k.endswith("class_embedder.embedding_table.weight")]
+    assert tables and before.keys() == after.keys()
+    for k in before:
+        if k not in tables:
+            assert torch.equal(before[k], after[k]), k
+    for k in tables:
+        assert torch.equal(before[k][:5], after[k][:5]) and torch.equal(before[k][10:], after[k][10:])
+        moved = (after[k][5:10] - before[k][5:10]).norm(dim=1) / before[k][5:10].norm(dim=1)
+        assert moved.min() > 1.0  # new vectors, not a nudge of the old ones (two N(0, 1) draws: about sqrt(2))
+        assert 0.8 < after[k][5:10].std() < 1.2  # nn.Embedding's init
+    # every other file is the source's, and the same seed gives the same rows
+    files = [sorted(p.relative_to(folder) for p in folder.rglob("*")) for folder in (out, source)]
+    assert files[0] == files[1]
+    again = study.redraw_class_rows(source, tmp_path / "again", (5, 6, 7, 8, 9), seed=1)
+    assert all(torch.equal(after[k], load_file(again / weights)[k]) for k in tables)
+    assert not (tmp_path / "redrawn.tmp").exists()
+    # the regime fine-tunes that base (built from continue-24m on first use), on all of 5-9, judged on them
+    built = []
+    monkeypatch.setattr(study, "redraw_class_rows", lambda src, dst, classes, seed: built.append((src, dst, classes)))
+    monkeypatch.setattr(study, "_run", lambda cmd, what: None)
+    setup = study.regime_setup("continue-24m-5to9-redrawn", tmp_path)
+    assert built == [(tmp_path / "bases" / "continue-24m", tmp_path / "bases" / "continue-24m-5to9-redrawn",
+                      study.TRANSFER_CLASSES)]
+    assert setup["base"] == tmp_path / "bases" / "continue-24m-5to9-redrawn"
+    assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
+    assert study.base_file("continue-24m-5to9-redrawn", tmp_path).name == "base-continue-24m-5to9-redrawn.json"
