@@ -76,6 +76,10 @@ BASES = {  # name -> make_demo_base.py flags
     # the transfer base at 23.1 M (16 heads): 1,500 steps, half the smaller transfer bases' (a 3,000-step base at
     # this size takes about 75 min of one core); pre-training only has to teach digits 0-4
     "transfer-24m": ["--dit_steps", "1500", "--classes", "0", "1", "2", "3", "4", "--dit_heads", "16"],
+    # transfer-24m's recipe (EMA 0.999, cosine decay) on all ten digits: continue-24m's data with transfer's recipe.
+    # Every base SADM paid from so far is a raw iterate at a constant LR (continue*); every base it tied from is an
+    # EMA of a trained or fine-tuned model (transfer*, the second stages): this base separates the two
+    "continue-24m-ema": ["--dit_steps", "1500", "--dit_heads", "16"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
@@ -157,6 +161,10 @@ REGIMES = {
     # class rows decide, or the trunk?
     "continue-24m-5to9-redrawn": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                   "classes": list(TRANSFER_CLASSES)},
+    # continue-24m-5to9 from a base pre-trained on all ten digits with EMA and a decaying LR (continue-24m-ema):
+    # does SADM pay from a base that knows the digits whatever its recipe, or from a raw constant-LR iterate only?
+    "continue-24m-ema-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "continue-24m-ema",
+                              "classes": list(TRANSFER_CLASSES)},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -339,6 +347,7 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("transfer-24m-full-stage2", 515),
     # continue's base with new class rows for 5-9, on all of them: plain gets 515 steps, as in continue-24m-5to9
     **equal_compute_arms("continue-24m-5to9-redrawn", 515, prefix=""),
+    **equal_compute_arms("continue-24m-ema-5to9", 515, prefix=""),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -376,7 +385,8 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("transfer-24m-full", "full-plain-equal-compute"): "full-sadm",
                ("continue-24m-5to9", "plain-equal-compute"): "sadm",
                ("transfer-24m-full-stage2", "full-plain-equal-compute"): "full-sadm",
-               ("continue-24m-5to9-redrawn", "plain-equal-compute"): "sadm"}
+               ("continue-24m-5to9-redrawn", "plain-equal-compute"): "sadm",
+               ("continue-24m-ema-5to9", "plain-equal-compute"): "sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -569,7 +579,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-24m-stage2"), *equal_compute_trio("continue-24m-few", ""),
                    *equal_compute_trio("transfer-24m-full"), *equal_compute_trio("continue-24m-5to9", ""),
                    *equal_compute_trio("transfer-24m-full-stage2"),
-                   *equal_compute_trio("continue-24m-5to9-redrawn", ""))
+                   *equal_compute_trio("continue-24m-5to9-redrawn", ""),
+                   *equal_compute_trio("continue-24m-ema-5to9", ""))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
@@ -724,9 +735,11 @@ def base_metrics(regime: str, setup: dict, work: Path) -> dict:
 
 def judged_as_at_home(regime: str) -> bool:
     """Whether a regime judges its base on the digits and sample counts of the regime the base comes from (the
-    pre-trained base's namesake, or the regime of a "base_run")."""
+    pre-trained base's namesake, or the regime of a "base_run"); a base with no namesake regime is at home."""
     r = REGIMES[regime]
     home = r["base_run"][0] if "base_run" in r else r.get("base", regime)
+    if home not in REGIMES:  # a base no regime is named after (continue-24m-ema): its first judge is its home
+        return True
     judged = (regime_data(regime)[0], r["samples_per_class"])
     return judged == (regime_data(home)[0], REGIMES[home]["samples_per_class"])
 
