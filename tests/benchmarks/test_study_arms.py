@@ -254,3 +254,19 @@ def test_a_derived_base_redraws_the_label_rows_of_its_classes_and_copies_everyth
     assert setup["base"] == tmp_path / "bases" / "continue-24m-5to9-redrawn"
     assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
     assert study.base_file("continue-24m-5to9-redrawn", tmp_path).name == "base-continue-24m-5to9-redrawn.json"
+
+
+def test_the_ema_base_regime_is_continue_on_5_to_9_with_transfer_s_base_recipe_on_all_ten_digits(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd))
+    setup = study.regime_setup("continue-24m-ema-5to9", tmp_path)
+    assert setup["base"] == tmp_path / "bases" / "continue-24m-ema"
+    flags = built[0][built[0].index("--no_samples") + 1:]
+    transfer = study.BASES["transfer-24m"]
+    classes = transfer.index("--classes")
+    assert flags == transfer[:classes] + transfer[classes + 6:]  # transfer-24m's flags without "--classes 0 1 2 3 4"
+    assert "--ema_decay" not in flags and "--lr_schedule" not in flags  # make_demo_base's EMA and cosine defaults
+    assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
+    # its base has no namesake regime: judged here first, in its own file, not as continue-24m's base on 5-9
+    assert study.base_file("continue-24m-ema-5to9", tmp_path).name == "base-continue-24m-ema.json"
+    assert ("continue-24m-ema-5to9", "plain-equal-compute") in study.EVAL_NOISE_ARMS
