@@ -78,7 +78,8 @@ BASES = {  # name -> make_demo_base.py flags
     "transfer-24m": ["--dit_steps", "1500", "--classes", "0", "1", "2", "3", "4", "--dit_heads", "16"],
     # transfer-24m's recipe (EMA 0.999, cosine decay) on all ten digits: continue-24m's data with transfer's recipe.
     # Every base SADM paid from so far is a raw iterate at a constant LR (continue*); every base it tied from is an
-    # EMA of a trained or fine-tuned model (transfer*, the second stages): this base separates the two
+    # EMA of a trained or fine-tuned model (transfer*, the second stages): this base separates the two (it changes
+    # the EMA and the LR decay together)
     "continue-24m-ema": ["--dit_steps", "1500", "--dit_heads", "16"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
