@@ -415,11 +415,13 @@ def _run(cmd: list[str], what: str) -> None:
 
 def build_base(name: str, work: Path) -> Path:
     out = work / "bases" / name
-    if name in DERIVED_BASES and not (out / "model_index.json").is_file():
+    if (out / "model_index.json").is_file():
+        return out
+    if name in DERIVED_BASES:
         source, classes = DERIVED_BASES[name]
         print(f"deriving the {name} base from {source}: label rows {list(classes)} re-drawn", flush=True)
         redraw_class_rows(build_base(source, work), out, classes, REDRAW_SEED)
-    elif not (out / "model_index.json").is_file():
+    else:
         print(f"building the {name} base (make_demo_base.py {' '.join(BASES[name])})", flush=True)
         _run([sys.executable, str(ROOT / "scripts" / "make_demo_base.py"), "--output_dir", str(out), "--vae_from",
               str(DEMO_BASE), "--num_threads", "1", "--no_samples", *BASES[name]], f"base {name}")
