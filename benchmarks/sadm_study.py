@@ -81,6 +81,13 @@ BASES = {  # name -> make_demo_base.py flags
     # EMA of a trained or fine-tuned model (transfer*, the second stages): this base separates the two (it changes
     # the EMA and the LR decay together)
     "continue-24m-ema": ["--dit_steps", "1500", "--dit_heads", "16"],
+    # the two halves of that recipe apart: continue-24m with the EMA (0.999) but its constant LR. SADM paid from the
+    # raw constant-LR base and tied from the EMA'd cosine one: is it the averaging?
+    "continue-24m-ema-constant": ["--dit_steps", "1500", "--lr_schedule", "constant", "--dit_heads", "16"],
+    # transfer-24m pre-trained as continue-24m was (constant LR, no EMA: a raw iterate) on digits 0-4: if the
+    # base's recipe decides, transfer from a raw base pays as continue does
+    "transfer-24m-raw": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0",
+                         "--classes", "0", "1", "2", "3", "4", "--dit_heads", "16"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
@@ -166,6 +173,14 @@ REGIMES = {
     # does SADM pay from a base that knows the digits whatever its recipe, or from a raw constant-LR iterate only?
     "continue-24m-ema-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "continue-24m-ema",
                               "classes": list(TRANSFER_CLASSES)},
+    # the same from a base with continue-24m's constant LR and only the EMA added (continue-24m-ema-constant): does
+    # the averaging alone take SADM's gain away, or the LR decay?
+    "continue-24m-ema-constant-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                       "base": "continue-24m-ema-constant", "classes": list(TRANSFER_CLASSES)},
+    # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
+    # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
+    "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
+                              "train_per_class": None},
     # transfer under the toolkit's default recipe (EMA + warm-up + cosine decay to 0, as continue): the same bases
     # and data; equal compute then compares two schedules that both anneal
     "transfer-cosine": {"steps": 400, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer"},
@@ -349,6 +364,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # continue's base with new class rows for 5-9, on all of them: plain gets 515 steps, as in continue-24m-5to9
     **equal_compute_arms("continue-24m-5to9-redrawn", 515, prefix=""),
     **equal_compute_arms("continue-24m-ema-5to9", 515, prefix=""),
+    **equal_compute_arms("continue-24m-ema-constant-5to9", 515, prefix=""),
+    **equal_compute_arms("transfer-24m-raw-full", 515),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -387,7 +404,9 @@ ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5")
                ("continue-24m-5to9", "plain-equal-compute"): "sadm",
                ("transfer-24m-full-stage2", "full-plain-equal-compute"): "full-sadm",
                ("continue-24m-5to9-redrawn", "plain-equal-compute"): "sadm",
-               ("continue-24m-ema-5to9", "plain-equal-compute"): "sadm"}
+               ("continue-24m-ema-5to9", "plain-equal-compute"): "sadm",
+               ("continue-24m-ema-constant-5to9", "plain-equal-compute"): "sadm",
+               ("transfer-24m-raw-full", "full-plain-equal-compute"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -583,7 +602,9 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-24m-full"), *equal_compute_trio("continue-24m-5to9", ""),
                    *equal_compute_trio("transfer-24m-full-stage2"),
                    *equal_compute_trio("continue-24m-5to9-redrawn", ""),
-                   *equal_compute_trio("continue-24m-ema-5to9", ""))
+                   *equal_compute_trio("continue-24m-ema-5to9", ""),
+                   *equal_compute_trio("continue-24m-ema-constant-5to9", ""),
+                   *equal_compute_trio("transfer-24m-raw-full"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}

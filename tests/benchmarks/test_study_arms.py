@@ -270,3 +270,41 @@ def test_the_ema_base_regime_is_continue_on_5_to_9_with_transfer_s_base_recipe_o
     # its base has no namesake regime: judged here first, in its own file, not as continue-24m's base on 5-9
     assert study.base_file("continue-24m-ema-5to9", tmp_path).name == "base-continue-24m-ema.json"
     assert ("continue-24m-ema-5to9", "plain-equal-compute") in study.EVAL_NOISE_ARMS
+
+
+def test_the_ema_constant_base_is_continue_24m_with_only_the_ema_added(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd))
+    setup = study.regime_setup("continue-24m-ema-constant-5to9", tmp_path)
+    assert setup["base"] == tmp_path / "bases" / "continue-24m-ema-constant"
+    flags = built[0][built[0].index("--no_samples") + 1:]
+    raw = study.BASES["continue-24m"]
+    ema = raw.index("--ema_decay")
+    assert flags == raw[:ema] + raw[ema + 2:]  # continue-24m's flags without "--ema_decay 0": make_demo_base's EMA
+    assert flags[flags.index("--lr_schedule") + 1] == "constant"
+    assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
+    assert study.base_file("continue-24m-ema-constant-5to9", tmp_path).name == "base-continue-24m-ema-constant.json"
+    arms = study.LENGTH_ARMS
+    assert arms[("continue-24m-ema-constant-5to9", "plain-equal-compute")] == (
+        study.PLAIN + ["--max_train_steps", "515"], "plain")
+    assert study.ALSO_PAIRED[("continue-24m-ema-constant-5to9", "plain-equal-compute")] == "sadm"
+    assert ("continue-24m-ema-constant-5to9", "sadm") in study.EVAL_NOISE_ARMS
+
+
+def test_the_raw_transfer_base_is_transfer_24m_s_data_with_continue_24m_s_recipe(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd))
+    setup = study.regime_setup("transfer-24m-raw-full", tmp_path)
+    assert setup["base"] == tmp_path / "bases" / "transfer-24m-raw"
+    flags = built[0][built[0].index("--no_samples") + 1:]
+    classes = flags.index("--classes")
+    assert flags[classes:classes + 6] == ["--classes", "0", "1", "2", "3", "4"]  # pre-trained on 0-4 only
+    assert flags[:classes] + flags[classes + 6:] == study.BASES["continue-24m"]  # constant LR, no EMA
+    # fine-tuned and judged as transfer-24m-full: every image of digits 5-9, the same recipe and length
+    full = study.regime_setup("transfer-24m-full", tmp_path)
+    assert (setup["train"], setup["reference"]) == (full["train"], full["reference"])
+    assert {k: v for k, v in study.REGIMES["transfer-24m-raw-full"].items() if k != "base"} == {
+        k: v for k, v in study.REGIMES["transfer-24m-full"].items() if k != "base"}
+    assert study.base_file("transfer-24m-raw-full", tmp_path).name == "base-transfer-24m-raw.json"
+    assert study.LENGTH_ARMS[("transfer-24m-raw-full", "full-sadm")] == ([], "full-plain")
+    assert study.ALSO_PAIRED[("transfer-24m-raw-full", "full-plain-equal-compute")] == "full-sadm"
