@@ -371,42 +371,24 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
                 "transfer": (("transfer", "transfer-6m", "transfer-24m"), "full-"),
                 "transfer-cosine": (("transfer-cosine", "transfer-6m-cosine"), "full-")}
-# Second pairings reported beside the first (FID etc. vs another arm of the same seeds).
-ALSO_PAIRED = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
-               ("continue", "plain-equal-compute"): "sadm", ("continue", "sadm-frozen-d"): "sadm",
-               ("continue", "per-sample-gan"): "sadm", ("continue", "sadm-min-pairs"): "sadm",
-               ("continue", "per-sample-gan-0.1"): "sadm",
-               ("continue", "plain-equal-compute-1.46"): "sadm+sddit-0.5",
-               ("continue", "sadm-adaptive-0.05"): "sadm",
-               ("continue", "sadm-lambda-0.03"): "sadm", ("continue", "sadm-lambda-0.1"): "sadm",
-               ("transfer", "full-sadm-frozen-d"): "full-sadm", ("transfer", "full-per-sample-gan"): "full-sadm",
-               ("transfer", "full-plain-equal-compute"): "full-sadm", ("continue", "sadm-features"): "sadm",
-               ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
-               ("transfer-cosine", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-6m-cosine", "full-plain-equal-compute"): "full-sadm",
-               ("continue-6m", "plain-equal-compute"): "sadm",
-               ("continue-24m", "plain-equal-compute"): "sadm",
-               ("continue-24m", "plain-equal-compute-1.21"): "sadm+sddit-0.5",
-               ("continue-24m", "sadm+sddit-0.5"): "sddit-0.5",
-               ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
-               ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
-               ("transfer-6m", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
-               ("transfer-6m-long", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m-long", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m-long-cosine", "full-plain-equal-compute"): "full-sadm",
-               ("transfer-24m-stage2", "full-plain-equal-compute"): "full-sadm",
-               ("continue-24m-few", "plain-equal-compute"): "sadm",
-               ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
-               ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
-               ("transfer-24m-full", "full-plain-equal-compute"): "full-sadm",
-               ("continue-24m-5to9", "plain-equal-compute"): "sadm",
-               ("transfer-24m-full-stage2", "full-plain-equal-compute"): "full-sadm",
-               ("continue-24m-5to9-redrawn", "plain-equal-compute"): "sadm",
-               ("continue-24m-ema-5to9", "plain-equal-compute"): "sadm",
-               ("continue-24m-ema-constant-5to9", "plain-equal-compute"): "sadm",
-               ("transfer-24m-raw-full", "full-plain-equal-compute"): "full-sadm"}
+# Second pairings reported beside the first (FID etc. vs another arm of the same seeds): every plain arm at an
+# SADM arm's compute ("<prefix>plain-equal-compute", equal_compute_arms) is paired with that SADM arm (ALSO_PAIRED,
+# below the arm tables), and these with the arm named
+_OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
+                   ("continue", "sadm-frozen-d"): "sadm", ("continue", "per-sample-gan"): "sadm",
+                   ("continue", "sadm-min-pairs"): "sadm", ("continue", "per-sample-gan-0.1"): "sadm",
+                   ("continue", "plain-equal-compute-1.46"): "sadm+sddit-0.5",
+                   ("continue", "sadm-adaptive-0.05"): "sadm", ("continue", "sadm-lambda-0.03"): "sadm",
+                   ("continue", "sadm-lambda-0.1"): "sadm", ("transfer", "full-sadm-frozen-d"): "full-sadm",
+                   ("transfer", "full-per-sample-gan"): "full-sadm", ("continue", "sadm-features"): "sadm",
+                   ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
+                   ("continue-24m", "plain-equal-compute-1.21"): "sadm+sddit-0.5",
+                   ("continue-24m", "sadm+sddit-0.5"): "sddit-0.5",
+                   ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
+                   ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
+                   ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
+                   ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
+                   ("continue-24m-few", "sadm-augment"): "plain-equal-compute"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -607,6 +589,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-24m-raw-full"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
+ALSO_PAIRED = {**_OTHER_PAIRINGS, **{(regime, arm): arm.removesuffix("plain-equal-compute") + "sadm"
+                                  for regime, arm in _STUDY_ARMS if arm.endswith("plain-equal-compute")}}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
 
 
@@ -676,12 +660,16 @@ def eval_noise_result(work: Path, seeds: list[int]) -> dict:
                  if (a := small((regime, arm, s))) and (p := small((regime, plain, s)))]
         vs_plain["mean_over_draws"] = t_interval(diffs) if diffs else None
         result["paired_vs_plain"][f"{regime}/{arm}"] = vs_plain
-    # the equal-compute question on every draw: the SADM arm minus plain given that arm's compute (ALSO_PAIRED)
+    # the equal-compute question on every draw: the SADM arm minus plain given that arm's compute (ALSO_PAIRED),
+    # in EVAL_NOISE_ARMS' order (plain's arm, then SADM's)
+    pairs = []
     for (regime, arm), other in ALSO_PAIRED.items():
         if "equal-compute" in other:  # a SADM arm paired with plain at its compute, the other way round
             arm, other = other, arm
-        if "equal-compute" not in arm or (regime, arm) not in EVAL_NOISE_ARMS or (regime, other) not in EVAL_NOISE_ARMS:
-            continue
+        if "equal-compute" in arm and (regime, arm) in EVAL_NOISE_ARMS and (regime, other) in EVAL_NOISE_ARMS:
+            pairs.append((regime, arm, other))
+    for regime, arm, other in sorted(pairs, key=lambda p: (EVAL_NOISE_ARMS.index(p[:2]),
+                                                           EVAL_NOISE_ARMS.index((p[0], p[2])))):
         result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw(regime, other, arm)
     return result
 
