@@ -256,12 +256,19 @@ def test_a_derived_base_redraws_the_label_rows_of_its_classes_and_copies_everyth
     assert study.base_file("continue-24m-5to9-redrawn", tmp_path).name == "base-continue-24m-5to9-redrawn.json"
 
 
-def test_the_ema_base_regime_is_continue_on_5_to_9_with_transfer_s_base_recipe_on_all_ten_digits(tmp_path, monkeypatch):
+def _setup_and_base_flags(regime, base, tmp_path, monkeypatch):
+    """A regime's setup in tmp_path, and the make_demo_base.py flags it builds its base with (the build recorded,
+    not run); the base is the named one."""
     built = []
     monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd))
-    setup = study.regime_setup("continue-24m-ema-5to9", tmp_path)
-    assert setup["base"] == tmp_path / "bases" / "continue-24m-ema"
-    flags = built[0][built[0].index("--no_samples") + 1:]
+    setup = study.regime_setup(regime, tmp_path)
+    assert setup["base"] == tmp_path / "bases" / base
+    assert len(built) == 1
+    return setup, built[0][built[0].index("--no_samples") + 1:]
+
+
+def test_the_ema_base_regime_is_continue_on_5_to_9_with_transfer_s_base_recipe_on_all_ten_digits(tmp_path, monkeypatch):
+    setup, flags = _setup_and_base_flags("continue-24m-ema-5to9", "continue-24m-ema", tmp_path, monkeypatch)
     transfer = study.BASES["transfer-24m"]
     classes = transfer.index("--classes")
     assert flags == transfer[:classes] + transfer[classes + 6:]  # transfer-24m's flags without "--classes 0 1 2 3 4"
@@ -273,11 +280,7 @@ def test_the_ema_base_regime_is_continue_on_5_to_9_with_transfer_s_base_recipe_o
 
 
 def test_the_ema_constant_base_is_continue_24m_with_only_the_ema_added(tmp_path, monkeypatch):
-    built = []
-    monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd))
-    setup = study.regime_setup("continue-24m-ema-constant-5to9", tmp_path)
-    assert setup["base"] == tmp_path / "bases" / "continue-24m-ema-constant"
-    flags = built[0][built[0].index("--no_samples") + 1:]
+    setup, flags = _setup_and_base_flags("continue-24m-ema-constant-5to9", "continue-24m-ema-constant", tmp_path, monkeypatch)
     raw = study.BASES["continue-24m"]
     ema = raw.index("--ema_decay")
     assert flags == raw[:ema] + raw[ema + 2:]  # continue-24m's flags without "--ema_decay 0": make_demo_base's EMA
@@ -292,11 +295,7 @@ def test_the_ema_constant_base_is_continue_24m_with_only_the_ema_added(tmp_path,
 
 
 def test_the_raw_transfer_base_is_transfer_24m_s_data_with_continue_24m_s_recipe(tmp_path, monkeypatch):
-    built = []
-    monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd))
-    setup = study.regime_setup("transfer-24m-raw-full", tmp_path)
-    assert setup["base"] == tmp_path / "bases" / "transfer-24m-raw"
-    flags = built[0][built[0].index("--no_samples") + 1:]
+    setup, flags = _setup_and_base_flags("transfer-24m-raw-full", "transfer-24m-raw", tmp_path, monkeypatch)
     classes = flags.index("--classes")
     assert flags[classes:classes + 6] == ["--classes", "0", "1", "2", "3", "4"]  # pre-trained on 0-4 only
     assert flags[:classes] + flags[classes + 6:] == study.BASES["continue-24m"]  # constant LR, no EMA
