@@ -70,6 +70,11 @@ def test_eval_noise_report_pairs_each_sadm_arm_with_plain_at_its_compute_on_ever
     assert vs_plain["n"] == 3 and abs(vs_plain["mean"] - (-1.0)) < 1e-9
     reverse = result["equal_compute"]["transfer-24m/full-sadm-lambda-0.03 - full-plain-equal-compute"]
     assert reverse["ddim25-s1234"]["mean"] == -1.0
+    # rows in EVAL_NOISE_ARMS' order, whatever order ALSO_PAIRED lists them in: transfer-24m's plain at SADM's
+    # compute (SADM, then lambda 0.03 against it) comes before continue-24m's
+    keys = list(result["equal_compute"])
+    assert keys.index("transfer-24m/full-sadm - full-plain-equal-compute") < keys.index(
+        "transfer-24m/full-sadm-lambda-0.03 - full-plain-equal-compute") < keys.index(f"{regime}/{sadm} - {plain_eq}")
     assert json.loads((tmp_path / "report_eval_noise.json").read_text())["fid"]["continue-24m/sadm/seed2"] == {
         "ddim25-s1234": 7.0, "ddim25-s1235": 8.0, "ddim25-s1236": 9.0, "ddpm50-s1234": 0.7}
     png = tmp_path / "report_eval_noise.png"
