@@ -285,7 +285,8 @@ def test_the_ema_base_regime_is_continue_on_5_to_9_with_transfer_s_base_recipe_o
 
 
 def test_the_ema_constant_base_is_continue_24m_with_only_the_ema_added(tmp_path, monkeypatch):
-    setup, flags = _setup_and_base_flags("continue-24m-ema-constant-5to9", "continue-24m-ema-constant", tmp_path, monkeypatch)
+    setup, flags = _setup_and_base_flags("continue-24m-ema-constant-5to9", "continue-24m-ema-constant", tmp_path,
+                                         monkeypatch)
     raw = study.BASES["continue-24m"]
     ema = raw.index("--ema_decay")
     assert flags == raw[:ema] + raw[ema + 2:]  # continue-24m's flags without "--ema_decay 0": make_demo_base's EMA
