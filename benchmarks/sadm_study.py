@@ -88,6 +88,9 @@ BASES = {  # name -> make_demo_base.py flags
     # base's recipe decides, transfer from a raw base pays as continue does
     "transfer-24m-raw": ["--dit_steps", "1500", "--lr_schedule", "constant", "--ema_decay", "0",
                          "--classes", "0", "1", "2", "3", "4", "--dit_heads", "16"],
+    # the last cell of the EMA x LR-decay split: continue-24m with make_demo_base's cosine decay and no EMA. Its
+    # trajectory is continue-24m-ema's (the EMA does not touch the iterate), so this is that base's raw iterate
+    "continue-24m-cosine": ["--dit_steps", "1500", "--ema_decay", "0", "--dit_heads", "16"],
 }
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 TRANSFER_PER_CLASS = 30
@@ -99,6 +102,13 @@ TRANSFER_PER_CLASS = 30
 # as before; fresh draws do not.
 DERIVED_BASES = {"continue-24m-5to9-redrawn": ("continue-24m", TRANSFER_CLASSES)}
 REDRAW_SEED = 1
+# bases reflected through another: name -> (centre, point); the base is centre - (point - centre), tensor by tensor.
+# continue-24m is the raw iterate whose EMA is continue-24m-ema-constant (the two runs share one trajectory: the EMA
+# does not touch the iterate), so point - centre is the iterate's weight noise around its average (0.8% of the
+# weights' norm). Its mirror has the same noise, of the same size and in the same directions, with the sign turned:
+# SADM paid from the raw iterate and tied from its average. If it corrects that noise, it pays from the mirror too;
+# if it pays only from the iterate itself, the noise is not what it corrects.
+MIRRORED_BASES = {"continue-24m-mirrored": ("continue-24m-ema-constant", "continue-24m")}
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
@@ -177,6 +187,13 @@ REGIMES = {
     # the averaging alone take SADM's gain away, or the LR decay?
     "continue-24m-ema-constant-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                        "base": "continue-24m-ema-constant", "classes": list(TRANSFER_CLASSES)},
+    # the two cells left of the EMA x decay split, and a control on the averaging. A cosine-decayed base without EMA
+    # (continue-24m-cosine, the raw iterate of continue-24m-ema's run): does the decay alone take the gain away too?
+    "continue-24m-cosine-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                 "base": "continue-24m-cosine", "classes": list(TRANSFER_CLASSES)},
+    # the raw base's weight noise mirrored through its average (MIRRORED_BASES): is it the noise SADM corrects?
+    "continue-24m-mirrored-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                   "base": "continue-24m-mirrored", "classes": list(TRANSFER_CLASSES)},
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
@@ -365,6 +382,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("continue-24m-5to9-redrawn", 515, prefix=""),
     **equal_compute_arms("continue-24m-ema-5to9", 515, prefix=""),
     **equal_compute_arms("continue-24m-ema-constant-5to9", 515, prefix=""),
+    **equal_compute_arms("continue-24m-cosine-5to9", 515, prefix=""),
+    **equal_compute_arms("continue-24m-mirrored-5to9", 515, prefix=""),
     **equal_compute_arms("transfer-24m-raw-full", 515),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
@@ -422,6 +441,10 @@ def build_base(name: str, work: Path) -> Path:
         source, classes = DERIVED_BASES[name]
         print(f"deriving the {name} base from {source}: label rows {list(classes)} re-drawn", flush=True)
         redraw_class_rows(build_base(source, work), out, classes, REDRAW_SEED)
+    elif name in MIRRORED_BASES:
+        centre, point = MIRRORED_BASES[name]
+        print(f"deriving the {name} base: {point} reflected through {centre}", flush=True)
+        mirror_base(build_base(centre, work), build_base(point, work), out)
     else:
         print(f"building the {name} base (make_demo_base.py {' '.join(BASES[name])})", flush=True)
         _run([sys.executable, str(ROOT / "scripts" / "make_demo_base.py"), "--output_dir", str(out), "--vae_from",
@@ -433,27 +456,69 @@ def redraw_class_rows(source: Path, out: Path, classes: tuple[int, ...], seed: i
     """A copy of the pipeline folder ``source`` whose transformer has the rows ``classes`` of every label-embedding
     table (``...class_embedder.embedding_table.weight``) re-drawn from N(0, 1), nn.Embedding's init; every other
     tensor and file is copied unchanged. Written next to ``out`` and moved into place when complete."""
+    import torch
+
+    def redraw(state: dict) -> None:
+        tables = sorted(k for k in state if k.endswith("class_embedder.embedding_table.weight"))
+        if not tables:
+            raise ValueError(f"{source}: the transformer has no class-label embedding table to re-draw rows of")
+        gen = torch.Generator().manual_seed(seed)
+        rows = list(classes)
+        for k in tables:
+            fresh = torch.randn((len(rows), state[k].shape[1]), generator=gen, dtype=torch.float32)
+            state[k][rows] = fresh.to(state[k].dtype)
+
+    return _derive_transformer(source, out, redraw)
+
+
+def mirror_base(centre: Path, point: Path, out: Path) -> Path:
+    """A copy of the pipeline folder ``centre`` whose transformer is ``point``'s reflected through ``centre``'s:
+    every floating-point tensor becomes 2 * centre - point (computed in float32, stored in centre's dtype); other
+    tensors and every other file are centre's. Both transformers must hold the same tensors."""
+    from safetensors.torch import load_file
+
+    other = load_file(point / TRANSFORMER_WEIGHTS)
+
+    def reflect(state: dict) -> None:
+        if state.keys() != other.keys() or any(state[k].shape != other[k].shape for k in state):
+            raise ValueError(f"{point} and {centre}: the transformers differ in their tensors; only the weights of one "
+                             "architecture can be reflected through each other")
+        for k, v in state.items():
+            if v.is_floating_point():
+                state[k] = (2 * v.float() - other[k].float()).to(v.dtype)
+
+    return _derive_transformer(centre, out, reflect)
+
+
+TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def _derive_transformer(source: Path, out: Path, edit) -> Path:
+    """Copy the pipeline folder ``source`` next to ``out``, let ``edit`` change its transformer's state dict in
+    place, save it, and move the copy into place when complete."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    weights = tmp / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = tmp / TRANSFORMER_WEIGHTS
     state = load_file(weights)
-    tables = sorted(k for k in state if k.endswith("class_embedder.embedding_table.weight"))
-    if not tables:
-        raise ValueError(f"{source}: the transformer has no class-label embedding table to re-draw rows of")
-    gen = torch.Generator().manual_seed(seed)
-    rows = list(classes)
-    for k in tables:
-        fresh = torch.randn((len(rows), state[k].shape[1]), generator=gen, dtype=torch.float32)
-        state[k][rows] = fresh.to(state[k].dtype)
+    edit(state)
     save_file(state, str(weights), metadata={"format": "pt"})
     os.replace(tmp, out)
     return out
+
+
+def weight_gap(a: Path, b: Path) -> float:
+    """||a - b|| / ||b|| over the floating-point tensors of two pipelines' transformers (one architecture)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / TRANSFORMER_WEIGHTS), load_file(b / TRANSFORMER_WEIGHTS)
+    keys = [k for k in y if y[k].is_floating_point()]
+    diff = sum(float(((x[k].double() - y[k].double()) ** 2).sum()) for k in keys)
+    return (diff / sum(float((y[k].double() ** 2).sum()) for k in keys)) ** 0.5
 
 
 def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int | None, seed: int = 0) -> Path:
@@ -586,6 +651,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("continue-24m-5to9-redrawn", ""),
                    *equal_compute_trio("continue-24m-ema-5to9", ""),
                    *equal_compute_trio("continue-24m-ema-constant-5to9", ""),
+                   *equal_compute_trio("continue-24m-cosine-5to9", ""),
+                   *equal_compute_trio("continue-24m-mirrored-5to9", ""),
                    *equal_compute_trio("transfer-24m-raw-full"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
