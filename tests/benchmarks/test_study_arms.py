@@ -313,3 +313,73 @@ def test_the_raw_transfer_base_is_transfer_24m_s_data_with_continue_24m_s_recipe
     assert study.base_file("transfer-24m-raw-full", tmp_path).name == "base-transfer-24m-raw.json"
     assert study.LENGTH_ARMS[("transfer-24m-raw-full", "full-sadm")] == ([], "full-plain")
     assert study.ALSO_PAIRED[("transfer-24m-raw-full", "full-plain-equal-compute")] == "full-sadm"
+
+
+def test_the_cosine_base_is_continue_24m_with_make_demo_base_s_decay_and_no_ema(tmp_path, monkeypatch):
+    setup, flags = _setup_and_base_flags("continue-24m-cosine-5to9", "continue-24m-cosine", tmp_path, monkeypatch)
+    raw = study.BASES["continue-24m"]
+    schedule = raw.index("--lr_schedule")
+    assert flags == raw[:schedule] + raw[schedule + 2:]  # continue-24m's flags without "--lr_schedule constant"
+    assert flags[flags.index("--ema_decay") + 1] == "0"
+    # ... and continue-24m-ema's flags with the EMA off: the same trajectory, its raw iterate
+    ema = study.BASES["continue-24m-ema"]
+    assert [f for f in flags if f not in ("--ema_decay", "0")] == ema
+    assert {k: v for k, v in study.REGIMES["continue-24m-cosine-5to9"].items() if k != "base"} == {
+        k: v for k, v in study.REGIMES["continue-24m-ema-5to9"].items() if k != "base"}
+    assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
+    assert study.base_file("continue-24m-cosine-5to9", tmp_path).name == "base-continue-24m-cosine.json"
+    assert study.ALSO_PAIRED[("continue-24m-cosine-5to9", "plain-equal-compute")] == "sadm"
+    assert ("continue-24m-cosine-5to9", "plain-equal-compute") in study.EVAL_NOISE_ARMS
+
+
+def test_a_mirrored_base_reflects_every_float_tensor_of_its_point_through_its_centre(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = study.TRANSFORMER_WEIGHTS
+    centre = study.DEMO_BASE
+    point = study.redraw_class_rows(centre, tmp_path / "point", (5, 6, 7, 8, 9), seed=1)  # differs in 5 rows only
+    out = study.mirror_base(centre, point, tmp_path / "mirrored")
+    c, p, m = (load_file(folder / weights) for folder in (centre, point, out))
+    assert m.keys() == c.keys()
+    moved = 0
+    for k in c:
+        assert m[k].dtype == c[k].dtype
+        if c[k].is_floating_point():
+            assert torch.allclose(m[k] - c[k], c[k] - p[k], atol=1e-6), k  # the same step, the other way
+            moved += int(not torch.equal(m[k], c[k]))
+        else:
+            assert torch.equal(m[k], c[k]), k
+    assert moved > 0
+    assert study.weight_gap(out, centre) == pytest.approx(study.weight_gap(point, centre), rel=1e-6)
+    assert study.weight_gap(out, point) == pytest.approx(2 * study.weight_gap(centre, point), rel=1e-5)
+    # reflected back, the point again; every other file is the centre's; nothing left half-written
+    back = load_file(study.mirror_base(centre, out, tmp_path / "back") / weights)
+    assert all(torch.allclose(back[k], p[k], atol=1e-5) for k in p)
+    files = [sorted(q.relative_to(folder) for q in folder.rglob("*")) for folder in (out, centre)]
+    assert files[0] == files[1] and not (tmp_path / "mirrored.tmp").exists()
+    # two architectures cannot be reflected through each other
+    other = tmp_path / "other"
+    other.joinpath("transformer").mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in list(p.items())[1:]}, str(other / weights))
+    with pytest.raises(ValueError, match="differ in their tensors"):
+        study.mirror_base(centre, other, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_mirrored_regime_reflects_continue_24m_through_its_own_ema(tmp_path, monkeypatch):
+    built, mirrored = [], []
+    monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd[cmd.index("--output_dir") + 1]))
+    monkeypatch.setattr(study, "mirror_base", lambda centre, point, out: mirrored.append((centre, point, out)))
+    setup = study.regime_setup("continue-24m-mirrored-5to9", tmp_path)
+    bases = tmp_path / "bases"
+    assert mirrored == [(bases / "continue-24m-ema-constant", bases / "continue-24m", bases / "continue-24m-mirrored")]
+    assert sorted(built) == [str(bases / "continue-24m"), str(bases / "continue-24m-ema-constant")]
+    # the centre is the point's EMA: the two bases' flags differ in "--ema_decay 0" only (one trajectory)
+    raw, ema = study.BASES["continue-24m"], study.BASES["continue-24m-ema-constant"]
+    assert [f for f in raw if f not in ("--ema_decay", "0")] == ema
+    assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
+    assert study.base_file("continue-24m-mirrored-5to9", tmp_path).name == "base-continue-24m-mirrored.json"
+    assert study.LENGTH_ARMS[("continue-24m-mirrored-5to9", "sadm")] == ([], "plain")
