@@ -109,6 +109,14 @@ REDRAW_SEED = 1
 # SADM paid from the raw iterate and tied from its average. If it corrects that noise, it pays from the mirror too;
 # if it pays only from the iterate itself, the noise is not what it corrects.
 MIRRORED_BASES = {"continue-24m-mirrored": ("continue-24m-ema-constant", "continue-24m")}
+TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+# --weight_gaps: how far apart the 23.1 M bases of the EMA x decay split lie, ||a - b|| / ||b|| (a, b)
+WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw iterate and its EMA (constant LR)
+                    ("continue-24m-mirrored", "continue-24m-ema-constant"),  # its mirror: the same distance
+                    ("continue-24m-cosine", "continue-24m-ema"),  # the same under the cosine decay
+                    ("continue-24m-cosine", "continue-24m"),  # the two raw iterates: what the decay changes
+                    ("continue-24m-ema", "continue-24m-ema-constant"),  # the two averages
+                    ("transfer-24m-raw", "transfer-24m"))  # transfer's raw and EMA'd bases (different runs' ends)
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
@@ -490,9 +498,6 @@ def mirror_base(centre: Path, point: Path, out: Path) -> Path:
     return _derive_transformer(centre, out, reflect)
 
 
-TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
-
-
 def _derive_transformer(source: Path, out: Path, edit) -> Path:
     """Copy the pipeline folder ``source`` next to ``out``, let ``edit`` change its transformer's state dict in
     place, save it, and move the copy into place when complete."""
@@ -519,6 +524,17 @@ def weight_gap(a: Path, b: Path) -> float:
     keys = [k for k in y if y[k].is_floating_point()]
     diff = sum(float(((x[k].double() - y[k].double()) ** 2).sum()) for k in keys)
     return (diff / sum(float((y[k].double() ** 2).sum()) for k in keys)) ** 0.5
+
+
+def weight_gaps(work: Path) -> list[dict]:
+    """weight_gap for each (a, b) of WEIGHT_GAP_PAIRS, bases built under ``work``; refuses before reading any if one
+    is missing."""
+    pairs = WEIGHT_GAP_PAIRS
+    missing = sorted({n for pair in pairs for n in pair if not (work / "bases" / n / TRANSFORMER_WEIGHTS).is_file()})
+    if missing:
+        raise SystemExit(f"--weight_gaps: bases {missing} are not built in {work / 'bases'}; run their regimes first "
+                         "(or pass the --work_dir that holds them)")
+    return [{"a": a, "b": b, "gap": weight_gap(work / "bases" / a, work / "bases" / b)} for a, b in pairs]
 
 
 def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int | None, seed: int = 0) -> Path:
@@ -1107,6 +1123,9 @@ def main() -> None:
                              "steps (constant and cosine LR), a second stage on a converged transfer fine-tune, and "
                              "continue on 150 images; SADM vs plain at equal steps and equal compute; results in "
                              "benchmarks/results/length_study")
+    parser.add_argument("--weight_gaps", action="store_true",
+                        help="||a - b|| / ||b|| between the built bases of WEIGHT_GAP_PAIRS (raw iterates and their "
+                             "EMAs); results in benchmarks/results/base_weight_gaps.json")
     parser.add_argument("--draws", nargs="+", default=None, choices=list(EVAL_DRAWS),
                         help="--eval_noise: the extra draws to evaluate (default: all)")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
@@ -1116,6 +1135,12 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="results path without suffix (default: "
                         "benchmarks/results/sadm_study, or terms_study with --terms)")
     args = parser.parse_args()
+    if args.weight_gaps:
+        gaps = weight_gaps(Path(args.work_dir))
+        for g in gaps:
+            print(f"{g['a']:>28} vs {g['b']:<28} {100 * g['gap']:.2f}%")
+        write_json(Path(args.output or ROOT / "benchmarks" / "results" / "base_weight_gaps").with_suffix(".json"), gaps)
+        return
     arms = {**ARMS, **FULL_ARMS} if args.full else dict(REDUCED_ARMS)
     if args.terms:
         arms = dict(TERMS_ARMS)

@@ -383,3 +383,28 @@ def test_the_mirrored_regime_reflects_continue_24m_through_its_own_ema(tmp_path,
     assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
     assert study.base_file("continue-24m-mirrored-5to9", tmp_path).name == "base-continue-24m-mirrored.json"
     assert study.LENGTH_ARMS[("continue-24m-mirrored-5to9", "sadm")] == ([], "plain")
+
+
+def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
+    import json
+
+    bases = tmp_path / "bases"
+    point = study.redraw_class_rows(study.DEMO_BASE, bases / "point", (5, 6, 7, 8, 9), seed=1)
+    study.mirror_base(study.DEMO_BASE, point, bases / "mirrored")
+    (bases / "centre").symlink_to(study.DEMO_BASE)
+    monkeypatch.setattr(study, "WEIGHT_GAP_PAIRS", (("point", "centre"), ("mirrored", "centre"), ("centre", "centre")))
+    out = tmp_path / "gaps"
+    monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--weight_gaps", "--work_dir", str(tmp_path),
+                                      "--output", str(out)])
+    study.main()
+    gaps = json.loads(out.with_suffix(".json").read_text())
+    assert [(g["a"], g["b"]) for g in gaps] == [("point", "centre"), ("mirrored", "centre"), ("centre", "centre")]
+    assert gaps[0]["gap"] > 0.01 and gaps[1]["gap"] == pytest.approx(gaps[0]["gap"], rel=1e-6) and gaps[2]["gap"] == 0
+    assert f"{100 * gaps[0]['gap']:.2f}%" in capsys.readouterr().out
+    # a base not built: a one-line refusal naming it, and no file written
+    monkeypatch.setattr(study, "WEIGHT_GAP_PAIRS", (("point", "centre"), ("continue-24m-cosine", "centre")))
+    monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--weight_gaps", "--work_dir", str(tmp_path),
+                                      "--output", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match=r"\['continue-24m-cosine'\] are not built"):
+        study.main()
+    assert not (tmp_path / "none.json").exists()
