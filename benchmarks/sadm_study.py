@@ -104,10 +104,10 @@ DERIVED_BASES = {"continue-24m-5to9-redrawn": ("continue-24m", TRANSFER_CLASSES)
 REDRAW_SEED = 1
 # bases reflected through another: name -> (centre, point); the base is centre - (point - centre), tensor by tensor.
 # continue-24m is the raw iterate whose EMA is continue-24m-ema-constant (the two runs share one trajectory: the EMA
-# does not touch the iterate), so point - centre is the iterate's weight noise around its average (0.8% of the
-# weights' norm). Its mirror has the same noise, of the same size and in the same directions, with the sign turned:
-# SADM paid from the raw iterate and tied from its average. If it corrects that noise, it pays from the mirror too;
-# if it pays only from the iterate itself, the noise is not what it corrects.
+# does not touch the iterate), so point - centre is the iterate's offset from its own average (0.77% of the weights'
+# norm: SGD's noise, and the drift of a constant-LR run, which its EMA lags). The mirror sits as far from the average
+# in the same directions, on the other side. SADM paid from the raw iterate and tied from its average: if it pays
+# on the offset, it pays from the mirror too; if on the iterate itself, it ties there (it paid: -7.6%)
 MIRRORED_BASES = {"continue-24m-mirrored": ("continue-24m-ema-constant", "continue-24m")}
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 # --weight_gaps: how far apart the 23.1 M bases of the EMA x decay split lie, ||a - b|| / ||b|| (a, b)
@@ -199,7 +199,7 @@ REGIMES = {
     # (continue-24m-cosine, the raw iterate of continue-24m-ema's run): does the decay alone take the gain away too?
     "continue-24m-cosine-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                  "base": "continue-24m-cosine", "classes": list(TRANSFER_CLASSES)},
-    # the raw base's weight noise mirrored through its average (MIRRORED_BASES): is it the noise SADM corrects?
+    # the raw base's offset from its EMA turned around (MIRRORED_BASES): does SADM pay on the offset, or the iterate?
     "continue-24m-mirrored-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                    "base": "continue-24m-mirrored", "classes": list(TRANSFER_CLASSES)},
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
