@@ -102,17 +102,21 @@ TRANSFER_PER_CLASS = 30
 # as before; fresh draws do not.
 DERIVED_BASES = {"continue-24m-5to9-redrawn": ("continue-24m", TRANSFER_CLASSES)}
 REDRAW_SEED = 1
-# bases reflected through another: name -> (centre, point); the base is centre - (point - centre), tensor by tensor.
+# bases on the line through two others: name -> (centre, point, scale); the base is centre + scale * (point - centre),
+# tensor by tensor (scale -1: point reflected through centre).
 # continue-24m is the raw iterate whose EMA is continue-24m-ema-constant (the two runs share one trajectory: the EMA
 # does not touch the iterate), so point - centre is the iterate's offset from its own average (0.77% of the weights'
 # norm: SGD's noise, and the drift of a constant-LR run, which its EMA lags). The mirror sits as far from the average
 # in the same directions, on the other side. SADM paid from the raw iterate and tied from its average: if it pays
-# on the offset, it pays from the mirror too; if on the iterate itself, it ties there (it paid: -7.6%)
-MIRRORED_BASES = {"continue-24m-mirrored": ("continue-24m-ema-constant", "continue-24m")}
+# on the offset, it pays from the mirror too; if on the iterate itself, it ties there (it paid: -7.6%).
+# Half the offset on the iterate's side (0.38%): does the gain scale with the offset, or need all of it?
+OFFSET_BASES = {"continue-24m-mirrored": ("continue-24m-ema-constant", "continue-24m", -1.0),
+                "continue-24m-half-offset": ("continue-24m-ema-constant", "continue-24m", 0.5)}
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 # --weight_gaps: how far apart the 23.1 M bases of the EMA x decay split lie, ||a - b|| / ||b|| (a, b)
 WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw iterate and its EMA (constant LR)
                     ("continue-24m-mirrored", "continue-24m-ema-constant"),  # its mirror: the same distance
+                    ("continue-24m-half-offset", "continue-24m-ema-constant"),  # half the distance
                     ("continue-24m-cosine", "continue-24m-ema"),  # the same under the cosine decay
                     ("continue-24m-cosine", "continue-24m"),  # the two raw iterates: what the decay changes
                     ("continue-24m-ema", "continue-24m-ema-constant"),  # the two averages
@@ -199,9 +203,12 @@ REGIMES = {
     # (continue-24m-cosine, the raw iterate of continue-24m-ema's run): does the decay alone take the gain away too?
     "continue-24m-cosine-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                  "base": "continue-24m-cosine", "classes": list(TRANSFER_CLASSES)},
-    # the raw base's offset from its EMA turned around (MIRRORED_BASES): does SADM pay on the offset, or the iterate?
+    # the raw base's offset from its EMA turned around (OFFSET_BASES): does SADM pay on the offset, or the iterate?
     "continue-24m-mirrored-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                    "base": "continue-24m-mirrored", "classes": list(TRANSFER_CLASSES)},
+    # and half of it on the iterate's side: a dose-response
+    "continue-24m-half-offset-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                      "base": "continue-24m-half-offset", "classes": list(TRANSFER_CLASSES)},
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
@@ -392,6 +399,7 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("continue-24m-ema-constant-5to9", 515, prefix=""),
     **equal_compute_arms("continue-24m-cosine-5to9", 515, prefix=""),
     **equal_compute_arms("continue-24m-mirrored-5to9", 515, prefix=""),
+    **equal_compute_arms("continue-24m-half-offset-5to9", 515, prefix=""),
     **equal_compute_arms("transfer-24m-raw-full", 515),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
@@ -449,10 +457,10 @@ def build_base(name: str, work: Path) -> Path:
         source, classes = DERIVED_BASES[name]
         print(f"deriving the {name} base from {source}: label rows {list(classes)} re-drawn", flush=True)
         redraw_class_rows(build_base(source, work), out, classes, REDRAW_SEED)
-    elif name in MIRRORED_BASES:
-        centre, point = MIRRORED_BASES[name]
-        print(f"deriving the {name} base: {point} reflected through {centre}", flush=True)
-        mirror_base(build_base(centre, work), build_base(point, work), out)
+    elif name in OFFSET_BASES:
+        centre, point, scale = OFFSET_BASES[name]
+        print(f"deriving the {name} base: {centre} + {scale} x ({point} - {centre})", flush=True)
+        offset_base(build_base(centre, work), build_base(point, work), scale, out)
     else:
         print(f"building the {name} base (make_demo_base.py {' '.join(BASES[name])})", flush=True)
         _run([sys.executable, str(ROOT / "scripts" / "make_demo_base.py"), "--output_dir", str(out), "--vae_from",
@@ -479,10 +487,11 @@ def redraw_class_rows(source: Path, out: Path, classes: tuple[int, ...], seed: i
     return _derive_transformer(source, out, redraw)
 
 
-def mirror_base(centre: Path, point: Path, out: Path) -> Path:
-    """A copy of the pipeline folder ``centre`` whose transformer is ``point``'s reflected through ``centre``'s:
-    every floating-point tensor becomes 2 * centre - point (computed in float32, stored in centre's dtype); other
-    tensors and every other file are centre's. Both transformers must hold the same tensors."""
+def offset_base(centre: Path, point: Path, scale: float, out: Path) -> Path:
+    """A copy of the pipeline folder ``centre`` whose transformer lies ``scale`` times ``point``'s offset from
+    ``centre``'s: every floating-point tensor becomes centre + scale * (point - centre) (computed in float32, stored
+    in centre's dtype; scale -1 reflects point through centre); other tensors and every other file are centre's.
+    Both transformers must hold the same tensors."""
     from safetensors.torch import load_file
 
     other = load_file(point / TRANSFORMER_WEIGHTS)
@@ -493,7 +502,7 @@ def mirror_base(centre: Path, point: Path, out: Path) -> Path:
                              "architecture can be reflected through each other")
         for k, v in state.items():
             if v.is_floating_point():
-                state[k] = (2 * v.float() - other[k].float()).to(v.dtype)
+                state[k] = (v.float() + scale * (other[k].float() - v.float())).to(v.dtype)
 
     return _derive_transformer(centre, out, reflect)
 
@@ -669,6 +678,7 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("continue-24m-ema-constant-5to9", ""),
                    *equal_compute_trio("continue-24m-cosine-5to9", ""),
                    *equal_compute_trio("continue-24m-mirrored-5to9", ""),
+                   *equal_compute_trio("continue-24m-half-offset-5to9", ""),
                    *equal_compute_trio("transfer-24m-raw-full"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}

@@ -332,14 +332,14 @@ def test_the_cosine_base_is_continue_24m_with_make_demo_base_s_decay_and_no_ema(
     assert ("continue-24m-cosine-5to9", "plain-equal-compute") in study.EVAL_NOISE_ARMS
 
 
-def test_a_mirrored_base_reflects_every_float_tensor_of_its_point_through_its_centre(tmp_path, monkeypatch):
+def test_an_offset_base_scales_every_float_tensor_s_offset_from_its_centre(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
     weights = study.TRANSFORMER_WEIGHTS
     centre = study.DEMO_BASE
     point = study.redraw_class_rows(centre, tmp_path / "point", (5, 6, 7, 8, 9), seed=1)  # differs in 5 rows only
-    out = study.mirror_base(centre, point, tmp_path / "mirrored")
+    out = study.offset_base(centre, point, -1.0, tmp_path / "mirrored")
     c, p, m = (load_file(folder / weights) for folder in (centre, point, out))
     assert m.keys() == c.keys()
     moved = 0
@@ -354,7 +354,7 @@ def test_a_mirrored_base_reflects_every_float_tensor_of_its_point_through_its_ce
     assert study.weight_gap(out, centre) == pytest.approx(study.weight_gap(point, centre), rel=1e-6)
     assert study.weight_gap(out, point) == pytest.approx(2 * study.weight_gap(centre, point), rel=1e-5)
     # reflected back, the point again; every other file is the centre's; nothing left half-written
-    back = load_file(study.mirror_base(centre, out, tmp_path / "back") / weights)
+    back = load_file(study.offset_base(centre, out, -1.0, tmp_path / "back") / weights)
     assert all(torch.allclose(back[k], p[k], atol=1e-5) for k in p)
     files = [sorted(q.relative_to(folder) for q in folder.rglob("*")) for folder in (out, centre)]
     assert files[0] == files[1] and not (tmp_path / "mirrored.tmp").exists()
@@ -365,17 +365,23 @@ def test_a_mirrored_base_reflects_every_float_tensor_of_its_point_through_its_ce
 
     save_file({k: v for k, v in list(p.items())[1:]}, str(other / weights))
     with pytest.raises(ValueError, match="differ in their tensors"):
-        study.mirror_base(centre, other, tmp_path / "bad")
+        study.offset_base(centre, other, -1.0, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    # any point on the line: half the offset lies halfway, at half the distance
+    half = load_file(study.offset_base(centre, point, 0.5, tmp_path / "half") / weights)
+    assert all(torch.allclose(half[k], (c[k] + p[k]) / 2, atol=1e-6) for k in c if c[k].is_floating_point())
+    assert study.weight_gap(tmp_path / "half", centre) == pytest.approx(study.weight_gap(point, centre) / 2, rel=1e-5)
 
 
-def test_the_mirrored_regime_reflects_continue_24m_through_its_own_ema(tmp_path, monkeypatch):
+def test_the_offset_regimes_move_continue_24m_along_its_offset_from_its_own_ema(tmp_path, monkeypatch):
     built, mirrored = [], []
     monkeypatch.setattr(study, "_run", lambda cmd, what: built.append(cmd[cmd.index("--output_dir") + 1]))
-    monkeypatch.setattr(study, "mirror_base", lambda centre, point, out: mirrored.append((centre, point, out)))
+    monkeypatch.setattr(study, "offset_base",
+                        lambda centre, point, scale, out: mirrored.append((centre, point, scale, out)))
     setup = study.regime_setup("continue-24m-mirrored-5to9", tmp_path)
     bases = tmp_path / "bases"
-    assert mirrored == [(bases / "continue-24m-ema-constant", bases / "continue-24m", bases / "continue-24m-mirrored")]
+    assert mirrored == [(bases / "continue-24m-ema-constant", bases / "continue-24m", -1.0,
+                         bases / "continue-24m-mirrored")]
     assert sorted(built) == [str(bases / "continue-24m"), str(bases / "continue-24m-ema-constant")]
     # the centre is the point's EMA: the two bases' flags differ in "--ema_decay 0" only (one trajectory)
     raw, ema = study.BASES["continue-24m"], study.BASES["continue-24m-ema-constant"]
@@ -383,6 +389,16 @@ def test_the_mirrored_regime_reflects_continue_24m_through_its_own_ema(tmp_path,
     assert setup["train"] == setup["reference"] == study.regime_setup("continue-24m-5to9", tmp_path)["train"]
     assert study.base_file("continue-24m-mirrored-5to9", tmp_path).name == "base-continue-24m-mirrored.json"
     assert study.LENGTH_ARMS[("continue-24m-mirrored-5to9", "sadm")] == ([], "plain")
+    # the dose-response: half the offset on the iterate's side, the same data and arms
+    mirrored.clear()
+    half = study.regime_setup("continue-24m-half-offset-5to9", tmp_path)
+    assert mirrored == [(bases / "continue-24m-ema-constant", bases / "continue-24m", 0.5,
+                         bases / "continue-24m-half-offset")]
+    assert half["train"] == setup["train"] and half["reference"] == setup["reference"]
+    assert {k: v for k, v in study.REGIMES["continue-24m-half-offset-5to9"].items() if k != "base"} == {
+        k: v for k, v in study.REGIMES["continue-24m-mirrored-5to9"].items() if k != "base"}
+    assert study.ALSO_PAIRED[("continue-24m-half-offset-5to9", "plain-equal-compute")] == "sadm"
+    assert ("continue-24m-half-offset-5to9", "sadm") in study.EVAL_NOISE_ARMS
 
 
 def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
@@ -390,7 +406,7 @@ def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(
 
     bases = tmp_path / "bases"
     point = study.redraw_class_rows(study.DEMO_BASE, bases / "point", (5, 6, 7, 8, 9), seed=1)
-    study.mirror_base(study.DEMO_BASE, point, bases / "mirrored")
+    study.offset_base(study.DEMO_BASE, point, -1.0, bases / "mirrored")
     (bases / "centre").symlink_to(study.DEMO_BASE)
     monkeypatch.setattr(study, "WEIGHT_GAP_PAIRS", (("point", "centre"), ("mirrored", "centre"), ("centre", "centre")))
     out = tmp_path / "gaps"
