@@ -496,15 +496,15 @@ def offset_base(centre: Path, point: Path, scale: float, out: Path) -> Path:
 
     other = load_file(point / TRANSFORMER_WEIGHTS)
 
-    def reflect(state: dict) -> None:
+    def move(state: dict) -> None:
         if state.keys() != other.keys() or any(state[k].shape != other[k].shape for k in state):
             raise ValueError(f"{point} and {centre}: the transformers differ in their tensors; only the weights of one "
-                             "architecture can be reflected through each other")
+                             "architecture can be combined")
         for k, v in state.items():
             if v.is_floating_point():
                 state[k] = (v.float() + scale * (other[k].float() - v.float())).to(v.dtype)
 
-    return _derive_transformer(centre, out, reflect)
+    return _derive_transformer(centre, out, move)
 
 
 def _derive_transformer(source: Path, out: Path, edit) -> Path:
