@@ -141,6 +141,13 @@ def equal_compute_trio(regime: str, prefix: str = "full-") -> tuple[tuple[str, s
     return tuple((regime, f"{prefix}{arm}") for arm in ("plain", "sadm", "plain-equal-compute"))
 
 
+def continue_on_5to9(base: str) -> dict:
+    """A regime that continues ``base`` (pre-trained on all ten digits) on every image of digits 5-9 and is judged on
+    them: continue-24m-5to9's data, recipe, length and evaluation."""
+    return {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": base,
+            "classes": list(TRANSFER_CLASSES)}
+
+
 # regime -> base, data, steps, samples per class, the recipe shared by every arm
 REGIMES = {
     "continue": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
@@ -175,8 +182,7 @@ REGIMES = {
     # the continue-24m base (pre-trained on all ten digits) continued on digits 5-9 only, all of them, judged on 5-9:
     # transfer-24m-full's data, recipe and evaluation with continue's base. Against transfer-24m-full it separates
     # the base's history (it has seen these digits) from the data; against continue-24m, five classes from ten
-    "continue-24m-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "continue-24m",
-                          "classes": list(TRANSFER_CLASSES)},
+    "continue-24m-5to9": continue_on_5to9("continue-24m"),
     # the two differ in the base: continue's has learned digits 5-9 and reaches its plateau in the run, transfer's
     # must learn them first. A transferred base that has learned them on all their images: 1,200 steps of plain
     # transfer at a constant LR on all of 5-9 (one run, seed 0, the base of the next regime) ...
@@ -193,22 +199,17 @@ REGIMES = {
                                   "classes": list(TRANSFER_CLASSES)},
     # continue-24m-5to9 from a base pre-trained on all ten digits with EMA and a decaying LR (continue-24m-ema):
     # does SADM pay from a base that knows the digits whatever its recipe, or from a raw constant-LR iterate only?
-    "continue-24m-ema-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "continue-24m-ema",
-                              "classes": list(TRANSFER_CLASSES)},
+    "continue-24m-ema-5to9": continue_on_5to9("continue-24m-ema"),
     # the same from a base with continue-24m's constant LR and only the EMA added (continue-24m-ema-constant): does
     # the averaging alone take SADM's gain away, or the LR decay?
-    "continue-24m-ema-constant-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                                       "base": "continue-24m-ema-constant", "classes": list(TRANSFER_CLASSES)},
+    "continue-24m-ema-constant-5to9": continue_on_5to9("continue-24m-ema-constant"),
     # the two cells left of the EMA x decay split, and a control on the averaging. A cosine-decayed base without EMA
     # (continue-24m-cosine, the raw iterate of continue-24m-ema's run): does the decay alone take the gain away too?
-    "continue-24m-cosine-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                                 "base": "continue-24m-cosine", "classes": list(TRANSFER_CLASSES)},
+    "continue-24m-cosine-5to9": continue_on_5to9("continue-24m-cosine"),
     # the raw base's offset from its EMA turned around (OFFSET_BASES): does SADM pay on the offset, or the iterate?
-    "continue-24m-mirrored-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                                   "base": "continue-24m-mirrored", "classes": list(TRANSFER_CLASSES)},
+    "continue-24m-mirrored-5to9": continue_on_5to9("continue-24m-mirrored"),
     # and half of it on the iterate's side: a dose-response
-    "continue-24m-half-offset-5to9": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                                      "base": "continue-24m-half-offset", "classes": list(TRANSFER_CLASSES)},
+    "continue-24m-half-offset-5to9": continue_on_5to9("continue-24m-half-offset"),
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
