@@ -111,7 +111,9 @@ REDRAW_SEED = 1
 # on the offset, it pays from the mirror too; if on the iterate itself, it ties there (it paid: -7.6%).
 # Half the offset on the iterate's side (0.38%): does the gain scale with the offset, or need all of it?
 OFFSET_BASES = {"continue-24m-mirrored": ("continue-24m-ema-constant", "continue-24m", -1.0),
-                "continue-24m-half-offset": ("continue-24m-ema-constant", "continue-24m", 0.5)}
+                "continue-24m-half-offset": ("continue-24m-ema-constant", "continue-24m", 0.5),
+                # twice the offset on the iterate's side (1.54%): past the raw iterate, away from the average
+                "continue-24m-double-offset": ("continue-24m-ema-constant", "continue-24m", 2.0)}
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 # --weight_gaps: how far apart the 23.1 M bases of the EMA x decay split lie, ||a - b|| / ||b|| (a, b)
 WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw iterate and its EMA (constant LR)
@@ -124,6 +126,7 @@ WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw it
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
+RAW_CONSTANT = EMA_CONSTANT[3:]  # the same run without the EMA: its output is the raw iterate of EMA_CONSTANT's run
 PLAIN = ["--structure_weight", "0"]
 DISC_AUGMENT = ["--disc_augment", "translation,cutout"]
 
@@ -210,6 +213,17 @@ REGIMES = {
     "continue-24m-mirrored-5to9": continue_on_5to9("continue-24m-mirrored"),
     # and half of it on the iterate's side: a dose-response
     "continue-24m-half-offset-5to9": continue_on_5to9("continue-24m-half-offset"),
+    # and twice it: does the gain keep growing past the raw iterate?
+    "continue-24m-double-offset-5to9": continue_on_5to9("continue-24m-double-offset"),
+    # transfer's second stage from a base off its own average whose trunk has learned digits 5-9: the 1,200-step
+    # plain transfer run on all of 5-9 without its EMA (RAW_CONSTANT: transfer-24m-full-long's trajectory, whose
+    # output is that run's EMA) ...
+    "transfer-24m-full-long-raw": {"steps": 1200, "samples_per_class": 200, "recipe": RAW_CONSTANT,
+                                   "base": "transfer-24m", "train_per_class": None},
+    # ... continued 500 steps on the same images under the continue recipe, as transfer-24m-full-stage2 (which tied,
+    # +2.8%, from the EMA of the same trajectory)
+    "transfer-24m-full-raw-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                     "base_run": ["transfer-24m-full-long-raw", "full-plain", 0]},
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
@@ -401,6 +415,9 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("continue-24m-cosine-5to9", 515, prefix=""),
     **equal_compute_arms("continue-24m-mirrored-5to9", 515, prefix=""),
     **equal_compute_arms("continue-24m-half-offset-5to9", 515, prefix=""),
+    **equal_compute_arms("continue-24m-double-offset-5to9", 515, prefix=""),
+    ("transfer-24m-full-long-raw", "full-plain"): (PLAIN, None),
+    **equal_compute_arms("transfer-24m-full-raw-stage2", 515),
     **equal_compute_arms("transfer-24m-raw-full", 515),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
@@ -680,6 +697,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("continue-24m-cosine-5to9", ""),
                    *equal_compute_trio("continue-24m-mirrored-5to9", ""),
                    *equal_compute_trio("continue-24m-half-offset-5to9", ""),
+                   *equal_compute_trio("continue-24m-double-offset-5to9", ""),
+                   *equal_compute_trio("transfer-24m-full-raw-stage2"),
                    *equal_compute_trio("transfer-24m-raw-full"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
