@@ -399,6 +399,37 @@ def test_the_offset_regimes_move_continue_24m_along_its_offset_from_its_own_ema(
         k: v for k, v in study.REGIMES["continue-24m-mirrored-5to9"].items() if k != "base"}
     assert study.ALSO_PAIRED[("continue-24m-half-offset-5to9", "plain-equal-compute")] == "sadm"
     assert ("continue-24m-half-offset-5to9", "sadm") in study.EVAL_NOISE_ARMS
+    # and twice it, past the iterate
+    mirrored.clear()
+    double = study.regime_setup("continue-24m-double-offset-5to9", tmp_path)
+    assert mirrored == [(bases / "continue-24m-ema-constant", bases / "continue-24m", 2.0,
+                         bases / "continue-24m-double-offset")]
+    assert double["train"] == setup["train"] and double["reference"] == setup["reference"]
+    assert study.LENGTH_ARMS[("continue-24m-double-offset-5to9", "plain-equal-compute")] == (
+        study.PLAIN + ["--max_train_steps", "515"], "plain")
+    assert ("continue-24m-double-offset-5to9", "plain-equal-compute") in study.EVAL_NOISE_ARMS
+
+
+def test_the_raw_second_stage_continues_the_raw_iterate_of_the_averaged_stage_s_trajectory(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "build_base", lambda name, work: work / "bases" / name)
+    trained = []
+    monkeypatch.setattr(study, "train_and_evaluate", lambda *a: trained.append(a[:4]))
+    raw, averaged = study.regime_setup("transfer-24m-full-raw-stage2", tmp_path), \
+        study.regime_setup("transfer-24m-full-stage2", tmp_path)
+    assert trained == [("transfer-24m-full-long-raw", "full-plain", study.PLAIN, 0),
+                       ("transfer-24m-full-long", "full-plain", study.PLAIN, 0)]
+    assert raw["base"] == tmp_path / "runs" / "transfer-24m-full-long-raw" / "full-plain-seed0"
+    assert raw["train"] == averaged["train"] and raw["reference"] == averaged["reference"]
+    # the first stages differ in the EMA only: the same base, data, length and LR schedule
+    first_raw, first_avg = study.REGIMES["transfer-24m-full-long-raw"], study.REGIMES["transfer-24m-full-long"]
+    assert {k: v for k, v in first_raw.items() if k != "recipe"} == {k: v for k, v in first_avg.items() if k != "recipe"}
+    assert "--use_ema" not in first_raw["recipe"] and "--ema_decay" not in first_raw["recipe"]
+    assert first_avg["recipe"] == ["--use_ema", "--ema_decay", "0.999", *first_raw["recipe"]]
+    # the second stages differ in their base only
+    assert {k: v for k, v in study.REGIMES["transfer-24m-full-raw-stage2"].items() if k != "base_run"} == {
+        k: v for k, v in study.REGIMES["transfer-24m-full-stage2"].items() if k != "base_run"}
+    assert study.base_name("transfer-24m-full-raw-stage2") == "transfer-24m-full-long-raw-full-plain-seed0"
+    assert study.ALSO_PAIRED[("transfer-24m-full-raw-stage2", "full-plain-equal-compute")] == "full-sadm"
 
 
 def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
