@@ -35,6 +35,7 @@ COVERAGE: dict[str, list[str]] = {
     "benchmarks/test_harness.py": [],
     "benchmarks/test_study_arms.py": [],
     "benchmarks/test_fid_floor.py": [],
+    "benchmarks/test_study_logs.py": [],
     # config/
     "config/test_config.py": ["config.run", "cli"],
     "config/test_flags.py": ["config.flags", "config.fields"],
