@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"--correlate: {', '.join(unknown)} not in --regimes; add them there or drop them")
     runs = {regime: arm_runs(args.work_dir, regime, args.arm) for regime in args.regimes}  # refuse before reading
+    given = sys.argv[1:] if argv is None else argv
     result = {
+        "command": "python benchmarks/study_logs.py " + " ".join(given).replace(str(args.work_dir), "<work_dir>"),
         "what": "per regime: the arm's logged training scalars (tensorboard), averaged over each window of steps per "
                 "run, then mean, sd and per-seed values over the regime's seeds",
         "arm": args.arm, "tags": list(args.tags), "windows": list(windows),

@@ -44,6 +44,7 @@ def test_study_logs_averages_each_window_per_seed_then_over_seeds_and_pairs_the_
     result = study_logs.main(["--work_dir", str(tmp_path), "--regimes", "a", "b", "--tags", "structure_loss_g",
                               "d_pair_cos", "--windows", "1-2", "3-4", "--reports", str(report), "--output", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["command"].startswith("python benchmarks/study_logs.py --work_dir <work_dir> --regimes a b")
     a, b = result["regimes"]["a"], result["regimes"]["b"]
     assert a["seeds"] == [0, 1, 2] and a["runs"] == ["sadm-seed0", "sadm-seed1", "sadm-seed2"]
     assert b["seeds"] == [4] and b["runs"] == ["full-sadm-seed4"]
