@@ -126,7 +126,8 @@ WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw it
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
-RAW_CONSTANT = EMA_CONSTANT[3:]  # the same run without the EMA: its output is the raw iterate of EMA_CONSTANT's run
+# the same run without the EMA (on by default, so turned off): its output is the raw iterate of EMA_CONSTANT's run
+RAW_CONSTANT = ["--no_use_ema", *EMA_CONSTANT[3:]]
 PLAIN = ["--structure_weight", "0"]
 DISC_AUGMENT = ["--disc_augment", "translation,cutout"]
 

@@ -423,8 +423,17 @@ def test_the_raw_second_stage_continues_the_raw_iterate_of_the_averaged_stage_s_
     # the first stages differ in the EMA only: the same base, data, length and LR schedule
     first_raw, first_avg = study.REGIMES["transfer-24m-full-long-raw"], study.REGIMES["transfer-24m-full-long"]
     assert {k: v for k, v in first_raw.items() if k != "recipe"} == {k: v for k, v in first_avg.items() if k != "recipe"}
-    assert "--use_ema" not in first_raw["recipe"] and "--ema_decay" not in first_raw["recipe"]
-    assert first_avg["recipe"] == ["--use_ema", "--ema_decay", "0.999", *first_raw["recipe"]]
+    # as the study's runs resolve them (the demo recipe under the flags): EMA off in the raw stage (it is on by
+    # default), on in the averaged one, and the same LR schedule
+    from harness import DEMO_RECIPE
+
+    from sadm_finetune.cli import parse_config
+
+    raw_run, avg_run = (parse_config(["--config", str(DEMO_RECIPE), "--pretrained", "base", "--dataset_name", "data",
+                                      *r["recipe"], *study.PLAIN])[0].training for r in (first_raw, first_avg))
+    assert raw_run.use_ema is False and avg_run.use_ema is True and avg_run.ema_decay == 0.999
+    assert (raw_run.lr_scheduler, raw_run.lr_warmup_steps) == (avg_run.lr_scheduler, avg_run.lr_warmup_steps) == (
+        "constant_with_warmup", 50)
     # the second stages differ in their base only
     assert {k: v for k, v in study.REGIMES["transfer-24m-full-raw-stage2"].items() if k != "base_run"} == {
         k: v for k, v in study.REGIMES["transfer-24m-full-stage2"].items() if k != "base_run"}
