@@ -122,7 +122,9 @@ WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw it
                     ("continue-24m-cosine", "continue-24m-ema"),  # the same under the cosine decay
                     ("continue-24m-cosine", "continue-24m"),  # the two raw iterates: what the decay changes
                     ("continue-24m-ema", "continue-24m-ema-constant"),  # the two averages
-                    ("transfer-24m-raw", "transfer-24m"))  # transfer's raw and EMA'd bases (different runs' ends)
+                    ("transfer-24m-raw", "transfer-24m"),  # transfer's raw and EMA'd bases (different runs' ends)
+                    # the two first stages of transfer's second stage: one trajectory, its raw iterate and its EMA
+                    ("transfer-24m-full-long-raw-full-plain-seed0", "transfer-24m-full-long-full-plain-seed0"))
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
@@ -554,15 +556,25 @@ def weight_gap(a: Path, b: Path) -> float:
     return (diff / sum(float((y[k].double() ** 2).sum()) for k in keys)) ** 0.5
 
 
+def base_folder(name: str, work: Path) -> Path:
+    """Where the base ``name`` lies under ``work``: a fine-tuned run that a regime starts from (its base_name, e.g.
+    transfer-24m-full-long-full-plain-seed0) in runs/, any other in bases/."""
+    for regime, spec in REGIMES.items():
+        if "base_run" in spec and base_name(regime) == name:
+            run_regime, arm, seed = spec["base_run"]
+            return work / "runs" / run_regime / f"{arm}-seed{seed}"
+    return work / "bases" / name
+
+
 def weight_gaps(work: Path) -> list[dict]:
-    """weight_gap for each (a, b) of WEIGHT_GAP_PAIRS, bases built under ``work``; refuses before reading any if one
-    is missing."""
+    """weight_gap for each (a, b) of WEIGHT_GAP_PAIRS, bases built (or runs trained) under ``work``; refuses before
+    reading any if one is missing."""
     pairs = WEIGHT_GAP_PAIRS
-    missing = sorted({n for pair in pairs for n in pair if not (work / "bases" / n / TRANSFORMER_WEIGHTS).is_file()})
+    missing = sorted({n for pair in pairs for n in pair if not (base_folder(n, work) / TRANSFORMER_WEIGHTS).is_file()})
     if missing:
-        raise SystemExit(f"--weight_gaps: bases {missing} are not built in {work / 'bases'}; run their regimes first "
+        raise SystemExit(f"--weight_gaps: bases {missing} are not built in {work}; run their regimes first "
                          "(or pass the --work_dir that holds them)")
-    return [{"a": a, "b": b, "gap": weight_gap(work / "bases" / a, work / "bases" / b)} for a, b in pairs]
+    return [{"a": a, "b": b, "gap": weight_gap(base_folder(a, work), base_folder(b, work))} for a, b in pairs]
 
 
 def write_digits_dataset(folder: Path, classes: tuple[int, ...], per_class: int | None, seed: int = 0) -> Path:

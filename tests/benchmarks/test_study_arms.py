@@ -457,6 +457,16 @@ def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(
     assert [(g["a"], g["b"]) for g in gaps] == [("point", "centre"), ("mirrored", "centre"), ("centre", "centre")]
     assert gaps[0]["gap"] > 0.01 and gaps[1]["gap"] == pytest.approx(gaps[0]["gap"], rel=1e-6) and gaps[2]["gap"] == 0
     assert f"{100 * gaps[0]['gap']:.2f}%" in capsys.readouterr().out
+    # a fine-tuned run that a regime starts from is read from runs/, under the regime's name for it
+    run = tmp_path / "runs" / "transfer-24m-full-long" / "full-plain-seed0"
+    run.parent.mkdir(parents=True)
+    run.symlink_to(point)
+    assert study.base_folder("transfer-24m-full-long-full-plain-seed0", tmp_path) == run
+    assert study.base_folder("transfer-24m-full-long-raw-full-plain-seed0", tmp_path) == (
+        tmp_path / "runs" / "transfer-24m-full-long-raw" / "full-plain-seed0")
+    monkeypatch.setattr(study, "WEIGHT_GAP_PAIRS", (("transfer-24m-full-long-full-plain-seed0", "centre"),))
+    study.main()
+    assert json.loads(out.with_suffix(".json").read_text())[0]["gap"] == pytest.approx(gaps[0]["gap"], rel=1e-6)
     # a base not built: a one-line refusal naming it, and no file written
     monkeypatch.setattr(study, "WEIGHT_GAP_PAIRS", (("point", "centre"), ("continue-24m-cosine", "centre")))
     monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--weight_gaps", "--work_dir", str(tmp_path),
