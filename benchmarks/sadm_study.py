@@ -124,7 +124,9 @@ WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw it
                     ("continue-24m-ema", "continue-24m-ema-constant"),  # the two averages
                     ("transfer-24m-raw", "transfer-24m"),  # transfer's raw and EMA'd bases (different runs' ends)
                     # the two first stages of transfer's second stage: one trajectory, its raw iterate and its EMA
-                    ("transfer-24m-full-long-raw-full-plain-seed0", "transfer-24m-full-long-full-plain-seed0"))
+                    ("transfer-24m-full-long-raw-full-plain-seed0", "transfer-24m-full-long-full-plain-seed0"),
+                    # the first stage at 1e-3 against that EMA (another trajectory: a distance, not its own offset)
+                    ("transfer-24m-full-long-raw-lr1e-3-full-plain-seed0", "transfer-24m-full-long-full-plain-seed0"))
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
@@ -227,6 +229,15 @@ REGIMES = {
     # +2.8%, from the EMA of the same trajectory)
     "transfer-24m-full-raw-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                      "base_run": ["transfer-24m-full-long-raw", "full-plain", 0]},
+    # at the fine-tune's LR (1e-4) that raw iterate lies only 0.15% from its EMA (base_weight_gaps.json), near the
+    # cosine base's 0.13%, where SADM tied; continue-24m's 0.77% came from its base build's constant 1e-3. The same
+    # raw first stage at 1e-3 (the base builds' LR) ...
+    "transfer-24m-full-long-raw-lr1e-3": {"steps": 1200, "samples_per_class": 200,
+                                          "recipe": RAW_CONSTANT + ["--learning_rate", "1e-3"], "base": "transfer-24m",
+                                          "train_per_class": None},
+    # ... and the same second stage on it: transfer's test of the offset reading with an offset of continue's size
+    "transfer-24m-full-raw-lr1e-3-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
+                                            "base_run": ["transfer-24m-full-long-raw-lr1e-3", "full-plain", 0]},
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
@@ -421,6 +432,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("continue-24m-double-offset-5to9", 515, prefix=""),
     ("transfer-24m-full-long-raw", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-24m-full-raw-stage2", 515),
+    ("transfer-24m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
+    **equal_compute_arms("transfer-24m-full-raw-lr1e-3-stage2", 515),
     **equal_compute_arms("transfer-24m-raw-full", 515),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
@@ -712,6 +725,7 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("continue-24m-half-offset-5to9", ""),
                    *equal_compute_trio("continue-24m-double-offset-5to9", ""),
                    *equal_compute_trio("transfer-24m-full-raw-stage2"),
+                   *equal_compute_trio("transfer-24m-full-raw-lr1e-3-stage2"),
                    *equal_compute_trio("transfer-24m-raw-full"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}

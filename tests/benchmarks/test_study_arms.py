@@ -439,6 +439,19 @@ def test_the_raw_second_stage_continues_the_raw_iterate_of_the_averaged_stage_s_
         k: v for k, v in study.REGIMES["transfer-24m-full-stage2"].items() if k != "base_run"}
     assert study.base_name("transfer-24m-full-raw-stage2") == "transfer-24m-full-long-raw-full-plain-seed0"
     assert study.ALSO_PAIRED[("transfer-24m-full-raw-stage2", "full-plain-equal-compute")] == "full-sadm"
+    # the first stage at the base builds' LR: the raw stage's flags and 1e-3, and the same second stage on it
+    hot = study.REGIMES["transfer-24m-full-long-raw-lr1e-3"]
+    assert hot == {**first_raw, "recipe": first_raw["recipe"] + ["--learning_rate", "1e-3"]}
+    hot_run = parse_config(["--config", str(DEMO_RECIPE), "--pretrained", "base", "--dataset_name", "data",
+                            *hot["recipe"], *study.PLAIN])[0].training
+    assert hot_run.use_ema is False and hot_run.learning_rate == 1e-3 and raw_run.learning_rate == 1e-4
+    trained.clear()
+    hot_stage = study.regime_setup("transfer-24m-full-raw-lr1e-3-stage2", tmp_path)
+    assert trained == [("transfer-24m-full-long-raw-lr1e-3", "full-plain", study.PLAIN, 0)]
+    assert hot_stage["train"] == raw["train"] and hot_stage["reference"] == raw["reference"]
+    assert {k: v for k, v in study.REGIMES["transfer-24m-full-raw-lr1e-3-stage2"].items() if k != "base_run"} == {
+        k: v for k, v in study.REGIMES["transfer-24m-full-stage2"].items() if k != "base_run"}
+    assert ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm") in study.EVAL_NOISE_ARMS
 
 
 def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
