@@ -422,7 +422,8 @@ def test_the_raw_second_stage_continues_the_raw_iterate_of_the_averaged_stage_s_
     assert raw["train"] == averaged["train"] and raw["reference"] == averaged["reference"]
     # the first stages differ in the EMA only: the same base, data, length and LR schedule
     first_raw, first_avg = study.REGIMES["transfer-24m-full-long-raw"], study.REGIMES["transfer-24m-full-long"]
-    assert {k: v for k, v in first_raw.items() if k != "recipe"} == {k: v for k, v in first_avg.items() if k != "recipe"}
+    assert ({k: v for k, v in first_raw.items() if k != "recipe"} ==
+            {k: v for k, v in first_avg.items() if k != "recipe"})
     # as the study's runs resolve them (the demo recipe under the flags): EMA off in the raw stage (it is on by
     # default), on in the averaged one, and the same LR schedule
     from harness import DEMO_RECIPE
