@@ -126,7 +126,10 @@ WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw it
                     # the two first stages of transfer's second stage: one trajectory, its raw iterate and its EMA
                     ("transfer-24m-full-long-raw-full-plain-seed0", "transfer-24m-full-long-full-plain-seed0"),
                     # the first stage at 1e-3 against that EMA (another trajectory: a distance, not its own offset)
-                    ("transfer-24m-full-long-raw-lr1e-3-full-plain-seed0", "transfer-24m-full-long-full-plain-seed0"))
+                    ("transfer-24m-full-long-raw-lr1e-3-full-plain-seed0", "transfer-24m-full-long-full-plain-seed0"),
+                    # and against its own EMA (one trajectory): its offset
+                    ("transfer-24m-full-long-raw-lr1e-3-full-plain-seed0",
+                     "transfer-24m-full-long-lr1e-3-full-plain-seed0"))
 
 EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
@@ -235,6 +238,10 @@ REGIMES = {
     "transfer-24m-full-long-raw-lr1e-3": {"steps": 1200, "samples_per_class": 200,
                                           "recipe": RAW_CONSTANT + ["--learning_rate", "1e-3"], "base": "transfer-24m",
                                           "train_per_class": None},
+    # (its EMA'd twin, one trajectory, measures that raw iterate's offset from its own average: --weight_gaps) ...
+    "transfer-24m-full-long-lr1e-3": {"steps": 1200, "samples_per_class": 200,
+                                      "recipe": EMA_CONSTANT + ["--learning_rate", "1e-3"], "base": "transfer-24m",
+                                      "train_per_class": None},
     # ... and the same second stage on it: transfer's test of the offset reading with an offset of continue's size
     "transfer-24m-full-raw-lr1e-3-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
                                             "base_run": ["transfer-24m-full-long-raw-lr1e-3", "full-plain", 0]},
@@ -433,6 +440,7 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-24m-full-long-raw", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-24m-full-raw-stage2", 515),
     ("transfer-24m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
+    ("transfer-24m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-24m-full-raw-lr1e-3-stage2", 515),
     **equal_compute_arms("transfer-24m-raw-full", 515),
 }

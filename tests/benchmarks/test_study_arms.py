@@ -453,6 +453,11 @@ def test_the_raw_second_stage_continues_the_raw_iterate_of_the_averaged_stage_s_
     assert {k: v for k, v in study.REGIMES["transfer-24m-full-raw-lr1e-3-stage2"].items() if k != "base_run"} == {
         k: v for k, v in study.REGIMES["transfer-24m-full-stage2"].items() if k != "base_run"}
     assert ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm") in study.EVAL_NOISE_ARMS
+    # its EMA'd twin: the same run with the EMA on
+    twin = study.REGIMES["transfer-24m-full-long-lr1e-3"]
+    assert twin == {**hot, "recipe": ["--use_ema", "--ema_decay", "0.999", *first_raw["recipe"][1:],
+                                      "--learning_rate", "1e-3"]}
+    assert study.LENGTH_ARMS[("transfer-24m-full-long-lr1e-3", "full-plain")] == (study.PLAIN, None)
 
 
 def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
