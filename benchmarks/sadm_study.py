@@ -578,12 +578,12 @@ def weight_gap(a: Path, b: Path) -> float:
 
 
 def base_folder(name: str, work: Path) -> Path:
-    """Where the base ``name`` lies under ``work``: a fine-tuned run that a regime starts from (its base_name, e.g.
-    transfer-24m-full-long-full-plain-seed0) in runs/, any other in bases/."""
-    for regime, spec in REGIMES.items():
-        if "base_run" in spec and base_name(regime) == name:
-            run_regime, arm, seed = spec["base_run"]
-            return work / "runs" / run_regime / f"{arm}-seed{seed}"
+    """Where the base ``name`` lies under ``work``: a study run named as a regime names the run it starts from
+    (``<regime>-<arm>-seed<k>``, e.g. transfer-24m-full-long-full-plain-seed0) in runs/, any other in bases/."""
+    for regime, arm in _STUDY_ARMS:
+        prefix = f"{regime}-{arm}-seed"
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return work / "runs" / regime / f"{arm}-seed{name[len(prefix):]}"
     return work / "bases" / name
 
 

@@ -483,6 +483,11 @@ def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(
     assert study.base_folder("transfer-24m-full-long-full-plain-seed0", tmp_path) == run
     assert study.base_folder("transfer-24m-full-long-raw-full-plain-seed0", tmp_path) == (
         tmp_path / "runs" / "transfer-24m-full-long-raw" / "full-plain-seed0")
+    # any study run, also one no regime starts from (the EMA'd twin of the 1e-3 first stage); a base stays a base
+    assert study.base_folder("transfer-24m-full-long-lr1e-3-full-plain-seed0", tmp_path) == (
+        tmp_path / "runs" / "transfer-24m-full-long-lr1e-3" / "full-plain-seed0")
+    assert study.base_folder("continue-24m-sadm-seed3", tmp_path) == tmp_path / "runs" / "continue-24m" / "sadm-seed3"
+    assert study.base_folder("continue-24m-ema", tmp_path) == tmp_path / "bases" / "continue-24m-ema"
     monkeypatch.setattr(study, "WEIGHT_GAP_PAIRS", (("transfer-24m-full-long-full-plain-seed0", "centre"),))
     study.main()
     assert json.loads(out.with_suffix(".json").read_text())[0]["gap"] == pytest.approx(gaps[0]["gap"], rel=1e-6)
