@@ -159,6 +159,18 @@ def continue_on_5to9(base: str) -> dict:
             "classes": list(TRANSFER_CLASSES)}
 
 
+def transfer_on_all_5to9(recipe: list[str]) -> dict:
+    """A first stage of transfer's second stages: the transfer-24m base trained 1,200 plain steps on every image of
+    digits 5-9 under ``recipe`` (one run, seed 0, the base of the stage)."""
+    return {"steps": 1200, "samples_per_class": 200, "recipe": recipe, "base": "transfer-24m", "train_per_class": None}
+
+
+def second_stage_on(run_regime: str) -> dict:
+    """A second stage: ``run_regime``'s plain run (seed 0) continued 500 steps on its images under continue's
+    recipe."""
+    return {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base_run": [run_regime, "full-plain", 0]}
+
+
 # regime -> base, data, steps, samples per class, the recipe shared by every arm
 REGIMES = {
     "continue": {"steps": 500, "samples_per_class": 100, "recipe": EMA_COSINE},
@@ -184,8 +196,7 @@ REGIMES = {
     # its plateau) continued on the same 150 images for 500 steps under the continue recipe. Continued training of a
     # base on its own data pays SADM -10.9% at equal compute, where plain's extra steps gain nothing: is that the
     # plateau (then SADM pays in transfer once plain has converged), or the base having been pre-trained on that data?
-    "transfer-24m-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                            "base_run": ["transfer-24m-long", "full-plain", 0]},
+    "transfer-24m-stage2": second_stage_on("transfer-24m-long"),
     # transfer on all of digits 5-9 (about 180 per class, 6x transfer's 150 images) under the continue recipe: on
     # 150 images continue's win held on DDIM 25 but tied on DDPM 50, so does transfer pay once it has the data?
     "transfer-24m-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m",
@@ -197,11 +208,9 @@ REGIMES = {
     # the two differ in the base: continue's has learned digits 5-9 and reaches its plateau in the run, transfer's
     # must learn them first. A transferred base that has learned them on all their images: 1,200 steps of plain
     # transfer at a constant LR on all of 5-9 (one run, seed 0, the base of the next regime) ...
-    "transfer-24m-full-long": {"steps": 1200, "samples_per_class": 200, "recipe": EMA_CONSTANT, "base": "transfer-24m",
-                               "train_per_class": None},
+    "transfer-24m-full-long": transfer_on_all_5to9(EMA_CONSTANT),
     # ... then continued 500 steps on the same images under the continue recipe, as transfer-24m-stage2 did on 150
-    "transfer-24m-full-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                                 "base_run": ["transfer-24m-full-long", "full-plain", 0]},
+    "transfer-24m-full-stage2": second_stage_on("transfer-24m-full-long"),
     # continue-24m-5to9 from the continue-24m base with the label rows of 5-9 re-drawn (DERIVED_BASES): its trunk
     # has learned digits 5-9 in pre-training, but the class vectors asking for them are new, as in transfer. SADM
     # pays there from the base as pre-trained (-8.7% at equal compute) and not from a transferred one: do the
@@ -226,25 +235,18 @@ REGIMES = {
     # transfer's second stage from a base off its own average whose trunk has learned digits 5-9: the 1,200-step
     # plain transfer run on all of 5-9 without its EMA (RAW_CONSTANT: transfer-24m-full-long's trajectory, whose
     # output is that run's EMA) ...
-    "transfer-24m-full-long-raw": {"steps": 1200, "samples_per_class": 200, "recipe": RAW_CONSTANT,
-                                   "base": "transfer-24m", "train_per_class": None},
+    "transfer-24m-full-long-raw": transfer_on_all_5to9(RAW_CONSTANT),
     # ... continued 500 steps on the same images under the continue recipe, as transfer-24m-full-stage2 (which tied,
     # +2.8%, from the EMA of the same trajectory)
-    "transfer-24m-full-raw-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                                     "base_run": ["transfer-24m-full-long-raw", "full-plain", 0]},
+    "transfer-24m-full-raw-stage2": second_stage_on("transfer-24m-full-long-raw"),
     # at the fine-tune's LR (1e-4) that raw iterate lies only 0.15% from its EMA (base_weight_gaps.json), near the
     # cosine base's 0.13%, where SADM tied; continue-24m's 0.77% came from its base build's constant 1e-3. The same
     # raw first stage at 1e-3 (the base builds' LR) ...
-    "transfer-24m-full-long-raw-lr1e-3": {"steps": 1200, "samples_per_class": 200,
-                                          "recipe": RAW_CONSTANT + ["--learning_rate", "1e-3"], "base": "transfer-24m",
-                                          "train_per_class": None},
+    "transfer-24m-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT + ["--learning_rate", "1e-3"]),
     # (its EMA'd twin, one trajectory, measures that raw iterate's offset from its own average: --weight_gaps) ...
-    "transfer-24m-full-long-lr1e-3": {"steps": 1200, "samples_per_class": 200,
-                                      "recipe": EMA_CONSTANT + ["--learning_rate", "1e-3"], "base": "transfer-24m",
-                                      "train_per_class": None},
+    "transfer-24m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"]),
     # ... and the same second stage on it: transfer's test of the offset reading with an offset of continue's size
-    "transfer-24m-full-raw-lr1e-3-stage2": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE,
-                                            "base_run": ["transfer-24m-full-long-raw-lr1e-3", "full-plain", 0]},
+    "transfer-24m-full-raw-lr1e-3-stage2": second_stage_on("transfer-24m-full-long-raw-lr1e-3"),
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
