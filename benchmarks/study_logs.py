@@ -60,17 +60,17 @@ def window_mean(points: list[tuple[int, float]], first: int, last: int) -> float
     return statistics.fmean(values) if values else None
 
 
-def regime_logs(runs: list[tuple[int, Path]], tags: tuple[str, ...], windows: tuple[str, ...]) -> dict:
-    """tag -> window -> {"mean", "sd", "per_seed"} over the runs (a run without the tag or window counts as None
-    and is left out of mean and sd)."""
+def regime_logs(runs: list[tuple[int, Path]], tags: tuple[str, ...], windows: dict[str, tuple[int, int]]) -> dict:
+    """tag -> window -> {"mean", "sd", "per_seed"} over the runs (``windows``: label -> (first, last) step; a run
+    without the tag or window counts as None and is left out of mean and sd)."""
     scalars = {}
     for seed, run in runs:
         with contextlib.redirect_stderr(io.StringIO()):  # tensorboard's notice that it runs without TensorFlow
             scalars[seed] = read_scalars(run / "logs")
     out: dict = {}
     for tag in tags:
-        for window in windows:
-            per_seed = [window_mean(scalars[seed].get(tag, []), *parse_window(window)) for seed, _ in runs]
+        for window, (first, last) in windows.items():
+            per_seed = [window_mean(scalars[seed].get(tag, []), first, last) for seed, _ in runs]
             kept = [v for v in per_seed if v is not None]
             out.setdefault(tag, {})[window] = {
                 "mean": statistics.fmean(kept) if kept else None,
@@ -78,11 +78,11 @@ def regime_logs(runs: list[tuple[int, Path]], tags: tuple[str, ...], windows: tu
     return out
 
 
-def equal_compute_gains(reports: list[Path], regime: str, arm: str) -> dict[int, float] | None:
+def equal_compute_gains(summaries: list[tuple[Path, dict]], regime: str, arm: str) -> dict[int, float] | None:
     """seed -> 100 (FID of ``arm`` - FID of plain at its compute) / the latter, from the first report holding the
-    regime (the study's summary: regime -> arm -> per_seed -> metrics); None if none holds it."""
-    for report in reports:
-        summary = json.loads(report.read_text()).get("summary", {})
+    regime (``summaries``: each report and its summary, regime -> arm -> per_seed -> metrics); None if none holds
+    it."""
+    for report, summary in summaries:
         if regime not in summary:
             continue
         arms = summary[regime]
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the regimes pooled in the correlation (default: every regime with a gain)")
     parser.add_argument("--output", type=Path, default=RESULTS / "study_logs.json")
     args = parser.parse_args(argv)
-    windows = tuple(args.windows)
-    for window in windows:
-        parse_window(window)
+    windows = {window: parse_window(window) for window in args.windows}
     for report in args.reports:
         if not report.is_file():
             raise SystemExit(f"--reports: {report} not found")
@@ -166,8 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "logs": regime_logs(found, tuple(args.tags), windows)}
                     for regime, found in runs.items()},
     }
+    summaries = [(report, json.loads(report.read_text()).get("summary", {})) for report in args.reports]
     for regime, entry in result["regimes"].items():
-        gains = equal_compute_gains(args.reports, regime, args.arm)
+        gains = equal_compute_gains(summaries, regime, args.arm)
         if gains is not None:
             entry["equal_compute_gain_pct"] = {str(seed): gain for seed, gain in gains.items()}
     pooled = args.correlate if args.correlate is not None else [
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["correlation"] = {"tag": args.tags[0], "regimes": pooled,
                                  "windows": {w: correlation(result, pooled, args.tags[0], w) for w in windows}}
     write_json(args.output, result)
-    print(markdown(result, windows[-1]))
+    print(markdown(result, args.windows[-1]))
     for window, corr in result.get("correlation", {}).get("windows", {}).items():
         r, within = ("—" if v is None else f"{v:+.2f}" for v in (corr["r"], corr["r_within_regime"]))
         print(f"{args.tags[0]} (steps {window}) vs the gain, pooled over {corr['n']} runs: r = {r} "
