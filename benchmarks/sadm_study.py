@@ -135,6 +135,8 @@ EMA_COSINE = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "cosine", "
 EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50"]
 # the same run without the EMA (on by default, so turned off): its output is the raw iterate of EMA_CONSTANT's run
 RAW_CONSTANT = ["--no_use_ema", *EMA_CONSTANT[3:]]
+# that raw run at the base builds' LR (1e-3): the first stage of transfer's two-stage pipeline where SADM paid
+RAW_CONSTANT_LR1E3 = RAW_CONSTANT + ["--learning_rate", "1e-3"]
 PLAIN = ["--structure_weight", "0"]
 DISC_AUGMENT = ["--disc_augment", "translation,cutout"]
 
@@ -159,10 +161,10 @@ def continue_on_5to9(base: str) -> dict:
             "classes": list(TRANSFER_CLASSES)}
 
 
-def transfer_on_all_5to9(recipe: list[str]) -> dict:
-    """A first stage of transfer's second stages: the transfer-24m base trained 1,200 plain steps on every image of
-    digits 5-9 under ``recipe`` (one run, seed 0, the base of the stage)."""
-    return {"steps": 1200, "samples_per_class": 200, "recipe": recipe, "base": "transfer-24m", "train_per_class": None}
+def transfer_on_all_5to9(recipe: list[str], base: str = "transfer-24m") -> dict:
+    """A first stage of transfer's second stages: a transfer base (transfer-24m unless named) trained 1,200 plain
+    steps on every image of digits 5-9 under ``recipe`` (one run, seed 0, the base of the stage)."""
+    return {"steps": 1200, "samples_per_class": 200, "recipe": recipe, "base": base, "train_per_class": None}
 
 
 def second_stage_on(run_regime: str) -> dict:
@@ -242,11 +244,21 @@ REGIMES = {
     # at the fine-tune's LR (1e-4) that raw iterate lies only 0.15% from its EMA (base_weight_gaps.json), near the
     # cosine base's 0.13%, where SADM tied; continue-24m's 0.77% came from its base build's constant 1e-3. The same
     # raw first stage at 1e-3 (the base builds' LR) ...
-    "transfer-24m-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT + ["--learning_rate", "1e-3"]),
+    "transfer-24m-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT_LR1E3),
     # (its EMA'd twin, one trajectory, measures that raw iterate's offset from its own average: --weight_gaps) ...
     "transfer-24m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"]),
     # ... and the same second stage on it: transfer's test of the offset reading with an offset of continue's size
     "transfer-24m-full-raw-lr1e-3-stage2": second_stage_on("transfer-24m-full-long-raw-lr1e-3"),
+    # that two-stage pipeline (SADM -14.7% at equal compute at 23.1 M) at the two smaller sizes, from their own
+    # transfer bases (1.9 M and 6.4 M, 3,000 steps on digits 0-4): does the win hold, and grow with size?
+    # Each first stage's EMA'd twin measures its raw iterate's offset from its own average (--weight_gaps)
+    "transfer-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT_LR1E3, base="transfer"),
+    "transfer-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"], base="transfer"),
+    "transfer-full-raw-lr1e-3-stage2": second_stage_on("transfer-full-long-raw-lr1e-3"),
+    "transfer-6m-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT_LR1E3, base="transfer-6m"),
+    "transfer-6m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"],
+                                                         base="transfer-6m"),
+    "transfer-6m-full-raw-lr1e-3-stage2": second_stage_on("transfer-6m-full-long-raw-lr1e-3"),
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
@@ -445,6 +457,14 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-24m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-24m-full-raw-lr1e-3-stage2", 515),
     **equal_compute_arms("transfer-24m-raw-full", 515),
+    # the two-stage pipeline at 1.9 M and 6.4 M: plain gets SADM's compute there as in the scale study (x1.39 at
+    # 1.9 M: 695 steps of 500; x1.085 at 6.4 M: 543)
+    ("transfer-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
+    ("transfer-full-long-lr1e-3", "full-plain"): (PLAIN, None),
+    **equal_compute_arms("transfer-full-raw-lr1e-3-stage2", EQUAL_COMPUTE_STEPS),
+    ("transfer-6m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
+    ("transfer-6m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
+    **equal_compute_arms("transfer-6m-full-raw-lr1e-3-stage2", 543),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -736,7 +756,9 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("continue-24m-double-offset-5to9", ""),
                    *equal_compute_trio("transfer-24m-full-raw-stage2"),
                    *equal_compute_trio("transfer-24m-full-raw-lr1e-3-stage2"),
-                   *equal_compute_trio("transfer-24m-raw-full"))
+                   *equal_compute_trio("transfer-24m-raw-full"),
+                   *equal_compute_trio("transfer-full-raw-lr1e-3-stage2"),
+                   *equal_compute_trio("transfer-6m-full-raw-lr1e-3-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 ALSO_PAIRED = {**_OTHER_PAIRINGS, **{(regime, arm): arm.removesuffix("plain-equal-compute") + "sadm"
