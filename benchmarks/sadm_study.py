@@ -469,7 +469,10 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
                 "transfer": (("transfer", "transfer-6m", "transfer-24m"), "full-"),
-                "transfer-cosine": (("transfer-cosine", "transfer-6m-cosine"), "full-")}
+                "transfer-cosine": (("transfer-cosine", "transfer-6m-cosine"), "full-"),
+                # transfer's two-stage pipeline (a raw 1e-3 first stage, then the second stage): --scale_from
+                "transfer-stage2": (("transfer-full-raw-lr1e-3-stage2", "transfer-6m-full-raw-lr1e-3-stage2",
+                                     "transfer-24m-full-raw-lr1e-3-stage2"), "full-")}
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds): every plain arm at an
 # SADM arm's compute ("<prefix>plain-equal-compute", equal_compute_arms) is paired with that SADM arm (ALSO_PAIRED,
 # below the arm tables), and these with the arm named
@@ -1054,7 +1057,7 @@ def build_report(work: Path, arms: dict, seeds: list[int]) -> dict:
               "protocol": "DDIM 25 steps, guidance 1.0, sampling seed 1234, digits-classifier features; "
                           "paired by training seed; 95% Student-t interval of the mean paired difference"}
     if any(r.endswith(("-6m", "-24m")) for r, _ in arms):
-        result["scale"] = scale_points(summary, work)
+        result["scale"] = scale_points(summary)
     return result
 
 
@@ -1069,18 +1072,33 @@ def write_report(work: Path, arms: dict, seeds: list[int], output: Path) -> dict
     return result
 
 
-def transformer_parameters(base: Path) -> int:
-    """The denoiser's parameter count, from its safetensors header (no weights read)."""
-    from safetensors import safe_open
+def root_base(regime: str) -> str:
+    """The built base (a BASES entry) at the root of a regime's chain: a second stage's first stage's base, a
+    derived or offset base's source. Its make_demo_base.py flags fix the architecture the regime trains."""
+    while "base_run" in REGIMES[regime]:
+        regime = REGIMES[regime]["base_run"][0]
+    name = base_name(regime)
+    name = DERIVED_BASES.get(name, (name,))[0]
+    return OFFSET_BASES.get(name, (None, name))[1]
 
-    total = 0
-    for f in sorted((base / "transformer").glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    return total
+
+def denoiser_parameters(regime: str) -> int:
+    """The parameter count of the DiT a regime trains: the bundled demo DiT's config at its root base's head and
+    block counts (make_demo_base.py --dit_heads/--dit_layers), built on the meta device (no weights, no run)."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    flags = BASES[root_base(regime)]
+    config = json.loads((DEMO_BASE / "transformer" / "config.json").read_text())
+    for flag, key in (("--dit_heads", "num_attention_heads"), ("--dit_layers", "num_layers")):
+        if flag in flags:
+            config[key] = int(flags[flags.index(flag) + 1])
+    with torch.device("meta"):
+        model = DiTTransformer2DModel.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
-def scale_points(summary: dict, work: Path) -> list[dict]:
+def scale_points(summary: dict) -> list[dict]:
     """Per regime and model size: SADM's and plain-at-equal-compute's paired FID difference vs plain (absolute and
     relative to plain's mean FID), and SADM vs plain at equal compute."""
     points = []
@@ -1088,9 +1106,9 @@ def scale_points(summary: dict, work: Path) -> list[dict]:
         plain_name, sadm_name, pec_name = f"{prefix}plain", f"{prefix}sadm", f"{prefix}plain-equal-compute"
         for regime in regimes:
             arms = summary.get(regime, {})
-            if plain_name not in arms or not (work / "bases" / base_name(regime)).is_dir():
+            if plain_name not in arms:
                 continue
-            params = transformer_parameters(work / "bases" / base_name(regime))
+            params = denoiser_parameters(regime)
             plain = arms[plain_name]["mean"]["fid"]
             for arm, name in ((sadm_name, "sadm"), (pec_name, "plain-equal-compute")):
                 if "paired" in arms.get(arm, {}):
@@ -1105,6 +1123,32 @@ def scale_points(summary: dict, work: Path) -> list[dict]:
                                "arm": "sadm vs plain-equal-compute", "n": ci["n"], "dfid": -ci["mean"],
                                "low": -ci["high"], "high": -ci["low"], "relative_to": ref, "relative": -ci["mean"] / ref})
     return points
+
+
+def merged_summary(reports: list[Path]) -> dict:
+    """The summaries of several reports as one; a regime in two of them must be the same in both."""
+    summary: dict = {}
+    for path in reports:
+        for regime, arms in json.loads(path.read_text())["summary"].items():
+            if summary.get(regime, arms) != arms:
+                raise SystemExit(f"--scale_from: {regime} differs between the reports; name one report per regime")
+            summary[regime] = arms
+    return summary
+
+
+def scale_from_reports(reports: list[Path], output: Path) -> dict:
+    """SCALE_SERIES' points from finished reports (each size's runs may live in another work dir, or be gone):
+    <output>.json (the points, their sources and the command) and <output>.png."""
+    points = scale_points(merged_summary(reports))
+    if not points:
+        raise SystemExit(f"--scale_from: no regime of SCALE_SERIES with a plain arm in {[str(p) for p in reports]}")
+    shown = [os.path.relpath(p, ROOT) if p.resolve().is_relative_to(ROOT) else str(p) for p in reports]
+    result = {"command": "python benchmarks/sadm_study.py --scale_from " + " ".join(shown) + " --output "
+                         + (os.path.relpath(output, ROOT) if output.resolve().is_relative_to(ROOT) else str(output)),
+              "sources": shown, "scale": points}
+    plot_scale(points, output.with_suffix(".png"))
+    write_json(output.with_suffix(".json"), result, indent=1)
+    return result
 
 
 def plot_scale(points: list[dict], path: Path) -> None:
@@ -1215,6 +1259,9 @@ def main() -> None:
     parser.add_argument("--weight_gaps", action="store_true",
                         help="||a - b|| / ||b|| between the built bases of WEIGHT_GAP_PAIRS (raw iterates and their "
                              "EMAs); results in benchmarks/results/base_weight_gaps.json")
+    parser.add_argument("--scale_from", nargs="+", type=Path, default=None, metavar="REPORT",
+                        help="paired dFID against model size for SCALE_SERIES, from finished reports' JSON (e.g. one "
+                             "--length report per size); results in <output>.json and .png; trains nothing")
     parser.add_argument("--draws", nargs="+", default=None, choices=list(EVAL_DRAWS),
                         help="--eval_noise: the extra draws to evaluate (default: all)")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
@@ -1224,6 +1271,16 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="results path without suffix (default: "
                         "benchmarks/results/sadm_study, or terms_study with --terms)")
     args = parser.parse_args()
+    if args.scale_from:
+        missing = [str(p) for p in args.scale_from if not p.is_file()]
+        if missing:
+            raise SystemExit(f"--scale_from: no report at {missing}; name finished reports' .json files")
+        if not args.output:
+            raise SystemExit("--scale_from: pass --output <results path without suffix>")
+        for p in scale_from_reports(args.scale_from, Path(args.output))["scale"]:
+            print(f"{p['series']:>16} {p['parameters'] / 1e6:5.1f} M {p['arm']:<28} dFID {p['dfid']:+.3f} "
+                  f"[{p['low']:+.3f}, {p['high']:+.3f}] ({100 * p['relative']:+.1f}%, n={p['n']})")
+        return
     if args.weight_gaps:
         gaps = weight_gaps(Path(args.work_dir))
         for g in gaps:

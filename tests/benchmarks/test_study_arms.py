@@ -498,3 +498,113 @@ def test_weight_gaps_reports_each_pair_of_built_bases_and_refuses_a_missing_one(
     with pytest.raises(SystemExit, match=r"\['continue-24m-cosine'\] are not built"):
         study.main()
     assert not (tmp_path / "none.json").exists()
+
+
+def test_the_two_stage_pipeline_at_the_smaller_sizes_is_the_23m_one_on_their_own_transfer_bases(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "build_base", lambda name, work: work / "bases" / name)
+    trained = []
+    monkeypatch.setattr(study, "train_and_evaluate", lambda *a: trained.append(a[:4]))
+    big = study.regime_setup("transfer-24m-full-raw-lr1e-3-stage2", tmp_path)
+    for size, base, equal_steps in (("", "transfer", study.EQUAL_COMPUTE_STEPS), ("-6m", "transfer-6m", 543)):
+        first, twin, stage = (f"transfer{size}-full-long-raw-lr1e-3", f"transfer{size}-full-long-lr1e-3",
+                              f"transfer{size}-full-raw-lr1e-3-stage2")
+        # the first stages: the 23.1 M ones (raw at 1e-3, and its EMA'd twin) on the size's own transfer base
+        assert study.REGIMES[first] == {**study.REGIMES["transfer-24m-full-long-raw-lr1e-3"], "base": base}
+        assert study.REGIMES[twin] == {**study.REGIMES["transfer-24m-full-long-lr1e-3"], "base": base}
+        assert study.LENGTH_ARMS[(first, "full-plain")] == study.LENGTH_ARMS[(twin, "full-plain")] == (study.PLAIN, None)
+        # the second stage: the 23.1 M one on that first stage's plain run, trained first, on the same data
+        assert study.REGIMES[stage] == {**study.REGIMES["transfer-24m-full-raw-lr1e-3-stage2"],
+                                        "base_run": [first, "full-plain", 0]}
+        trained.clear()
+        setup = study.regime_setup(stage, tmp_path)
+        assert trained == [(first, "full-plain", study.PLAIN, 0)]
+        assert setup["base"] == tmp_path / "runs" / first / "full-plain-seed0"
+        assert (setup["train"], setup["reference"]) == (big["train"], big["reference"])
+        assert setup["train"].endswith("digits-5-9-all")
+        # plain at SADM's compute at that size (x1.39 at 1.9 M, x1.085 at 6.4 M), paired with SADM too
+        flags, paired = study.LENGTH_ARMS[(stage, "full-plain-equal-compute")]
+        assert flags == study.PLAIN + ["--max_train_steps", str(equal_steps)] and paired == "full-plain"
+        assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute")] == "full-sadm"
+        assert set(study.equal_compute_trio(stage)) <= set(study.EVAL_NOISE_ARMS)
+        assert study.root_base(stage) == base and study.root_base(first) == base
+    assert [study.SCALE_SERIES["transfer-stage2"][0][i] for i in (0, 1, 2)] == [
+        "transfer-full-raw-lr1e-3-stage2", "transfer-6m-full-raw-lr1e-3-stage2", "transfer-24m-full-raw-lr1e-3-stage2"]
+
+
+def test_each_regime_s_model_size_is_the_parameter_count_the_step_time_benchmark_measured():
+    import json
+
+    measured = {}
+    for run in json.loads((ROOT / "benchmarks" / "results" / "step_time_scale.json").read_text())["runs"]:
+        measured[run["model"]] = run["denoiser_params"]
+    assert measured == {"tiny": 1936800, "tiny-6m": 6429472, "tiny-24m": 23082528}
+    # a base, a second stage (through its first stage), a derived and an offset base resolve to their root's size
+    for regime, model in (("transfer", "tiny"), ("continue-6m", "tiny-6m"), ("transfer-24m-full-stage2", "tiny-24m"),
+                          ("transfer-6m-full-raw-lr1e-3-stage2", "tiny-6m"), ("continue-24m-5to9-redrawn", "tiny-24m"),
+                          ("continue-24m-mirrored-5to9", "tiny-24m"), ("transfer-full-raw-lr1e-3-stage2", "tiny")):
+        assert study.denoiser_parameters(regime) == measured[model], regime
+    assert study.root_base("continue-24m-mirrored-5to9") == "continue-24m"
+    assert study.root_base("continue-24m-5to9-redrawn") == "continue-24m"
+
+
+def _stage2_summary(plain: float, sadm: float, equal: float) -> dict:
+    """A report's summary entry for one second-stage regime: plain's mean FID and the two arms' paired differences
+    (SADM - plain, plain at equal compute - plain, and that arm - SADM)."""
+    def ci(d: float) -> dict:
+        return {"mean": d, "low": d - 0.01, "high": d + 0.01, "n": 5}
+
+    return {"full-plain": {"mean": {"fid": plain}},
+            "full-sadm": {"mean": {"fid": plain + sadm}, "paired": {"fid": ci(sadm)}},
+            "full-plain-equal-compute": {"mean": {"fid": plain + equal}, "paired": {"fid": ci(equal)},
+                                         "also_paired": {"full-sadm": {"fid": ci(equal - sadm)}}}}
+
+
+def test_scale_from_reports_plots_each_size_s_paired_differences_from_finished_reports(tmp_path, monkeypatch, capsys):
+    import json
+
+    reports = []
+    for i, (regime, numbers) in enumerate((("transfer-full-raw-lr1e-3-stage2", (2.0, -0.1, -0.3)),
+                                           ("transfer-24m-full-raw-lr1e-3-stage2", (0.8, -0.12, -0.01)))):
+        reports.append(tmp_path / f"report{i}.json")
+        reports[-1].write_text(json.dumps({"summary": {regime: _stage2_summary(*numbers)}}))
+    out = tmp_path / "scale"
+    monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", *map(str, reports), "--output", str(out)])
+    study.main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert result["sources"] == [str(p) for p in reports] and "--scale_from" in result["command"]
+    points = {(p["parameters"], p["arm"]): p for p in result["scale"]}
+    assert {p["series"] for p in result["scale"]} == {"transfer-stage2"}
+    assert set(points) == {(n, arm) for n in (1936800, 23082528)
+                           for arm in ("sadm", "plain-equal-compute", "sadm vs plain-equal-compute")}
+    small, big = points[(1936800, "sadm vs plain-equal-compute")], points[(23082528, "sadm vs plain-equal-compute")]
+    # SADM - plain at equal compute = -(plain_equal - SADM), relative to plain-at-equal-compute's own FID
+    assert small["dfid"] == pytest.approx(0.2) and small["relative"] == pytest.approx(0.2 / 1.7)
+    assert (small["low"], small["high"]) == pytest.approx((0.19, 0.21))
+    assert big["dfid"] == pytest.approx(-0.11) and big["relative"] == pytest.approx(-0.11 / 0.79)
+    assert points[(23082528, "sadm")]["relative"] == pytest.approx(-0.12 / 0.8)
+    assert "23.1 M sadm vs plain-equal-compute" in capsys.readouterr().out.replace("  ", " ")
+
+
+def test_scale_from_refuses_missing_conflicting_or_unrelated_reports_before_writing(tmp_path, monkeypatch):
+    import json
+
+    a, b, other = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "other.json"
+    a.write_text(json.dumps({"summary": {"transfer-6m-full-raw-lr1e-3-stage2": _stage2_summary(1.0, -0.1, 0.0)}}))
+    b.write_text(json.dumps({"summary": {"transfer-6m-full-raw-lr1e-3-stage2": _stage2_summary(1.0, -0.2, 0.0)}}))
+    other.write_text(json.dumps({"summary": {"continue-24m-few": _stage2_summary(1.0, -0.2, 0.0)}}))
+    out = tmp_path / "scale"
+    for argv, message in (([str(a), str(tmp_path / "gone.json")], r"--scale_from: no report at .*gone\.json"),
+                          ([str(a), str(b)], "--scale_from: transfer-6m-full-raw-lr1e-3-stage2 differs between"),
+                          ([str(other)], "--scale_from: no regime of SCALE_SERIES with a plain arm")):
+        monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", *argv, "--output", str(out)])
+        with pytest.raises(SystemExit, match=message):
+            study.main()
+    monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", str(a)])
+    with pytest.raises(SystemExit, match="--scale_from: pass --output"):
+        study.main()
+    assert not out.with_suffix(".json").exists() and not out.with_suffix(".png").exists()
+    # the same regime in two reports with the same numbers is one regime
+    monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", str(a), str(a), "--output", str(out)])
+    study.main()
+    assert {p["parameters"] for p in json.loads(out.with_suffix(".json").read_text())["scale"]} == {6429472}
