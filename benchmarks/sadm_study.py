@@ -612,10 +612,9 @@ def base_folder(name: str, work: Path) -> Path:
     return work / "bases" / name
 
 
-def weight_gaps(work: Path) -> list[dict]:
-    """weight_gap for each (a, b) of WEIGHT_GAP_PAIRS, bases built (or runs trained) under ``work``; refuses before
-    reading any if one is missing."""
-    pairs = WEIGHT_GAP_PAIRS
+def weight_gaps(work: Path, pairs: tuple[tuple[str, str], ...]) -> list[dict]:
+    """weight_gap for each (a, b) of ``pairs`` (WEIGHT_GAP_PAIRS unless --pairs), bases built (or runs trained)
+    under ``work``; refuses before reading any if one is missing."""
     missing = sorted({n for pair in pairs for n in pair if not (base_folder(n, work) / TRANSFORMER_WEIGHTS).is_file()})
     if missing:
         raise SystemExit(f"--weight_gaps: bases {missing} are not built in {work}; run their regimes first "
@@ -1262,6 +1261,9 @@ def main() -> None:
     parser.add_argument("--scale_from", nargs="+", type=Path, default=None, metavar="REPORT",
                         help="paired dFID against model size for SCALE_SERIES, from finished reports' JSON (e.g. one "
                              "--length report per size); results in <output>.json and .png; trains nothing")
+    parser.add_argument("--pairs", nargs="+", default=None, metavar="A:B",
+                        help="--weight_gaps: these pairs of bases or study runs (<regime>-<arm>-seed<k>) instead of "
+                             "WEIGHT_GAP_PAIRS")
     parser.add_argument("--draws", nargs="+", default=None, choices=list(EVAL_DRAWS),
                         help="--eval_noise: the extra draws to evaluate (default: all)")
     parser.add_argument("--only", default=None, help="comma-separated regime/arm names to run (default: all)")
@@ -1281,8 +1283,15 @@ def main() -> None:
             print(f"{p['series']:>16} {p['parameters'] / 1e6:5.1f} M {p['arm']:<28} dFID {p['dfid']:+.3f} "
                   f"[{p['low']:+.3f}, {p['high']:+.3f}] ({100 * p['relative']:+.1f}%, n={p['n']})")
         return
+    if args.pairs and not args.weight_gaps:
+        raise SystemExit("--pairs: only with --weight_gaps")
     if args.weight_gaps:
-        gaps = weight_gaps(Path(args.work_dir))
+        bad = [p for p in args.pairs or [] if p.count(":") != 1 or "" in p.split(":")]
+        if bad:
+            raise SystemExit(f"--pairs: {bad} are not A:B; name two bases or study runs per pair, e.g. "
+                             "transfer-24m:transfer-24m-raw")
+        pairs = tuple(tuple(p.split(":")) for p in args.pairs) if args.pairs else WEIGHT_GAP_PAIRS
+        gaps = weight_gaps(Path(args.work_dir), pairs)
         for g in gaps:
             print(f"{g['a']:>28} vs {g['b']:<28} {100 * g['gap']:.2f}%")
         write_json(Path(args.output or ROOT / "benchmarks" / "results" / "base_weight_gaps").with_suffix(".json"), gaps)

@@ -608,3 +608,35 @@ def test_scale_from_refuses_missing_conflicting_or_unrelated_reports_before_writ
     monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", str(a), str(a), "--output", str(out)])
     study.main()
     assert {p["parameters"] for p in json.loads(out.with_suffix(".json").read_text())["scale"]} == {6429472}
+
+
+def test_weight_gaps_takes_the_pairs_named_on_the_command_line_and_refuses_malformed_ones(tmp_path, monkeypatch):
+    import json
+
+    bases = tmp_path / "bases"
+    point = study.redraw_class_rows(study.DEMO_BASE, bases / "point", (5, 6, 7, 8, 9), seed=1)
+    (bases / "centre").symlink_to(study.DEMO_BASE)
+    run = tmp_path / "runs" / "transfer-6m-full-long-lr1e-3" / "full-plain-seed0"
+    run.parent.mkdir(parents=True)
+    run.symlink_to(point)
+    out = tmp_path / "gaps"
+    argv = ["sadm_study.py", "--weight_gaps", "--work_dir", str(tmp_path), "--output", str(out), "--pairs"]
+    monkeypatch.setattr(sys, "argv", argv + ["transfer-6m-full-long-lr1e-3-full-plain-seed0:centre", "centre:point"])
+    study.main()
+    gaps = json.loads(out.with_suffix(".json").read_text())
+    assert [(g["a"], g["b"]) for g in gaps] == [("transfer-6m-full-long-lr1e-3-full-plain-seed0", "centre"),
+                                                ("centre", "point")]
+    assert gaps[0]["gap"] == pytest.approx(study.weight_gap(point, study.DEMO_BASE)) and gaps[0]["gap"] > 0.01
+    assert gaps[1]["gap"] == pytest.approx(study.weight_gap(study.DEMO_BASE, point))
+    for pairs, message in ((["centre"], r"--pairs: \['centre'\] are not A:B"),
+                           (["centre:"], r"--pairs: \['centre:'\] are not A:B"),
+                           (["a:b:c"], r"--pairs: \['a:b:c'\] are not A:B")):
+        monkeypatch.setattr(sys, "argv", argv + pairs)
+        with pytest.raises(SystemExit, match=message):
+            study.main()
+    monkeypatch.setattr(study, "regime_setup", lambda *a: pytest.fail("--pairs without --weight_gaps went on to train"))
+    monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--pairs", "centre:point", "--work_dir", str(tmp_path / "w"),
+                                      "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--pairs: only with --weight_gaps"):
+        study.main()
+    assert not (tmp_path / "x.json").exists()
