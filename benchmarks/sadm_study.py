@@ -462,6 +462,9 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
     ("transfer-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-full-raw-lr1e-3-stage2", EQUAL_COMPUTE_STEPS),
+    # and at the toolkit loop's own ratio at 1.9 M (x1.21, step_time_scale.json): 605 steps
+    ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "605"],
+                                                                           "full-plain"),
     ("transfer-6m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-lr1e-3-stage2", 543),
@@ -490,7 +493,8 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0
                    ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
                    ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
-                   ("continue-24m-few", "sadm-augment"): "plain-equal-compute"}
+                   ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
+                   ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}

@@ -527,6 +527,10 @@ def test_the_two_stage_pipeline_at_the_smaller_sizes_is_the_23m_one_on_their_own
         assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute")] == "full-sadm"
         assert set(study.equal_compute_trio(stage)) <= set(study.EVAL_NOISE_ARMS)
         assert study.root_base(stage) == base and study.root_base(first) == base
+    # at 1.9 M also at the toolkit loop's measured x1.21 (the x1.39 above is the mechanism study's older ratio)
+    assert study.LENGTH_ARMS[("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21")] == (
+        study.PLAIN + ["--max_train_steps", "605"], "full-plain")
+    assert study.ALSO_PAIRED[("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21")] == "full-sadm"
     assert [study.SCALE_SERIES["transfer-stage2"][0][i] for i in (0, 1, 2)] == [
         "transfer-full-raw-lr1e-3-stage2", "transfer-6m-full-raw-lr1e-3-stage2", "transfer-24m-full-raw-lr1e-3-stage2"]
 
