@@ -259,6 +259,11 @@ REGIMES = {
     "transfer-6m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"],
                                                          base="transfer-6m"),
     "transfer-6m-full-raw-lr1e-3-stage2": second_stage_on("transfer-6m-full-long-raw-lr1e-3"),
+    # and the 23.1 M tie's pipeline at 6.4 M: the raw first stage at the fine-tune's 1e-4 (a small offset from its
+    # average at 23.1 M), its EMA'd twin, and the second stage on it. Does the offset reading hold at another size?
+    "transfer-6m-full-long-raw": transfer_on_all_5to9(RAW_CONSTANT, base="transfer-6m"),
+    "transfer-6m-full-long": transfer_on_all_5to9(EMA_CONSTANT, base="transfer-6m"),
+    "transfer-6m-full-raw-stage2": second_stage_on("transfer-6m-full-long-raw"),
     # transfer-24m-full (all of digits 5-9, continue's recipe) from a transfer base pre-trained raw on 0-4, as
     # continue-24m was (transfer-24m-raw): the direct test of whether transfer pays from a raw base
     "transfer-24m-raw-full": {"steps": 500, "samples_per_class": 200, "recipe": EMA_COSINE, "base": "transfer-24m-raw",
@@ -468,6 +473,9 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-lr1e-3-stage2", 543),
+    ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
+    ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
+    **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
 }
 # the same bench at 1.9 M, 6.4 M and 24 M parameters, per regime: (regimes by size, the arms' prefix)
 SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
@@ -764,7 +772,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-24m-full-raw-lr1e-3-stage2"),
                    *equal_compute_trio("transfer-24m-raw-full"),
                    *equal_compute_trio("transfer-full-raw-lr1e-3-stage2"),
-                   *equal_compute_trio("transfer-6m-full-raw-lr1e-3-stage2"))
+                   *equal_compute_trio("transfer-6m-full-raw-lr1e-3-stage2"),
+                   *equal_compute_trio("transfer-6m-full-raw-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
 ALSO_PAIRED = {**_OTHER_PAIRINGS, **{(regime, arm): arm.removesuffix("plain-equal-compute") + "sadm"

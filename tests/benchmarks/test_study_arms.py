@@ -527,6 +527,13 @@ def test_the_two_stage_pipeline_at_the_smaller_sizes_is_the_23m_one_on_their_own
         assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute")] == "full-sadm"
         assert set(study.equal_compute_trio(stage)) <= set(study.EVAL_NOISE_ARMS)
         assert study.root_base(stage) == base and study.root_base(first) == base
+    # the 23.1 M tie's pipeline at 6.4 M: the raw first stage at 1e-4 (and its EMA'd twin), and the same second stage
+    for name in ("transfer-24m-full-long-raw", "transfer-24m-full-long"):
+        assert study.REGIMES[name.replace("24m", "6m")] == {**study.REGIMES[name], "base": "transfer-6m"}
+    assert study.REGIMES["transfer-6m-full-raw-stage2"] == {**study.REGIMES["transfer-24m-full-raw-stage2"],
+                                                            "base_run": ["transfer-6m-full-long-raw", "full-plain", 0]}
+    assert study.LENGTH_ARMS[("transfer-6m-full-raw-stage2", "full-plain-equal-compute")][0][-1] == "543"
+    assert set(study.equal_compute_trio("transfer-6m-full-raw-stage2")) <= set(study.EVAL_NOISE_ARMS)
     # at 1.9 M also at the toolkit loop's measured x1.21 (the x1.39 above is the mechanism study's older ratio)
     assert study.LENGTH_ARMS[("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21")] == (
         study.PLAIN + ["--max_train_steps", "605"], "full-plain")
