@@ -1158,8 +1158,11 @@ def scale_from_reports(reports: list[Path], output: Path) -> dict:
     result = {"command": "python benchmarks/sadm_study.py --scale_from " + " ".join(shown) + " --output "
                          + (os.path.relpath(output, ROOT) if output.resolve().is_relative_to(ROOT) else str(output)),
               "sources": shown, "scale": points}
-    plot_scale(points, output.with_suffix(".png"))
     write_json(output.with_suffix(".json"), result, indent=1)
+    try:
+        plot_scale(points, output.with_suffix(".png"))
+    except ImportError:  # matplotlib is not a dependency of the toolkit
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
     return result
 
 

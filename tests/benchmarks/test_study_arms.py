@@ -582,7 +582,11 @@ def test_scale_from_reports_plots_each_size_s_paired_differences_from_finished_r
     monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", *map(str, reports), "--output", str(out)])
     study.main()
     result = json.loads(out.with_suffix(".json").read_text())
-    assert out.with_suffix(".png").stat().st_size > 10_000
+    png = out.with_suffix(".png")
+    if importlib.util.find_spec("matplotlib"):  # a plot where matplotlib is installed, the points without it
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    else:
+        assert not png.exists()
     assert result["sources"] == [str(p) for p in reports] and "--scale_from" in result["command"]
     points = {(p["parameters"], p["arm"]): p for p in result["scale"]}
     assert {p["series"] for p in result["scale"]} == {"transfer-stage2"}
