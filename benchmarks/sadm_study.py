@@ -1289,6 +1289,9 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="results path without suffix (default: "
                         "benchmarks/results/sadm_study, or terms_study with --terms)")
     args = parser.parse_args()
+    if args.output and "." in Path(args.output).name:  # .json and .png replace everything after a dot in the name
+        raise SystemExit(f"--output: {args.output!r} has a dot in its name; give the results path without suffix "
+                         f"and without dots, e.g. {Path(args.output).name.split('.')[0]}")
     if args.scale_from:
         missing = [str(p) for p in args.scale_from if not p.is_file()]
         if missing:

@@ -618,6 +618,13 @@ def test_scale_from_refuses_missing_conflicting_or_unrelated_reports_before_writ
     monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", str(a)])
     with pytest.raises(SystemExit, match="--scale_from: pass --output"):
         study.main()
+    # a dot in the name would be cut off by the suffixes (scale_1.9m -> scale_1.json): refused, as in every mode
+    for argv in (["--scale_from", str(a)], ["--weight_gaps"], ["--length", "--report_only"]):
+        monkeypatch.setattr(sys, "argv", ["sadm_study.py", *argv, "--work_dir", str(tmp_path / "w"),
+                                          "--output", str(tmp_path / "scale_1.9m")])
+        with pytest.raises(SystemExit, match=r"--output: .*scale_1\.9m' has a dot in its name.* e\.g\. scale_1$"):
+            study.main()
+    assert not list(tmp_path.glob("scale_1*"))
     assert not out.with_suffix(".json").exists() and not out.with_suffix(".png").exists()
     # the same regime in two reports with the same numbers is one regime
     monkeypatch.setattr(sys, "argv", ["sadm_study.py", "--scale_from", str(a), str(a), "--output", str(out)])
