@@ -137,6 +137,7 @@ EMA_CONSTANT = ["--use_ema", "--ema_decay", "0.999", "--lr_scheduler", "constant
 RAW_CONSTANT = ["--no_use_ema", *EMA_CONSTANT[3:]]
 # that raw run at the base builds' LR (1e-3): the first stage of transfer's two-stage pipeline where SADM paid
 RAW_CONSTANT_LR1E3 = RAW_CONSTANT + ["--learning_rate", "1e-3"]
+EMA_CONSTANT_LR1E3 = EMA_CONSTANT + ["--learning_rate", "1e-3"]  # and with its EMA: the same trajectory's average
 PLAIN = ["--structure_weight", "0"]
 DISC_AUGMENT = ["--disc_augment", "translation,cutout"]
 
@@ -246,18 +247,17 @@ REGIMES = {
     # raw first stage at 1e-3 (the base builds' LR) ...
     "transfer-24m-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT_LR1E3),
     # (its EMA'd twin, one trajectory, measures that raw iterate's offset from its own average: --weight_gaps) ...
-    "transfer-24m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"]),
+    "transfer-24m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT_LR1E3),
     # ... and the same second stage on it: transfer's test of the offset reading with an offset of continue's size
     "transfer-24m-full-raw-lr1e-3-stage2": second_stage_on("transfer-24m-full-long-raw-lr1e-3"),
     # that two-stage pipeline (SADM -14.7% at equal compute at 23.1 M) at the two smaller sizes, from their own
     # transfer bases (1.9 M and 6.4 M, 3,000 steps on digits 0-4): does the win hold, and grow with size?
     # Each first stage's EMA'd twin measures its raw iterate's offset from its own average (--weight_gaps)
     "transfer-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT_LR1E3, base="transfer"),
-    "transfer-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"], base="transfer"),
+    "transfer-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT_LR1E3, base="transfer"),
     "transfer-full-raw-lr1e-3-stage2": second_stage_on("transfer-full-long-raw-lr1e-3"),
     "transfer-6m-full-long-raw-lr1e-3": transfer_on_all_5to9(RAW_CONSTANT_LR1E3, base="transfer-6m"),
-    "transfer-6m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT + ["--learning_rate", "1e-3"],
-                                                         base="transfer-6m"),
+    "transfer-6m-full-long-lr1e-3": transfer_on_all_5to9(EMA_CONSTANT_LR1E3, base="transfer-6m"),
     "transfer-6m-full-raw-lr1e-3-stage2": second_stage_on("transfer-6m-full-long-raw-lr1e-3"),
     # and the 23.1 M tie's pipeline at 6.4 M: the raw first stage at the fine-tune's 1e-4 (a small offset from its
     # average at 23.1 M), its EMA'd twin, and the second stage on it. Does the offset reading hold at another size?
