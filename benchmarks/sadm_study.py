@@ -1154,10 +1154,13 @@ def scale_from_reports(reports: list[Path], output: Path) -> dict:
     points = scale_points(merged_summary(reports))
     if not points:
         raise SystemExit(f"--scale_from: no regime of SCALE_SERIES with a plain arm in {[str(p) for p in reports]}")
-    shown = [os.path.relpath(p, ROOT) if p.resolve().is_relative_to(ROOT) else str(p) for p in reports]
-    result = {"command": "python benchmarks/sadm_study.py --scale_from " + " ".join(shown) + " --output "
-                         + (os.path.relpath(output, ROOT) if output.resolve().is_relative_to(ROOT) else str(output)),
-              "sources": shown, "scale": points}
+    def shown(path: Path) -> str:  # inside the repository: relative to its root, as the command is run there
+        full = path.resolve()
+        return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(path)
+
+    sources = [shown(p) for p in reports]
+    result = {"command": f"python benchmarks/sadm_study.py --scale_from {' '.join(sources)} --output {shown(output)}",
+              "sources": sources, "scale": points}
     write_json(output.with_suffix(".json"), result, indent=1)
     try:
         plot_scale(points, output.with_suffix(".png"))
