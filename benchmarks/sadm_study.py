@@ -473,6 +473,13 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-lr1e-3-stage2", 543),
+    # the recommended SADM + SD-DiT 0.5 in that pipeline, where SADM alone wins -11.2% at equal compute: x1.281 step
+    # time at 6.4 M (step_time_terms_6m.json, 3 rounds), so plain gets 641 steps against it; SD-DiT alone for
+    # SADM's share of the combination
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5"): (SDDIT_05 + PLAIN, "full-plain"),
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"): (PLAIN + ["--max_train_steps", "641"],
+                                                                              "full-plain"),
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
@@ -502,7 +509,9 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0
                    ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
-                   ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm"}
+                   ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm",
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"): "full-sadm+sddit-0.5",
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -773,6 +782,9 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-24m-raw-full"),
                    *equal_compute_trio("transfer-full-raw-lr1e-3-stage2"),
                    *equal_compute_trio("transfer-6m-full-raw-lr1e-3-stage2"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"),
                    *equal_compute_trio("transfer-6m-full-raw-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
