@@ -662,3 +662,34 @@ def test_weight_gaps_takes_the_pairs_named_on_the_command_line_and_refuses_malfo
     with pytest.raises(SystemExit, match="--pairs: only with --weight_gaps"):
         study.main()
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_recommended_combination_runs_in_the_6_4m_two_stage_pipeline_against_plain_at_its_own_compute(tmp_path):
+    import json
+
+    stage = "transfer-6m-full-raw-lr1e-3-stage2"
+    assert study.LENGTH_ARMS[(stage, "full-sadm+sddit-0.5")] == (study.SDDIT_05, "full-plain")
+    # SD-DiT alone: the same term with SADM switched off, for SADM's share of the combination
+    assert study.LENGTH_ARMS[(stage, "full-sddit-0.5")] == (study.SDDIT_05 + study.PLAIN, "full-plain")
+    assert study.SDDIT_05[:2] == ["--sddit_weight", "0.5"] and "--structure_weight" not in study.SDDIT_05
+    # plain gets 500 steps x the combination's measured step-time ratio at 6.4 M (x1.281: 641 steps)
+    ratio = json.loads((ROOT / "benchmarks" / "results" / "step_time_terms_6m.json").read_text())
+    ratio = ratio["summary"]["tiny-6m"]["ratios"]["sadm+sddit/plain"]["time"]
+    flags, paired = study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.28")]
+    assert flags == study.PLAIN + ["--max_train_steps", str(round(study.REGIMES[stage]["steps"] * ratio))]
+    assert paired == "full-plain" and flags[-1] == "641"
+    assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute-1.28")] == "full-sadm+sddit-0.5"
+    assert study.ALSO_PAIRED[(stage, "full-sadm+sddit-0.5")] == "full-sddit-0.5"
+    # on every draw the combination is set against plain at its compute, not at SADM alone's
+    for arm, fid in (("full-plain", 1.2), ("full-sadm+sddit-0.5", 1.0), ("full-plain-equal-compute-1.28", 1.1),
+                     ("full-sddit-0.5", 1.15), ("full-sadm", 1.05), ("full-plain-equal-compute", 1.19)):
+        for seed in (0, 1):
+            out = tmp_path / "runs" / stage / f"{arm}-seed{seed}"
+            out.mkdir(parents=True)
+            (out / "eval.json").write_text(json.dumps({"metrics": {"fid": fid + 0.01 * seed}}))
+    result = study.eval_noise_result(tmp_path, [0, 1])
+    combo = result["equal_compute"][f"{stage}/full-sadm+sddit-0.5 - full-plain-equal-compute-1.28"]["ddim25-s1234"]
+    assert combo["n"] == 2 and combo["mean"] == pytest.approx(-0.1) and combo["relative_to"] == pytest.approx(1.105)
+    alone = result["equal_compute"][f"{stage}/full-sadm - full-plain-equal-compute"]["ddim25-s1234"]
+    assert alone["mean"] == pytest.approx(-0.14)
+    assert result["paired_vs_plain"][f"{stage}/full-sddit-0.5"]["ddim25-s1234"]["mean"] == pytest.approx(-0.05)
