@@ -461,6 +461,11 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-24m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
     ("transfer-24m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-24m-full-raw-lr1e-3-stage2", 515),
+    # the recommended SADM + SD-DiT 0.5 in that pipeline, where SADM alone wins -14.7% at equal compute: x1.208 step
+    # time at 23.1 M (step_time_terms_24m.json, 3 rounds), so plain gets 604 steps against it
+    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
+    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "604"],
+                                                                               "full-plain"),
     **equal_compute_arms("transfer-24m-raw-full", 515),
     # the two-stage pipeline at 1.9 M and 6.4 M: plain gets SADM's compute there as in the scale study (x1.39 at
     # 1.9 M: 695 steps of 500; x1.085 at 6.4 M: 543)
@@ -479,6 +484,9 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5"): (SDDIT_05 + PLAIN, "full-plain"),
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"): (PLAIN + ["--max_train_steps", "641"],
+                                                                              "full-plain"),
+    # SD-DiT alone at its own compute there: x1.165 step time (step_time_terms_6m.json), 583 steps of 500
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"): (PLAIN + ["--max_train_steps", "583"],
                                                                               "full-plain"),
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
@@ -511,7 +519,9 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                    ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"): "full-sadm+sddit-0.5",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5",
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"): "full-sddit-0.5",
+                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -785,6 +795,9 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"),
+                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
+                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"),
                    *equal_compute_trio("transfer-6m-full-raw-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
