@@ -334,6 +334,25 @@ TERMS_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 # 695 steps; the cosine schedule stretches with it). Formulation: min pair weights. Recipe: SADM and plain
 # without EMA and with a constant learning rate (the toolkit's old defaults).
 SDDIT_05 = SDDIT[:1] + ["0.5"] + SDDIT[2:]
+# step-time ratios over plain measured by benchmarks/step_time.py --terms (the toolkit's loop, batch 32, one thread,
+# 3 rounds; benchmarks/results/step_time_terms_6m.json and step_time_terms_24m.json)
+COMBINATION_RATIO = {"6m": 1.2813, "24m": 1.2078}  # SADM + SD-DiT 0.5
+SDDIT_RATIO = {"6m": 1.1652}  # SD-DiT 0.5 alone
+# (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
+AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
+
+
+def at_its_compute(regime: str, arm: str, flags: list[str], ratio: float,
+                   prefix: str = "full-") -> dict[tuple[str, str], tuple[list[str], str | None]]:
+    """``arm`` (``flags``) and plain given its measured step-time ``ratio`` in extra steps (the regime's steps x
+    ratio; the arm is named by the ratio to two places), both paired with plain, and the second with ``arm``."""
+    equal = f"{prefix}plain-equal-compute-{ratio:.2f}"
+    AT_ITS_COMPUTE[(regime, equal)] = arm
+    steps = round(REGIMES[regime]["steps"] * ratio)
+    return {(regime, arm): (flags, f"{prefix}plain"),
+            (regime, equal): (PLAIN + ["--max_train_steps", str(steps)], f"{prefix}plain")}
+
+
 EQUAL_COMPUTE_STEPS = 695  # 500 x 1.39, SADM's step-time ratio on the demo DiT (benchmarks/results/step_time.json)
 NO_RECIPE = ["--no_use_ema", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
 MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
@@ -393,17 +412,14 @@ RECOMMEND_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
 SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **equal_compute_arms("continue", EQUAL_COMPUTE_STEPS, prefix=""),
     **equal_compute_arms("continue-6m", 543, prefix=""),
-    # the recommended SADM + SD-DiT 0.5 at 6.4 M, at equal compute: x1.281 step time there
-    # (benchmarks/results/step_time_terms_6m.json, 3 rounds), so plain gets 641 steps against it
-    ("continue-6m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
-    ("continue-6m", "plain-equal-compute-1.28"): (PLAIN + ["--max_train_steps", "641"], "plain"),
+    # the recommended SADM + SD-DiT 0.5 at 6.4 M, at equal compute: x1.281 step time there, so plain gets 641 steps
+    **at_its_compute("continue-6m", "sadm+sddit-0.5", SDDIT_05, COMBINATION_RATIO["6m"], prefix=""),
     # at 23.1 M SADM costs x1.016 (step_time_scale.json, 2 rounds) to x1.029 (step_time_terms_24m.json, 3 rounds):
     # plain gets the larger, 515 steps of 500 (a few steps still paid in transfer at this size)
     **equal_compute_arms("continue-24m", 515, prefix=""),
     # the recommended SADM + SD-DiT 0.5 in continue at 23.1 M, where SADM alone gains -10.9% at equal compute:
-    # x1.208 step time there (step_time_terms_24m.json, 3 rounds), so plain gets 604 steps against it
-    ("continue-24m", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
-    ("continue-24m", "plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "604"], "plain"),
+    # x1.208 step time there, so plain gets 604 steps against it
+    **at_its_compute("continue-24m", "sadm+sddit-0.5", SDDIT_05, COMBINATION_RATIO["24m"], prefix=""),
     # SD-DiT alone there: is SADM's share of the combination more than noise at this size?
     ("continue-24m", "sddit-0.5"): (SDDIT_05 + PLAIN, "plain"),
     **equal_compute_arms("transfer", 556),
@@ -415,10 +431,8 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # lambda does not change the step time, so plain at 406 steps is its equal compute too
     ("transfer-24m", "full-sadm-lambda-0.03"): (["--structure_weight", "0.03"], "full-plain"),
     # the recommended SADM + SD-DiT 0.5 in transfer at 23.1 M, where SADM alone came within -1.5% of plain at equal
-    # compute; its step-time ratio there is measured by benchmarks/step_time.py --models tiny-24m --terms
-    ("transfer-24m", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
-    # x1.208 there (benchmarks/results/step_time_terms_24m.json, 3 rounds): plain gets 483 steps against it
-    ("transfer-24m", "full-plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "483"], "full-plain"),
+    # compute: x1.208 step time there, so plain gets 483 steps of 400 against it
+    **at_its_compute("transfer-24m", "full-sadm+sddit-0.5", SDDIT_05, COMBINATION_RATIO["24m"]),
     # transfer under the default recipe (cosine decay; the runs above keep a constant LR after warm-up)
     **equal_compute_arms("transfer-cosine", 556),
     **equal_compute_arms("transfer-6m-cosine", 434),
@@ -462,10 +476,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-24m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-24m-full-raw-lr1e-3-stage2", 515),
     # the recommended SADM + SD-DiT 0.5 in that pipeline, where SADM alone wins -14.7% at equal compute: x1.208 step
-    # time at 23.1 M (step_time_terms_24m.json, 3 rounds), so plain gets 604 steps against it
-    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
-    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "604"],
-                                                                               "full-plain"),
+    # time at 23.1 M, so plain gets 604 steps against it
+    **at_its_compute("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", SDDIT_05, COMBINATION_RATIO["24m"]),
     **equal_compute_arms("transfer-24m-raw-full", 515),
     # the two-stage pipeline at 1.9 M and 6.4 M: plain gets SADM's compute there as in the scale study (x1.39 at
     # 1.9 M: 695 steps of 500; x1.085 at 6.4 M: 543)
@@ -479,15 +491,10 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-lr1e-3-stage2", 543),
     # the recommended SADM + SD-DiT 0.5 in that pipeline, where SADM alone wins -11.2% at equal compute: x1.281 step
-    # time at 6.4 M (step_time_terms_6m.json, 3 rounds), so plain gets 641 steps against it; SD-DiT alone for
-    # SADM's share of the combination
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): (SDDIT_05, "full-plain"),
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5"): (SDDIT_05 + PLAIN, "full-plain"),
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"): (PLAIN + ["--max_train_steps", "641"],
-                                                                              "full-plain"),
-    # SD-DiT alone at its own compute there: x1.165 step time (step_time_terms_6m.json), 583 steps of 500
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"): (PLAIN + ["--max_train_steps", "583"],
-                                                                              "full-plain"),
+    # time at 6.4 M, so plain gets 641 steps against it; SD-DiT alone (for SADM's share of the combination) at its
+    # own x1.165: 583 steps
+    **at_its_compute("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", SDDIT_05, COMBINATION_RATIO["6m"]),
+    **at_its_compute("transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5", SDDIT_05 + PLAIN, SDDIT_RATIO["6m"]),
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
@@ -501,7 +508,8 @@ SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
                                      "transfer-24m-full-raw-lr1e-3-stage2"), "full-")}
 # Second pairings reported beside the first (FID etc. vs another arm of the same seeds): every plain arm at an
 # SADM arm's compute ("<prefix>plain-equal-compute", equal_compute_arms) is paired with that SADM arm (ALSO_PAIRED,
-# below the arm tables), and these with the arm named
+# below the arm tables), plain at another arm's measured compute with that arm (at_its_compute), and these with the
+# arm named
 _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                    ("continue", "sadm-frozen-d"): "sadm", ("continue", "per-sample-gan"): "sadm",
                    ("continue", "sadm-min-pairs"): "sadm", ("continue", "per-sample-gan-0.1"): "sadm",
@@ -510,18 +518,12 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0
                    ("continue", "sadm-lambda-0.1"): "sadm", ("transfer", "full-sadm-frozen-d"): "full-sadm",
                    ("transfer", "full-per-sample-gan"): "full-sadm", ("continue", "sadm-features"): "sadm",
                    ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
-                   ("continue-24m", "plain-equal-compute-1.21"): "sadm+sddit-0.5",
                    ("continue-24m", "sadm+sddit-0.5"): "sddit-0.5",
-                   ("continue-6m", "plain-equal-compute-1.28"): "sadm+sddit-0.5",
-                   ("transfer-24m", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5",
                    ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                    ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"): "full-sadm+sddit-0.5",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"): "full-sddit-0.5",
-                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm+sddit-0.5"}
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -801,7 +803,7 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-6m-full-raw-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
-ALSO_PAIRED = {**_OTHER_PAIRINGS, **{(regime, arm): arm.removesuffix("plain-equal-compute") + "sadm"
+ALSO_PAIRED = {**_OTHER_PAIRINGS, **AT_ITS_COMPUTE, **{(regime, arm): arm.removesuffix("plain-equal-compute") + "sadm"
                                   for regime, arm in _STUDY_ARMS if arm.endswith("plain-equal-compute")}}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
 

@@ -680,6 +680,13 @@ def test_the_recommended_combination_runs_in_the_6_4m_two_stage_pipeline_against
     assert paired == "full-plain" and flags[-1] == "641"
     assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute-1.28")] == "full-sadm+sddit-0.5"
     assert study.ALSO_PAIRED[(stage, "full-sadm+sddit-0.5")] == "full-sddit-0.5"
+    # SD-DiT alone against plain at its own measured x1.165: 583 steps
+    sddit = json.loads((ROOT / "benchmarks" / "results" / "step_time_terms_6m.json").read_text())
+    sddit = sddit["summary"]["tiny-6m"]["ratios"]["sddit/plain"]["time"]
+    flags, paired = study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.17")]
+    assert flags == study.PLAIN + ["--max_train_steps", str(round(study.REGIMES[stage]["steps"] * sddit))]
+    assert paired == "full-plain" and flags[-1] == "583"
+    assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute-1.17")] == "full-sddit-0.5"
     # on every draw the combination is set against plain at its compute, not at SADM alone's
     for arm, fid in (("full-plain", 1.2), ("full-sadm+sddit-0.5", 1.0), ("full-plain-equal-compute-1.28", 1.1),
                      ("full-sddit-0.5", 1.15), ("full-sadm", 1.05), ("full-plain-equal-compute", 1.19)):
@@ -693,3 +700,34 @@ def test_the_recommended_combination_runs_in_the_6_4m_two_stage_pipeline_against
     alone = result["equal_compute"][f"{stage}/full-sadm - full-plain-equal-compute"]["ddim25-s1234"]
     assert alone["mean"] == pytest.approx(-0.14)
     assert result["paired_vs_plain"][f"{stage}/full-sddit-0.5"]["ddim25-s1234"]["mean"] == pytest.approx(-0.05)
+
+
+@pytest.mark.parametrize("size, regime, arm, prefix", [
+    ("6m", "continue-6m", "sadm+sddit-0.5", ""), ("24m", "continue-24m", "sadm+sddit-0.5", ""),
+    ("24m", "transfer-24m", "full-sadm+sddit-0.5", "full-"),
+    ("24m", "transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-"),
+    ("6m", "transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-")])
+def test_every_combination_arm_meets_plain_at_the_step_time_its_size_measured(size, regime, arm, prefix):
+    import json
+
+    terms = json.loads((ROOT / "benchmarks" / "results" / f"step_time_terms_{size}.json").read_text())
+    ratio = terms["summary"][f"tiny-{size}"]["ratios"]["sadm+sddit/plain"]["time"]
+    assert study.COMBINATION_RATIO[size] == pytest.approx(ratio, abs=5e-5)  # the constant is the measurement
+    assert study._STUDY_ARMS[(regime, arm)] == (study.SDDIT_05, f"{prefix}plain")
+    equal = f"{prefix}plain-equal-compute-{ratio:.2f}"
+    steps = round(study.REGIMES[regime]["steps"] * ratio)
+    assert study._STUDY_ARMS[(regime, equal)] == (study.PLAIN + ["--max_train_steps", str(steps)], f"{prefix}plain")
+    # paired with plain (its table) and with the combination whose compute it was given
+    assert study.ALSO_PAIRED[(regime, equal)] == arm
+
+
+def test_at_its_compute_names_steps_and_pairs_plain_by_the_measured_ratio(monkeypatch):
+    monkeypatch.setattr(study, "AT_ITS_COMPUTE", {})
+    arms = study.at_its_compute("transfer-24m", "full-x", ["--flag"], 1.2078)
+    # 400 steps x 1.2078 = 483.1: plain gets 483, named by the ratio to two places
+    assert arms == {("transfer-24m", "full-x"): (["--flag"], "full-plain"),
+                    ("transfer-24m", "full-plain-equal-compute-1.21"):
+                        (study.PLAIN + ["--max_train_steps", "483"], "full-plain")}
+    assert study.AT_ITS_COMPUTE == {("transfer-24m", "full-plain-equal-compute-1.21"): "full-x"}
+    arms = study.at_its_compute("continue-24m", "y", [], 1.1652, prefix="")
+    assert arms[("continue-24m", "plain-equal-compute-1.17")][0][-1] == "583"  # 500 x 1.1652 = 582.6
