@@ -672,21 +672,13 @@ def test_the_recommended_combination_runs_in_the_6_4m_two_stage_pipeline_against
     # SD-DiT alone: the same term with SADM switched off, for SADM's share of the combination
     assert study.LENGTH_ARMS[(stage, "full-sddit-0.5")] == (study.SDDIT_05 + study.PLAIN, "full-plain")
     assert study.SDDIT_05[:2] == ["--sddit_weight", "0.5"] and "--structure_weight" not in study.SDDIT_05
-    # plain gets 500 steps x the combination's measured step-time ratio at 6.4 M (x1.281: 641 steps)
-    ratio = json.loads((ROOT / "benchmarks" / "results" / "step_time_terms_6m.json").read_text())
-    ratio = ratio["summary"]["tiny-6m"]["ratios"]["sadm+sddit/plain"]["time"]
-    flags, paired = study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.28")]
-    assert flags == study.PLAIN + ["--max_train_steps", str(round(study.REGIMES[stage]["steps"] * ratio))]
-    assert paired == "full-plain" and flags[-1] == "641"
+    # plain gets 500 steps x the combination's measured step-time ratio at 6.4 M (x1.281: 641 steps), and 500 x SD-DiT
+    # alone's (x1.165: 583 steps) against that; each ratio is checked against its JSON below
+    assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.28")][0][-1] == "641"
+    assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.17")][0][-1] == "583"
     assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute-1.28")] == "full-sadm+sddit-0.5"
-    assert study.ALSO_PAIRED[(stage, "full-sadm+sddit-0.5")] == "full-sddit-0.5"
-    # SD-DiT alone against plain at its own measured x1.165: 583 steps
-    sddit = json.loads((ROOT / "benchmarks" / "results" / "step_time_terms_6m.json").read_text())
-    sddit = sddit["summary"]["tiny-6m"]["ratios"]["sddit/plain"]["time"]
-    flags, paired = study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.17")]
-    assert flags == study.PLAIN + ["--max_train_steps", str(round(study.REGIMES[stage]["steps"] * sddit))]
-    assert paired == "full-plain" and flags[-1] == "583"
     assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute-1.17")] == "full-sddit-0.5"
+    assert study.ALSO_PAIRED[(stage, "full-sadm+sddit-0.5")] == "full-sddit-0.5"
     # on every draw the combination is set against plain at its compute, not at SADM alone's
     for arm, fid in (("full-plain", 1.2), ("full-sadm+sddit-0.5", 1.0), ("full-plain-equal-compute-1.28", 1.1),
                      ("full-sddit-0.5", 1.15), ("full-sadm", 1.05), ("full-plain-equal-compute", 1.19)):
@@ -702,22 +694,29 @@ def test_the_recommended_combination_runs_in_the_6_4m_two_stage_pipeline_against
     assert result["paired_vs_plain"][f"{stage}/full-sddit-0.5"]["ddim25-s1234"]["mean"] == pytest.approx(-0.05)
 
 
-@pytest.mark.parametrize("size, regime, arm, prefix", [
-    ("6m", "continue-6m", "sadm+sddit-0.5", ""), ("24m", "continue-24m", "sadm+sddit-0.5", ""),
-    ("24m", "transfer-24m", "full-sadm+sddit-0.5", "full-"),
-    ("24m", "transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-"),
-    ("6m", "transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-")])
-def test_every_combination_arm_meets_plain_at_the_step_time_its_size_measured(size, regime, arm, prefix):
+_COMBINATION = (study.SDDIT_05, "sadm+sddit", study.COMBINATION_RATIO)
+_SDDIT_ALONE = (study.SDDIT_05 + study.PLAIN, "sddit", study.SDDIT_RATIO)
+
+
+@pytest.mark.parametrize("size, regime, arm, prefix, term", [
+    ("6m", "continue-6m", "sadm+sddit-0.5", "", _COMBINATION),
+    ("24m", "continue-24m", "sadm+sddit-0.5", "", _COMBINATION),
+    ("24m", "transfer-24m", "full-sadm+sddit-0.5", "full-", _COMBINATION),
+    ("24m", "transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-", _COMBINATION),
+    ("6m", "transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-", _COMBINATION),
+    ("6m", "transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5", "full-", _SDDIT_ALONE)])
+def test_each_arm_at_its_compute_meets_plain_at_the_step_time_its_size_measured(size, regime, arm, prefix, term):
     import json
 
+    flags, column, ratios = term
     terms = json.loads((ROOT / "benchmarks" / "results" / f"step_time_terms_{size}.json").read_text())
-    ratio = terms["summary"][f"tiny-{size}"]["ratios"]["sadm+sddit/plain"]["time"]
-    assert study.COMBINATION_RATIO[size] == pytest.approx(ratio, abs=5e-5)  # the constant is the measurement
-    assert study._STUDY_ARMS[(regime, arm)] == (study.SDDIT_05, f"{prefix}plain")
+    ratio = terms["summary"][f"tiny-{size}"]["ratios"][f"{column}/plain"]["time"]
+    assert ratios[size] == pytest.approx(ratio, abs=5e-5)  # the constant is the measurement
+    assert study._STUDY_ARMS[(regime, arm)] == (flags, f"{prefix}plain")
     equal = f"{prefix}plain-equal-compute-{ratio:.2f}"
     steps = round(study.REGIMES[regime]["steps"] * ratio)
     assert study._STUDY_ARMS[(regime, equal)] == (study.PLAIN + ["--max_train_steps", str(steps)], f"{prefix}plain")
-    # paired with plain (its table) and with the combination whose compute it was given
+    # paired with plain (its table) and with the arm whose compute it was given
     assert study.ALSO_PAIRED[(regime, equal)] == arm
 
 
