@@ -365,9 +365,8 @@ MECHANISM_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("continue", "plain-equal-compute"): (PLAIN + ["--max_train_steps", str(EQUAL_COMPUTE_STEPS)], "plain"),
     ("continue", "sadm-min-pairs"): (["--pair_weighting", "min"], "plain"),
     # the recommended combination (terms study: the best arm) at equal compute: SADM + SD-DiT 0.5 costs x1.46 step
-    # time (benchmarks/results/step_time_terms.json), so plain gets 730 steps against it
-    ("continue", "sadm+sddit-0.5"): (SDDIT_05, "plain"),
-    ("continue", "plain-equal-compute-1.46"): (PLAIN + ["--max_train_steps", "730"], "plain"),
+    # time (benchmarks/results/step_time_terms.json: x1.459, rounded to x1.46), so plain gets 730 steps against it
+    **at_its_compute("continue", "sadm+sddit-0.5", SDDIT_05, 1.46, prefix=""),
     # VQGAN's adaptive weight: lambda * |dL_S/d out| = 0.05 |dL_diff/d out| (SADM's default push is 1-7% of the
     # denoising gradient per noise band, mechanism_grad_bands.json)
     ("continue", "sadm-adaptive-0.05"): (["--adaptive_weight", "--structure_weight", "0.05"], "plain"),
@@ -485,8 +484,7 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-full-raw-lr1e-3-stage2", EQUAL_COMPUTE_STEPS),
     # and at the toolkit loop's own ratio at 1.9 M (x1.21, step_time_scale.json): 605 steps
-    ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): (PLAIN + ["--max_train_steps", "605"],
-                                                                           "full-plain"),
+    **at_its_compute("transfer-full-raw-lr1e-3-stage2", "full-sadm", [], 1.21),
     ("transfer-6m-full-long-raw-lr1e-3", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long-lr1e-3", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-lr1e-3-stage2", 543),
@@ -513,7 +511,6 @@ SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
 _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
                    ("continue", "sadm-frozen-d"): "sadm", ("continue", "per-sample-gan"): "sadm",
                    ("continue", "sadm-min-pairs"): "sadm", ("continue", "per-sample-gan-0.1"): "sadm",
-                   ("continue", "plain-equal-compute-1.46"): "sadm+sddit-0.5",
                    ("continue", "sadm-adaptive-0.05"): "sadm", ("continue", "sadm-lambda-0.03"): "sadm",
                    ("continue", "sadm-lambda-0.1"): "sadm", ("transfer", "full-sadm-frozen-d"): "full-sadm",
                    ("transfer", "full-per-sample-gan"): "full-sadm", ("continue", "sadm-features"): "sadm",
@@ -522,7 +519,6 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0
                    ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
-                   ("transfer-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"): "full-sadm",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
