@@ -730,3 +730,11 @@ def test_at_its_compute_names_steps_and_pairs_plain_by_the_measured_ratio(monkey
     assert study.AT_ITS_COMPUTE == {("transfer-24m", "full-plain-equal-compute-1.21"): "full-x"}
     arms = study.at_its_compute("continue-24m", "y", [], 1.1652, prefix="")
     assert arms[("continue-24m", "plain-equal-compute-1.17")][0][-1] == "583"  # 500 x 1.1652 = 582.6
+
+
+def test_continue_s_combination_meets_plain_at_the_terms_study_s_rounded_ratio():
+    # step_time_terms.json measured x1.459 at 1.9 M; the arm keeps the terms study's rounded x1.46: 730 steps
+    assert study.MECHANISM_ARMS[("continue", "sadm+sddit-0.5")] == (study.SDDIT_05, "plain")
+    assert study.MECHANISM_ARMS[("continue", "plain-equal-compute-1.46")] == (
+        study.PLAIN + ["--max_train_steps", "730"], "plain")
+    assert study.ALSO_PAIRED[("continue", "plain-equal-compute-1.46")] == "sadm+sddit-0.5"
