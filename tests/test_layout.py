@@ -31,6 +31,7 @@ COVERAGE: dict[str, list[str]] = {
     "test_recipes.py": [],
     "test_hub_server.py": [],
     "test_layout.py": [],
+    "test_docs_links.py": [],
     "benchmarks/test_gpu_check.py": [],  # benchmarks/ scripts, outside the package
     "benchmarks/test_harness.py": [],
     "benchmarks/test_study_arms.py": [],
