@@ -4,6 +4,7 @@ target as GitHub slugs it (lower case; punctuation other than `-` and `_` droppe
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,9 +17,11 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def anchors(path: Path) -> set[str]:
+@cache
+def anchors(path: Path) -> frozenset[str]:
+    """The anchors of ``path``'s headings (read once per file: many links point into one page)."""
     text = FENCE.sub("", path.read_text(encoding="utf-8"))
-    return {slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+    return frozenset(slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#"))
 
 
 def broken_links(files: list[Path]) -> list[str]:
