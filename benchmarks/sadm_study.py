@@ -337,7 +337,7 @@ SDDIT_05 = SDDIT[:1] + ["0.5"] + SDDIT[2:]
 # step-time ratios over plain measured by benchmarks/step_time.py --terms (the toolkit's loop, batch 32, one thread,
 # 3 rounds; benchmarks/results/step_time_terms_6m.json and step_time_terms_24m.json)
 COMBINATION_RATIO = {"6m": 1.2813, "24m": 1.2078}  # SADM + SD-DiT 0.5
-SDDIT_RATIO = {"6m": 1.1652}  # SD-DiT 0.5 alone
+SDDIT_RATIO = {"6m": 1.1652, "24m": 1.1694}  # SD-DiT 0.5 alone
 # (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
 AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
 
@@ -477,6 +477,9 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # the recommended SADM + SD-DiT 0.5 in that pipeline, where SADM alone wins -14.7% at equal compute: x1.208 step
     # time at 23.1 M, so plain gets 604 steps against it
     **at_its_compute("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", SDDIT_05, COMBINATION_RATIO["24m"]),
+    # SD-DiT alone there (SADM's share of the combination, where the combination ties SADM alone): x1.169 step time
+    # at 23.1 M (step_time_terms_24m.json), so plain gets 585 steps against it
+    **at_its_compute("transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5", SDDIT_05 + PLAIN, SDDIT_RATIO["24m"]),
     **equal_compute_arms("transfer-24m-raw-full", 515),
     # the two-stage pipeline at 1.9 M and 6.4 M: plain gets SADM's compute there as in the scale study (x1.39 at
     # 1.9 M: 695 steps of 500; x1.085 at 6.4 M: 543)
@@ -519,7 +522,8 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0
                    ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5",
+                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -796,6 +800,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"),
+                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),
+                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"),
                    *equal_compute_trio("transfer-6m-full-raw-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
