@@ -704,7 +704,8 @@ _SDDIT_ALONE = (study.SDDIT_05 + study.PLAIN, "sddit", study.SDDIT_RATIO)
     ("24m", "transfer-24m", "full-sadm+sddit-0.5", "full-", _COMBINATION),
     ("24m", "transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-", _COMBINATION),
     ("6m", "transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5", "full-", _COMBINATION),
-    ("6m", "transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5", "full-", _SDDIT_ALONE)])
+    ("6m", "transfer-6m-full-raw-lr1e-3-stage2", "full-sddit-0.5", "full-", _SDDIT_ALONE),
+    ("24m", "transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5", "full-", _SDDIT_ALONE)])
 def test_each_arm_at_its_compute_meets_plain_at_the_step_time_its_size_measured(size, regime, arm, prefix, term):
     import json
 
@@ -718,6 +719,8 @@ def test_each_arm_at_its_compute_meets_plain_at_the_step_time_its_size_measured(
     assert study._STUDY_ARMS[(regime, equal)] == (study.PLAIN + ["--max_train_steps", str(steps)], f"{prefix}plain")
     # paired with plain (its table) and with the arm whose compute it was given
     assert study.ALSO_PAIRED[(regime, equal)] == arm
+    if term is _SDDIT_ALONE:  # and the combination of the same regime with it (SADM's share)
+        assert study.ALSO_PAIRED[(regime, arm.replace("sddit", "sadm+sddit"))] == arm
 
 
 def test_at_its_compute_names_steps_and_pairs_plain_by_the_measured_ratio(monkeypatch):
