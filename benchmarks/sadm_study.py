@@ -511,19 +511,15 @@ SCALE_SERIES = {"continue": (("continue", "continue-6m", "continue-24m"), ""),
 # SADM arm's compute ("<prefix>plain-equal-compute", equal_compute_arms) is paired with that SADM arm (ALSO_PAIRED,
 # below the arm tables), plain at another arm's measured compute with that arm (at_its_compute), and these with the
 # arm named
-_OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm", ("continue", "sadm+sddit-0.5"): "sddit-0.5",
+_OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm",
                    ("continue", "sadm-frozen-d"): "sadm", ("continue", "per-sample-gan"): "sadm",
                    ("continue", "sadm-min-pairs"): "sadm", ("continue", "per-sample-gan-0.1"): "sadm",
                    ("continue", "sadm-adaptive-0.05"): "sadm", ("continue", "sadm-lambda-0.03"): "sadm",
                    ("continue", "sadm-lambda-0.1"): "sadm", ("transfer", "full-sadm-frozen-d"): "full-sadm",
                    ("transfer", "full-per-sample-gan"): "full-sadm", ("continue", "sadm-features"): "sadm",
-                   ("transfer", "full-sadm+sddit-0.5"): "full-sddit-0.5",
-                   ("continue-24m", "sadm+sddit-0.5"): "sddit-0.5",
                    ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
-                   ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5",
-                   ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"): "full-sddit-0.5"}
+                   ("continue-24m-few", "sadm-augment"): "plain-equal-compute"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -805,7 +801,10 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-6m-full-raw-stage2"))
 # each regime's baseline: the arm its table pairs with nothing (a KeyError here names an arm no study defines)
 _STUDY_ARMS = {**ARMS, **FULL_ARMS, **TERMS_ARMS, **MECHANISM_ARMS, **RECOMMEND_ARMS, **SCALE_ARMS, **LENGTH_ARMS}
-ALSO_PAIRED = {**_OTHER_PAIRINGS, **AT_ITS_COMPUTE, **{(regime, arm): arm.removesuffix("plain-equal-compute") + "sadm"
+# a combination with SADM is paired with its other term alone wherever that arm runs too (SADM's share of it)
+_WITHOUT_SADM = {(regime, arm): arm.replace("sadm+", "") for regime, arm in _STUDY_ARMS
+                 if "sadm+sddit" in arm and (regime, arm.replace("sadm+", "")) in _STUDY_ARMS}
+ALSO_PAIRED = {**_OTHER_PAIRINGS, **_WITHOUT_SADM, **AT_ITS_COMPUTE, **{(regime, arm): arm.removesuffix("plain-equal-compute") + "sadm"
                                   for regime, arm in _STUDY_ARMS if arm.endswith("plain-equal-compute")}}
 EVAL_NOISE_PLAIN = {regime: arm for regime, arm in EVAL_NOISE_ARMS if _STUDY_ARMS[(regime, arm)][1] is None}
 
