@@ -119,6 +119,7 @@ TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 WEIGHT_GAP_PAIRS = (("continue-24m", "continue-24m-ema-constant"),  # the raw iterate and its EMA (constant LR)
                     ("continue-24m-mirrored", "continue-24m-ema-constant"),  # its mirror: the same distance
                     ("continue-24m-half-offset", "continue-24m-ema-constant"),  # half the distance
+                    ("continue-24m-double-offset", "continue-24m-ema-constant"),  # twice it
                     ("continue-24m-cosine", "continue-24m-ema"),  # the same under the cosine decay
                     ("continue-24m-cosine", "continue-24m"),  # the two raw iterates: what the decay changes
                     ("continue-24m-ema", "continue-24m-ema-constant"),  # the two averages

@@ -408,6 +408,9 @@ def test_the_offset_regimes_move_continue_24m_along_its_offset_from_its_own_ema(
     assert study.LENGTH_ARMS[("continue-24m-double-offset-5to9", "plain-equal-compute")] == (
         study.PLAIN + ["--max_train_steps", "515"], "plain")
     assert ("continue-24m-double-offset-5to9", "plain-equal-compute") in study.EVAL_NOISE_ARMS
+    # --weight_gaps measures each offset base's distance from the average it was built around
+    for name in study.OFFSET_BASES:
+        assert (name, study.OFFSET_BASES[name][0]) in study.WEIGHT_GAP_PAIRS
 
 
 def test_the_raw_second_stage_continues_the_raw_iterate_of_the_averaged_stage_s_trajectory(tmp_path, monkeypatch):
