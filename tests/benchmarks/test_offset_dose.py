@@ -72,3 +72,4 @@ def test_the_committed_offset_points_give_the_shares_the_docs_quote():
         assert round(by[key]["ddpm50-s1234"]["pct"]["mean"], 1) == ddpm
         assert by[key]["ddim25-s1234"]["n"] == 5
     assert round(by[(1.0, "rebuilt")]["ddim25-s1234"]["pct"]["mean"], 1) == -5.8
+    assert round(by[(1.0, "rebuilt")]["ddpm50-s1234"]["pct"]["mean"], 1) == -6.3
