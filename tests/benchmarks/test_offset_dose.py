@@ -73,3 +73,15 @@ def test_the_committed_offset_points_give_the_shares_the_docs_quote():
         assert by[key]["ddim25-s1234"]["n"] == 5
     assert round(by[(1.0, "rebuilt")]["ddim25-s1234"]["pct"]["mean"], 1) == -5.8
     assert round(by[(1.0, "rebuilt")]["ddpm50-s1234"]["pct"]["mean"], 1) == -6.3
+
+
+def test_each_point_s_scale_is_its_base_s_place_on_the_line_sadm_study_builds():
+    import sadm_study
+
+    centre, point = "continue-24m-ema-constant", "continue-24m"
+    for scale, _, regime, _ in offset_dose.POINTS:
+        base = sadm_study.REGIMES[regime]["base"]
+        if base in sadm_study.OFFSET_BASES:
+            assert sadm_study.OFFSET_BASES[base] == (centre, point, scale), regime
+        else:
+            assert {centre: 0.0, point: 1.0}[base] == scale, regime
