@@ -3,10 +3,11 @@
 `sadm_study.py --length` fine-tunes 23.1 M bases that lie on the line through continue-24m-ema-constant (an EMA, the
 average of a constant-LR run) and continue-24m (that run's raw iterate): the base is average + scale x (iterate -
 average), with scale 0 (the average itself), 0.5, 1 (the iterate), 2 and -1 (the offset turned around; OFFSET_BASES).
-Each regime's report holds SADM and plain at SADM's compute for five paired seeds. This script reads those reports
-(and their `_eval_noise` files for the DDPM 50 draw) from benchmarks/results/, nothing is trained or sampled, and
-writes per base SADM - plain at equal compute as a share of plain's FID (mean paired difference over the mean of
-plain's FIDs, with its 95% Student-t interval) on each draw, and the plot of that share against the scale:
+Each regime's `_eval_noise` report pairs SADM with plain at SADM's compute on every draw it made (five paired seeds;
+the study's DDIM 25 draw and DDPM 50). This script reads those pairings from benchmarks/results/, nothing is trained,
+sampled or paired again, and writes per base SADM - plain at equal compute as a share of plain's FID (the mean
+paired difference over plain's mean FID, with its 95% Student-t interval) on each draw, and the plot of that share
+against the scale:
 
     python benchmarks/offset_dose.py   # -> benchmarks/results/offset_dose_24m.json and .png
 
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, t_interval, write_json  # noqa: E402
+from harness import RESULTS, write_json  # noqa: E402
 
 # (scale, chain, regime, report stem under benchmarks/results): the offset bases, in the order of the scale
 POINTS = (
@@ -36,55 +36,33 @@ POINTS = (
 )
 STUDY_DRAW = "ddim25-s1234"  # the report's own draw (eval.json): DDIM 25, sampling seed 1234, 1,000 samples
 DRAWS = (STUDY_DRAW, "ddpm50-s1234")
-ARMS = ("sadm", "plain-equal-compute")
 
 
-def share(ours: dict[str, float], plain: dict[str, float]) -> dict | None:
-    """ours - plain over their common seeds (seed -> FID), with the interval also as a share of plain's mean FID
-    over those seeds (in %); None where they share no seed."""
-    common = sorted(set(ours) & set(plain), key=int)
-    if not common:
-        return None
-    ci = t_interval([ours[s] - plain[s] for s in common])
-    ref = statistics.fmean(plain[s] for s in common)
-    return {**ci, "seeds": [int(s) for s in common], "plain_fid": ref,
-            "pct": {k: 100 * ci[k] / ref for k in ("mean", "low", "high")}}
-
-
-def point_fids(results: Path, regime: str, stem: str) -> dict[str, dict[str, dict[str, float]]]:
-    """draw -> arm -> seed -> FID, from the report (the study draw) and its _eval_noise file (the others)."""
-    report = results / f"{stem}.json"
-    if not report.is_file():
-        raise SystemExit(f"{report} is missing: run its block with benchmarks/sadm_study.py --length --only "
-                         f"{regime}/sadm,{regime}/plain-equal-compute (see docs/sadm-study.md), or drop it from POINTS")
-    summary = json.loads(report.read_text())["summary"].get(regime, {})
-    missing = [a for a in ARMS if a not in summary]
-    if missing:
-        raise SystemExit(f"{report} holds no {missing} of {regime}: it is not that regime's report")
-    fids = {STUDY_DRAW: {a: {s: m["fid"] for s, m in summary[a]["per_seed"].items()} for a in ARMS}}
+def point(results: Path, regime: str, stem: str) -> dict[str, dict | None]:
+    """draw -> SADM - plain at SADM's compute as the study paired them (sadm_study.eval_noise_result: the paired
+    difference over the seeds both were drawn with, its 95% interval and plain's mean FID over those seeds,
+    ``relative_to``), with the interval also as a share of that mean (``pct``, in %); None for a draw not made."""
     noise = results / f"{stem}_eval_noise.json"
-    checkpoints = json.loads(noise.read_text())["fid"] if noise.is_file() else {}
-    for draw in DRAWS[1:]:
-        fids[draw] = {a: {} for a in ARMS}
-        for key, per_draw in checkpoints.items():
-            reg, arm, seed = key.rsplit("/", 2)
-            if reg == regime and arm in ARMS and draw in per_draw:
-                fids[draw][arm][seed.removeprefix("seed")] = per_draw[draw]
-    return fids
+    if not noise.is_file():
+        raise SystemExit(f"{noise} is missing: run its block with benchmarks/sadm_study.py --length --eval_noise "
+                         f"--draws ddpm50-s1234 --only {regime}/sadm,{regime}/plain-equal-compute "
+                         "(see docs/sadm-study.md), or drop it from POINTS")
+    pairs = json.loads(noise.read_text())["equal_compute"].get(f"{regime}/sadm - plain-equal-compute") or {}
+    if not any(pairs.values()):
+        raise SystemExit(f"{noise} pairs no sadm with plain-equal-compute of {regime}: it is not that regime's report")
+    return {d: None if not (ci := pairs.get(d)) else
+            {**ci, "pct": {k: 100 * ci[k] / ci["relative_to"] for k in ("mean", "low", "high")}} for d in DRAWS}
 
 
 def dose(results: Path) -> dict:
-    points = []
-    for scale, chain, regime, stem in POINTS:
-        fids = point_fids(results, regime, stem)
-        points.append({"scale": scale, "chain": chain, "regime": regime, "report": f"{stem}.json",
-                       "sadm_minus_plain_equal_compute": {d: share(fids[d]["sadm"], fids[d]["plain-equal-compute"])
-                                                           for d in DRAWS}})
     return {"command": "python benchmarks/offset_dose.py",
             "what": "SADM - plain at SADM's compute (515 steps) on 23.1 M bases at average + scale x (raw iterate - "
                     "average), fine-tuned on digits 5-9; per draw the paired FID difference, its 95% interval over "
-                    "training seeds and its share of plain's FID (pct)",
-            "draws": list(DRAWS), "points": points}
+                    "training seeds, plain's mean FID over those seeds (relative_to) and the share of it (pct)",
+            "draws": list(DRAWS),
+            "points": [{"scale": scale, "chain": chain, "regime": regime, "report": f"{stem}_eval_noise.json",
+                        "sadm_minus_plain_equal_compute": point(results, regime, stem)}
+                       for scale, chain, regime, stem in POINTS]}
 
 
 def plot(result: dict, path: Path) -> None:

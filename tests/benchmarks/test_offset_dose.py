@@ -12,52 +12,50 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import offset_dose  # noqa: E402
 
 
-def _report(folder, stem, regime, sadm, plain, ddpm=None):
-    """A study report (and, with ``ddpm``, its _eval_noise file) of ``regime``: seed -> FID per arm."""
-    summary = {regime: {"sadm": {"per_seed": {str(s): {"fid": v} for s, v in sadm.items()}},
-                        "plain-equal-compute": {"per_seed": {str(s): {"fid": v} for s, v in plain.items()}}}}
-    (folder / f"{stem}.json").write_text(json.dumps({"summary": summary}))
-    if ddpm:
-        fid = {f"{regime}/{arm}/seed{s}": {"ddpm50-s1234": v, "ddim25-s1235": 99.0}
-               for arm, per_seed in ddpm.items() for s, v in per_seed.items()}
-        fid["other-regime/sadm/seed0"] = {"ddpm50-s1234": 50.0}
-        (folder / f"{stem}_eval_noise.json").write_text(json.dumps({"fid": fid}))
+def _ci(mean, half, ref):
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": 5, "diffs": [mean] * 5, "relative_to": ref}
 
 
-def test_offset_dose_pairs_each_base_s_arms_per_draw_as_a_share_of_plain(tmp_path, monkeypatch, capsys):
+def _report(folder, stem, regime, pairs):
+    """A study's _eval_noise file of ``regime``: its SADM - plain at equal compute per draw (and another regime's)."""
+    equal = {f"{regime}/sadm - plain-equal-compute": pairs,
+             "other-regime/sadm - plain-equal-compute": {"ddim25-s1234": _ci(9.0, 1.0, 3.0)}}
+    (folder / f"{stem}_eval_noise.json").write_text(json.dumps({"equal_compute": equal, "fid": {}}))
+
+
+def test_offset_dose_reads_each_base_s_equal_compute_pairing_per_draw_as_a_share_of_plain(tmp_path, monkeypatch,
+                                                                                         capsys):
     monkeypatch.setattr(offset_dose, "POINTS",
                         ((0.0, "committed", "avg", "rep_avg"), (2.0, "rebuilt", "dbl", "rep_dbl")))
-    _report(tmp_path, "rep_avg", "avg", {0: 2.0, 1: 2.2, 2: 1.9}, {0: 2.0, 1: 2.0, 2: 2.0, 3: 5.0},
-            ddpm={"sadm": {0: 1.0, 1: 1.1}, "plain-equal-compute": {0: 1.0, 1: 1.0, 2: 1.0}})
-    _report(tmp_path, "rep_dbl", "dbl", {0: 1.8, 1: 1.6}, {0: 2.0, 1: 2.0})
+    _report(tmp_path, "rep_avg", "avg", {"ddim25-s1234": _ci(0.05, 0.02, 2.0), "ddpm50-s1234": _ci(-0.1, 0.05, 1.0),
+                                         "ddim25-s1235": _ci(5.0, 0.1, 1.0)})
+    _report(tmp_path, "rep_dbl", "dbl", {"ddim25-s1234": _ci(-0.3, 0.1, 2.0), "ddpm50-s1234": None})
     result = offset_dose.main(["--results", str(tmp_path), "--output", str(tmp_path / "dose.json")])
     avg, dbl = result["points"]
+    assert set(avg["sadm_minus_plain_equal_compute"]) == {"ddim25-s1234", "ddpm50-s1234"}  # the other draws: not read
     study = avg["sadm_minus_plain_equal_compute"]["ddim25-s1234"]
-    assert study["seeds"] == [0, 1, 2] and study["n"] == 3  # seed 3 has no SADM run: not paired
-    assert study["mean"] == pytest.approx(1 / 30) and study["plain_fid"] == pytest.approx(2.0)
-    assert study["pct"]["mean"] == pytest.approx(100 / 60)
-    assert study["pct"]["low"] < study["pct"]["mean"] < study["pct"]["high"]
-    ddpm = avg["sadm_minus_plain_equal_compute"]["ddpm50-s1234"]
-    assert ddpm["seeds"] == [0, 1] and ddpm["pct"]["mean"] == pytest.approx(5.0)  # other draws and regimes ignored
-    assert dbl["sadm_minus_plain_equal_compute"]["ddpm50-s1234"] is None  # no _eval_noise file: no DDPM point
+    assert study["n"] == 5 and study["mean"] == 0.05 and study["relative_to"] == 2.0
+    assert study["pct"] == pytest.approx({"mean": 2.5, "low": 1.5, "high": 3.5})  # a share of plain's mean FID
+    assert avg["sadm_minus_plain_equal_compute"]["ddpm50-s1234"]["pct"]["mean"] == pytest.approx(-10.0)
+    assert dbl["sadm_minus_plain_equal_compute"]["ddpm50-s1234"] is None  # a draw not made: no point
     assert dbl["sadm_minus_plain_equal_compute"]["ddim25-s1234"]["pct"]["mean"] == pytest.approx(-15.0)
-    assert (dbl["scale"], dbl["chain"], dbl["report"]) == (2.0, "rebuilt", "rep_dbl.json")
+    assert (dbl["scale"], dbl["chain"], dbl["report"]) == (2.0, "rebuilt", "rep_dbl_eval_noise.json")
     assert json.loads((tmp_path / "dose.json").read_text()) == json.loads(json.dumps(result))
     out = capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):  # a plot where matplotlib is installed, the points without it
         assert (tmp_path / "dose.png").stat().st_size > 0
     else:
         assert not (tmp_path / "dose.png").exists() and "matplotlib is not installed" in out
-    assert "scale +2.0 (rebuilt, dbl): ddim25-s1234: -15.0%" in out
+    assert "scale +2.0 (rebuilt, dbl): ddim25-s1234: -15.0%" in out and "ddpm50-s1234: —" in out
 
 
 def test_offset_dose_names_the_missing_report_and_the_block_that_writes_it(tmp_path, monkeypatch):
     monkeypatch.setattr(offset_dose, "POINTS", ((0.5, "committed", "half", "rep_half"),))
-    with pytest.raises(SystemExit, match=r"rep_half\.json is missing: run its block with .*--only "
-                                         r"half/sadm,half/plain-equal-compute"):
+    with pytest.raises(SystemExit, match=r"rep_half_eval_noise\.json is missing: run its block with .*--eval_noise "
+                                         r".*--only half/sadm,half/plain-equal-compute"):
         offset_dose.dose(tmp_path)
-    _report(tmp_path, "rep_half", "other", {0: 1.0}, {0: 1.0})
-    with pytest.raises(SystemExit, match=r"holds no \['sadm', 'plain-equal-compute'\] of half"):
+    _report(tmp_path, "rep_half", "other", {"ddim25-s1234": _ci(0.0, 0.1, 1.0)})
+    with pytest.raises(SystemExit, match=r"pairs no sadm with plain-equal-compute of half"):
         offset_dose.dose(tmp_path)
 
 
