@@ -57,13 +57,30 @@ MODES = ("bare", "plain", "sadm")
 # --terms: the related papers' terms on the tiny models, each as one more column (settings of the terms study,
 # benchmarks/sadm_study.py --terms). REPA reads cached encoder features (the --cache_latents batch), so the
 # column times the projector and its loss, not the frozen encoder.
-TERM_MODES = ("repa", "sddit", "sadm+repa", "sadm+sddit")
+TERM_MODES = ("repa", "sddit", "sadm+repa", "sadm+sddit", "sadm+sddit-every4")
 REPA_ENCODER = Path(__file__).resolve().parents[1] / "runs" / "digits-encoder"
 TERM_OVERRIDES = {
     "repa": dict(repa_weight=0.5, repa_encoder=str(REPA_ENCODER), repa_depth=2, repa_projector_dim=256,
                  repa_encoder_resolution=32, cache_latents=True, center_crop=True),
     "sddit": dict(sddit_weight=0.5, sddit_encoder_depth=2, sddit_head_dim=256, sddit_head_hidden_dim=256),
 }
+# the lazy SD-DiT (--sddit_every 4): the term on one update in four, so its steps alternate between two costs and
+# the column's amortised cost is its mean step time ("time_mean" ratios), not its median (the cheap steps')
+TERM_OVERRIDES["sddit-every4"] = {**TERM_OVERRIDES["sddit"], "sddit_every": 4}
+
+
+def mode_overrides(model: str, mode: str) -> dict:
+    """A column's config on top of the run's: SADM on (the demo's settings on the tiny models) or off, and each
+    term the column names ("sadm+sddit-every4": SADM and the lazy SD-DiT)."""
+    overrides: dict = {}
+    if "sadm" in mode.split("+"):
+        if model.startswith("tiny"):
+            overrides.update(DEMO_SADM)
+    else:
+        overrides["structure_weight"] = 0.0
+    for term in mode.split("+"):
+        overrides.update(TERM_OVERRIDES.get(term, {}))
+    return overrides
 
 # DiTTransformer2DModel kwargs. tiny: the demo DiT (learned sigma, as scripts/make_demo_base.py builds it);
 # dit-s: DiT-S/2 (hidden 384 = 6 heads x 64, depth 12, patch 2) on 4x32x32 latents (256 px), learned sigma.
@@ -219,15 +236,7 @@ def _toolkit_run(model: str, batch_size: int, mode: str, workdir: Path, steps: i
 
     overrides = dict(pretrained_model_name_or_path=str(workdir / "unused"), dataset_name="builtin:digits",
                      train_batch_size=batch_size, report_to="none", output_dir=str(workdir / "out"),
-                     max_train_steps=steps)
-    if "sadm" in mode:
-        if model.startswith("tiny"):
-            overrides.update(DEMO_SADM)
-    else:
-        overrides["structure_weight"] = 0.0
-    for term in ("repa", "sddit"):
-        if term in mode.split("+"):
-            overrides.update(TERM_OVERRIDES[term])
+                     max_train_steps=steps, **mode_overrides(model, mode))
     config = build_config(overrides)
     t, s = config.training, config.sadm
     accelerator = builders.make_accelerator(config, workdir / "out")
@@ -324,6 +333,8 @@ def summarise(runs: list[dict]) -> dict:
                 "time_s": _quantiles([t for r in rs for t in r["step_times_s"]]),
                 # Median of the per-process round medians: robust to one round hit by outside load.
                 "time_s_round_medians": [statistics.median(r["step_times_s"]) for r in rs],
+                # the amortised cost, for a column whose steps differ by design (a lazy term)
+                "time_s_mean": statistics.fmean(t for r in rs for t in r["step_times_s"]),
                 # Process CPU time (all threads): far less sensitive than wall time to other load on the machine.
                 "cpu_s": _quantiles([t for r in rs for t in r["step_cpu_times_s"]]),
                 "step_mem_mb": statistics.median(r["step_mem_mb"] for r in rs),
@@ -337,6 +348,7 @@ def summarise(runs: list[dict]) -> dict:
                 a, b = per_mode[num], per_mode[den]
                 ratios[f"{num}/{den}"] = {
                     "time": a["time_s"]["median"] / b["time_s"]["median"],
+                    "time_mean": a["time_s_mean"] / b["time_s_mean"],
                     "cpu_time": a["cpu_s"]["median"] / b["cpu_s"]["median"],
                     "step_mem": a["step_mem_mb"] / b["step_mem_mb"],
                     "peak_mem": a["peak_mb"] / b["peak_mb"],
@@ -358,7 +370,7 @@ def print_table(summary: dict, batch_size: int) -> None:
     print("\nratios (median time; step memory = peak - base; peak = absolute peak RSS)")
     for model, s in summary.items():
         for name, r in s["ratios"].items():
-            print(f"{model:<7} {name:<15} time {r['time']:.3f}  CPU time {r['cpu_time']:.3f}  "
+            print(f"{model:<7} {name:<15} time {r['time']:.3f}  mean time {r['time_mean']:.3f}  CPU time {r['cpu_time']:.3f}  "
                   f"step memory {r['step_mem']:.3f}  peak {r['peak_mem']:.3f}")
 
 
@@ -382,6 +394,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--terms", action="store_true",
                    help=f"also time the loss terms' columns ({', '.join(TERM_MODES)}) on the tiny models; REPA needs "
                         "scripts/make_digits_encoder.py --output_dir runs/digits-encoder first")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated columns to time (default: all; e.g. plain,sadm,sadm+sddit,sadm+sddit-every4)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -399,6 +413,10 @@ def main(argv=None) -> None:
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown model {m!r}; use {', '.join(MODELS)}")
+    for mode in (args.modes or "").split(",") if args.modes else ():
+        if mode not in MODES + TERM_MODES or (mode in TERM_MODES and not args.terms):
+            raise SystemExit(f"--modes: {mode!r} is not a column of this run; use "
+                             f"{', '.join(MODES)}, or with --terms also {', '.join(TERM_MODES)}")
     if args.quick:
         models, args.rounds, args.tiny_steps, args.tiny_warmup = ["tiny"], 1, 5, 2
     if args.output is None:
@@ -411,6 +429,7 @@ def main(argv=None) -> None:
         warmup, steps = plan[model]
         for r in range(args.rounds):
             modes = MODES + (TERM_MODES if args.terms and model.startswith("tiny") else ())
+            modes = tuple(m for m in modes if not args.modes or m in args.modes.split(","))
             order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate which column goes first
             for mode in order:
                 t0 = time.time()

@@ -25,6 +25,9 @@ class SDDiTConfig(TermConfig):
     sddit_encoder_depth: int = _f(4, "the denoiser's first this-many blocks form the encoder")
     sddit_ema_decay: float = _f(0.996, "the teacher encoder's EMA decay")
     sddit_mask_ratio: float = _f(0.0, "fraction of the student's patch tokens masked (0 = no masking)")
+    sddit_every: int = _f(1, "the term on every this-many-th update only, at lambda x this many (lazy "
+                             "regularisation, as StyleGAN2's R1): its teacher forward and head run that much less "
+                             "often; the teacher's EMA still follows every update")
     sddit_loss: Literal["dino", "cosine"] = _f("dino", "DINO cross-entropy with centering and sharpening, or cosine")
     sddit_head_dim: int = _f(1024, "output width of the projection head (DINO's prototypes)")
     sddit_head_hidden_dim: int = _f(2048, "hidden width of the projection head's 3-layer MLP")
@@ -35,7 +38,7 @@ class SDDiTConfig(TermConfig):
     def __post_init__(self) -> None:
         if self.sddit_weight < 0:
             raise ConfigError("sddit_weight", f"is {self.sddit_weight}, must be >= 0", "pass --sddit_weight 0 or more")
-        for name in ("sddit_encoder_depth", "sddit_head_dim", "sddit_head_hidden_dim"):
+        for name in ("sddit_encoder_depth", "sddit_head_dim", "sddit_head_hidden_dim", "sddit_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"is {getattr(self, name)}, must be >= 1", f"pass --{name} 1 or more")
         for name in ("sddit_ema_decay", "sddit_mask_ratio", "sddit_center_momentum"):

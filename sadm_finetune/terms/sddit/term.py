@@ -164,10 +164,14 @@ class SDDiTTerm(Term):
         size = sum(p.numel() for p in self.student_head.parameters())
         return [f"SD-DiT: lambda {d.sddit_weight}, encoder = the first {d.sddit_encoder_depth} blocks, "
                 f"{d.sddit_loss} loss, head {size / 1e6:.3f} M parameters, teacher EMA "
-                f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else "")]
+                f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else "")
+                + (f", on one update in {d.sddit_every} at lambda x {d.sddit_every}" if d.sddit_every > 1 else "")]
 
     def weight(self, step: int) -> float:
-        return self.config.sddit_weight
+        """lambda on every update, or with ``sddit_every`` N: lambda x N on updates 0, N, 2N, ... and 0 between them
+        (lazy regularisation: the same push on average; the loop computes the term only where its weight is > 0)."""
+        every = self.config.sddit_every
+        return self.config.sddit_weight * every if step % every == 0 else 0.0
 
     def _student_tokens(self, ctx: StepContext) -> torch.Tensor:
         """Tokens after the student's encoder at t: the main forward's (hooked), or with masking a second pass

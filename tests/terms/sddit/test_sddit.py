@@ -191,6 +191,30 @@ def test_the_term_updates_the_centre_from_the_updates_teacher_outputs(pipeline):
     assert set(term.state()) == {"teacher", "center"}
 
 
+def test_the_lazy_term_pushes_on_every_nth_update_at_n_times_lambda_and_the_teacher_follows_every_update(pipeline):
+    adapter, process, term, optimizer = _setup(pipeline, sddit_every=3, sddit_center_momentum=0.8)
+    assert [term.weight(step) for step in range(7)] == pytest.approx([0.3, 0, 0, 0.3, 0, 0, 0.3])  # mean 0.1
+    assert "on one update in 3 at lambda x 3" in term.summary_lines(adapter.denoiser)[0]
+    centres, teachers = [], []
+    for step in range(4):  # as the loop runs it: the term's loss only where its weight is > 0
+        ctx = _context(adapter, process, term, step)
+        loss = torch.nn.functional.mse_loss(ctx.model_pred, ctx.noise)
+        if term.weight(step) > 0:
+            loss = loss + term.weight(step) * term.loss(ctx)[0].mean()
+        loss.backward()
+        head_pushed = all(p.grad is not None for p in term.student_head.parameters())
+        assert head_pushed == (step % 3 == 0), step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        term.phase(ctx, update=None)
+        centres.append(term.center.value.clone())
+        teachers.append(term.teacher["encoder"].blocks[0].attn1.to_q.weight.clone())
+    # the centre moves on the term's updates only (0 and 3), the teacher's EMA on every update
+    assert [not torch.equal(a, b) for a, b in zip([torch.zeros(16)] + centres, centres)] == [True, False, False, True]
+    assert all(not torch.equal(a, b) for a, b in zip(teachers, teachers[1:]))
+    with pytest.raises(ConfigError, match="sddit_every"):
+        _config(sddit_every=0)
+
 def test_the_cosine_option_has_no_centre(pipeline):
     adapter, process, term, optimizer = _setup(pipeline, sddit_loss="cosine")
     assert term.center is None and set(term.state()) == {"teacher"}
@@ -266,14 +290,17 @@ def test_a_run_with_sddit_logs_and_exports_a_stock_pipeline(tmp_path, stock_diff
     base = build_tiny_dit_pipeline(tmp_path / "base", num_classes=2, num_layers=2)
     data = build_image_folder(tmp_path / "data")
     runs = {}
-    for ratio, steps in (("0.5", 2), ("0", 1)):
+    for ratio, steps, every in (("0.5", 3, "2"), ("0", 1, "1")):
         out = tmp_path / f"mask-{ratio}"
-        proc = train_in_process(tiny_run_args(base, data, out, steps=steps) + SDDIT + ["--sddit_mask_ratio", ratio])
+        proc = train_in_process(tiny_run_args(base, data, out, steps=steps) + SDDIT + ["--sddit_mask_ratio", ratio,
+                                                                                     "--sddit_every", every])
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[ratio] = _scalars(out)
     out = tmp_path / "mask-0.5"
     logged = runs["0.5"]
     assert {"loss_sddit", "sddit_student_teacher_cos", "sddit_weight", "loss_diffusion"} <= logged.keys()
+    # every second update (0 and 2) at twice lambda: the loop computes, and logs, the term on those only
+    assert logged["sddit_weight"] == pytest.approx([2 * float(SDDIT[1]), 0.0, 2 * float(SDDIT[1])])
     assert len(logged["loss_sddit"]) == 2 and all(math.isfinite(v) for v in logged["loss_sddit"])
     # The mask touches the term's own student pass only: step 1's diffusion loss is the unmasked run's.
     assert abs(logged["loss_diffusion"][0] - runs["0"]["loss_diffusion"][0]) < 1e-6
