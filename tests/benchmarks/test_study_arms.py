@@ -698,33 +698,34 @@ def test_the_recommended_combination_runs_in_the_6_4m_two_stage_pipeline_against
 
 
 
-@pytest.mark.parametrize("weight", ["0.1", "0.25"])
-def test_the_lighter_sddit_weights_of_the_6_4m_combination_meet_the_same_plain_at_its_compute(tmp_path, weight):
+def test_the_lazy_combination_of_the_6_4m_second_stage_meets_plain_at_its_own_measured_compute(tmp_path):
     import json
 
-    stage, arm = "transfer-6m-full-raw-lr1e-3-stage2", f"full-sadm+sddit-{weight}"
-    flags, paired = study.LENGTH_ARMS[(stage, arm)]
-    # the combination's flags with only SD-DiT's weight changed (SADM on: no --structure_weight 0)
-    assert paired == "full-plain" and flags[:2] == ["--sddit_weight", weight]
-    assert flags[2:] == study.SDDIT_05[2:] and "--structure_weight" not in flags
-    # the weight leaves the step time alone: plain at the combination's x1.281 (641 steps) is its equal compute too,
-    # and the 0.5 arm keeps that plain as its own pairing
-    assert study.ALSO_PAIRED[(stage, arm)] == "full-plain-equal-compute-1.28"
-    assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute-1.28")] == "full-sadm+sddit-0.5"
-    assert (stage, arm) in study.EVAL_NOISE_ARMS
-    for name, fid in (("full-plain", 1.2), (arm, 1.0), ("full-sadm+sddit-0.5", 0.95),
-                      ("full-plain-equal-compute-1.28", 1.1)):
+    stage, arm = "transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"
+    # the combination's flags with SD-DiT on one update in four (at 4 x lambda), SADM on
+    assert study.LENGTH_ARMS[(stage, arm)] == (study.SDDIT_05 + ["--sddit_every", "4"], "full-plain")
+    # its equal compute: the lazy combination's measured mean step-time ratio is within a step of SD-DiT alone's, so
+    # plain at 583 steps (SD-DiT alone's arm) is paired with it, and stays SD-DiT alone's own pairing
+    terms = json.loads((ROOT / "benchmarks" / "results" / "step_time_terms_6m_lazy.json").read_text())
+    measured = terms["summary"]["tiny-6m"]["ratios"]["sadm+sddit-every4/plain"]["time_mean"]
+    assert study.LAZY_COMBINATION_RATIO["6m"] == pytest.approx(measured, abs=5e-4)  # the constant is the measurement
+    equal = "full-plain-equal-compute-1.17"
+    steps = int(study.LENGTH_ARMS[(stage, equal)][0][-1])
+    assert steps == 583 and abs(500 * measured - steps) <= 1
+    assert study.ALSO_PAIRED[(stage, arm)] == equal and study.ALSO_PAIRED[(stage, equal)] == "full-sddit-0.5"
+    assert study.ALSO_PAIRED[(stage, "full-plain-equal-compute-1.28")] == "full-sadm+sddit-0.5"  # unchanged
+    assert {(stage, arm), (stage, equal)} <= set(study.EVAL_NOISE_ARMS)
+    for name, fid in (("full-plain", 1.2), (arm, 1.0), (equal, 1.1)):
         for seed in (0, 1):
             out = tmp_path / "runs" / stage / f"{name}-seed{seed}"
             out.mkdir(parents=True)
             (out / "eval.json").write_text(json.dumps({"metrics": {"fid": fid + 0.01 * seed * (name == arm)}}))
             (out / "eval-ddpm50-s1234.json").write_text(json.dumps({"metrics": {"fid": fid / 2}}))
-    result = study.eval_noise_result(tmp_path, [0, 1])
-    light = result["equal_compute"][f"{stage}/{arm} - full-plain-equal-compute-1.28"]
-    assert light["ddim25-s1234"]["n"] == 2 and light["ddim25-s1234"]["mean"] == pytest.approx(-0.095)
-    assert light["ddpm50-s1234"]["mean"] == pytest.approx(-0.05) and light["ddpm50-s1234"]["relative_to"] == pytest.approx(0.55)
-    both = result["equal_compute"][f"{stage}/full-sadm+sddit-0.5 - full-plain-equal-compute-1.28"]
-    assert both["ddim25-s1234"]["mean"] == pytest.approx(-0.15)
+    pairs = study.eval_noise_result(tmp_path, [0, 1])["equal_compute"][f"{stage}/{arm} - {equal}"]
+    assert pairs["ddim25-s1234"]["n"] == 2 and pairs["ddim25-s1234"]["mean"] == pytest.approx(-0.095)
+    assert pairs["ddpm50-s1234"]["mean"] == pytest.approx(-0.05)
+    assert pairs["ddpm50-s1234"]["relative_to"] == pytest.approx(0.55)
+
 
 _COMBINATION = (study.SDDIT_05, "sadm+sddit", study.COMBINATION_RATIO)
 _SDDIT_ALONE = (study.SDDIT_05 + study.PLAIN, "sddit", study.SDDIT_RATIO)
