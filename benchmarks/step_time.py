@@ -413,7 +413,7 @@ def main(argv=None) -> None:
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown model {m!r}; use {', '.join(MODELS)}")
-    for mode in (args.modes or "").split(",") if args.modes else ():
+    for mode in args.modes.split(",") if args.modes else ():
         if mode not in MODES + TERM_MODES or (mode in TERM_MODES and not args.terms):
             raise SystemExit(f"--modes: {mode!r} is not a column of this run; use "
                              f"{', '.join(MODES)}, or with --terms also {', '.join(TERM_MODES)}")

@@ -127,8 +127,9 @@ def ddp_run(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 @_fh_pytest.fixture(scope="session")
 def repa_sddit_ddp_run(tmp_path_factory):
-    """`accelerate launch --multi_gpu --num_processes 2` (CPU, gloo): 2 steps with REPA (its projector trained with
-    the denoiser) and SD-DiT (masked student pass, EMA teacher, centre all-reduced) beside SADM's discriminator.
+    """`accelerate launch --multi_gpu --num_processes 2` (CPU, gloo): 3 steps with REPA (its projector trained with
+    the denoiser) and the lazy SD-DiT (on updates 0 and 2 only: its head idle on update 1; masked student pass, EMA
+    teacher, centre all-reduced) beside SADM's discriminator.
     Each test asserts its own modules in the replica check's line. `identical`: the modules that line names bit-
     identical on all 2 processes ([] when there is no such line)."""
     import re
@@ -143,8 +144,8 @@ def repa_sddit_ddp_run(tmp_path_factory):
     data = build_image_folder(tmp / "data", per_class=4)
     encoder = build_tiny_encoder(tmp / "enc")
     sddit = ["--sddit_weight", "0.1", "--sddit_encoder_depth", "1", "--sddit_head_dim", "32",
-             "--sddit_head_hidden_dim", "32", "--sddit_mask_ratio", "0.5"]
-    args = tiny_run_args(base, data, tmp / "out", steps=2) + repa_args(encoder) + sddit + [
+             "--sddit_head_hidden_dim", "32", "--sddit_mask_ratio", "0.5", "--sddit_every", "2"]
+    args = tiny_run_args(base, data, tmp / "out", steps=3) + repa_args(encoder) + sddit + [
         "--report_to", "none", "--train_batch_size", "2"]
     proc = accelerate_launch(args, offline_env(tmp), num_processes=2)
     text = proc.stdout + proc.stderr

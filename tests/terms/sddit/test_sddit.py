@@ -407,7 +407,7 @@ def test_stable_diffusion_with_sddit_fails_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_keep_the_head_and_teacher_in_step(repa_sddit_ddp_run):
-    """DDP with the masked student pass outside the wrapped forward, and the centre all-reduced (the 2-process run
-    is shared with test_repa: REPA and SD-DiT on together, conftest.py)."""
+    """DDP with the masked student pass outside the wrapped forward, the centre all-reduced, and the lazy term's
+    head idle on one update (the 2-process run is shared with test_repa: REPA and SD-DiT on together, conftest.py)."""
     assert {"denoiser", "sddit.head", "sddit_teacher"} <= set(repa_sddit_ddp_run.identical), \
         repa_sddit_ddp_run.text[-3000:]
