@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import RESULTS, write_json  # noqa: E402
+from sadm_study import equal_compute_key  # noqa: E402
 
 # (scale, chain, regime, report stem under benchmarks/results): the offset bases, in the order of the scale
 POINTS = (
@@ -47,7 +48,8 @@ def point(results: Path, regime: str, stem: str) -> dict[str, dict | None]:
         raise SystemExit(f"{noise} is missing: run its block with benchmarks/sadm_study.py --length --eval_noise "
                          f"--draws ddpm50-s1234 --only {regime}/sadm,{regime}/plain-equal-compute "
                          "(see docs/sadm-study.md), or drop it from POINTS")
-    pairs = json.loads(noise.read_text())["equal_compute"].get(f"{regime}/sadm - plain-equal-compute") or {}
+    key = equal_compute_key(regime, "sadm", "plain-equal-compute")
+    pairs = json.loads(noise.read_text())["equal_compute"].get(key) or {}
     if not any(pairs.values()):
         raise SystemExit(f"{noise} pairs no sadm with plain-equal-compute of {regime}: it is not that regime's report")
     return {d: None if not (ci := pairs.get(d)) else

@@ -840,6 +840,11 @@ def evaluate_draw(regime: str, arm: str, seed: int, draw: str, work: Path) -> di
     return sadm_eval_once(args, result, f"evaluating {out} ({draw})", _env())
 
 
+def equal_compute_key(regime: str, arm: str, plain: str) -> str:
+    """The key of ``arm`` minus ``plain`` (plain at that arm's compute) in an _eval_noise report's "equal_compute"."""
+    return f"{regime}/{arm} - {plain}"
+
+
 def eval_noise_result(work: Path, seeds: list[int]) -> dict:
     """Per draw: each arm's paired FID difference vs its regime's plain, and each SADM arm's vs plain given its
     compute ("equal_compute"); per checkpoint: the FID's spread over the DDIM sampling seeds (SEED_DRAWS), and the
@@ -900,7 +905,7 @@ def eval_noise_result(work: Path, seeds: list[int]) -> dict:
             pairs.append((regime, arm, other))
     for regime, arm, other in sorted(pairs, key=lambda p: (EVAL_NOISE_ARMS.index(p[:2]),
                                                            EVAL_NOISE_ARMS.index((p[0], p[2])))):
-        result["equal_compute"][f"{regime}/{other} - {arm}"] = per_draw(regime, other, arm)
+        result["equal_compute"][equal_compute_key(regime, other, arm)] = per_draw(regime, other, arm)
     return result
 
 
