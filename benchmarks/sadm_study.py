@@ -345,6 +345,12 @@ SDDIT_RATIO = {"6m": 1.1652, "24m": 1.1694}  # SD-DiT 0.5 alone
 # SADM at x1.134 and the full combination at x1.316 against the idle x1.089 and x1.281 above)
 SDDIT_05_EVERY4 = SDDIT_05 + ["--sddit_every", "4"]
 LAZY_COMBINATION_RATIO = {"6m": 1.168}
+# SADM + SD-DiT 0.5 with the SD-DiT term on one half of the noise levels only (--sddit_t_max 500: t < 500;
+# --sddit_t_min 500: t >= 500; uniform t, so each half carries about half the full term's push, and the two add up to
+# it): which half carries SD-DiT's DDIM gain and which its DDPM loss? The band masks the loss, not the compute, so
+# both cost the full combination's x1.281 and pair with its plain at 641 steps
+SDDIT_05_LOW_T = SDDIT_05 + ["--sddit_t_max", "500"]
+SDDIT_05_HIGH_T = SDDIT_05 + ["--sddit_t_min", "500"]
 # (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
 AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
 
@@ -509,6 +515,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # (LAZY_COMBINATION_RATIO), within a step of SD-DiT alone's x1.165, so its equal compute is the same plain arm
     # (583 steps of 500; 500 x 1.168 = 584), paired with it in _OTHER_PAIRINGS
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): (SDDIT_05_EVERY4, "full-plain"),
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"): (SDDIT_05_LOW_T, "full-plain"),
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"): (SDDIT_05_HIGH_T, "full-plain"),
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
@@ -533,7 +541,9 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm",
                    ("transfer-24m", "full-sadm-lambda-0.03"): "full-plain-equal-compute",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): "full-plain-equal-compute-1.17"}
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): "full-plain-equal-compute-1.17",
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"): "full-plain-equal-compute-1.28",
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"): "full-plain-equal-compute-1.28"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -809,6 +819,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),

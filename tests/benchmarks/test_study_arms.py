@@ -774,3 +774,16 @@ def test_continue_s_combination_meets_plain_at_the_terms_study_s_rounded_ratio()
     assert study.MECHANISM_ARMS[("continue", "plain-equal-compute-1.46")] == (
         study.PLAIN + ["--max_train_steps", "730"], "plain")
     assert study.ALSO_PAIRED[("continue", "plain-equal-compute-1.46")] == "sadm+sddit-0.5"
+
+
+def test_the_noise_band_combinations_split_sddit_at_t_500_and_meet_the_full_combinations_plain():
+    stage = "transfer-6m-full-raw-lr1e-3-stage2"
+    low, high = "full-sadm+sddit-0.5-low-t", "full-sadm+sddit-0.5-high-t"
+    # the full combination's flags with SD-DiT's loss on t < 500, and on t >= 500: the two halves of the full term
+    assert study.LENGTH_ARMS[(stage, low)] == (study.SDDIT_05 + ["--sddit_t_max", "500"], "full-plain")
+    assert study.LENGTH_ARMS[(stage, high)] == (study.SDDIT_05 + ["--sddit_t_min", "500"], "full-plain")
+    # the band masks the loss, not the compute: both pair with the full combination's plain (641 steps)
+    equal = "full-plain-equal-compute-1.28"
+    assert int(study.LENGTH_ARMS[(stage, equal)][0][-1]) == round(500 * study.COMBINATION_RATIO["6m"]) == 641
+    assert study.ALSO_PAIRED[(stage, low)] == study.ALSO_PAIRED[(stage, high)] == equal
+    assert {(stage, low), (stage, high)} <= set(study.EVAL_NOISE_ARMS)

@@ -28,6 +28,10 @@ class SDDiTConfig(TermConfig):
     sddit_every: int = _f(1, "the term on every this-many-th update only, at lambda x this many (lazy "
                              "regularisation, as StyleGAN2's R1): its teacher forward and head run that much less "
                              "often; the teacher's EMA still follows every update")
+    sddit_t_min: int = _f(0, "the term on samples whose timestep is at least this only (a noise band; samples outside "
+                             "it carry no SD-DiT loss, so the batch mean is lambda x the band's share)")
+    sddit_t_max: int | None = _f(None, "the term on samples whose timestep is below this only (None: no "
+                                       "upper bound); with sddit_t_min a band")
     sddit_loss: Literal["dino", "cosine"] = _f("dino", "DINO cross-entropy with centering and sharpening, or cosine")
     sddit_head_dim: int = _f(1024, "output width of the projection head (DINO's prototypes)")
     sddit_head_hidden_dim: int = _f(2048, "hidden width of the projection head's 3-layer MLP")
@@ -41,6 +45,11 @@ class SDDiTConfig(TermConfig):
         for name in ("sddit_encoder_depth", "sddit_head_dim", "sddit_head_hidden_dim", "sddit_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"is {getattr(self, name)}, must be >= 1", f"pass --{name} 1 or more")
+        if self.sddit_t_min < 0:
+            raise ConfigError("sddit_t_min", f"is {self.sddit_t_min}, must be >= 0", "pass --sddit_t_min 0 or more")
+        if self.sddit_t_max is not None and self.sddit_t_max <= self.sddit_t_min:
+            raise ConfigError("sddit_t_max", f"is {self.sddit_t_max}, must be above sddit_t_min ({self.sddit_t_min})",
+                              "pass a --sddit_t_max above --sddit_t_min, or leave it unset")
         for name in ("sddit_ema_decay", "sddit_mask_ratio", "sddit_center_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"is {getattr(self, name)}, must be in [0, 1)", f"pass --{name} in [0, 1)")

@@ -165,7 +165,9 @@ class SDDiTTerm(Term):
         return [f"SD-DiT: lambda {d.sddit_weight}, encoder = the first {d.sddit_encoder_depth} blocks, "
                 f"{d.sddit_loss} loss, head {size / 1e6:.3f} M parameters, teacher EMA "
                 f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else "")
-                + (f", on one update in {d.sddit_every} at lambda x {d.sddit_every}" if d.sddit_every > 1 else "")]
+                + (f", on one update in {d.sddit_every} at lambda x {d.sddit_every}" if d.sddit_every > 1 else "")
+                + (f", on timesteps [{d.sddit_t_min}, {d.sddit_t_max if d.sddit_t_max is not None else 'end'})"
+                   if d.sddit_t_min > 0 or d.sddit_t_max is not None else "")]
 
     def weight(self, step: int) -> float:
         """lambda on every update, or with ``sddit_every`` N: lambda x N on updates 0, N, 2N, ... and 0 between them
@@ -208,7 +210,20 @@ class SDDiTTerm(Term):
         else:
             value = cosine_loss(student_out, teacher_out)
         cos = F.cosine_similarity(student_out.detach(), teacher_out, dim=-1).mean()
-        return value, {"loss_sddit": value.detach().mean(), "sddit_student_teacher_cos": cos}
+        logs = {"loss_sddit": value.detach().mean(), "sddit_student_teacher_cos": cos}
+        band = self._in_band(ctx.timesteps)
+        if band is not None:  # w(t) = 1 in the band, 0 outside: the loop's batch mean is lambda x the band's share
+            value = value * band.to(value.dtype)
+            logs["sddit_band_share"] = band.float().mean()
+        return value, logs
+
+    def _in_band(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """(B,) bool: the samples whose timestep lies in [sddit_t_min, sddit_t_max); None when there is no band."""
+        s = self.config
+        if s.sddit_t_min == 0 and s.sddit_t_max is None:
+            return None
+        band = timesteps >= s.sddit_t_min
+        return band if s.sddit_t_max is None else band & (timesteps < s.sddit_t_max)
 
     def _accumulate_for_centre(self, step: int, teacher_out: torch.Tensor) -> None:
         # Micro-batches of one update add up; a new step (the last update skipped: no phase ran) starts over.

@@ -57,12 +57,13 @@ def _setup(pipeline, lora_rank=0, **sddit):
     return adapter, process, term, torch.optim.SGD(params, lr=0.05)
 
 
-def _context(adapter, process, term, step, seed=0):
+def _context(adapter, process, term, step, seed=0, timesteps=None):
     gen = torch.Generator().manual_seed(seed + step)
     latents = torch.randn((BATCH, 4, 8, 8), generator=gen)
     cond = {"class_labels": torch.randint(0, 10, (BATCH,), generator=gen)}
     noise = torch.randn(latents.shape, generator=gen)
-    timesteps = process.sample_timesteps(BATCH, gen, "cpu")
+    sampled = process.sample_timesteps(BATCH, gen, "cpu")
+    timesteps = sampled if timesteps is None else timesteps
     noisy = process.add_noise(latents, noise, timesteps)
     with adapter.capture_hidden(adapter.denoiser, term.feature_blocks) as hidden:
         model_pred = adapter.predict(adapter.denoiser, noisy, timesteps, cond).model_pred.float()
@@ -214,6 +215,34 @@ def test_the_lazy_term_pushes_on_every_nth_update_at_n_times_lambda_and_the_teac
     assert all(not torch.equal(a, b) for a, b in zip(teachers, teachers[1:]))
     with pytest.raises(ConfigError, match="sddit_every"):
         _config(sddit_every=0)
+
+def test_a_noise_band_masks_the_loss_outside_it_and_the_two_halves_add_up_to_the_full_term(pipeline):
+    timesteps = torch.tensor([10, 499, 500, 990])
+    losses, grads = {}, {}
+    for name, band in {"full": {}, "low": {"sddit_t_max": 500}, "high": {"sddit_t_min": 500}}.items():
+        torch.manual_seed(0)  # the same head for each
+        adapter, process, term, _ = _setup(pipeline, **band)
+        ctx = _context(adapter, process, term, step=0, timesteps=timesteps)
+        value, logs = term.loss(ctx)
+        losses[name] = value.detach()
+        weight = adapter.denoiser.transformer_blocks[0].attn1.to_q.weight  # in the encoder the term trains
+        grads[name] = [torch.autograd.grad(value[i], weight, retain_graph=True)[0] for i in range(BATCH)]
+        if band:
+            assert logs["sddit_band_share"] == pytest.approx(0.5)
+            assert "on timesteps [" in term.summary_lines(adapter.denoiser)[0]
+    # the same weights and batch: the full term per sample, zero outside the band, and low + high = full
+    assert torch.equal(losses["low"], losses["full"] * torch.tensor([1.0, 1, 0, 0]))
+    assert torch.equal(losses["high"], losses["full"] * torch.tensor([0.0, 0, 1, 1]))
+    assert torch.allclose(losses["low"] + losses["high"], losses["full"])
+    assert (losses["full"] > 0).all()
+    for i in (2, 3):  # an out-of-band sample pushes nothing through the encoder; an in-band one does
+        assert not grads["low"][i].any() and grads["high"][i].any()
+        assert not grads["high"][3 - i].any() and grads["low"][3 - i].any()
+    with pytest.raises(ConfigError, match="sddit_t_max"):
+        _config(sddit_t_min=500, sddit_t_max=500)
+    with pytest.raises(ConfigError, match="sddit_t_min"):
+        _config(sddit_t_min=-1)
+
 
 def test_the_cosine_option_has_no_centre(pipeline):
     adapter, process, term, optimizer = _setup(pipeline, sddit_loss="cosine")
