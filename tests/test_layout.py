@@ -38,6 +38,7 @@ COVERAGE: dict[str, list[str]] = {
     "benchmarks/test_fid_floor.py": [],
     "benchmarks/test_study_logs.py": [],
     "benchmarks/test_offset_dose.py": [],
+    "benchmarks/test_pair_reports.py": [],
     "benchmarks/test_step_time.py": [],
     # config/
     "config/test_config.py": ["config.run", "cli"],
