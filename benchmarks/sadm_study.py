@@ -351,6 +351,10 @@ LAZY_COMBINATION_RATIO = {"6m": 1.168}
 # both cost the full combination's x1.281 and pair with its plain at 641 steps
 SDDIT_05_LOW_T = SDDIT_05 + ["--sddit_t_max", "500"]
 SDDIT_05_HIGH_T = SDDIT_05 + ["--sddit_t_min", "500"]
+# and at lambda 1.0 on its half: the full term's per-sample weight doubled where it acts, so the band's push over the
+# batch equals the full term's (a half at 0.5 carries half of it: location and dose apart)
+SDDIT_10_LOW_T = SDDIT[:1] + ["1.0"] + SDDIT[2:] + ["--sddit_t_max", "500"]
+SDDIT_10_HIGH_T = SDDIT[:1] + ["1.0"] + SDDIT[2:] + ["--sddit_t_min", "500"]
 # (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
 AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
 
@@ -517,6 +521,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): (SDDIT_05_EVERY4, "full-plain"),
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"): (SDDIT_05_LOW_T, "full-plain"),
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"): (SDDIT_05_HIGH_T, "full-plain"),
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-low-t"): (SDDIT_10_LOW_T, "full-plain"),
+    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-high-t"): (SDDIT_10_HIGH_T, "full-plain"),
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
@@ -543,7 +549,9 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): "full-plain-equal-compute-1.17",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"): "full-plain-equal-compute-1.28",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"): "full-plain-equal-compute-1.28"}
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"): "full-plain-equal-compute-1.28",
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-low-t"): "full-plain-equal-compute-1.28",
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-high-t"): "full-plain-equal-compute-1.28"}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -821,6 +829,8 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-low-t"),
+                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-high-t"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),

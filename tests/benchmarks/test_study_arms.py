@@ -787,3 +787,8 @@ def test_the_noise_band_combinations_split_sddit_at_t_500_and_meet_the_full_comb
     assert int(study.LENGTH_ARMS[(stage, equal)][0][-1]) == round(500 * study.COMBINATION_RATIO["6m"]) == 641
     assert study.ALSO_PAIRED[(stage, low)] == study.ALSO_PAIRED[(stage, high)] == equal
     assert {(stage, low), (stage, high)} <= set(study.EVAL_NOISE_ARMS)
+    # and each half at lambda 1.0: the full term's push over the batch, on one half of the noise levels
+    for band, flags in (("low-t", ["--sddit_t_max", "500"]), ("high-t", ["--sddit_t_min", "500"])):
+        arm = f"full-sadm+sddit-1.0-{band}"
+        assert study.LENGTH_ARMS[(stage, arm)][0] == ["--sddit_weight", "1.0", *study.SDDIT_05[2:], *flags]
+        assert study.ALSO_PAIRED[(stage, arm)] == equal and (stage, arm) in study.EVAL_NOISE_ARMS
