@@ -131,6 +131,10 @@ class SDDiTTerm(Term):
         s = self.config = config.sddit
         denoiser = adapter.denoiser
         check_sddit_model(denoiser, s)
+        steps = getattr(process, "num_train_timesteps", None)
+        if steps is not None and s.sddit_t_min >= steps:  # a band no sample is ever drawn in: the term would be off
+            raise ConfigError("sddit_t_min", f"is {s.sddit_t_min}, but timesteps run 0..{steps - 1}",
+                              f"pass --sddit_t_min below {steps}")
         self.autocast = autocast
         self.add_noise = process.add_noise
         self.student_encoder = dit_encoder(denoiser, s.sddit_encoder_depth)  # the denoiser's own modules

@@ -242,6 +242,8 @@ def test_a_noise_band_masks_the_loss_outside_it_and_the_two_halves_add_up_to_the
         _config(sddit_t_min=500, sddit_t_max=500)
     with pytest.raises(ConfigError, match="sddit_t_min"):
         _config(sddit_t_min=-1)
+    with pytest.raises(ConfigError, match="sddit_t_min.*timesteps run 0..999"):  # a band past the schedule
+        _setup(pipeline, sddit_t_min=1000)
 
 
 def test_the_cosine_option_has_no_centre(pipeline):
