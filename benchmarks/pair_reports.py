@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, t_interval, write_json  # noqa: E402
+from harness import RESULTS, write_json  # noqa: E402
+from sadm_study import pair_on_draw  # noqa: E402
 
 AGREE = 1e-6  # the same checkpoint's FID in two reports: equal up to float printing, or another chain
 
@@ -61,18 +61,15 @@ def merged_fid(paths: list[Path]) -> dict[tuple[str, str, int], dict[str, float]
 
 
 def pair(fid: dict, regime: str, arm: str, other: str) -> dict[str, dict]:
-    """Per draw both arms have: arm minus other over the seeds both were drawn on."""
+    """Per draw both arms have: arm minus other over the seeds both were drawn on (sadm_study.pair_on_draw), with
+    those seeds and how many of them the arm is better on."""
     out = {}
     draws = sorted({d for (r, a, _), v in fid.items() if r == regime and a == arm for d in v})
+    seeds = sorted(s for r, a, s in fid if r == regime and a == arm)
     for draw in draws:
-        seeds = sorted(s for (r, a, s), v in fid.items() if r == regime and a == arm and draw in v
-                       and draw in fid.get((regime, other, s), {}))
-        if not seeds:
-            continue
-        diffs = [fid[(regime, arm, s)][draw] - fid[(regime, other, s)][draw] for s in seeds]
-        out[draw] = {**t_interval(diffs), "seeds": seeds,
-                     "relative_to": statistics.fmean(fid[(regime, other, s)][draw] for s in seeds),
-                     "better": sum(d < 0 for d in diffs)}
+        both, ci = pair_on_draw(fid, regime, arm, other, draw, seeds)
+        if ci is not None:
+            out[draw] = {**ci, "seeds": both, "better": sum(d < 0 for d in ci["diffs"])}
     return out
 
 

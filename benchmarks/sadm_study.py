@@ -349,12 +349,11 @@ LAZY_COMBINATION_RATIO = {"6m": 1.168}
 # --sddit_t_min 500: t >= 500; uniform t, so each half carries about half the full term's push, and the two add up to
 # it): which half carries SD-DiT's DDIM gain and which its DDPM loss? The band masks the loss, not the compute, so
 # both cost the full combination's x1.281 and pair with its plain at 641 steps
-SDDIT_05_LOW_T = SDDIT_05 + ["--sddit_t_max", "500"]
-SDDIT_05_HIGH_T = SDDIT_05 + ["--sddit_t_min", "500"]
 # and at lambda 1.0 on its half: the full term's per-sample weight doubled where it acts, so the band's push over the
-# batch equals the full term's (a half at 0.5 carries half of it: location and dose apart)
-SDDIT_10_LOW_T = SDDIT[:1] + ["1.0"] + SDDIT[2:] + ["--sddit_t_max", "500"]
-SDDIT_10_HIGH_T = SDDIT[:1] + ["1.0"] + SDDIT[2:] + ["--sddit_t_min", "500"]
+# batch equals the full term's (a half at 0.5 carries half of it: location and dose apart). Arm -> flags, in report order
+SDDIT_BANDS = {"low-t": ["--sddit_t_max", "500"], "high-t": ["--sddit_t_min", "500"]}
+SDDIT_BAND_ARMS = {f"full-sadm+sddit-{weight}-{band}": SDDIT[:1] + [weight] + SDDIT[2:] + flags
+                   for weight in ("0.5", "1.0") for band, flags in SDDIT_BANDS.items()}
 # (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
 AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
 
@@ -519,10 +518,7 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # (LAZY_COMBINATION_RATIO), within a step of SD-DiT alone's x1.165, so its equal compute is the same plain arm
     # (583 steps of 500; 500 x 1.168 = 584), paired with it in _OTHER_PAIRINGS
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): (SDDIT_05_EVERY4, "full-plain"),
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"): (SDDIT_05_LOW_T, "full-plain"),
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"): (SDDIT_05_HIGH_T, "full-plain"),
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-low-t"): (SDDIT_10_LOW_T, "full-plain"),
-    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-high-t"): (SDDIT_10_HIGH_T, "full-plain"),
+    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain") for arm, flags in SDDIT_BAND_ARMS.items()},
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
@@ -548,10 +544,8 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): "full-plain-equal-compute-1.17",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"): "full-plain-equal-compute-1.28",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"): "full-plain-equal-compute-1.28",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-low-t"): "full-plain-equal-compute-1.28",
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-high-t"): "full-plain-equal-compute-1.28"}
+                   **{("transfer-6m-full-raw-lr1e-3-stage2", arm): "full-plain-equal-compute-1.28"
+                      for arm in SDDIT_BAND_ARMS}}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -827,10 +821,7 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"),
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-low-t"),
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t"),
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-low-t"),
-                   ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-1.0-high-t"),
+                   *(("transfer-6m-full-raw-lr1e-3-stage2", arm) for arm in SDDIT_BAND_ARMS),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),
@@ -867,6 +858,19 @@ def equal_compute_key(regime: str, arm: str, plain: str) -> str:
     return f"{regime}/{arm} - {plain}"
 
 
+def pair_on_draw(fid: dict[tuple, dict[str, float]], regime: str, arm: str, ref: str, draw: str,
+                 seeds: list[int]) -> tuple[list[int], dict | None]:
+    """arm minus ref on one draw, paired over the seeds where both were drawn (``fid``: (regime, arm, seed) -> {draw:
+    FID}): those seeds, and the t_interval with ref's mean FID over them ("relative_to": the interval as a share of it
+    is mean / relative_to), None where no seed has both."""
+    both = [s for s in seeds if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, ref, s), {})]
+    if not both:
+        return both, None
+    ci = t_interval([fid[(regime, arm, s)][draw] - fid[(regime, ref, s)][draw] for s in both])
+    ci["relative_to"] = statistics.fmean(fid[(regime, ref, s)][draw] for s in both)
+    return both, ci
+
+
 def eval_noise_result(work: Path, seeds: list[int]) -> dict:
     """Per draw: each arm's paired FID difference vs its regime's plain, and each SADM arm's vs plain given its
     compute ("equal_compute"); per checkpoint: the FID's spread over the DDIM sampling seeds (SEED_DRAWS), and the
@@ -887,16 +891,8 @@ def eval_noise_result(work: Path, seeds: list[int]) -> dict:
         return [got[d] for d in names] if all(d in got for d in names) else None
 
     def per_draw(regime: str, arm: str, ref: str) -> dict[str, dict | None]:
-        """Per draw: arm minus ref, paired over the seeds where both were drawn (None where none were), with ref's
-        mean FID over those seeds ("relative_to": the interval as a share of it is mean / relative_to)."""
-        out = {}
-        for draw in draws:
-            both = [s for s in seeds if draw in fid.get((regime, arm, s), {}) and draw in fid.get((regime, ref, s), {})]
-            out[draw] = None
-            if both:
-                out[draw] = t_interval([fid[(regime, arm, s)][draw] - fid[(regime, ref, s)][draw] for s in both])
-                out[draw]["relative_to"] = statistics.fmean(fid[(regime, ref, s)][draw] for s in both)
-        return out
+        """Per draw: arm minus ref (pair_on_draw; None where no seed has both)."""
+        return {draw: pair_on_draw(fid, regime, arm, ref, draw, seeds)[1] for draw in draws}
 
     result: dict = {"draws": {k: list(v) for k, v in (STUDY_DRAW, *EVAL_DRAWS.items())},
                     "draw_fields": ["sampler", "steps", "sampling seed", "samples (x the regime's 1,000)"],
