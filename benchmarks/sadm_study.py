@@ -354,6 +354,14 @@ LAZY_COMBINATION_RATIO = {"6m": 1.168}
 SDDIT_BANDS = {"low-t": ["--sddit_t_max", "500"], "high-t": ["--sddit_t_min", "500"]}
 SDDIT_BAND_ARMS = {f"full-sadm+sddit-{weight}-{band}": SDDIT[:1] + [weight] + SDDIT[2:] + flags
                    for weight in ("0.5", "1.0") for band, flags in SDDIT_BANDS.items()}
+# SADM's dose in that pipeline, alone and under SD-DiT 0.5. With DDPM 50 the combination ties SADM alone (SD-DiT's
+# share is a DDIM gain only), so its DDPM side is SADM's -8.2% at SADM's compute, and plain's extra steps at the
+# combination's x1.281 take most of it: does SADM's DDPM gain grow with its weight (default 0.01)? Lambda does not
+# change the step time, so each arm meets the plain arm its lambda-0.01 twin meets: arm -> (flags, that plain arm)
+SADM_DOSE_ARMS = {f"full-sadm-lambda-{weight}{term}": (["--structure_weight", weight, *flags], plain)
+                  for weight in ("0.02", "0.04")
+                  for term, flags, plain in (("", [], "full-plain-equal-compute"),
+                                             ("+sddit-0.5", SDDIT_05, "full-plain-equal-compute-1.28"))}
 # (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
 AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
 
@@ -519,6 +527,7 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # (583 steps of 500; 500 x 1.168 = 584), paired with it in _OTHER_PAIRINGS
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): (SDDIT_05_EVERY4, "full-plain"),
     **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain") for arm, flags in SDDIT_BAND_ARMS.items()},
+    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain") for arm, (flags, _) in SADM_DOSE_ARMS.items()},
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
@@ -545,7 +554,9 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): "full-plain-equal-compute-1.17",
                    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): "full-plain-equal-compute-1.28"
-                      for arm in SDDIT_BAND_ARMS}}
+                      for arm in SDDIT_BAND_ARMS},
+                   **{("transfer-6m-full-raw-lr1e-3-stage2", arm): plain
+                      for arm, (_, plain) in SADM_DOSE_ARMS.items()}}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -822,6 +833,7 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"),
                    *(("transfer-6m-full-raw-lr1e-3-stage2", arm) for arm in SDDIT_BAND_ARMS),
+                   *(("transfer-6m-full-raw-lr1e-3-stage2", arm) for arm in SADM_DOSE_ARMS),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),

@@ -792,3 +792,20 @@ def test_the_noise_band_combinations_split_sddit_at_t_500_and_meet_the_full_comb
         arm = f"full-sadm+sddit-1.0-{band}"
         assert study.LENGTH_ARMS[(stage, arm)][0] == ["--sddit_weight", "1.0", *study.SDDIT_05[2:], *flags]
         assert study.ALSO_PAIRED[(stage, arm)] == equal and (stage, arm) in study.EVAL_NOISE_ARMS
+
+
+def test_sadm_s_dose_arms_raise_only_lambda_and_meet_the_plain_arm_of_their_lambda_0_01_twin():
+    stage = "transfer-6m-full-raw-lr1e-3-stage2"
+    for weight in ("0.02", "0.04"):
+        alone, combined = f"full-sadm-lambda-{weight}", f"full-sadm-lambda-{weight}+sddit-0.5"
+        # the default arms' flags with lambda raised, and nothing else: SADM alone is the default (no flags)
+        assert study.LENGTH_ARMS[(stage, "full-sadm")][0] == []
+        assert study.LENGTH_ARMS[(stage, alone)] == (["--structure_weight", weight], "full-plain")
+        assert study.LENGTH_ARMS[(stage, combined)] == (
+            ["--structure_weight", weight, *study.LENGTH_ARMS[(stage, "full-sadm+sddit-0.5")][0]], "full-plain")
+        # lambda does not change the step time: each meets its twin's plain at equal compute (543 and 641 steps)
+        assert study.ALSO_PAIRED[(stage, alone)] == "full-plain-equal-compute"
+        assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute")][0][-1] == "543"
+        assert study.ALSO_PAIRED[(stage, combined)] == "full-plain-equal-compute-1.28"
+        assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.28")][0][-1] == "641"
+        assert {(stage, alone), (stage, combined)} <= set(study.EVAL_NOISE_ARMS)
