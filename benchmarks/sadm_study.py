@@ -354,6 +354,11 @@ LAZY_COMBINATION_RATIO = {"6m": 1.168}
 SDDIT_BANDS = {"low-t": ["--sddit_t_max", "500"], "high-t": ["--sddit_t_min", "500"]}
 SDDIT_BAND_ARMS = {f"full-sadm+sddit-{weight}-{band}": SDDIT[:1] + [weight] + SDDIT[2:] + flags
                    for weight in ("0.5", "1.0") for band, flags in SDDIT_BANDS.items()}
+# Why do the halves add up to less than the full term (at 0.5: -0.026 and -0.032 FID over SADM alone, the full term
+# -0.122)? Under a loss band the head learns from the band's samples only; with --sddit_band_scope encoder it learns
+# from every sample and only the denoiser's push stays at t >= 500: the full term's head with the high band's push
+SDDIT_BAND_ARMS["full-sadm+sddit-0.5-high-t-head-all"] = [*SDDIT_05, *SDDIT_BANDS["high-t"],
+                                                         "--sddit_band_scope", "encoder"]
 # SADM's dose in that pipeline, alone and under SD-DiT 0.5. With DDPM 50 the combination ties SADM alone (SD-DiT's
 # share is a DDIM gain only), so its DDPM side is SADM's -8.2% at SADM's compute, and plain's extra steps at the
 # combination's x1.281 take most of it: does SADM's DDPM gain grow with its weight (default 0.01)? Lambda does not
@@ -527,7 +532,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # (583 steps of 500; 500 x 1.168 = 584), paired with it in _OTHER_PAIRINGS
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): (SDDIT_05_EVERY4, "full-plain"),
     **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain") for arm, flags in SDDIT_BAND_ARMS.items()},
-    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain") for arm, (flags, _) in SADM_DOSE_ARMS.items()},
+    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain")
+       for arm, (flags, _) in SADM_DOSE_ARMS.items()},
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),

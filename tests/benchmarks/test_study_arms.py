@@ -809,3 +809,10 @@ def test_sadm_s_dose_arms_raise_only_lambda_and_meet_the_plain_arm_of_their_lamb
         assert study.ALSO_PAIRED[(stage, combined)] == "full-plain-equal-compute-1.28"
         assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.28")][0][-1] == "641"
         assert {(stage, alone), (stage, combined)} <= set(study.EVAL_NOISE_ARMS)
+
+
+def test_the_head_all_band_arm_is_the_high_band_with_only_the_denoiser_s_push_confined():
+    stage, arm = "transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-high-t-head-all"
+    high = study.LENGTH_ARMS[(stage, "full-sadm+sddit-0.5-high-t")][0]
+    assert study.LENGTH_ARMS[(stage, arm)] == (high + ["--sddit_band_scope", "encoder"], "full-plain")
+    assert study.ALSO_PAIRED[(stage, arm)] == "full-plain-equal-compute-1.28" and (stage, arm) in study.EVAL_NOISE_ARMS

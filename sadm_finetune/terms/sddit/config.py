@@ -32,6 +32,10 @@ class SDDiTConfig(TermConfig):
                              "it carry no SD-DiT loss, so the batch mean is lambda x the band's share)")
     sddit_t_max: int | None = _f(None, "the term on samples whose timestep is below this only (None: no "
                                        "upper bound); with sddit_t_min a band")
+    sddit_band_scope: Literal["loss", "encoder"] = _f(
+        "loss", "what a noise band confines: 'loss' (samples outside it carry no SD-DiT loss, so neither the head nor "
+                "the denoiser learns from them) or 'encoder' (the head learns from every sample, only the denoiser's "
+                "push is confined to the band)")
     sddit_loss: Literal["dino", "cosine"] = _f("dino", "DINO cross-entropy with centering and sharpening, or cosine")
     sddit_head_dim: int = _f(1024, "output width of the projection head (DINO's prototypes)")
     sddit_head_hidden_dim: int = _f(2048, "hidden width of the projection head's 3-layer MLP")
@@ -50,6 +54,9 @@ class SDDiTConfig(TermConfig):
         if self.sddit_t_max is not None and self.sddit_t_max <= self.sddit_t_min:
             raise ConfigError("sddit_t_max", f"is {self.sddit_t_max}, must be above sddit_t_min ({self.sddit_t_min})",
                               "pass a --sddit_t_max above --sddit_t_min, or leave it unset")
+        if self.sddit_band_scope != "loss" and self.sddit_t_min == 0 and self.sddit_t_max is None:
+            raise ConfigError("sddit_band_scope", f"is {self.sddit_band_scope!r}, but no noise band is set",
+                              "set --sddit_t_min or --sddit_t_max, or drop --sddit_band_scope")
         for name in ("sddit_ema_decay", "sddit_mask_ratio", "sddit_center_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"is {getattr(self, name)}, must be in [0, 1)", f"pass --{name} in [0, 1)")

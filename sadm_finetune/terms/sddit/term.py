@@ -171,6 +171,8 @@ class SDDiTTerm(Term):
                 f"{d.sddit_ema_decay}" + (f", mask ratio {d.sddit_mask_ratio}" if d.sddit_mask_ratio else "")
                 + (f", on one update in {d.sddit_every} at lambda x {d.sddit_every}" if d.sddit_every > 1 else "")
                 + (f", on timesteps [{d.sddit_t_min}, {d.sddit_t_max if d.sddit_t_max is not None else 'end'})"
+                   + (" (the denoiser's push only; the head learns on every timestep)"
+                      if d.sddit_band_scope == "encoder" else "")
                    if d.sddit_t_min > 0 or d.sddit_t_max is not None else "")]
 
     def weight(self, step: int) -> float:
@@ -205,7 +207,11 @@ class SDDiTTerm(Term):
 
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.config
-        student_out = self.head(self._student_tokens(ctx).float().mean(dim=1)).float()  # (B, head_dim)
+        band = self._in_band(ctx.timesteps)
+        pooled = self._student_tokens(ctx).float().mean(dim=1)
+        if band is not None and s.sddit_band_scope == "encoder":  # the head learns from every sample, the
+            pooled = torch.where(band[:, None], pooled, pooled.detach())  # denoiser from the band's samples only
+        student_out = self.head(pooled).float()  # (B, head_dim)
         teacher_out = self._teacher_out(ctx)
         if self.center is not None:
             value = dino_loss(student_out, teacher_out, self.center.value, s.sddit_student_temperature,
@@ -215,10 +221,10 @@ class SDDiTTerm(Term):
             value = cosine_loss(student_out, teacher_out)
         cos = F.cosine_similarity(student_out.detach(), teacher_out, dim=-1).mean()
         logs = {"loss_sddit": value.detach().mean(), "sddit_student_teacher_cos": cos}
-        band = self._in_band(ctx.timesteps)
-        if band is not None:  # w(t) = 1 in the band, 0 outside: the loop's batch mean is lambda x the band's share
-            value = value * band.to(value.dtype)
+        if band is not None:
             logs["sddit_band_share"] = band.float().mean()
+            if s.sddit_band_scope == "loss":  # w(t) = 1 in the band, 0 outside: the batch mean is lambda x its share
+                value = value * band.to(value.dtype)
         return value, logs
 
     def _in_band(self, timesteps: torch.Tensor) -> torch.Tensor | None:

@@ -246,6 +246,34 @@ def test_a_noise_band_masks_the_loss_outside_it_and_the_two_halves_add_up_to_the
         _setup(pipeline, sddit_t_min=1000)
 
 
+def test_an_encoder_scoped_band_trains_the_head_on_every_sample_and_the_denoiser_on_the_band_only(pipeline):
+    timesteps = torch.tensor([10, 499, 500, 990])
+    grads = {}
+    for name, band in {"full": {}, "loss": {"sddit_t_min": 500},
+                       "encoder": {"sddit_t_min": 500, "sddit_band_scope": "encoder"}}.items():
+        torch.manual_seed(0)  # the same head for each
+        adapter, process, term, _ = _setup(pipeline, **band)
+        ctx = _context(adapter, process, term, step=0, timesteps=timesteps)
+        value, logs = term.loss(ctx)
+        encoder = adapter.denoiser.transformer_blocks[0].attn1.to_q.weight
+        head = list(term.student_head.parameters())
+        grads[name] = torch.autograd.grad(value.mean(), [encoder, *head], retain_graph=True)
+        if name == "encoder":
+            assert logs["sddit_band_share"] == pytest.approx(0.5)
+            assert "the head learns on every timestep" in term.summary_lines(adapter.denoiser)[0]
+            # an out-of-band sample still pushes the head, but nothing through the encoder
+            out_of_band = torch.autograd.grad(value[0], [encoder, head[0]], retain_graph=True, allow_unused=True)
+            assert out_of_band[0] is None or not out_of_band[0].any()
+            assert out_of_band[1].abs().sum() > 0
+    # the denoiser gets the loss-masked band's push, exactly; the head the unbanded term's
+    assert torch.allclose(grads["encoder"][0], grads["loss"][0], atol=1e-7) and grads["loss"][0].abs().sum() > 0
+    for scoped, full, masked in zip(grads["encoder"][1:], grads["full"][1:], grads["loss"][1:]):
+        assert torch.allclose(scoped, full, atol=1e-7)
+    assert not all(torch.allclose(f, m, atol=1e-7) for f, m in zip(grads["full"][1:], grads["loss"][1:]))
+    with pytest.raises(ConfigError, match="sddit_band_scope.*no noise band"):
+        _config(sddit_band_scope="encoder")
+
+
 def test_the_cosine_option_has_no_centre(pipeline):
     adapter, process, term, optimizer = _setup(pipeline, sddit_loss="cosine")
     assert term.center is None and set(term.state()) == {"teacher"}
