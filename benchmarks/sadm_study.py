@@ -359,14 +359,15 @@ SDDIT_BAND_ARMS = {f"full-sadm+sddit-{weight}-{band}": SDDIT[:1] + [weight] + SD
 # from every sample and only the denoiser's push stays at t >= 500: the full term's head with the high band's push
 SDDIT_BAND_ARMS["full-sadm+sddit-0.5-high-t-head-all"] = [*SDDIT_05, *SDDIT_BANDS["high-t"],
                                                          "--sddit_band_scope", "encoder"]
-# SADM's dose in that pipeline, alone and under SD-DiT 0.5. With DDPM 50 the combination ties SADM alone (SD-DiT's
-# share is a DDIM gain only), so its DDPM side is SADM's -8.2% at SADM's compute, and plain's extra steps at the
-# combination's x1.281 take most of it: does SADM's DDPM gain grow with its weight (default 0.01)? Lambda does not
-# change the step time, so each arm meets the plain arm its lambda-0.01 twin meets: arm -> (flags, that plain arm)
-SADM_DOSE_ARMS = {f"full-sadm-lambda-{weight}{term}": (["--structure_weight", weight, *flags], plain)
-                  for weight in ("0.02", "0.04")
-                  for term, flags, plain in (("", [], "full-plain-equal-compute"),
-                                             ("+sddit-0.5", SDDIT_05, "full-plain-equal-compute-1.28"))}
+# SADM's dose in that pipeline: lambda 0.02 and 0.04 alone, 0.02 under SD-DiT 0.5. With DDPM 50 the combination
+# ties SADM alone (SD-DiT's share is a DDIM gain only), so its DDPM side is SADM's -8.2% at SADM's compute, and
+# plain's extra steps at the combination's x1.281 take most of it: does SADM's DDPM gain grow with its weight (default
+# 0.01)? Lambda does not change the step time, so each arm meets the plain arm its lambda-0.01 twin meets:
+# arm -> (flags, that plain arm)
+SADM_DOSE_ARMS = {**{f"full-sadm-lambda-{weight}": (["--structure_weight", weight], "full-plain-equal-compute")
+                     for weight in ("0.02", "0.04")},
+                  "full-sadm-lambda-0.02+sddit-0.5": (["--structure_weight", "0.02", *SDDIT_05],
+                                                      "full-plain-equal-compute-1.28")}
 # (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
 AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
 

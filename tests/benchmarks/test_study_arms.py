@@ -796,19 +796,20 @@ def test_the_noise_band_combinations_split_sddit_at_t_500_and_meet_the_full_comb
 
 def test_sadm_s_dose_arms_raise_only_lambda_and_meet_the_plain_arm_of_their_lambda_0_01_twin():
     stage = "transfer-6m-full-raw-lr1e-3-stage2"
-    for weight in ("0.02", "0.04"):
-        alone, combined = f"full-sadm-lambda-{weight}", f"full-sadm-lambda-{weight}+sddit-0.5"
-        # the default arms' flags with lambda raised, and nothing else: SADM alone is the default (no flags)
-        assert study.LENGTH_ARMS[(stage, "full-sadm")][0] == []
-        assert study.LENGTH_ARMS[(stage, alone)] == (["--structure_weight", weight], "full-plain")
-        assert study.LENGTH_ARMS[(stage, combined)] == (
-            ["--structure_weight", weight, *study.LENGTH_ARMS[(stage, "full-sadm+sddit-0.5")][0]], "full-plain")
+    combination = study.LENGTH_ARMS[(stage, "full-sadm+sddit-0.5")][0]
+    assert study.LENGTH_ARMS[(stage, "full-sadm")][0] == []  # SADM alone is the default: no flags
+    # each arm is its lambda-0.01 twin's flags with lambda raised, and nothing else
+    expected = {"full-sadm-lambda-0.02": (["--structure_weight", "0.02"], "full-plain-equal-compute"),
+                "full-sadm-lambda-0.04": (["--structure_weight", "0.04"], "full-plain-equal-compute"),
+                "full-sadm-lambda-0.02+sddit-0.5": (["--structure_weight", "0.02", *combination],
+                                                    "full-plain-equal-compute-1.28")}
+    assert set(study.SADM_DOSE_ARMS) == set(expected)
+    for arm, (flags, plain) in expected.items():
+        assert study.LENGTH_ARMS[(stage, arm)] == (flags, "full-plain")
         # lambda does not change the step time: each meets its twin's plain at equal compute (543 and 641 steps)
-        assert study.ALSO_PAIRED[(stage, alone)] == "full-plain-equal-compute"
-        assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute")][0][-1] == "543"
-        assert study.ALSO_PAIRED[(stage, combined)] == "full-plain-equal-compute-1.28"
-        assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.28")][0][-1] == "641"
-        assert {(stage, alone), (stage, combined)} <= set(study.EVAL_NOISE_ARMS)
+        assert study.ALSO_PAIRED[(stage, arm)] == plain and (stage, arm) in study.EVAL_NOISE_ARMS
+    assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute")][0][-1] == "543"
+    assert study.LENGTH_ARMS[(stage, "full-plain-equal-compute-1.28")][0][-1] == "641"
 
 
 def test_the_head_all_band_arm_is_the_high_band_with_only_the_denoiser_s_push_confined():
