@@ -368,6 +368,9 @@ SADM_DOSE_ARMS = {**{f"full-sadm-lambda-{weight}": (["--structure_weight", weigh
                      for weight in ("0.02", "0.04")},
                   "full-sadm-lambda-0.02+sddit-0.5": (["--structure_weight", "0.02", *SDDIT_05],
                                                       "full-plain-equal-compute-1.28")}
+# the 6.4 M second stage's follow-up arms: arm -> (flags, the plain arm at its compute), in report order
+STAGE2_6M_ARMS = {**{arm: (flags, "full-plain-equal-compute-1.28") for arm, flags in SDDIT_BAND_ARMS.items()},
+                  **SADM_DOSE_ARMS}
 # (regime, plain at an arm's measured compute) -> that arm, filled by at_its_compute; ALSO_PAIRED pairs them
 AT_ITS_COMPUTE: dict[tuple[str, str], str] = {}
 
@@ -532,9 +535,8 @@ LENGTH_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     # (LAZY_COMBINATION_RATIO), within a step of SD-DiT alone's x1.165, so its equal compute is the same plain arm
     # (583 steps of 500; 500 x 1.168 = 584), paired with it in _OTHER_PAIRINGS
     ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): (SDDIT_05_EVERY4, "full-plain"),
-    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain") for arm, flags in SDDIT_BAND_ARMS.items()},
     **{("transfer-6m-full-raw-lr1e-3-stage2", arm): (flags, "full-plain")
-       for arm, (flags, _) in SADM_DOSE_ARMS.items()},
+       for arm, (flags, _) in STAGE2_6M_ARMS.items()},
     ("transfer-6m-full-long-raw", "full-plain"): (PLAIN, None),
     ("transfer-6m-full-long", "full-plain"): (PLAIN, None),
     **equal_compute_arms("transfer-6m-full-raw-stage2", 543),
@@ -560,10 +562,8 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm",
                    ("transfer-24m-stage2", "full-sadm-augment"): "full-plain-equal-compute",
                    ("continue-24m-few", "sadm-augment"): "plain-equal-compute",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): "full-plain-equal-compute-1.17",
-                   **{("transfer-6m-full-raw-lr1e-3-stage2", arm): "full-plain-equal-compute-1.28"
-                      for arm in SDDIT_BAND_ARMS},
                    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): plain
-                      for arm, (_, plain) in SADM_DOSE_ARMS.items()}}
+                      for arm, (_, plain) in STAGE2_6M_ARMS.items()}}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -839,8 +839,7 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.28"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.17"),
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"),
-                   *(("transfer-6m-full-raw-lr1e-3-stage2", arm) for arm in SDDIT_BAND_ARMS),
-                   *(("transfer-6m-full-raw-lr1e-3-stage2", arm) for arm in SADM_DOSE_ARMS),
+                   *(("transfer-6m-full-raw-lr1e-3-stage2", arm) for arm in STAGE2_6M_ARMS),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-plain-equal-compute-1.21"),
                    ("transfer-24m-full-raw-lr1e-3-stage2", "full-sddit-0.5"),
