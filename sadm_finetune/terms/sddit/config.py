@@ -43,6 +43,11 @@ class SDDiTConfig(TermConfig):
     sddit_teacher_temperature: float = _f(0.04, "DINO teacher softmax temperature (sharpening)")
     sddit_center_momentum: float = _f(0.9, "momentum of the teacher's output centre")
 
+    @property
+    def has_band(self) -> bool:
+        """Whether a noise band is set (either bound); without one the term acts on every timestep."""
+        return self.sddit_t_min > 0 or self.sddit_t_max is not None
+
     def __post_init__(self) -> None:
         if self.sddit_weight < 0:
             raise ConfigError("sddit_weight", f"is {self.sddit_weight}, must be >= 0", "pass --sddit_weight 0 or more")
@@ -54,7 +59,7 @@ class SDDiTConfig(TermConfig):
         if self.sddit_t_max is not None and self.sddit_t_max <= self.sddit_t_min:
             raise ConfigError("sddit_t_max", f"is {self.sddit_t_max}, must be above sddit_t_min ({self.sddit_t_min})",
                               "pass a --sddit_t_max above --sddit_t_min, or leave it unset")
-        if self.sddit_band_scope != "loss" and self.sddit_t_min == 0 and self.sddit_t_max is None:
+        if self.sddit_band_scope != "loss" and not self.has_band:
             raise ConfigError("sddit_band_scope", f"is {self.sddit_band_scope!r}, but no noise band is set",
                               "set --sddit_t_min or --sddit_t_max, or drop --sddit_band_scope")
         for name in ("sddit_ema_decay", "sddit_mask_ratio", "sddit_center_momentum"):

@@ -173,7 +173,7 @@ class SDDiTTerm(Term):
                 + (f", on timesteps [{d.sddit_t_min}, {d.sddit_t_max if d.sddit_t_max is not None else 'end'})"
                    + (" (the denoiser's push only; the head learns on every timestep)"
                       if d.sddit_band_scope == "encoder" else "")
-                   if d.sddit_t_min > 0 or d.sddit_t_max is not None else "")]
+                   if d.has_band else "")]
 
     def weight(self, step: int) -> float:
         """lambda on every update, or with ``sddit_every`` N: lambda x N on updates 0, N, 2N, ... and 0 between them
@@ -230,7 +230,7 @@ class SDDiTTerm(Term):
     def _in_band(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """(B,) bool: the samples whose timestep lies in [sddit_t_min, sddit_t_max); None when there is no band."""
         s = self.config
-        if s.sddit_t_min == 0 and s.sddit_t_max is None:
+        if not s.has_band:
             return None
         band = timesteps >= s.sddit_t_min
         return band if s.sddit_t_max is None else band & (timesteps < s.sddit_t_max)

@@ -267,7 +267,7 @@ def test_an_encoder_scoped_band_trains_the_head_on_every_sample_and_the_denoiser
             assert out_of_band[1].abs().sum() > 0
     # the denoiser gets the loss-masked band's push, exactly; the head the unbanded term's
     assert torch.allclose(grads["encoder"][0], grads["loss"][0], atol=1e-7) and grads["loss"][0].abs().sum() > 0
-    for scoped, full, masked in zip(grads["encoder"][1:], grads["full"][1:], grads["loss"][1:]):
+    for scoped, full in zip(grads["encoder"][1:], grads["full"][1:]):
         assert torch.allclose(scoped, full, atol=1e-7)
     assert not all(torch.allclose(f, m, atol=1e-7) for f, m in zip(grads["full"][1:], grads["loss"][1:]))
     with pytest.raises(ConfigError, match="sddit_band_scope.*no noise band"):
