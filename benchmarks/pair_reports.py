@@ -1,7 +1,8 @@
-"""Pair two arms of the method study by seed across its `_eval_noise` reports, on every draw both were sampled with.
+"""Pair two arms of the method study by seed across its reports, on every draw both were sampled with.
 
 Every `_eval_noise` report of `sadm_study.py` keeps each checkpoint's FID per draw ("fid": "<regime>/<arm>/seed<N>"
--> {draw: FID}), so an arm of one report pairs with an arm of another where both came from one chain (the same
+-> {draw: FID}), and every study report each run's FID on the study's own draw (ddim25-s1234; a stem stands for both
+files, those that exist), so an arm of one report pairs with an arm of another where both came from one chain (the same
 base and first stage: run in one work dir, or rebuilt bit for bit, which a checkpoint both reports hold confirms).
 Nothing is trained, sampled or evaluated again. Where two reports hold the same checkpoint, their FIDs must agree
 (to 1e-6): if they do not, the reports come from different chains and pairing them would mix two draws of the
@@ -26,19 +27,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import RESULTS, write_json  # noqa: E402
-from sadm_study import pair_on_draw  # noqa: E402
+from sadm_study import STUDY_DRAW, pair_on_draw  # noqa: E402
 
 AGREE = 1e-6  # the same checkpoint's FID in two reports: equal up to float printing, or another chain
 
 
-def eval_noise_file(stem: str) -> Path:
-    """A report stem (as `sadm_study.py --output` names it, or its `_eval_noise.json` file) -> that file."""
-    name = stem if stem.endswith("_eval_noise.json") else f"{stem}_eval_noise.json"
-    path = RESULTS / name
-    if not path.is_file():
-        raise SystemExit(f"--reports: {path} does not exist; pass the stem of a committed report "
-                         f"(benchmarks/results/<stem>_eval_noise.json)")
-    return path
+def report_files(stem: str) -> list[Path]:
+    """A report stem (as `sadm_study.py --output` names it) -> its `_eval_noise.json` and its study report `.json`,
+    those that exist; a file name (ending in `.json`) -> that file."""
+    names = [stem] if stem.endswith(".json") else [f"{stem}_eval_noise.json", f"{stem}.json"]
+    paths = [RESULTS / name for name in names if (RESULTS / name).is_file()]
+    if not paths:
+        raise SystemExit(f"--reports: no {' or '.join(names)} in {RESULTS}; pass the stem of a committed report "
+                         f"(benchmarks/results/<stem>_eval_noise.json or <stem>.json)")
+    return paths
+
+
+def checkpoint_fid(path: Path) -> dict[str, dict[str, float]]:
+    """One report's FIDs as "<regime>/<arm>/seed<N>" -> {draw: FID}: an `_eval_noise` report's own table, or a study
+    report's per-seed FID on the study's draw (every run's own evaluation)."""
+    data = json.loads(path.read_text())
+    if "fid" in data:
+        return data["fid"]
+    return {f"{regime}/{arm}/seed{seed}": {STUDY_DRAW[0]: metrics["fid"]}
+            for regime, arms in data["summary"].items() for arm, summary in arms.items()
+            for seed, metrics in summary["per_seed"].items()}
 
 
 def merged_fid(paths: list[Path]) -> dict[tuple[str, str, int], dict[str, float]]:
@@ -46,7 +59,7 @@ def merged_fid(paths: list[Path]) -> dict[tuple[str, str, int], dict[str, float]
     fid: dict[tuple[str, str, int], dict[str, float]] = {}
     source: dict[tuple[str, str, int, str], Path] = {}
     for path in paths:
-        for key, draws in json.loads(path.read_text())["fid"].items():
+        for key, draws in checkpoint_fid(path).items():
             regime, arm, seed = key.rsplit("/", 2)
             checkpoint = (regime, arm, int(seed.removeprefix("seed")))
             for draw, value in draws.items():
@@ -76,7 +89,8 @@ def pair(fid: dict, regime: str, arm: str, other: str) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--regime", required=True, help="the study regime both arms belong to")
-    parser.add_argument("--reports", nargs="+", required=True, help="report stems under benchmarks/results/")
+    parser.add_argument("--reports", nargs="+", required=True,
+                        help="report stems (or file names) under benchmarks/results/")
     parser.add_argument("--pairs", nargs="+", required=True, help="arm:other, arm minus other")
     parser.add_argument("--output", required=True, help="stem of the JSON written under benchmarks/results/")
     args = parser.parse_args(argv)
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep or not arm or not other:
             raise SystemExit(f"--pairs: {spec!r} is not arm:other; pass e.g. full-sadm:full-plain")
         pairs.append((arm, other))
-    paths = [eval_noise_file(stem) for stem in args.reports]
+    paths = [path for stem in args.reports for path in report_files(stem)]
     fid = merged_fid(paths)
     result: dict = {"regime": args.regime, "reports": [p.name for p in paths], "pairs": {}}
     for arm, other in pairs:

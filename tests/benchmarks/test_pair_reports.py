@@ -42,6 +42,36 @@ def test_an_arm_of_one_report_pairs_with_an_arm_of_another_on_the_seeds_and_draw
     assert "band - combo" in capsys.readouterr().out
 
 
+def _study_report(folder, stem, fid):
+    """A study report (sadm_study.py's <stem>.json) whose runs of regime R scored ``fid``: {(arm, seed): FID}."""
+    summary = {}
+    for (arm, seed), value in fid.items():
+        summary.setdefault(arm, {"n": 0, "per_seed": {}})["per_seed"][str(seed)] = {"fid": value, "kid_mean": 0.1}
+        summary[arm]["n"] += 1
+    (folder / f"{stem}.json").write_text(json.dumps({"summary": {R: summary}, "seeds": [0, 1]}))
+
+
+def test_a_study_report_pairs_on_the_study_draw_and_must_agree_with_the_eval_noise_report_of_its_chain(results):
+    # the committed report holds plain at its compute and the old arm; the new one (study report and draws) the new arm
+    _study_report(results, "old", {("equal", 0): 3.1, ("equal", 1): 3.2, ("combo", 0): 3.0, ("combo", 1): 2.9,
+                                   ("plain", 0): 3.3})
+    _study_report(results, "new", {("dose", 0): 2.8, ("dose", 1): 3.0, ("plain", 0): 3.3})
+    _report(results, "new", {("dose", 0): {"ddim25-s1234": 2.8, "ddpm50-s1234": 1.0},
+                             ("plain", 0): {"ddim25-s1234": 3.3}})
+    result = pair_reports.main(["--regime", R, "--reports", "old", "new", "--pairs", "dose:equal", "dose:combo",
+                                "--output", "cross"])
+    assert result["reports"] == ["old.json", "new_eval_noise.json", "new.json"]
+    vs_equal = result["pairs"]["dose - equal"]
+    assert list(vs_equal) == ["ddim25-s1234"]  # the old arm was never drawn with DDPM: no pair there
+    assert vs_equal["ddim25-s1234"]["diffs"] == pytest.approx([-0.3, -0.2]) and vs_equal["ddim25-s1234"]["better"] == 2
+    assert result["pairs"]["dose - combo"]["ddim25-s1234"]["diffs"] == pytest.approx([-0.2, 0.1])
+    # a rebuilt chain that scores the shared plain run otherwise is refused, whichever file holds it
+    _study_report(results, "other", {("dose", 0): 2.8, ("plain", 0): 3.4})
+    with pytest.raises(SystemExit, match=r"stage2/plain/seed0 on ddim25-s1234 is 3.3 in old.json but 3.4 in "
+                                         r"other.json"):
+        pair_reports.main(["--regime", R, "--reports", "old", "other", "--pairs", "dose:equal", "--output", "x"])
+
+
 def test_reports_of_different_chains_are_refused(results):
     _report(results, "old", {("plain", 0): {"ddim": 1.3}, ("combo", 0): {"ddim": 1.0}})
     _report(results, "new", {("plain", 0): {"ddim": 1.4}, ("band", 0): {"ddim": 0.9}})
@@ -52,7 +82,7 @@ def test_reports_of_different_chains_are_refused(results):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--reports", "missing"], "--reports: .*missing_eval_noise.json does not exist"),
+    (["--reports", "missing"], "--reports: no missing_eval_noise.json or missing.json in "),
     (["--reports", "old", "--pairs", "band:combo"], "--pairs: no report holds stage2/band"),
     (["--reports", "old", "--pairs", "combo-plain"], "--pairs: 'combo-plain' is not arm:other"),
 ])
