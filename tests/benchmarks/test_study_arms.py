@@ -820,17 +820,15 @@ def test_the_head_all_band_arm_is_the_high_band_with_only_the_denoiser_s_push_co
 
 
 def test_the_continued_training_dose_arms_raise_only_lambda_and_meet_the_plain_arm_at_their_twin_s_compute():
-    # continue-6m: SADM alone and the combination at lambda 0.02; continue-24m: the combination only
+    # continue-6m: SADM alone and the combination at lambda 0.02 (the arms that were run)
     assert {regime: list(arms) for regime, arms in study.CONTINUE_DOSE_ARMS.items()} == {
-        "continue-6m": ["sadm-lambda-0.02", "sadm-lambda-0.02+sddit-0.5"],
-        "continue-24m": ["sadm-lambda-0.02+sddit-0.5"]}
-    for regime, steps in (("continue-6m", "641"), ("continue-24m", "604")):
-        twin = study.SCALE_ARMS[(regime, "sadm+sddit-0.5")][0]
-        arm = (regime, "sadm-lambda-0.02+sddit-0.5")
-        assert study.SCALE_ARMS[arm] == (["--structure_weight", "0.02", *twin], "plain")
-        equal = study.ALSO_PAIRED[arm]
-        assert study.SCALE_ARMS[(regime, equal)][0][-1] == steps  # plain at the combination's x1.28 / x1.21
-        assert arm in study.EVAL_NOISE_ARMS and (regime, equal) in study.EVAL_NOISE_ARMS
+        "continue-6m": ["sadm-lambda-0.02", "sadm-lambda-0.02+sddit-0.5"]}
+    twin = study.SCALE_ARMS[("continue-6m", "sadm+sddit-0.5")][0]
+    arm = ("continue-6m", "sadm-lambda-0.02+sddit-0.5")
+    assert study.SCALE_ARMS[arm] == (["--structure_weight", "0.02", *twin], "plain")
+    equal = ("continue-6m", study.ALSO_PAIRED[arm])
+    assert study.SCALE_ARMS[equal][0][-1] == "641"  # plain at the combination's x1.281
+    assert arm in study.EVAL_NOISE_ARMS and equal in study.EVAL_NOISE_ARMS
     alone = ("continue-6m", "sadm-lambda-0.02")
     assert study.SCALE_ARMS[alone] == (["--structure_weight", "0.02"], "plain")
     assert study.ALSO_PAIRED[alone] == "plain-equal-compute" and alone in study.EVAL_NOISE_ARMS
