@@ -359,11 +359,6 @@ SDDIT_BAND_ARMS = {f"full-sadm+sddit-{weight}-{band}": SDDIT[:1] + [weight] + SD
 # from every sample and only the denoiser's push stays at t >= 500: the full term's head with the high band's push
 SDDIT_BAND_ARMS["full-sadm+sddit-0.5-high-t-head-all"] = [*SDDIT_05, *SDDIT_BANDS["high-t"],
                                                          "--sddit_band_scope", "encoder"]
-# SADM's dose in that pipeline: lambda 0.02 and 0.04 alone, 0.02 under SD-DiT 0.5. With DDPM 50 the combination
-# ties SADM alone (SD-DiT's share is a DDIM gain only), so its DDPM side is SADM's -8.2% at SADM's compute, and
-# plain's extra steps at the combination's x1.281 take most of it: does SADM's DDPM gain grow with its weight (default
-# 0.01)? Lambda does not change the step time, so each arm meets the plain arm its lambda-0.01 twin meets:
-# arm -> (flags, that plain arm)
 def sadm_dose_arms(prefix: str, combination_plain: str, alone: tuple[str, ...] = ("0.02",),
                    combined: tuple[str, ...] = ("0.02",)) -> dict[str, tuple[list[str], str]]:
     """SADM at the weights ``alone`` and, under SD-DiT 0.5, ``combined``: arm -> (flags, the plain arm at its
@@ -374,11 +369,18 @@ def sadm_dose_arms(prefix: str, combination_plain: str, alone: tuple[str, ...] =
                                                            f"{prefix}{combination_plain}") for weight in combined}}
 
 
+# SADM's dose in that pipeline: lambda 0.02 and 0.04 alone, 0.02 under SD-DiT 0.5. With DDPM 50 the combination
+# ties SADM alone (SD-DiT's share is a DDIM gain only), so its DDPM side is SADM's -8.2% at SADM's compute, and
+# plain's extra steps at the combination's x1.281 take most of it: does SADM's DDPM gain grow with its weight (default
+# 0.01)? Lambda does not change the step time, so each arm meets the plain arm its lambda-0.01 twin meets:
+# arm -> (flags, that plain arm)
 SADM_DOSE_ARMS = sadm_dose_arms("full-", "plain-equal-compute-1.28", alone=("0.02", "0.04"))
 # the same dose in continued training (--scale), where at lambda 0.01 the combination gains -6.5% at its compute at
-# 6.4 M (never drawn with DDPM) and SADM alone -5.4%: regime -> arms. (23.1 M, where the combination ties with DDPM
-# 50, was not run: its base does not rebuild bit for bit, so it needs its plain arms again, about 1 h a seed here.)
-CONTINUE_DOSE_ARMS = {"continue-6m": sadm_dose_arms("", "plain-equal-compute-1.28")}
+# 6.4 M (never drawn with DDPM) and SADM alone -5.4%: (regime, arm) -> (flags, that plain arm). (23.1 M, where the
+# combination ties with DDPM 50, was not run: its base does not rebuild bit for bit, so it needs its plain arms
+# again, about 1 h a seed here.)
+CONTINUE_DOSE_ARMS = {("continue-6m", arm): pairing
+                      for arm, pairing in sadm_dose_arms("", "plain-equal-compute-1.28").items()}
 # the 6.4 M second stage's follow-up arms: arm -> (flags, the plain arm at its compute), in report order
 STAGE2_6M_ARMS = {**{arm: (flags, "full-plain-equal-compute-1.28") for arm, flags in SDDIT_BAND_ARMS.items()},
                   **SADM_DOSE_ARMS}
@@ -465,8 +467,7 @@ SCALE_ARMS: dict[tuple[str, str], tuple[list[str], str | None]] = {
     **at_its_compute("continue-24m", "sadm+sddit-0.5", SDDIT_05, COMBINATION_RATIO["24m"], prefix=""),
     # SD-DiT alone there: is SADM's share of the combination more than noise at this size?
     ("continue-24m", "sddit-0.5"): (SDDIT_05 + PLAIN, "plain"),
-    **{(regime, arm): (flags, "plain") for regime, arms in CONTINUE_DOSE_ARMS.items()
-       for arm, (flags, _) in arms.items()},
+    **{key: (flags, "plain") for key, (flags, _) in CONTINUE_DOSE_ARMS.items()},
     **equal_compute_arms("transfer", 556),
     **equal_compute_arms("transfer-6m", 434),
     # transfer at 23.1 M: SADM's x1.016 buys plain 6 steps of 400, which this regime (far from converged) may still
@@ -577,8 +578,7 @@ _OTHER_PAIRINGS = {("continue", "sadm+repa"): "sadm",
                    ("transfer-6m-full-raw-lr1e-3-stage2", "full-sadm+sddit-0.5-every4"): "full-plain-equal-compute-1.17",
                    **{("transfer-6m-full-raw-lr1e-3-stage2", arm): plain
                       for arm, (_, plain) in STAGE2_6M_ARMS.items()},
-                   **{(regime, arm): plain for regime, arms in CONTINUE_DOSE_ARMS.items()
-                      for arm, (_, plain) in arms.items()}}
+                   **{key: plain for key, (_, plain) in CONTINUE_DOSE_ARMS.items()}}
 REDUCED_BLOCKS = 3  # the default study: the question itself in both regimes (continue; transfer, full and DiffFit)
 ARMS = {k: v for block in PRIORITY for k, v in block.items()}
 REDUCED_ARMS = {k: v for block in PRIORITY[:REDUCED_BLOCKS] for k, v in block.items()}
@@ -833,7 +833,7 @@ EVAL_NOISE_ARMS = (*equal_compute_trio("continue", ""), *equal_compute_trio("tra
                    *equal_compute_trio("transfer-24m"), *equal_compute_trio("continue-24m", ""),
                    ("continue-24m", "sadm+sddit-0.5"), ("continue-24m", "plain-equal-compute-1.21"),
                    ("continue-6m", "sadm+sddit-0.5"), ("continue-6m", "plain-equal-compute-1.28"),
-                   *((regime, arm) for regime, arms in CONTINUE_DOSE_ARMS.items() for arm in arms),
+                   *CONTINUE_DOSE_ARMS,
                    ("transfer-24m", "full-sadm-lambda-0.03"),
                    *equal_compute_trio("transfer-24m-long"), *equal_compute_trio("transfer-24m-long-cosine"),
                    *equal_compute_trio("transfer-24m-stage2"), *equal_compute_trio("continue-24m-few", ""),

@@ -821,8 +821,8 @@ def test_the_head_all_band_arm_is_the_high_band_with_only_the_denoiser_s_push_co
 
 def test_the_continued_training_dose_arms_raise_only_lambda_and_meet_the_plain_arm_at_their_twin_s_compute():
     # continue-6m: SADM alone and the combination at lambda 0.02 (the arms that were run)
-    assert {regime: list(arms) for regime, arms in study.CONTINUE_DOSE_ARMS.items()} == {
-        "continue-6m": ["sadm-lambda-0.02", "sadm-lambda-0.02+sddit-0.5"]}
+    assert list(study.CONTINUE_DOSE_ARMS) == [("continue-6m", "sadm-lambda-0.02"),
+                                              ("continue-6m", "sadm-lambda-0.02+sddit-0.5")]
     twin = study.SCALE_ARMS[("continue-6m", "sadm+sddit-0.5")][0]
     arm = ("continue-6m", "sadm-lambda-0.02+sddit-0.5")
     assert study.SCALE_ARMS[arm] == (["--structure_weight", "0.02", *twin], "plain")
